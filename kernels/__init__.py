@@ -1,0 +1,1 @@
+"""Loss kernels (installed as `offline_kd.kernels`)."""
