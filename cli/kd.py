@@ -9,5 +9,10 @@ def main() -> None:
     """Offline knowledge distillation for BERT-style masked language models."""
 
 
+from offline_kd.cli.commands_eval import demo_command, eval_command  # noqa: E402
+
+main.add_command(eval_command)
+main.add_command(demo_command)
+
 if __name__ == "__main__":
     main()
