@@ -31,8 +31,13 @@ def eval_command(as_json: bool, corpus: tuple[str, ...], **kwargs) -> None:
 
 @click.command("demo")
 @click.option("--output", default="runs/demo", show_default=True, help="Directory for every artifact.")
-@click.option("--budget", type=click.Choice(["full", "tiny"]), default="full", show_default=True,
-              help="tiny: a smoke run in about a minute (what CI runs).")
+@click.option(
+    "--budget",
+    type=click.Choice(["full", "tiny"]),
+    default="full",
+    show_default=True,
+    help="tiny: a smoke run in about a minute (what CI runs).",
+)
 def demo_command(output: str, budget: str) -> None:
     """Fit a small teacher, precompute a store, train a student with DeepSpeed, export and evaluate it."""
     from offline_kd.demo import run_demo

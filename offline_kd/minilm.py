@@ -64,7 +64,9 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _mask_batch(input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int, gen: torch.Generator):
+def _mask_batch(
+    input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int, gen: torch.Generator
+):
     """Dynamic 15% masking with the 80/10/10 split (fitting the teacher is ordinary online MLM)."""
     labels = input_ids.clone()
     probs = torch.full(input_ids.shape, 0.15)
@@ -139,7 +141,9 @@ def fit_minilm_teacher(cfg: MiniLMFitConfig, log=print) -> Path:
             opt.zero_grad(set_to_none=True)
             done = step + 1 + (cfg.head_steps if phase == "full" else 0)
             if done % 50 == 0 or done == total:
-                log(f"teacher: {phase} step {done}/{total} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+                log(
+                    f"teacher: {phase} step {done}/{total} loss {loss.item():.3f} ({time.time() - start:.0f}s)"
+                )
 
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
