@@ -1,0 +1,362 @@
+"""Triton: sparse temperature KL against a cached teacher top-k (renormalised or tail-aware), fused with the
+MLM cross-entropy at T = 1.
+
+Layering (Liger-style): the `@triton.jit` kernels; the launchers `kl_ce_forward` / `kl_ce_backward`; the
+`torch.autograd.Function` `TritonDistillLogitLoss`; the functional wrappers at the bottom.
+
+Memory traffic per active row of V student logits: the forward reads it once (online log-sum-exp at T and at 1
+in the same loop, then k + 1 gathered reads); the backward reads it once more and writes the gradient once
+(plus k + 1 fix-up writes). Rows that neither count for the KL nor carry a label are never read; their
+gradient rows are written as zeros. Besides the gradient only O(N) and O(N*k) buffers are allocated.
+The math is in docs/kernels.md; `reference.py` is the same algorithm in chunked PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import TINY, Prepared, prepare, reduce_rows, row_scales
+
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _kl_ce_fwd_kernel(
+    S_ptr,
+    s_stride,
+    IDS_ptr,
+    ids_stride,
+    P_ptr,
+    LOGP_ptr,
+    pk_stride,
+    PTAIL_ptr,
+    SEL_ptr,
+    LAB_ptr,
+    KL_ptr,
+    CE_ptr,
+    LSET_ptr,
+    LSE1_ptr,
+    M_ptr,
+    R_ptr,
+    V,
+    K,
+    inv_T,
+    TINY_C: tl.constexpr,
+    TAIL: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S_ptr + row * s_stride
+    sel = tl.load(SEL_ptr + row)
+    if HAS_CE:
+        label = tl.load(LAB_ptr + row)
+        active = (sel > 0) | (label >= 0)
+    else:
+        active = sel > 0
+    if active:
+        # ---- one pass over the row: online max / sum of exp at T (and at 1 for the CE)
+        m_t = float("-inf")
+        d_t = 0.0
+        m_1 = float("-inf")
+        d_1 = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            x = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            xt = x * inv_T
+            mt_new = tl.maximum(m_t, tl.max(xt, 0))
+            d_t = d_t * tl.exp(m_t - mt_new) + tl.sum(tl.exp(xt - mt_new), 0)
+            m_t = mt_new
+            if HAS_CE:
+                m1_new = tl.maximum(m_1, tl.max(x, 0))
+                d_1 = d_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(x - m1_new), 0)
+                m_1 = m1_new
+        lse_t = m_t + tl.log(d_t)
+
+        # ---- the k gathered logits
+        koffs = tl.arange(0, BLOCK_K)
+        kmask = koffs < K
+        ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
+        valid = kmask & (ids >= 0)
+        sid = tl.where(valid, ids, 0)
+        xk = tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32) * inv_T
+        p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
+        logp = tl.load(LOGP_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
+        logq = xk - lse_t
+        kl = tl.sum(tl.where(p > 0, p * (logp - logq), 0.0), 0)
+        m = tl.sum(p, 0)
+        r = 0.0
+        if TAIL:
+            ptail = tl.load(PTAIL_ptr + row)
+            m = m + ptail
+            sk = tl.sum(tl.where(valid, tl.exp(xk - m_t), 0.0), 0)
+            qtail = tl.maximum((d_t - sk) / d_t, TINY_C)
+            kl += tl.where(ptail > 0, ptail * (tl.log(tl.maximum(ptail, TINY_C)) - tl.log(qtail)), 0.0)
+            r = 1.0 / qtail
+        tl.store(KL_ptr + row, kl)
+        tl.store(LSET_ptr + row, lse_t)
+        tl.store(M_ptr + row, m)
+        tl.store(R_ptr + row, r)
+        if HAS_CE:
+            lse_1 = m_1 + tl.log(d_1)
+            has = label >= 0
+            sl = tl.load(s_row + tl.where(has, label, 0)).to(tl.float32)
+            tl.store(CE_ptr + row, tl.where(has, lse_1 - sl, 0.0))
+            tl.store(LSE1_ptr + row, lse_1)
+    else:
+        tl.store(KL_ptr + row, 0.0)
+        tl.store(LSET_ptr + row, 0.0)
+        tl.store(M_ptr + row, 0.0)
+        tl.store(R_ptr + row, 0.0)
+        if HAS_CE:
+            tl.store(CE_ptr + row, 0.0)
+            tl.store(LSE1_ptr + row, 0.0)
+
+
+@triton.jit
+def _kl_ce_bwd_kernel(
+    S_ptr,
+    s_stride,
+    G_ptr,
+    g_stride,
+    IDS_ptr,
+    ids_stride,
+    P_ptr,
+    pk_stride,
+    PTAIL_ptr,
+    LAB_ptr,
+    LSET_ptr,
+    LSE1_ptr,
+    M_ptr,
+    R_ptr,
+    A_ptr,
+    C_ptr,
+    V,
+    K,
+    inv_T,
+    TAIL: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S_ptr + row * s_stride
+    g_row = G_ptr + row * g_stride
+    a = tl.load(A_ptr + row)
+    if HAS_CE:
+        c = tl.load(C_ptr + row)
+        active = (a != 0) | (c != 0)
+    else:
+        c = 0.0
+        active = a != 0
+    if active:
+        lse_t = tl.load(LSET_ptr + row)
+        m = tl.load(M_ptr + row)
+        am = a * m
+        if TAIL:
+            ptail = tl.load(PTAIL_ptr + row)
+            r = tl.load(R_ptr + row)
+            apt = a * ptail
+        if HAS_CE:
+            lse_1 = tl.load(LSE1_ptr + row)
+        # ---- dense pass: the off-top-k value everywhere
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            vmask = offs < V
+            x = tl.load(s_row + offs, mask=vmask, other=0.0).to(tl.float32)
+            q = tl.exp(x * inv_T - lse_t)
+            g = am * q
+            if TAIL:
+                g -= apt * tl.minimum(q * r, 1.0)
+            if HAS_CE:
+                g += c * tl.exp(x - lse_1)
+            tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=vmask)
+        # the fix-ups below overwrite values the dense pass wrote (possibly from other threads)
+        tl.debug_barrier()
+        # ---- top-k positions: a*(q_j*m - p_j) (+ the CE part)
+        koffs = tl.arange(0, BLOCK_K)
+        kmask = koffs < K
+        ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
+        valid = kmask & (ids >= 0)
+        sid = tl.where(valid, ids, 0)
+        xk = tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32)
+        p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
+        qk = tl.exp(xk * inv_T - lse_t)
+        gk = am * qk - a * p
+        if HAS_CE:
+            label = tl.load(LAB_ptr + row)
+            gk += c * (tl.exp(xk - lse_1) - tl.where(valid & (ids == label), 1.0, 0.0))
+        tl.store(g_row + sid, gk.to(G_ptr.dtype.element_ty), mask=valid)
+        if HAS_CE:
+            # ---- the label position (same value as above when the label is among the top-k)
+            has = label >= 0
+            sl = tl.where(has, label, 0)
+            xl = tl.load(s_row + sl).to(tl.float32)
+            ql = tl.exp(xl * inv_T - lse_t)
+            hit = valid & (ids == label)
+            in_k = tl.sum(tl.where(hit, 1, 0), 0) > 0
+            pl = tl.sum(tl.where(hit, p, 0.0), 0)
+            kl_off = am * ql
+            if TAIL:
+                kl_off -= apt * tl.minimum(ql * r, 1.0)
+            gl = tl.where(in_k, am * ql - a * pl, kl_off) + c * (tl.exp(xl - lse_1) - 1.0)
+            tl.store(g_row + sl, gl.to(G_ptr.dtype.element_ty), mask=has)
+    else:
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            tl.store(g_row + offs, tl.zeros([BLOCK_V], dtype=G_ptr.dtype.element_ty), mask=offs < V)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+def _blocks(V: int, K: int) -> tuple[int, int, int]:
+    block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    block_k = triton.next_power_of_2(max(K, 1))
+    num_warps = 8 if block_v >= 2048 else 4
+    return block_v, block_k, num_warps
+
+
+def kl_ce_forward(s, ids, p, logp, ptail, sel, labels, T: float, tail: bool):
+    """Per-row (kl_rows, ce_rows|None, lse_T, lse_1|None, m, r), all [N] fp32."""
+    N, V = s.shape
+    K = ids.shape[1]
+    has_ce = labels is not None
+    e = lambda: torch.empty(N, device=s.device, dtype=torch.float32)
+    kl_rows, lse_t, m, r = e(), e(), e(), e()
+    ce_rows, lse_1 = (e(), e()) if has_ce else (kl_rows, lse_t)  # dummies when HAS_CE is off
+    block_v, block_k, num_warps = _blocks(V, K)
+    if N > 0:
+        _kl_ce_fwd_kernel[(N,)](
+            s,
+            s.stride(0),
+            ids,
+            ids.stride(0),
+            p,
+            logp,
+            p.stride(0),
+            ptail,
+            sel,
+            labels if has_ce else sel,
+            kl_rows,
+            ce_rows,
+            lse_t,
+            lse_1,
+            m,
+            r,
+            V,
+            K,
+            1.0 / T,
+            TINY_C=TINY,
+            TAIL=tail,
+            HAS_CE=has_ce,
+            BLOCK_V=block_v,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+        )
+    if not has_ce:
+        ce_rows = lse_1 = None
+    return kl_rows, ce_rows, lse_t, lse_1, m, r
+
+
+def kl_ce_backward(s, ids, p, ptail, labels, lse_t, lse_1, m, r, a, c, T: float, tail: bool):
+    """The gradient w.r.t. s (in s's dtype) for per-row coefficients a (KL) and c (CE)."""
+    N, V = s.shape
+    K = ids.shape[1]
+    has_ce = labels is not None
+    grad = torch.empty_like(s)
+    block_v, block_k, num_warps = _blocks(V, K)
+    if N > 0:
+        _kl_ce_bwd_kernel[(N,)](
+            s,
+            s.stride(0),
+            grad,
+            grad.stride(0),
+            ids,
+            ids.stride(0),
+            p,
+            p.stride(0),
+            ptail,
+            labels if has_ce else a,
+            lse_t,
+            lse_1 if has_ce else lse_t,
+            m,
+            r,
+            a,
+            c if has_ce else a,
+            V,
+            K,
+            1.0 / T,
+            TAIL=tail,
+            HAS_CE=has_ce,
+            BLOCK_V=block_v,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+        )
+    return grad
+
+
+# ------------------------------------------------------------------------------------------ autograd.Function
+class TritonDistillLogitLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, ids, p, logp, ptail, sel, labels, T, tail):
+        kl_rows, ce_rows, lse_t, lse_1, m, r = kl_ce_forward(s, ids, p, logp, ptail, sel, labels, T, tail)
+        ctx.save_for_backward(s, ids, p, ptail, sel, labels, lse_t, lse_1, m, r)
+        ctx.T, ctx.tail = T, tail
+        ctx.set_materialize_grads(False)
+        return reduce_rows(kl_rows, ce_rows, sel, labels, T)
+
+    @staticmethod
+    def backward(ctx, g_kl, g_ce):
+        s, ids, p, ptail, sel, labels, lse_t, lse_1, m, r = ctx.saved_tensors
+        if g_kl is None and g_ce is None:
+            return (None,) * 9
+        a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
+        grad = kl_ce_backward(s, ids, p, ptail, labels, lse_t, lse_1, m, r, a, c, ctx.T, ctx.tail)
+        return (grad,) + (None,) * 8
+
+
+def _apply(prep: Prepared):
+    return TritonDistillLogitLoss.apply(
+        prep.student,
+        prep.ids,
+        prep.p,
+        prep.logp,
+        prep.ptail,
+        prep.sel,
+        prep.labels,
+        prep.temperature,
+        prep.tail,
+    )
+
+
+# ------------------------------------------------------------------------------------------- functional API
+def triton_distillation_logit_losses(
+    student_logits,
+    teacher_ids,
+    teacher_logits,
+    temperature,
+    row_mask=None,
+    teacher_lse=None,
+    mlm_labels=None,
+    ignore_index=-100,
+):
+    prep = prepare(
+        student_logits,
+        teacher_ids,
+        teacher_logits,
+        temperature,
+        row_mask,
+        teacher_lse,
+        mlm_labels,
+        ignore_index,
+    )
+    return _apply(prep)
+
+
+def triton_sparse_kl_loss(
+    student_logits, teacher_ids, teacher_logits, temperature, row_mask=None, teacher_lse=None
+):
+    prep = prepare(student_logits, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse)
+    return _apply(prep)[0]

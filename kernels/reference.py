@@ -1,0 +1,212 @@
+"""Pure-PyTorch reference of the distillation losses: the test oracle for the Triton kernels and the CPU fallback.
+
+Chunked over rows: at most `chunk_rows(V)` rows (about `CHUNK_ELEMS` elements) are converted to fp32 at a time,
+in the forward and in the manual backward, so no fp32 [N, V] copy ever exists; the only [N, V] allocation is
+the gradient itself (in the logits' dtype). Only rows that count (selected for the KL or carrying an MLM label)
+are read at all. Same math as `kl.py`; see docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import TINY, Prepared, cosine_rows_mask, prepare, reduce_rows, row_scales
+
+# fp32 elements per chunk (16 MiB per temporary); a handful of temporaries live at once.
+CHUNK_ELEMS = 1 << 22
+
+
+def chunk_rows(V: int) -> int:
+    return max(1, CHUNK_ELEMS // max(V, 1))
+
+
+def _active_rows(sel: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    active = sel > 0
+    if labels is not None:
+        active = active | (labels >= 0)
+    return active.nonzero().flatten()
+
+
+def _chunks(idx: torch.Tensor, V: int):
+    step = chunk_rows(V)
+    for start in range(0, idx.numel(), step):
+        yield idx[start : start + step]
+
+
+# ----------------------------------------------------------------------------------------------- forward
+def reference_forward(
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    p: torch.Tensor,
+    logp: torch.Tensor,
+    ptail: torch.Tensor,
+    sel: torch.Tensor,
+    labels: torch.Tensor | None,
+    T: float,
+    tail: bool,
+):
+    """Per-row (kl_rows, ce_rows|None, lse_T, lse_1|None, m, r), all [N] fp32 (zeros on inactive rows)."""
+    N, V = s.shape
+    dev = s.device
+    z = lambda: torch.zeros(N, device=dev, dtype=torch.float32)
+    kl_rows, lse_t_all, m_all, r_all = z(), z(), z(), z()
+    has_ce = labels is not None
+    ce_rows, lse_1_all = (z(), z()) if has_ce else (None, None)
+    for idx in _chunks(_active_rows(sel, labels), V):
+        x = s[idx].float()
+        xt = x / T
+        mt = xt.amax(-1)
+        dt = (xt - mt[:, None]).exp_().sum(-1)
+        lse_t = mt + dt.log()
+        cid = ids[idx]
+        valid = cid >= 0
+        sid = cid.clamp(min=0).long()
+        xk = xt.gather(1, sid)
+        logq = xk - lse_t[:, None]
+        pc, ptc = p[idx], ptail[idx]
+        kl = torch.where(pc > 0, pc * (logp[idx] - logq), 0.0).sum(-1)
+        m = pc.sum(-1) + ptc
+        if tail:
+            sk = torch.where(valid, (xk - mt[:, None]).exp(), 0.0).sum(-1)
+            qtail = ((dt - sk) / dt).clamp(min=TINY)
+            kl = kl + torch.where(ptc > 0, ptc * (ptc.clamp(min=TINY).log() - qtail.log()), 0.0)
+            r_all[idx] = 1.0 / qtail
+        kl_rows[idx], lse_t_all[idx], m_all[idx] = kl, lse_t, m
+        if has_ce:
+            lab = labels[idx]
+            lse_1 = torch.logsumexp(x, dim=-1)
+            sl = x.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
+            ce_rows[idx] = torch.where(lab >= 0, lse_1 - sl, 0.0)
+            lse_1_all[idx] = lse_1
+        del x, xt
+    return kl_rows, ce_rows, lse_t_all, lse_1_all, m_all, r_all
+
+
+# ---------------------------------------------------------------------------------------------- backward
+def reference_backward(
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    p: torch.Tensor,
+    ptail: torch.Tensor,
+    labels: torch.Tensor | None,
+    lse_t: torch.Tensor,
+    lse_1: torch.Tensor | None,
+    m: torch.Tensor,
+    r: torch.Tensor,
+    a: torch.Tensor,
+    c: torch.Tensor | None,
+    T: float,
+    tail: bool,
+) -> torch.Tensor:
+    """grad[i] = a*(q_i*m - ptail*min(q_i*r, 1)) + c*softmax(s)_i off the top-k; fixed up at the top-k ids
+    (a*(q_j*m - p_j)) and at the label (-c). Rows with a = c = 0 get zeros without being read."""
+    N, V = s.shape
+    grad = torch.zeros_like(s)
+    active = a != 0
+    if c is not None:
+        active = active | (c != 0)
+    idx_all = active.nonzero().flatten()
+    for idx in _chunks(idx_all, V):
+        x = s[idx].float()
+        ac = a[idx][:, None]
+        q = (x / T - lse_t[idx][:, None]).exp_()
+        g = q * (ac * m[idx][:, None])
+        ptc = ptail[idx][:, None]
+        rc = r[idx][:, None]
+        if tail:
+            g -= ac * ptc * (q * rc).clamp_(max=1.0)
+        if c is not None:
+            cc = c[idx][:, None]
+            g += cc * (x - lse_1[idx][:, None]).exp_()
+        cid = ids[idx]
+        sid = cid.clamp(min=0).long()
+        qk = q.gather(1, sid)
+        tailpart = ptc * (qk * rc).clamp(max=1.0) if tail else 0.0
+        delta = torch.where(cid >= 0, ac * (tailpart - p[idx]), 0.0)
+        g.scatter_add_(1, sid, delta)
+        if c is not None:
+            lab = labels[idx]
+            g.scatter_add_(1, lab.clamp(min=0)[:, None], torch.where(lab >= 0, -cc.squeeze(1), 0.0)[:, None])
+        grad[idx] = g.to(s.dtype)
+        del x, q, g
+    return grad
+
+
+# ------------------------------------------------------------------------------------------ autograd.Function
+class ReferenceDistillLogitLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, ids, p, logp, ptail, sel, labels, T, tail):
+        kl_rows, ce_rows, lse_t, lse_1, m, r = reference_forward(s, ids, p, logp, ptail, sel, labels, T, tail)
+        ctx.save_for_backward(s, ids, p, ptail, sel, labels, lse_t, lse_1, m, r)
+        ctx.T, ctx.tail = T, tail
+        ctx.set_materialize_grads(False)
+        return reduce_rows(kl_rows, ce_rows, sel, labels, T)
+
+    @staticmethod
+    def backward(ctx, g_kl, g_ce):
+        s, ids, p, ptail, sel, labels, lse_t, lse_1, m, r = ctx.saved_tensors
+        if g_kl is None and g_ce is None:
+            return (None,) * 9
+        a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
+        grad = reference_backward(s, ids, p, ptail, labels, lse_t, lse_1, m, r, a, c, ctx.T, ctx.tail)
+        return (grad,) + (None,) * 8
+
+
+def _apply(prep: Prepared):
+    kl, ce = ReferenceDistillLogitLoss.apply(
+        prep.student,
+        prep.ids,
+        prep.p,
+        prep.logp,
+        prep.ptail,
+        prep.sel,
+        prep.labels,
+        prep.temperature,
+        prep.tail,
+    )
+    return kl, ce
+
+
+# ------------------------------------------------------------------------------------------- functional API
+def reference_distillation_logit_losses(
+    student_logits,
+    teacher_ids,
+    teacher_logits,
+    temperature,
+    row_mask=None,
+    teacher_lse=None,
+    mlm_labels=None,
+    ignore_index=-100,
+):
+    prep = prepare(
+        student_logits,
+        teacher_ids,
+        teacher_logits,
+        temperature,
+        row_mask,
+        teacher_lse,
+        mlm_labels,
+        ignore_index,
+    )
+    return _apply(prep)
+
+
+def reference_sparse_kl_loss(
+    student_logits, teacher_ids, teacher_logits, temperature, row_mask=None, teacher_lse=None
+):
+    prep = prepare(student_logits, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse)
+    return _apply(prep)[0]
+
+
+def reference_cosine_loss(student_hidden, teacher_hidden, row_mask=None):
+    """mean over selected rows of 1 - cos(s, t), with torch.nn.CosineEmbeddingLoss's eps (1e-12 on squares)."""
+    H = student_hidden.shape[-1]
+    s = student_hidden.reshape(-1, H)
+    t = teacher_hidden.reshape(-1, H).detach().to(device=s.device, dtype=torch.float32)
+    w = cosine_rows_mask(s.shape[0], row_mask, s.device)
+    sf = s.float()
+    dot = (sf * t).sum(-1)
+    a = (sf * sf).sum(-1) + 1e-12
+    b = (t * t).sum(-1) + 1e-12
+    cos = dot / (a * b).sqrt()
+    return ((1.0 - cos) * w).sum() / w.sum().clamp(min=1.0)
