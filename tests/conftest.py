@@ -84,3 +84,42 @@ def tiny_corpus(tmp_path_factory, tiny_docs) -> Path:
 def tiny_teacher(tmp_path_factory, tiny_docs) -> Path:
     """Directory of a saved tiny BertForMaskedLM (4 layers, hidden 32) and its tokenizer."""
     return build_tiny_teacher(tmp_path_factory.mktemp("teacher"), tiny_docs)
+
+
+# --- signal store fixtures (offline_kd.store / offline_kd.precompute) ---
+
+
+def run_tiny_precompute(teacher, corpus, output, **overrides):
+    """Precompute a tiny store with the settings of the `tiny_store` fixture (overridable)."""
+    from offline_kd.precompute import PrecomputeConfig, precompute
+
+    kwargs = dict(
+        teacher=str(teacher),
+        corpus=[str(corpus)],
+        output=str(output),
+        max_length=32,
+        top_k=8,
+        temperatures=[1.0, 2.0],
+        views=2,
+        hidden=True,
+        seed=0,
+        batch_size=8,
+        shard_size=8,
+        chunk_size=4,
+        device="cpu",
+        progress=False,
+    )
+    kwargs.update(overrides)
+    return precompute(PrecomputeConfig(**kwargs))
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_teacher, tiny_corpus) -> Path:
+    """Path of a complete signal store precomputed from `tiny_corpus` with `tiny_teacher`.
+
+    max_length 32, top_k 8, views 2, temperatures [1, 2], hidden states on, 8 sequences a shard
+    (4 a chunk). Open it with `offline_kd.store.SignalStore.open(str(path))`. Treat it as read-only.
+    """
+    out = tmp_path_factory.mktemp("store") / "tiny.zarr"
+    run_tiny_precompute(tiny_teacher, tiny_corpus, out)
+    return out

@@ -1,0 +1,335 @@
+"""The teacher pass: corpus -> masked views -> teacher signals -> signal store (see docs/resume.md)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .corpus import corpus_fingerprint, prepare_corpus, token_counts
+from .masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
+from .store import (
+    ATTR_KEY,
+    SignalStore,
+    StoreError,
+    StoreMeta,
+    diff_meta,
+    estimate_bytes_per_token,
+    id_dtype_for,
+    num_shards_for,
+    shard_range,
+)
+from .teacher import compute_signals, device_from_env, load_teacher
+
+
+@dataclass
+class PrecomputeConfig:
+    teacher: str
+    corpus: list[str]
+    output: str
+    text_field: str | None = None
+    max_length: int = 512
+    top_k: int = 64
+    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    views: int = 1
+    hidden: bool = True
+    mask_smoothing: float | None = None
+    mlm_probability: float = 0.15
+    seed: int = 0
+    batch_size: int = 32
+    shard_size: int = 256
+    chunk_size: int | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    rank: int | None = None
+    world_size: int | None = None
+    holdout: float = 0.0
+    holdout_file: str | None = None
+    overwrite: bool = False
+    dry_run: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+    storage_options: dict | None = None
+    progress: bool = True
+    wait_timeout: float = 600.0
+
+
+@dataclass
+class PrecomputeResult:
+    url: str
+    num_sequences: int
+    num_shards: int
+    shards_written: list[int]
+    shards_skipped: list[int]
+    complete: bool
+    seconds: float
+    tokens: int
+    dry_run: bool = False
+    estimated_bytes: int | None = None
+    meta: dict | None = None
+
+
+def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values win; else torchrun/deepspeed's RANK and WORLD_SIZE; else (0, 1)."""
+    r = rank if rank is not None else int(os.environ.get("RANK", 0))
+    w = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if w < 1 or not 0 <= r < w:
+        raise ValueError(f"rank {r} is not in [0, world_size={w})")
+    return r, w
+
+
+def assigned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
+    """Round-robin: shard i belongs to rank i mod world_size."""
+    return list(range(rank, num_shards, world_size))
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def _local_path(url: str) -> Path:
+    return Path(url[len("file://") :] if url.startswith("file://") else url)
+
+
+def _chunk_size(cfg: PrecomputeConfig) -> int:
+    if cfg.chunk_size is not None:
+        c = cfg.chunk_size
+    else:
+        # ~2 MB of topk_logits per chunk at L=512, K=64: 16 sequences; never more than a shard.
+        c = max(1, min(cfg.shard_size, (2 << 20) // max(1, cfg.max_length * cfg.top_k * 4)))
+        while cfg.shard_size % c:
+            c -= 1
+    if cfg.shard_size % c:
+        raise ValueError(f"shard size {cfg.shard_size} must be a multiple of the chunk size {c}")
+    return c
+
+
+def build_meta(
+    cfg, teacher, stats, num_sequences: int, fingerprint: str, masking: MaskingConfig, wsha
+) -> StoreMeta:
+    tok = teacher.tokenizer_info()
+    corpus = stats.as_dict()
+    corpus["fingerprint"] = fingerprint
+    m = masking.as_dict()
+    m["token_weights_sha256"] = wsha
+    m["scheme"] = "numpy.default_rng([seed, view, sequence]); ceil(p*n) positions without replacement"
+    return StoreMeta(
+        num_sequences=num_sequences,
+        max_length=cfg.max_length,
+        top_k=cfg.top_k,
+        views=cfg.views,
+        temperatures=[float(t) for t in cfg.temperatures],
+        hidden=bool(cfg.hidden),
+        hidden_size=teacher.hidden_size,
+        vocab_size=teacher.vocab_size,
+        tokenizer_sha256=teacher.tokenizer_sha256,
+        pad_token_id=int(tok["pad_token_id"]),
+        teacher=teacher.provenance(),
+        tokenizer=tok,
+        masking=m,
+        seed=cfg.seed,
+        corpus=corpus,
+        shard_sequences=cfg.shard_size,
+        chunk_sequences=_chunk_size(cfg),
+        num_shards=num_shards_for(num_sequences, cfg.shard_size),
+        dtypes={
+            "ids": id_dtype_for(teacher.vocab_size),
+            "lengths": "int32",
+            "mlm_mask": "bool",
+            "topk_logits": "float32",
+            "lse": "float32",
+            "hidden": "float16",
+            "committed": "uint8",
+        },
+        compression={"codec": "zstd", "level": 1, "checksum": "crc32c"},
+        package_version=__version__,
+    )
+
+
+def _wait_for_store(cfg, meta: StoreMeta, rank: int) -> SignalStore:
+    """Ranks > 0 wait until rank 0 has written the root attributes, then check they match."""
+    deadline = time.monotonic() + cfg.wait_timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            store = SignalStore.open(cfg.output, mode="r+", storage_options=cfg.storage_options)
+            diff = diff_meta(store.group.attrs.asdict()[ATTR_KEY], meta.as_dict())
+            if not diff:
+                return store
+            last = f"its settings differ from this rank's: {', '.join(diff)}"
+        except StoreError as e:
+            last = str(e)
+        time.sleep(0.2)
+    raise StoreError(
+        f"rank {rank}: timed out after {cfg.wait_timeout}s waiting for rank 0 to create "
+        f"{cfg.output!r} ({last})"
+    )
+
+
+def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
+    """Run the teacher over the corpus and write (or resume) the signal store. See docs/resume.md."""
+    t0 = time.monotonic()
+    rank, world = rank_and_world(cfg.rank, cfg.world_size)
+    if cfg.top_k < 1:
+        raise ValueError("top_k must be >= 1")
+    if cfg.views < 1:
+        raise ValueError("views must be >= 1")
+    if not cfg.temperatures or any(t <= 0 for t in cfg.temperatures):
+        raise ValueError(f"temperatures must be positive, got {cfg.temperatures}")
+    if cfg.overwrite and world > 1:
+        raise StoreError("--overwrite with several ranks is racy: delete the store first, then run all ranks")
+    device = device_from_env(cfg.device)
+    teacher = load_teacher(cfg.teacher, cfg.revision, device, cfg.dtype, cfg.trust_remote_code)
+    if cfg.top_k > teacher.vocab_size:
+        raise ValueError(f"top_k {cfg.top_k} exceeds the vocabulary size {teacher.vocab_size}")
+    if cfg.max_length > int(getattr(teacher.model.config, "max_position_embeddings", cfg.max_length)):
+        raise ValueError(
+            f"max_length {cfg.max_length} exceeds the teacher's max_position_embeddings "
+            f"{teacher.model.config.max_position_embeddings}"
+        )
+    packed, stats = prepare_corpus(
+        cfg.corpus,
+        teacher.tokenizer,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        text_field=cfg.text_field,
+        holdout_fraction=cfg.holdout,
+        holdout_file=cfg.holdout_file,
+        write_holdout=(rank == 0 and not cfg.dry_run),
+    )
+    S = len(packed)
+    masking = MaskingConfig(mlm_probability=cfg.mlm_probability, smoothing=cfg.mask_smoothing)
+    weights = None
+    if cfg.mask_smoothing is not None:
+        weights = smoothing_weights(token_counts(packed, teacher.vocab_size), cfg.mask_smoothing)
+        weights[teacher.special_ids()] = 0.0
+    fingerprint = corpus_fingerprint(packed)
+    meta = build_meta(cfg, teacher, stats, S, fingerprint, masking, weights_sha256(weights))
+
+    if cfg.dry_run:
+        bpt = estimate_bytes_per_token(
+            cfg.top_k,
+            cfg.views,
+            len(cfg.temperatures),
+            teacher.hidden_size if cfg.hidden else None,
+            teacher.vocab_size,
+        )
+        est = int(bpt * S * cfg.max_length)
+        if _is_local(cfg.output):
+            p = _local_path(cfg.output).absolute()
+            while not p.exists():
+                p = p.parent
+            free = shutil.disk_usage(p).free
+            if free < est:
+                raise StoreError(
+                    f"not enough disk space for {cfg.output!r}: estimated {est / 1e9:.2f} GB, "
+                    f"{free / 1e9:.2f} GB free at {p}"
+                )
+        return PrecomputeResult(
+            cfg.output, S, meta.num_shards, [], [], False, time.monotonic() - t0, S * cfg.max_length,
+            dry_run=True, estimated_bytes=est, meta=meta.as_dict(),
+        )  # fmt: skip
+
+    if rank == 0:
+        store = SignalStore.create(cfg.output, meta, cfg.storage_options, overwrite=cfg.overwrite)
+    else:
+        store = _wait_for_store(cfg, meta, rank)
+    meta = store.meta
+    mine = assigned_shards(meta.num_shards, rank, world)
+    done = store.committed()
+    todo = [i for i in mine if not done[i]]
+    skipped = [i for i in mine if done[i]]
+    written: list[int] = []
+
+    tok = teacher.tokenizer_info()
+    special = tok["special_ids"]
+    data = packed.with_format("numpy")
+    n_todo = sum(shard_range(meta, i)[1] - shard_range(meta, i)[0] for i in todo)
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=n_todo * meta.views,
+            unit="seq",
+            desc=f"precompute rank {rank}/{world}",
+            position=rank if world > 1 else None,
+            disable=None,
+            file=sys.stderr,
+        )
+    tokens_done = 0
+    t_start = time.monotonic()
+    try:
+        for shard in todo:
+            a, b = shard_range(meta, shard)
+            rows = data[a:b]
+            ids = np.asarray(rows["input_ids"], dtype=np.int64)
+            lengths = np.asarray(rows["length"], dtype=np.int64)
+            try:
+                store.write_inputs(shard, ids, lengths)
+                for v in range(meta.views):
+                    out = _run_view(cfg, teacher, meta, ids, lengths, a, v, masking, special, weights, tok)
+                    store.write_view(shard, v, out)
+                    tokens_done += int(lengths.sum())
+                    if bar is not None:
+                        bar.update(b - a)
+                        el = max(time.monotonic() - t_start, 1e-9)
+                        bar.set_postfix(tok_s=f"{tokens_done / el:,.0f}", shard=shard)
+                store.mark_committed(shard)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise StoreError(
+                        f"disk full while writing shard {shard} of {cfg.output!r}; committed shards are "
+                        f"kept, free space and rerun the same command to resume"
+                    ) from e
+                raise
+            written.append(shard)
+    finally:
+        if bar is not None:
+            bar.close()
+    complete = store.is_complete()
+    return PrecomputeResult(
+        cfg.output, S, meta.num_shards, written, skipped, complete, time.monotonic() - t0,
+        tokens_done, meta=meta.as_dict(),
+    )  # fmt: skip
+
+
+def _run_view(
+    cfg, teacher, meta: StoreMeta, ids, lengths, offset: int, view: int, masking, special, weights, tok
+):
+    n, L = ids.shape
+    masked, mlm = mask_batch(
+        ids, lengths, masking, special, teacher.vocab_size, tok["mask_token_id"], cfg.seed,
+        range(offset, offset + n), view, weights,
+    )  # fmt: skip
+    K, nT = meta.top_k, len(meta.temperatures)
+    out = {
+        "masked_input_ids": masked,
+        "mlm_mask": mlm,
+        "topk_ids": np.zeros((n, L, K), dtype=np.int64),
+        "topk_logits": np.zeros((n, L, K), dtype=np.float32),
+        "lse": np.zeros((n, L, nT), dtype=np.float32),
+    }
+    if meta.hidden:
+        out["hidden"] = np.zeros((n, L, meta.hidden_size), dtype=np.float16)
+    attn = (np.arange(L)[None, :] < lengths[:, None]).astype(np.int64)
+    for s in range(0, n, cfg.batch_size):
+        e = min(s + cfg.batch_size, n)
+        sig = compute_signals(
+            teacher.model, torch.from_numpy(masked[s:e]), torch.from_numpy(attn[s:e]),
+            K, meta.temperatures, meta.hidden, seq_offset=offset + s,
+        )  # fmt: skip
+        out["topk_ids"][s:e] = sig.topk_ids
+        out["topk_logits"][s:e] = sig.topk_logits
+        out["lse"][s:e] = sig.lse
+        if meta.hidden:
+            out["hidden"][s:e] = sig.hidden
+    return out

@@ -1,0 +1,257 @@
+"""Load a Hugging Face masked-LM teacher safely, fingerprint it, and compute its signals."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.h5", "*.msgpack")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be used (no MLM head, bad outputs, unsupported)."""
+
+
+@dataclass
+class Teacher:
+    model: torch.nn.Module
+    tokenizer: object
+    name_or_path: str
+    revision: str | None
+    weights_sha256: str
+    tokenizer_sha256: str
+    vocab_size: int
+    device: torch.device
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def special_ids(self) -> list[int]:
+        return sorted(set(int(i) for i in self.tokenizer.all_special_ids if i is not None))
+
+    def provenance(self) -> dict:
+        cfg = self.model.config
+        return {
+            "name_or_path": self.name_or_path,
+            "revision": self.revision,
+            "weights_sha256": self.weights_sha256,
+            "model_type": getattr(cfg, "model_type", None),
+            "hidden_size": int(cfg.hidden_size),
+            "num_hidden_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
+        }
+
+    def tokenizer_info(self) -> dict:
+        tok = self.tokenizer
+        return {
+            "sha256": self.tokenizer_sha256,
+            "vocab_size": self.vocab_size,
+            "cls_token_id": tok.cls_token_id,
+            "sep_token_id": tok.sep_token_id,
+            "pad_token_id": tok.pad_token_id,
+            "mask_token_id": tok.mask_token_id,
+            "unk_token_id": tok.unk_token_id,
+            "special_ids": self.special_ids(),
+        }
+
+
+def _sha256_files(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda q: q.name):
+        h.update(p.name.encode() + b"\x00")
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """Hash of the state dict (names, dtypes, shapes, bytes) in sorted name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tokenizer_sha256(tokenizer, directory: Path | None = None) -> str:
+    """Hash of the sorted vocabulary and special tokens (independent of file layout)."""
+    h = hashlib.sha256()
+    vocab = tokenizer.get_vocab()
+    for tok, i in sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])):
+        h.update(f"{i}\t{tok}\n".encode())
+    h.update(repr(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())).encode())
+    h.update(type(tokenizer).__name__.encode())
+    lower = getattr(tokenizer, "do_lower_case", None)
+    h.update(f"lower={lower}".encode())
+    return h.hexdigest()
+
+
+def _resolve_dir(name_or_path: str, revision: str | None) -> Path | None:
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - fall back to hashing the state dict
+        return None
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return table[dtype]
+
+
+def load_teacher(
+    name_or_path: str,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> Teacher:
+    """Load a masked-LM teacher and its fast tokenizer; refuse a checkpoint without an MLM head."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(
+            name_or_path,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            attn_implementation="sdpa",
+            dtype=torch.float32,
+            output_loading_info=True,
+        )
+    except ValueError as e:
+        raise TeacherError(f"{name_or_path!r} cannot be loaded as a masked-LM teacher: {e}") from e
+    missing = list(info.get("missing_keys", []))
+    head_missing = [k for k in missing if not k.startswith(("bert.", "roberta.", "embeddings.", "encoder."))]
+    if missing:
+        raise TeacherError(
+            f"{name_or_path!r} has no trained masked-LM head: {len(missing)} weights would be newly "
+            f"initialised (e.g. {', '.join((head_missing or missing)[:3])}); use a *ForMaskedLM checkpoint"
+        )
+    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    if not getattr(tok, "is_fast", False):
+        raise TeacherError(f"{name_or_path!r}: a fast tokenizer is required")
+    if tok.mask_token_id is None:
+        raise TeacherError(f"{name_or_path!r}: the tokenizer has no mask token")
+    directory = _resolve_dir(name_or_path, revision)
+    weight_files = []
+    if directory is not None:
+        for pat in WEIGHT_PATTERNS:
+            weight_files.extend(directory.glob(pat))
+    wsha = _sha256_files(weight_files) if weight_files else state_dict_sha256(model)
+    model.eval().to(device=device, dtype=torch_dtype)
+    vocab_size = int(model.config.vocab_size)
+    if len(tok) > vocab_size:
+        raise TeacherError(f"tokenizer has {len(tok)} tokens but the model only {vocab_size} logits")
+    return Teacher(
+        model=model,
+        tokenizer=tok,
+        name_or_path=str(name_or_path),
+        revision=revision,
+        weights_sha256=wsha,
+        tokenizer_sha256=tokenizer_sha256(tok),
+        vocab_size=vocab_size,
+        device=device,
+        dtype=torch_dtype,
+        info={"weight_files": sorted(p.name for p in weight_files)},
+    )
+
+
+@dataclass
+class Signals:
+    topk_ids: np.ndarray  # [B, L, K] int64
+    topk_logits: np.ndarray  # [B, L, K] float32
+    lse: np.ndarray  # [B, L, nT] float32
+    hidden: np.ndarray | None  # [B, L, H] float16
+
+
+@torch.inference_mode()
+def compute_signals(
+    model: torch.nn.Module,
+    input_ids: np.ndarray | torch.Tensor,
+    attention_mask: np.ndarray | torch.Tensor,
+    top_k: int,
+    temperatures: Sequence[float],
+    hidden: bool,
+    seq_offset: int = 0,
+) -> Signals:
+    """Top-k raw logits (descending) and ids, full-vocab logsumexp(z/T) per T, last hidden state.
+
+    Values at padding positions (attention_mask == 0) are zero. A non-finite logit at a real
+    position raises :class:`TeacherError` naming the sequence (``seq_offset`` + row).
+    """
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(
+        np.asarray(input_ids, dtype=np.int64) if not torch.is_tensor(input_ids) else input_ids
+    )
+    am = torch.as_tensor(
+        np.asarray(attention_mask) if not torch.is_tensor(attention_mask) else attention_mask
+    )
+    ids, am = ids.to(device=device, dtype=torch.long), am.to(device=device, dtype=torch.long)
+    out = model(input_ids=ids, attention_mask=am, output_hidden_states=hidden, return_dict=True)
+    logits = out.logits.float()
+    real = am.bool()
+    finite = torch.isfinite(logits).all(dim=-1) | ~real
+    if not bool(finite.all()):
+        row = int((~finite).any(dim=1).nonzero()[0, 0])
+        pos = int((~finite[row]).nonzero()[0, 0])
+        raise TeacherError(
+            f"teacher produced NaN/inf logits for sequence {seq_offset + row} at position {pos}"
+        )
+    vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)
+    lse = torch.stack([torch.logsumexp(logits / float(t), dim=-1) for t in temperatures], dim=-1)
+    m = real.unsqueeze(-1)
+    vals = vals.masked_fill(~m, 0.0)
+    idx = idx.masked_fill(~m, 0)
+    lse = lse.masked_fill(~m, 0.0)
+    hid = None
+    if hidden:
+        h = out.hidden_states[-1].float().masked_fill(~m, 0.0)
+        hid = h.to(torch.float16).cpu().numpy()
+    return Signals(
+        topk_ids=idx.cpu().numpy(),
+        topk_logits=vals.cpu().numpy().astype(np.float32, copy=False),
+        lse=lse.cpu().numpy().astype(np.float32, copy=False),
+        hidden=hid,
+    )
+
+
+def device_from_env(explicit: str | None = None) -> str:
+    if explicit:
+        return explicit
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
