@@ -36,8 +36,10 @@ def _kl_ce_fwd_kernel(
     LAB_ptr,
     KL_ptr,
     CE_ptr,
-    LSET_ptr,
-    LSE1_ptr,
+    MXT_ptr,
+    LGT_ptr,
+    MX1_ptr,
+    LG1_ptr,
     M_ptr,
     R_ptr,
     V,
@@ -74,7 +76,8 @@ def _kl_ce_fwd_kernel(
                 m1_new = tl.maximum(m_1, tl.max(x, 0))
                 d_1 = d_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(x - m1_new), 0)
                 m_1 = m1_new
-        lse_t = m_t + tl.log(d_t)
+        # keep max and log-sum apart: m + log(d) would round log(d) away when |m| is huge (-1e9 fills)
+        lg_t = tl.log(d_t)
 
         # ---- the k gathered logits
         koffs = tl.arange(0, BLOCK_K)
@@ -82,10 +85,11 @@ def _kl_ce_fwd_kernel(
         ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
         valid = kmask & (ids >= 0)
         sid = tl.where(valid, ids, 0)
-        xk = tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32) * inv_T
+        # absent entries read as the row max: every lane stays finite (they are masked out below)
+        xk = tl.where(valid, tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32) * inv_T, m_t)
         p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
         logp = tl.load(LOGP_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
-        logq = xk - lse_t
+        logq = (xk - m_t) - lg_t
         kl = tl.sum(tl.where(p > 0, p * (logp - logq), 0.0), 0)
         m = tl.sum(p, 0)
         r = 0.0
@@ -97,23 +101,27 @@ def _kl_ce_fwd_kernel(
             kl += tl.where(ptail > 0, ptail * (tl.log(tl.maximum(ptail, TINY_C)) - tl.log(qtail)), 0.0)
             r = 1.0 / qtail
         tl.store(KL_ptr + row, kl)
-        tl.store(LSET_ptr + row, lse_t)
+        tl.store(MXT_ptr + row, m_t)
+        tl.store(LGT_ptr + row, lg_t)
         tl.store(M_ptr + row, m)
         tl.store(R_ptr + row, r)
         if HAS_CE:
-            lse_1 = m_1 + tl.log(d_1)
+            lg_1 = tl.log(d_1)
             has = label >= 0
             sl = tl.load(s_row + tl.where(has, label, 0)).to(tl.float32)
-            tl.store(CE_ptr + row, tl.where(has, lse_1 - sl, 0.0))
-            tl.store(LSE1_ptr + row, lse_1)
+            tl.store(CE_ptr + row, tl.where(has, (m_1 - sl) + lg_1, 0.0))
+            tl.store(MX1_ptr + row, m_1)
+            tl.store(LG1_ptr + row, lg_1)
     else:
         tl.store(KL_ptr + row, 0.0)
-        tl.store(LSET_ptr + row, 0.0)
+        tl.store(MXT_ptr + row, 0.0)
+        tl.store(LGT_ptr + row, 0.0)
         tl.store(M_ptr + row, 0.0)
         tl.store(R_ptr + row, 0.0)
         if HAS_CE:
             tl.store(CE_ptr + row, 0.0)
-            tl.store(LSE1_ptr + row, 0.0)
+            tl.store(MX1_ptr + row, 0.0)
+            tl.store(LG1_ptr + row, 0.0)
 
 
 @triton.jit
@@ -128,8 +136,10 @@ def _kl_ce_bwd_kernel(
     pk_stride,
     PTAIL_ptr,
     LAB_ptr,
-    LSET_ptr,
-    LSE1_ptr,
+    MXT_ptr,
+    LGT_ptr,
+    MX1_ptr,
+    LG1_ptr,
     M_ptr,
     R_ptr,
     A_ptr,
@@ -153,7 +163,8 @@ def _kl_ce_bwd_kernel(
         c = 0.0
         active = a != 0
     if active:
-        lse_t = tl.load(LSET_ptr + row)
+        mx_t = tl.load(MXT_ptr + row)
+        lg_t = tl.load(LGT_ptr + row)
         m = tl.load(M_ptr + row)
         am = a * m
         if TAIL:
@@ -161,18 +172,19 @@ def _kl_ce_bwd_kernel(
             r = tl.load(R_ptr + row)
             apt = a * ptail
         if HAS_CE:
-            lse_1 = tl.load(LSE1_ptr + row)
+            mx_1 = tl.load(MX1_ptr + row)
+            lg_1 = tl.load(LG1_ptr + row)
         # ---- dense pass: the off-top-k value everywhere
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             vmask = offs < V
             x = tl.load(s_row + offs, mask=vmask, other=0.0).to(tl.float32)
-            q = tl.exp(x * inv_T - lse_t)
+            q = tl.exp((x * inv_T - mx_t) - lg_t)
             g = am * q
             if TAIL:
                 g -= apt * tl.minimum(q * r, 1.0)
             if HAS_CE:
-                g += c * tl.exp(x - lse_1)
+                g += c * tl.exp((x - mx_1) - lg_1)
             tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=vmask)
         # the fix-ups below overwrite values the dense pass wrote (possibly from other threads)
         tl.debug_barrier()
@@ -182,27 +194,28 @@ def _kl_ce_bwd_kernel(
         ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
         valid = kmask & (ids >= 0)
         sid = tl.where(valid, ids, 0)
-        xk = tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32)
+        # absent entries read as the row max: every lane stays finite (they are not stored)
+        xk = tl.where(valid, tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32), mx_t / inv_T)
         p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
-        qk = tl.exp(xk * inv_T - lse_t)
+        qk = tl.exp((xk * inv_T - mx_t) - lg_t)
         gk = am * qk - a * p
         if HAS_CE:
             label = tl.load(LAB_ptr + row)
-            gk += c * (tl.exp(xk - lse_1) - tl.where(valid & (ids == label), 1.0, 0.0))
+            gk += c * (tl.exp((xk - mx_1) - lg_1) - tl.where(valid & (ids == label), 1.0, 0.0))
         tl.store(g_row + sid, gk.to(G_ptr.dtype.element_ty), mask=valid)
         if HAS_CE:
             # ---- the label position (same value as above when the label is among the top-k)
             has = label >= 0
             sl = tl.where(has, label, 0)
             xl = tl.load(s_row + sl).to(tl.float32)
-            ql = tl.exp(xl * inv_T - lse_t)
+            ql = tl.exp((xl * inv_T - mx_t) - lg_t)
             hit = valid & (ids == label)
             in_k = tl.sum(tl.where(hit, 1, 0), 0) > 0
             pl = tl.sum(tl.where(hit, p, 0.0), 0)
             kl_off = am * ql
             if TAIL:
                 kl_off -= apt * tl.minimum(ql * r, 1.0)
-            gl = tl.where(in_k, am * ql - a * pl, kl_off) + c * (tl.exp(xl - lse_1) - 1.0)
+            gl = tl.where(in_k, am * ql - a * pl, kl_off) + c * (tl.exp((xl - mx_1) - lg_1) - 1.0)
             tl.store(g_row + sl, gl.to(G_ptr.dtype.element_ty), mask=has)
     else:
         for start in range(0, V, BLOCK_V):
@@ -219,13 +232,15 @@ def _blocks(V: int, K: int) -> tuple[int, int, int]:
 
 
 def kl_ce_forward(s, ids, p, logp, ptail, sel, labels, T: float, tail: bool):
-    """Per-row (kl_rows, ce_rows|None, lse_T, lse_1|None, m, r), all [N] fp32."""
+    """Per-row (kl_rows, ce_rows|None, stat_T, stat_1|None, m, r), fp32; stat_* is [2, N] = (max, log-sum-exp
+    minus max) of s/T and of s: their sum is the log-sum-exp, kept apart for precision."""
     N, V = s.shape
     K = ids.shape[1]
     has_ce = labels is not None
     e = lambda: torch.empty(N, device=s.device, dtype=torch.float32)
-    kl_rows, lse_t, m, r = e(), e(), e(), e()
-    ce_rows, lse_1 = (e(), e()) if has_ce else (kl_rows, lse_t)  # dummies when HAS_CE is off
+    kl_rows, m, r = e(), e(), e()
+    stat_t = torch.empty(2, N, device=s.device, dtype=torch.float32)
+    ce_rows, stat_1 = (e(), torch.empty_like(stat_t)) if has_ce else (kl_rows, stat_t)  # dummies w/o the CE
     block_v, block_k, num_warps = _blocks(V, K)
     if N > 0:
         _kl_ce_fwd_kernel[(N,)](
@@ -241,8 +256,10 @@ def kl_ce_forward(s, ids, p, logp, ptail, sel, labels, T: float, tail: bool):
             labels if has_ce else sel,
             kl_rows,
             ce_rows,
-            lse_t,
-            lse_1,
+            stat_t[0],
+            stat_t[1],
+            stat_1[0],
+            stat_1[1],
             m,
             r,
             V,
@@ -256,11 +273,11 @@ def kl_ce_forward(s, ids, p, logp, ptail, sel, labels, T: float, tail: bool):
             num_warps=num_warps,
         )
     if not has_ce:
-        ce_rows = lse_1 = None
-    return kl_rows, ce_rows, lse_t, lse_1, m, r
+        ce_rows = stat_1 = None
+    return kl_rows, ce_rows, stat_t, stat_1, m, r
 
 
-def kl_ce_backward(s, ids, p, ptail, labels, lse_t, lse_1, m, r, a, c, T: float, tail: bool):
+def kl_ce_backward(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, T: float, tail: bool):
     """The gradient w.r.t. s (in s's dtype) for per-row coefficients a (KL) and c (CE)."""
     N, V = s.shape
     K = ids.shape[1]
@@ -279,8 +296,10 @@ def kl_ce_backward(s, ids, p, ptail, labels, lse_t, lse_1, m, r, a, c, T: float,
             p.stride(0),
             ptail,
             labels if has_ce else a,
-            lse_t,
-            lse_1 if has_ce else lse_t,
+            stat_t[0],
+            stat_t[1],
+            (stat_1 if has_ce else stat_t)[0],
+            (stat_1 if has_ce else stat_t)[1],
             m,
             r,
             a,
@@ -301,19 +320,19 @@ def kl_ce_backward(s, ids, p, ptail, labels, lse_t, lse_1, m, r, a, c, T: float,
 class TritonDistillLogitLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, ids, p, logp, ptail, sel, labels, T, tail):
-        kl_rows, ce_rows, lse_t, lse_1, m, r = kl_ce_forward(s, ids, p, logp, ptail, sel, labels, T, tail)
-        ctx.save_for_backward(s, ids, p, ptail, sel, labels, lse_t, lse_1, m, r)
+        kl_rows, ce_rows, stat_t, stat_1, m, r = kl_ce_forward(s, ids, p, logp, ptail, sel, labels, T, tail)
+        ctx.save_for_backward(s, ids, p, ptail, sel, labels, stat_t, stat_1, m, r)
         ctx.T, ctx.tail = T, tail
         ctx.set_materialize_grads(False)
         return reduce_rows(kl_rows, ce_rows, sel, labels, T)
 
     @staticmethod
     def backward(ctx, g_kl, g_ce):
-        s, ids, p, ptail, sel, labels, lse_t, lse_1, m, r = ctx.saved_tensors
+        s, ids, p, ptail, sel, labels, stat_t, stat_1, m, r = ctx.saved_tensors
         if g_kl is None and g_ce is None:
             return (None,) * 9
         a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
-        grad = kl_ce_backward(s, ids, p, ptail, labels, lse_t, lse_1, m, r, a, c, ctx.T, ctx.tail)
+        grad = kl_ce_backward(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, ctx.T, ctx.tail)
         return (grad,) + (None,) * 8
 
 

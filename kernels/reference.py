@@ -45,24 +45,26 @@ def reference_forward(
     T: float,
     tail: bool,
 ):
-    """Per-row (kl_rows, ce_rows|None, lse_T, lse_1|None, m, r), all [N] fp32 (zeros on inactive rows)."""
+    """Per-row (kl_rows, ce_rows|None, stat_T, stat_1|None, m, r), fp32, zeros on inactive rows; stat_* is
+    [2, N] = (max, log-sum-exp minus max) of s/T and of s, kept apart for precision with huge |logits|."""
     N, V = s.shape
     dev = s.device
     z = lambda: torch.zeros(N, device=dev, dtype=torch.float32)
-    kl_rows, lse_t_all, m_all, r_all = z(), z(), z(), z()
+    kl_rows, m_all, r_all = z(), z(), z()
+    stat_t = torch.zeros(2, N, device=dev, dtype=torch.float32)
     has_ce = labels is not None
-    ce_rows, lse_1_all = (z(), z()) if has_ce else (None, None)
+    ce_rows, stat_1 = (z(), torch.zeros_like(stat_t)) if has_ce else (None, None)
     for idx in _chunks(_active_rows(sel, labels), V):
         x = s[idx].float()
         xt = x / T
         mt = xt.amax(-1)
         dt = (xt - mt[:, None]).exp_().sum(-1)
-        lse_t = mt + dt.log()
+        lg_t = dt.log()
         cid = ids[idx]
         valid = cid >= 0
         sid = cid.clamp(min=0).long()
         xk = xt.gather(1, sid)
-        logq = xk - lse_t[:, None]
+        logq = (xk - mt[:, None]) - lg_t[:, None]
         pc, ptc = p[idx], ptail[idx]
         kl = torch.where(pc > 0, pc * (logp[idx] - logq), 0.0).sum(-1)
         m = pc.sum(-1) + ptc
@@ -71,15 +73,17 @@ def reference_forward(
             qtail = ((dt - sk) / dt).clamp(min=TINY)
             kl = kl + torch.where(ptc > 0, ptc * (ptc.clamp(min=TINY).log() - qtail.log()), 0.0)
             r_all[idx] = 1.0 / qtail
-        kl_rows[idx], lse_t_all[idx], m_all[idx] = kl, lse_t, m
+        kl_rows[idx], m_all[idx] = kl, m
+        stat_t[0, idx], stat_t[1, idx] = mt, lg_t
         if has_ce:
             lab = labels[idx]
-            lse_1 = torch.logsumexp(x, dim=-1)
+            m1 = x.amax(-1)
+            lg_1 = (x - m1[:, None]).exp_().sum(-1).log()
             sl = x.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
-            ce_rows[idx] = torch.where(lab >= 0, lse_1 - sl, 0.0)
-            lse_1_all[idx] = lse_1
+            ce_rows[idx] = torch.where(lab >= 0, (m1 - sl) + lg_1, 0.0)
+            stat_1[0, idx], stat_1[1, idx] = m1, lg_1
         del x, xt
-    return kl_rows, ce_rows, lse_t_all, lse_1_all, m_all, r_all
+    return kl_rows, ce_rows, stat_t, stat_1, m_all, r_all
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -89,8 +93,8 @@ def reference_backward(
     p: torch.Tensor,
     ptail: torch.Tensor,
     labels: torch.Tensor | None,
-    lse_t: torch.Tensor,
-    lse_1: torch.Tensor | None,
+    stat_t: torch.Tensor,
+    stat_1: torch.Tensor | None,
     m: torch.Tensor,
     r: torch.Tensor,
     a: torch.Tensor,
@@ -109,7 +113,7 @@ def reference_backward(
     for idx in _chunks(idx_all, V):
         x = s[idx].float()
         ac = a[idx][:, None]
-        q = (x / T - lse_t[idx][:, None]).exp_()
+        q = (x / T - stat_t[0, idx][:, None]).sub_(stat_t[1, idx][:, None]).exp_()
         g = q * (ac * m[idx][:, None])
         ptc = ptail[idx][:, None]
         rc = r[idx][:, None]
@@ -117,7 +121,7 @@ def reference_backward(
             g -= ac * ptc * (q * rc).clamp_(max=1.0)
         if c is not None:
             cc = c[idx][:, None]
-            g += cc * (x - lse_1[idx][:, None]).exp_()
+            g += cc * (x - stat_1[0, idx][:, None]).sub_(stat_1[1, idx][:, None]).exp_()
         cid = ids[idx]
         sid = cid.clamp(min=0).long()
         qk = q.gather(1, sid)
@@ -136,19 +140,21 @@ def reference_backward(
 class ReferenceDistillLogitLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, ids, p, logp, ptail, sel, labels, T, tail):
-        kl_rows, ce_rows, lse_t, lse_1, m, r = reference_forward(s, ids, p, logp, ptail, sel, labels, T, tail)
-        ctx.save_for_backward(s, ids, p, ptail, sel, labels, lse_t, lse_1, m, r)
+        kl_rows, ce_rows, stat_t, stat_1, m, r = reference_forward(
+            s, ids, p, logp, ptail, sel, labels, T, tail
+        )
+        ctx.save_for_backward(s, ids, p, ptail, sel, labels, stat_t, stat_1, m, r)
         ctx.T, ctx.tail = T, tail
         ctx.set_materialize_grads(False)
         return reduce_rows(kl_rows, ce_rows, sel, labels, T)
 
     @staticmethod
     def backward(ctx, g_kl, g_ce):
-        s, ids, p, ptail, sel, labels, lse_t, lse_1, m, r = ctx.saved_tensors
+        s, ids, p, ptail, sel, labels, stat_t, stat_1, m, r = ctx.saved_tensors
         if g_kl is None and g_ce is None:
             return (None,) * 9
         a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
-        grad = reference_backward(s, ids, p, ptail, labels, lse_t, lse_1, m, r, a, c, ctx.T, ctx.tail)
+        grad = reference_backward(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, ctx.T, ctx.tail)
         return (grad,) + (None,) * 8
 
 
