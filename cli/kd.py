@@ -13,6 +13,9 @@ from offline_kd.cli.commands_eval import demo_command, eval_command  # noqa: E40
 
 main.add_command(eval_command)
 main.add_command(demo_command)
+from offline_kd.cli.commands_store import register as register_store_commands  # noqa: E402
+
+register_store_commands(main)  # precompute, inspect, verify
 
 if __name__ == "__main__":
     main()

@@ -29,6 +29,9 @@ from .store import (
 )
 from .teacher import compute_signals, device_from_env, load_teacher
 
+# Seconds to sleep after each (shard, view) write, before the commit; only for crash tests.
+_DELAY = float(os.environ.get("OFFLINE_KD_PRECOMPUTE_DELAY", "0") or 0)
+
 
 @dataclass
 class PrecomputeConfig:
@@ -278,6 +281,8 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
                 for v in range(meta.views):
                     out = _run_view(cfg, teacher, meta, ids, lengths, a, v, masking, special, weights, tok)
                     store.write_view(shard, v, out)
+                    if _DELAY:
+                        time.sleep(_DELAY)  # tests: widen the window for a kill mid-shard
                     tokens_done += int(lengths.sum())
                     if bar is not None:
                         bar.update(b - a)
