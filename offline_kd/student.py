@@ -341,7 +341,7 @@ def check_compatible(
     hidden_projection: bool,
 ) -> None:
     """Refuse, before step 0, a student that cannot learn from this store."""
-    from offline_kd.teacher import tokenizer_fingerprint
+    from offline_kd.teacher import tokenizer_sha256
 
     vocab = bundle.model.config.vocab_size
     if vocab != store_vocab_size:
@@ -350,7 +350,7 @@ def check_compatible(
             f"{store_vocab_size}"
         )
     if store_tokenizer_sha256:
-        sha = tokenizer_fingerprint(bundle.tokenizer)
+        sha = tokenizer_sha256(bundle.tokenizer)
         if sha != store_tokenizer_sha256:
             raise StudentError(
                 f"tokenizer mismatch: the student's tokenizer sha256 {sha} differs from the store's "
