@@ -124,6 +124,7 @@ def build_meta(
     m = masking.as_dict()
     m["token_weights_sha256"] = wsha
     m["scheme"] = "numpy.default_rng([seed, view, sequence]); ceil(p*n) positions without replacement"
+    m["random_tokens"] = f"uniform over the non-special ids below {len(teacher.tokenizer)}"
     return StoreMeta(
         num_sequences=num_sequences,
         max_length=cfg.max_length,
@@ -312,7 +313,7 @@ def _run_view(
 ):
     n, L = ids.shape
     masked, mlm = mask_batch(
-        ids, lengths, masking, special, teacher.vocab_size, tok["mask_token_id"], cfg.seed,
+        ids, lengths, masking, special, len(teacher.tokenizer), tok["mask_token_id"], cfg.seed,
         range(offset, offset + n), view, weights,
     )  # fmt: skip
     K, nT = meta.top_k, len(meta.temperatures)
