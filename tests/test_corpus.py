@@ -1,0 +1,113 @@
+"""Corpus ingestion: formats, packing, filters, holdout, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from offline_kd.corpus import (
+    CorpusError,
+    CorpusStats,
+    load_documents,
+    pack_sequences,
+    prepare_corpus,
+    split_holdout,
+)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_teacher):
+    return AutoTokenizer.from_pretrained(tiny_teacher)
+
+
+def test_text_jsonl_parquet_agree(tmp_path, tiny_docs, tiny_corpus):
+    import datasets
+
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(tiny_docs)))
+    pq = tmp_path / "c.parquet"
+    datasets.Dataset.from_dict({"text": tiny_docs}).to_parquet(str(pq))
+    a = load_documents([tiny_corpus])["text"]
+    b = load_documents([jl], text_field="body")["text"]
+    c = load_documents(str(pq))["text"]
+    assert a == b == c == tiny_docs
+    both = load_documents([tiny_corpus, pq])
+    assert len(both) == 2 * len(tiny_docs)
+    with pytest.raises(CorpusError, match="no field 'text'"):
+        load_documents([jl])
+
+
+def test_empty_and_missing(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n\n")
+    with pytest.raises(CorpusError, match="empty.*empty.txt"):
+        load_documents([empty])
+    with pytest.raises(CorpusError, match="does not exist"):
+        load_documents([str(tmp_path / "nope.txt")])
+
+
+def test_undecodable_bytes_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"good line\nanother\n\xff\xfe broken\nend\n")
+    with pytest.raises(CorpusError, match=r"bad\.txt.*not valid UTF-8 at line 3"):
+        load_documents([bad])
+
+
+def test_packing_layout_and_determinism(tiny_corpus, tok):
+    docs = load_documents([tiny_corpus])
+    stats = CorpusStats(sources=[str(tiny_corpus)], text_field="text")
+    packed = pack_sequences(docs, tok, max_length=32, seed=0, stats=stats)
+    arr = np.asarray(packed["input_ids"])
+    lengths = np.asarray(packed["length"])
+    assert arr.shape[1] == 32 and (arr[:, 0] == tok.cls_token_id).all()
+    assert (lengths > 11).all()
+    # padding only in the last sequence of the (single) packing batch
+    assert (lengths[:-1] == 32).all()
+    assert (arr[-1, lengths[-1] :] == tok.pad_token_id).all()
+    # the packed stream is exactly the shuffled documents separated by [SEP]
+    stream = np.concatenate([a[1:n] for a, n in zip(arr, lengths, strict=True)])
+    n_real = sum(len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in docs["text"])
+    assert len(stream) == n_real and (stream == tok.sep_token_id).sum() == len(docs)
+    again = pack_sequences(docs, tok, max_length=32, seed=0)
+    np.testing.assert_array_equal(np.asarray(again["input_ids"]), arr)
+    other = pack_sequences(docs, tok, max_length=32, seed=1)
+    assert not np.array_equal(np.asarray(other["input_ids"])[:5], arr[:5])
+    assert stats.num_sequences == len(
+        packed
+    ) and stats.dropped_short + stats.dropped_unk == stats.packed_sequences - len(packed)
+
+
+def test_filters_drop_short_and_unk(tmp_path, tok):
+    import datasets
+
+    docs = datasets.Dataset.from_dict(
+        {"text": ["tiny", "zzzqqq xxjjj " * 20, "the house by the river was quiet " * 2]}
+    )
+    stats = CorpusStats(sources=[], text_field="text")
+    packed = pack_sequences(docs, tok, max_length=64, shuffle=False, stats=stats, pack_batch_documents=1)
+    assert stats.packed_sequences >= 3
+    assert stats.dropped_short >= 1 and stats.dropped_unk >= 1
+    for ids, n in zip(packed["input_ids"], packed["length"], strict=True):
+        assert n > 11
+        real = [t for t in ids[:n] if t not in tok.all_special_ids or t == tok.unk_token_id]
+        assert sum(t == tok.unk_token_id for t in real) <= 0.5 * len(real)
+
+
+def test_holdout_split_and_file(tmp_path, tiny_corpus, tiny_docs, tok):
+    docs = load_documents([tiny_corpus])
+    kept, held = split_holdout(docs, 0.25, seed=3)
+    assert len(kept) + len(held) == len(docs) and 0 < len(held) < len(docs) / 2
+    assert not set(kept["text"]) & set(held["text"])
+    kept2, held2 = split_holdout(docs, 0.25, seed=3)
+    assert held2["text"] == held["text"]
+    path = tmp_path / "held.txt"
+    packed, stats = prepare_corpus(
+        [tiny_corpus], tok, max_length=32, seed=3, holdout_fraction=0.25, holdout_file=str(path)
+    )
+    assert path.read_text().splitlines() == held["text"]
+    assert stats.held_out_documents == len(held) and stats.as_dict()["holdout"]["fraction"] == 0.25
+    with pytest.raises(ValueError):
+        split_holdout(docs, 1.0)
