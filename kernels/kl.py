@@ -178,7 +178,7 @@ def _kl_ce_bwd_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             vmask = offs < V
-            x = tl.load(s_row + offs, mask=vmask, other=0.0).to(tl.float32)
+            x = tl.load(s_row + offs, mask=vmask, other=float("-inf")).to(tl.float32)
             q = tl.exp((x * inv_T - mx_t) - lg_t)
             g = am * q
             if TAIL:

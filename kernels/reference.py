@@ -1,8 +1,8 @@
 """Pure-PyTorch reference of the distillation losses: the test oracle for the Triton kernels and the CPU fallback.
 
 Chunked over rows: at most `chunk_rows(V)` rows (about `CHUNK_ELEMS` elements) are converted to fp32 at a time,
-in the forward and in the manual backward, so no fp32 [N, V] copy ever exists; the only [N, V] allocation is
-the gradient itself (in the logits' dtype). Only rows that count (selected for the KL or carrying an MLM label)
+into a few reused buffers, in the forward and in the manual backward, so no fp32 [N, V] copy ever exists; the
+only [N, V] allocation is the gradient itself (in the logits' dtype). Only rows that count (selected for the KL or carrying an MLM label)
 are read at all. Same math as `kl.py`; see docs/kernels.md.
 """
 
@@ -12,25 +12,47 @@ import torch
 
 from ._common import TINY, Prepared, cosine_rows_mask, prepare, reduce_rows, row_scales
 
-# fp32 elements per chunk (16 MiB per temporary); a handful of temporaries live at once.
-CHUNK_ELEMS = 1 << 22
+# fp32 elements per chunk buffer (1 MiB: a chunk stays cache-resident across the several elementwise passes);
+# three such buffers are reused for every chunk, so the working set is bounded and independent of N.
+CHUNK_ELEMS = 1 << 18
 
 
 def chunk_rows(V: int) -> int:
     return max(1, CHUNK_ELEMS // max(V, 1))
 
 
-def _active_rows(sel: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    active = sel > 0
-    if labels is not None:
-        active = active | (labels >= 0)
+def _active_rows(active: torch.Tensor) -> torch.Tensor:
     return active.nonzero().flatten()
 
 
 def _chunks(idx: torch.Tensor, V: int):
+    """Yield (rows, start) per chunk: rows is a slice when the chunk's rows are consecutive (no gather copy)."""
     step = chunk_rows(V)
-    for start in range(0, idx.numel(), step):
-        yield idx[start : start + step]
+    n = idx.numel()
+    if n == 0:
+        return
+    if int(idx[-1]) - int(idx[0]) + 1 == n:  # sorted and unique (nonzero), hence consecutive
+        first = int(idx[0])
+        for start in range(0, n, step):
+            yield slice(first + start, first + min(start + step, n))
+    else:
+        for start in range(0, n, step):
+            yield idx[start : start + step]
+
+
+def _nrows(rows, V) -> int:
+    return rows.stop - rows.start if isinstance(rows, slice) else rows.numel()
+
+
+class _Buffers:
+    """fp32 [chunk_rows, V] work buffers, allocated once per call and reused by every chunk."""
+
+    def __init__(self, n: int, V: int, device, count: int):
+        r = min(chunk_rows(V), max(n, 1))
+        self.bufs = [torch.empty(r, V, device=device, dtype=torch.float32) for _ in range(count)]
+
+    def take(self, c: int):
+        return [b[:c] for b in self.bufs]
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -54,35 +76,40 @@ def reference_forward(
     stat_t = torch.zeros(2, N, device=dev, dtype=torch.float32)
     has_ce = labels is not None
     ce_rows, stat_1 = (z(), torch.zeros_like(stat_t)) if has_ce else (None, None)
-    for idx in _chunks(_active_rows(sel, labels), V):
-        x = s[idx].float()
-        xt = x / T
+    active = sel > 0
+    if has_ce:
+        active = active | (labels >= 0)
+    idx_all = _active_rows(active)
+    bufs = _Buffers(idx_all.numel(), V, dev, 2)
+    for rows in _chunks(idx_all, V):
+        x, e = bufs.take(_nrows(rows, V))
+        x.copy_(s[rows])
+        if has_ce:
+            lab = labels[rows]
+            m1 = x.amax(-1)
+            lg_1 = torch.sub(x, m1[:, None], out=e).exp_().sum(-1).log_()
+            sl = x.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
+            ce_rows[rows] = torch.where(lab >= 0, (m1 - sl) + lg_1, 0.0)
+            stat_1[0, rows], stat_1[1, rows] = m1, lg_1
+        xt = x.mul_(1.0 / T) if T != 1.0 else x
         mt = xt.amax(-1)
-        dt = (xt - mt[:, None]).exp_().sum(-1)
+        dt = torch.sub(xt, mt[:, None], out=e).exp_().sum(-1)
         lg_t = dt.log()
-        cid = ids[idx]
+        cid = ids[rows]
         valid = cid >= 0
         sid = cid.clamp(min=0).long()
         xk = xt.gather(1, sid)
         logq = (xk - mt[:, None]) - lg_t[:, None]
-        pc, ptc = p[idx], ptail[idx]
-        kl = torch.where(pc > 0, pc * (logp[idx] - logq), 0.0).sum(-1)
+        pc, ptc = p[rows], ptail[rows]
+        kl = torch.where(pc > 0, pc * (logp[rows] - logq), 0.0).sum(-1)
         m = pc.sum(-1) + ptc
         if tail:
             sk = torch.where(valid, (xk - mt[:, None]).exp(), 0.0).sum(-1)
             qtail = ((dt - sk) / dt).clamp(min=TINY)
             kl = kl + torch.where(ptc > 0, ptc * (ptc.clamp(min=TINY).log() - qtail.log()), 0.0)
-            r_all[idx] = 1.0 / qtail
-        kl_rows[idx], m_all[idx] = kl, m
-        stat_t[0, idx], stat_t[1, idx] = mt, lg_t
-        if has_ce:
-            lab = labels[idx]
-            m1 = x.amax(-1)
-            lg_1 = (x - m1[:, None]).exp_().sum(-1).log()
-            sl = x.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
-            ce_rows[idx] = torch.where(lab >= 0, (m1 - sl) + lg_1, 0.0)
-            stat_1[0, idx], stat_1[1, idx] = m1, lg_1
-        del x, xt
+            r_all[rows] = 1.0 / qtail
+        kl_rows[rows], m_all[rows] = kl, m
+        stat_t[0, rows], stat_t[1, rows] = mt, lg_t
     return kl_rows, ce_rows, stat_t, stat_1, m_all, r_all
 
 
@@ -109,30 +136,39 @@ def reference_backward(
     active = a != 0
     if c is not None:
         active = active | (c != 0)
-    idx_all = active.nonzero().flatten()
-    for idx in _chunks(idx_all, V):
-        x = s[idx].float()
-        ac = a[idx][:, None]
-        q = (x / T - stat_t[0, idx][:, None]).sub_(stat_t[1, idx][:, None]).exp_()
-        g = q * (ac * m[idx][:, None])
-        ptc = ptail[idx][:, None]
-        rc = r[idx][:, None]
-        if tail:
-            g -= ac * ptc * (q * rc).clamp_(max=1.0)
-        if c is not None:
-            cc = c[idx][:, None]
-            g += cc * (x - stat_1[0, idx][:, None]).sub_(stat_1[1, idx][:, None]).exp_()
-        cid = ids[idx]
+    idx_all = _active_rows(active)
+    bufs = _Buffers(idx_all.numel(), V, s.device, 3)
+    for rows in _chunks(idx_all, V):
+        x, q, e = bufs.take(_nrows(rows, V))
+        x.copy_(s[rows])
+        ac = a[rows][:, None]
+        # q = exp((x/T - max_T) - logsum_T)
+        torch.mul(x, 1.0 / T, out=q).sub_(stat_t[0, rows][:, None]).sub_(stat_t[1, rows][:, None]).exp_()
+        cid = ids[rows]
         sid = cid.clamp(min=0).long()
-        qk = q.gather(1, sid)
-        tailpart = ptc * (qk * rc).clamp(max=1.0) if tail else 0.0
-        delta = torch.where(cid >= 0, ac * (tailpart - p[idx]), 0.0)
+        qk = q.gather(1, sid)  # before q is scaled in place
+        ptc = ptail[rows][:, None]
+        rc = r[rows][:, None]
+        if tail:
+            tailk = ptc * (qk * rc).clamp(max=1.0)
+            torch.mul(q, rc, out=e).clamp_(max=1.0).mul_(ac * ptc)
+        g = q.mul_(ac * m[rows][:, None])
+        if tail:
+            g.sub_(e)
+        if c is not None:
+            cc = c[rows][:, None]
+            torch.sub(x, stat_1[0, rows][:, None], out=e).sub_(stat_1[1, rows][:, None]).exp_().mul_(cc)
+            g.add_(e)
+        # top-k fix-up: the dense value holds a*(q*m - ptail*min(q*r, 1)); the wanted one a*(q*m - p)
+        delta = torch.where(cid >= 0, ac * ((tailk if tail else 0.0) - p[rows]), 0.0)
         g.scatter_add_(1, sid, delta)
         if c is not None:
-            lab = labels[idx]
+            lab = labels[rows]
             g.scatter_add_(1, lab.clamp(min=0)[:, None], torch.where(lab >= 0, -cc.squeeze(1), 0.0)[:, None])
-        grad[idx] = g.to(s.dtype)
-        del x, q, g
+        if isinstance(rows, slice):
+            grad[rows].copy_(g)
+        else:
+            grad.index_copy_(0, rows, g.to(s.dtype))
     return grad
 
 
