@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise
-    if result.final_dir:
+    import torch.distributed as dist
+
+    if result.final_dir and (not dist.is_initialized() or dist.get_rank() == 0):
         logging.getLogger("offline_kd").info(
             "student written to %s after %d steps", result.final_dir, result.steps
         )

@@ -414,6 +414,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
     planned = cfg.epochs * steps_per_epoch
     total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+    # An "auto" schedule spans --schedule-steps, else --max-steps, else all epochs; pass the same
+    # value when resuming (a resumed run with another schedule length is warned about below).
     ds = fill_schedule(ds, cfg.schedule_steps or total_steps, cfg.warmup_fraction)
     if cfg.epochs > int(meta.views) and is_main:
         log.warning(
@@ -440,6 +442,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         if loaded is not None:
             resumed_from, client = loaded
             step, epoch, micro_pos = int(client["step"]), int(client["epoch"]), int(client["micro_pos"])
+            if client.get("scheduler") not in (None, ds.get("scheduler")) and is_main:
+                log.warning(
+                    "resuming with a different LR schedule than the checkpoint's: %s (was %s); pass the same "
+                    "--schedule-steps/--max-steps to continue the original schedule",
+                    ds.get("scheduler"),
+                    client.get("scheduler"),
+                )
             if is_main:
                 log.info(
                     "resumed from %s at step %d (epoch %d, micro-batch %d)",
@@ -460,6 +469,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         tensorboard=cfg.tensorboard,
     )
     last_saved = resumed_from
+    sched_state = {"scheduler": ds.get("scheduler")}
     last_row: dict = {}
     engine.train()
     try:
@@ -519,7 +529,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                 acc.zero_()
                 wait = 0.0
                 if cfg.save_every and step % cfg.save_every == 0:
-                    client = {"step": step, "epoch": epoch, "micro_pos": micro_pos, "metrics": last_row}
+                    client = {
+                        "step": step,
+                        "epoch": epoch,
+                        "micro_pos": micro_pos,
+                        "metrics": last_row,
+                        **sched_state,
+                    }
                     if micro_pos >= stop:  # the epoch is done: resume at the next one
                         client.update(epoch=epoch + 1, micro_pos=0)
                     last_saved = ckpt.save(engine, ckpt_dir, step, client, cfg.keep_checkpoints)
@@ -527,7 +543,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                 epoch += 1
                 micro_pos = 0
         if cfg.save_every and last_saved != ckpt.tag_for(step) and step > 0:
-            client = {"step": step, "epoch": epoch, "micro_pos": micro_pos, "metrics": last_row}
+            client = {
+                "step": step,
+                "epoch": epoch,
+                "micro_pos": micro_pos,
+                "metrics": last_row,
+                **sched_state,
+            }
             last_saved = ckpt.save(engine, ckpt_dir, step, client, cfg.keep_checkpoints)
     finally:
         logger.close()

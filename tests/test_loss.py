@@ -1,0 +1,93 @@
+"""The triple loss against dense formulas (top-k = full vocabulary makes the tail-aware KL exact)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from offline_kd.loss import LossConfig, distillation_loss
+
+
+def _batch(B=2, L=6, V=11, H=5, K=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K = K or V
+    z = torch.randn(B, L, V, generator=g) * 3
+    T = 2.0
+    top = z.topk(K, dim=-1)
+    lengths = torch.tensor([L, L - 2])
+    attn = (torch.arange(L)[None] < lengths[:, None]).long()
+    mlm = torch.zeros(B, L, dtype=torch.bool)
+    mlm[0, 1] = mlm[0, 4] = mlm[1, 2] = True
+    ids = torch.randint(0, V, (B, L), generator=g)
+    batch = {
+        "attention_mask": attn,
+        "mlm_mask": mlm,
+        "labels": torch.where(mlm, ids, torch.full_like(ids, -100)),
+        "topk_ids": top.indices,
+        "topk_logits": top.values,
+        "lse": torch.logsumexp(z / T, dim=-1),
+        "hidden": torch.randn(B, L, H, generator=g).half(),
+    }
+    s = torch.randn(B, L, V, generator=g, requires_grad=True)
+    h = torch.randn(B, L, H, generator=g, requires_grad=True)
+    return z, s, h, batch, T
+
+
+def _dense(z, s, h, batch, T, rows):
+    zt, st = z[rows] / T, s[rows] / T
+    p = zt.softmax(-1)
+    kl = (p * (p.log() - st.log_softmax(-1))).sum(-1).mean() * T * T
+    lab = batch["labels"][batch["attention_mask"].bool()]
+    ce = F.cross_entropy(s[batch["attention_mask"].bool()], lab, ignore_index=-100)
+    cos = (1 - F.cosine_similarity(h[rows], batch["hidden"][rows].float(), dim=-1)).mean()
+    return kl, ce, cos
+
+
+def test_components_match_dense_formulas_over_non_pad_tokens():
+    z, s, h, batch, T = _batch()
+    cfg = LossConfig(temperature=T)
+    total, parts = distillation_loss(cfg, s, h, batch)
+    kl, ce, cos = _dense(z, s, h, batch, T, batch["attention_mask"].bool())
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-4, abs=1e-6)
+    assert parts["mlm"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert parts["cos"].item() == pytest.approx(cos.item(), rel=1e-4)
+    assert total.item() == pytest.approx(5.0 * kl.item() + 2.0 * ce.item() + 1.0 * cos.item(), rel=1e-4)
+    total.backward()
+    assert s.grad is not None and h.grad is not None
+    # padding rows get no gradient
+    assert s.grad[1, -2:].abs().sum() == 0 and h.grad[1, -2:].abs().sum() == 0
+
+
+def test_restrict_to_mask_and_weights():
+    z, s, h, batch, T = _batch(seed=1)
+    cfg = LossConfig(alpha_ce=1.5, alpha_mlm=0.0, alpha_cos=0.5, temperature=T, restrict_kl_to_mask=True)
+    total, parts = distillation_loss(cfg, s, h, batch)
+    kl, _, cos = _dense(z, s, h, batch, T, batch["mlm_mask"])
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-4)
+    assert parts["cos"].item() == pytest.approx(cos.item(), rel=1e-4)
+    assert parts["mlm"].item() == 0.0
+    assert total.item() == pytest.approx(1.5 * kl.item() + 0.5 * cos.item(), rel=1e-4)
+
+
+def test_topk_without_tail_renormalises():
+    z, s, h, batch, T = _batch(K=3, seed=2)
+    cfg = LossConfig(temperature=T, kl_tail=False, alpha_cos=0.0)
+    _, parts = distillation_loss(cfg, s, None, batch)
+    rows = batch["attention_mask"].bool()
+    p = (batch["topk_logits"][rows] / T).softmax(-1)
+    q = (s[rows] / T).log_softmax(-1).gather(1, batch["topk_ids"][rows])
+    # renormalised top-k teacher against the student's full-vocabulary log-probabilities of those ids
+    kl = (p * (p.log() - q)).sum(-1).mean() * T * T
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-4)
+    # tail-aware differs (it also charges the mass outside the top-k)
+    _, parts_tail = distillation_loss(LossConfig(temperature=T, alpha_cos=0.0), s, None, batch)
+    assert not math.isclose(parts_tail["kl"].item(), parts["kl"].item(), rel_tol=1e-3)
+
+
+def test_cosine_needs_hidden():
+    _, s, _, batch, T = _batch()
+    with pytest.raises(ValueError, match="hidden"):
+        distillation_loss(LossConfig(temperature=T), s, None, batch)
