@@ -374,3 +374,33 @@ def test_bad_inputs_raise():
 def test_reference_chunk_is_bounded():
     assert reference.chunk_rows(30522) * 30522 <= reference.CHUNK_ELEMS
     assert reference.chunk_rows(10**9) == 1
+
+
+# ------------------------------------------------------------------------------------- GPU (when present)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tail", [False, True], ids=["renorm", "tail"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_triton_matches_cpu_reference(monkeypatch, dtype, tail):
+    """Compiled kernels on the GPU (run with TRITON_INTERPRET=0) against the CPU reference."""
+    V, N, k, T = 30522, 33, 64, 2.0
+    student, ids, tz, lse, mask, labels = make_case(N, V, k, dtype, T, seed=31)
+    out = {}
+    for dev in ("cuda", "cpu"):
+        monkeypatch.setenv(K.ENV_VAR, "auto")
+        s = student.to(dev).requires_grad_(True)
+        args = [x.to(dev) for x in (ids, tz, mask, lse, labels)]
+        kl, ce = K.distillation_logit_losses(
+            s, args[0], args[1], T, args[2], args[3] if tail else None, args[4]
+        )
+        (g,) = torch.autograd.grad(1.5 * kl + 0.5 * ce, s)
+        h = (
+            torch.randn(N, 768, generator=torch.Generator().manual_seed(1))
+            .to(dev, dtype)
+            .requires_grad_(True)
+        )
+        cos = K.cosine_loss(h, h.detach().half() + 0.1, args[2])
+        (gh,) = torch.autograd.grad(cos, h)
+        out[dev] = [x.detach().float().cpu() for x in (kl, ce, g, cos, gh)]
+    rtol = TOL[dtype][1]
+    for a, b in zip(out["cuda"], out["cpu"], strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()) + 1e-7)
