@@ -127,13 +127,13 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 
 def format_table(rows: dict[str, EvalResult]) -> str:
     """A plain-text comparison table, one row per model."""
-    head = f"{'model':<24} {'masked acc':>10} {'top-5':>7} {'pseudo-ppl':>10} {'agree':>7} {'KL(t||s)':>9}"
+    head = f"{'model':<28} {'masked acc':>10} {'top-5':>7} {'pseudo-ppl':>10} {'agree':>7} {'KL(t||s)':>9}"
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
         agree = f"{100 * r.teacher_agreement:6.1f}%" if r.teacher_agreement is not None else f"{'-':>7}"
         kl = f"{r.kl_teacher_student:9.3f}" if r.kl_teacher_student is not None else f"{'-':>9}"
         lines.append(
-            f"{name:<24} {100 * r.accuracy:9.1f}% {100 * r.top5_accuracy:6.1f}% "
+            f"{name:<28} {100 * r.accuracy:9.1f}% {100 * r.top5_accuracy:6.1f}% "
             f"{r.pseudo_perplexity:10.2f} {agree} {kl}"
         )
     return "\n".join(lines)

@@ -134,7 +134,10 @@ def fit_minilm_teacher(cfg: MiniLMFitConfig, log=print) -> Path:
                 ids[rows], special[rows], tokenizer.mask_token_id, len(tokenizer), gen
             )
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
-                loss = model(input_ids=inputs, attention_mask=(~pad[rows]).long(), labels=labels).loss
+                hidden = model.bert(input_ids=inputs, attention_mask=(~pad[rows]).long()).last_hidden_state
+                # The LM head only on masked rows: the 30,522-wide projection dominates the step otherwise.
+                picked = labels != -100
+                loss = torch.nn.functional.cross_entropy(model.cls(hidden[picked]).float(), labels[picked])
             loss.backward()
             opt.step()
             sched.step()
