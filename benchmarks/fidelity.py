@@ -121,6 +121,7 @@ def build_store(work: Path, teacher: Path, train_file: Path, args, log) -> Path:
         batch_size=32,
         shard_size=64,
         dtype=args.teacher_dtype,
+        progress=False,
     )
     t0 = time.time()
     precompute(cfg)
@@ -290,11 +291,13 @@ def evaluate_model(model_dir: str, ctx: dict) -> dict:
 
 
 def bytes_per_token(k: int, ctx: dict) -> float:
-    """Stored bytes per real token for a store of top-k = k (the schema's per-token arrays)."""
-    meta = ctx["meta"]
-    id_bytes = 2 if meta.vocab_size <= 65535 else 4
-    per_view = k * (id_bytes + 4) + 4 * len(meta.temperatures) + 2 * meta.hidden_size + id_bytes + 1
-    return per_view * ctx["views"] + id_bytes
+    """Stored bytes per token for a store of top-k = k with this store's other settings."""
+    from offline_kd.store import estimate_bytes_per_token
+
+    m = ctx["meta"]
+    return estimate_bytes_per_token(
+        k, m.views, len(m.temperatures), m.hidden_size if m.hidden else None, m.vocab_size
+    )
 
 
 def markdown(results: dict, teacher_eval: dict, ctx: dict) -> str:
@@ -399,7 +402,9 @@ def main() -> None:
     s = SignalStore.open(str(store))
     from transformers import AutoModelForMaskedLM
 
-    teacher_model = AutoModelForMaskedLM.from_pretrained(teacher).eval()
+    # Online KD runs the teacher exactly as the precompute did (same weights dtype).
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.teacher_dtype, torch.float32)
+    teacher_model = AutoModelForMaskedLM.from_pretrained(teacher, dtype=dtype).eval()
     ctx = {
         "args": args, "work": work, "teacher": teacher, "teacher_model": teacher_model, "corpora": corpora,
         "meta": s.meta, "views": s.meta.views, "temperatures": [float(t) for t in s.meta.temperatures],
