@@ -78,6 +78,7 @@ class PrecomputeResult:
     dry_run: bool = False
     estimated_bytes: int | None = None
     meta: dict | None = None
+    loop_seconds: float = 0.0  # time spent masking, running the teacher and writing shards
 
 
 def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -304,7 +305,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     complete = store.is_complete()
     return PrecomputeResult(
         cfg.output, S, meta.num_shards, written, skipped, complete, time.monotonic() - t0,
-        tokens_done, meta=meta.as_dict(),
+        tokens_done, meta=meta.as_dict(), loop_seconds=time.monotonic() - t_start,
     )  # fmt: skip
 
 
