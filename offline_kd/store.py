@@ -126,6 +126,8 @@ def _array_specs(meta: StoreMeta) -> dict[str, tuple[tuple, str, tuple, tuple]]:
 
 
 def _open_group(url: str, mode: str, storage_options: dict | None):
+    if str(url).startswith("file://") and not storage_options:
+        url = str(url)[len("file://") :]  # local store: atomic writes, no fsspec needed
     kwargs = {"storage_options": storage_options} if storage_options else {}
     return zarr.open_group(str(url), mode=mode, zarr_format=3, **kwargs)
 

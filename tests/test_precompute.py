@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import zarr
 from conftest import run_tiny_precompute
 
@@ -158,3 +159,26 @@ def test_holdout_file_and_attrs(tmp_path, tiny_teacher, tiny_corpus, tiny_docs):
     assert corpus["holdout"] == {"fraction": 0.2, "file": str(held)}
     assert corpus["documents"] == len(tiny_docs)
     assert r.complete
+
+
+def test_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_teacher, tiny_corpus):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    d = tmp_path / "nan_teacher"
+    m = AutoModelForMaskedLM.from_pretrained(tiny_teacher)
+    with torch.no_grad():
+        m.cls.predictions.bias[7] = float("nan")
+    m.save_pretrained(d)
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(d)
+    out = tmp_path / "nan.zarr"
+    with pytest.raises(TeacherError, match=r"NaN/inf logits for sequence 0 at position 0"):
+        run_tiny_precompute(d, tiny_corpus, out)
+    s = SignalStore.open(str(out))
+    assert not s.committed().any()
+    # compute_signals names the global sequence index
+    from offline_kd.teacher import compute_signals
+
+    ids = torch.full((2, 8), 5)
+    attn = torch.ones(2, 8, dtype=torch.long)
+    with pytest.raises(TeacherError, match="sequence 40"):
+        compute_signals(m, ids, attn, 4, [1.0], hidden=False, seq_offset=40)

@@ -164,3 +164,17 @@ def test_open_errors(tmp_path):
     zarr.open_group(str(tmp_path / "empty.zarr"), mode="w")
     with pytest.raises(StoreError, match="not a finished signal store"):
         SignalStore.open(str(tmp_path / "empty.zarr"))
+
+
+def test_fsspec_url_store_matches_local(tiny_store, tiny_teacher, tiny_corpus):
+    """A store written through an fsspec URL (in-memory filesystem) holds the same signals."""
+    url = "memory://offline_kd_test/tiny.zarr"
+    r = run_tiny_precompute(tiny_teacher, tiny_corpus, url, views=1, hidden=False)
+    assert r.complete
+    remote, local = SignalStore.open(url), SignalStore.open(str(tiny_store))
+    assert remote.meta.views == 1 and not remote.meta.hidden
+    n = remote.meta.num_sequences
+    a, b = remote.read(0, 0, n), local.read(0, 0, n, fields=list(remote.fields))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert SignalStore.open("file://" + str(tiny_store)).is_complete()
