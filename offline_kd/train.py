@@ -227,6 +227,17 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device, float_dtype
     return out
 
 
+def _params_finite(module: nn.Module, device: torch.device, world: int) -> bool:
+    """True when every parameter (this rank's ZeRO-3 partition) is finite on every rank."""
+    local = [getattr(p, "ds_tensor", p) for p in module.parameters()]
+    local = [t for t in local if t.numel() > 0]
+    ok = torch.stack(torch._foreach_norm(local)).isfinite().all() if local else torch.tensor(True)
+    flag = ok.to(device=device, dtype=torch.int32).reshape(1)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _param_dtype(ds: dict) -> torch.dtype:
     if (ds.get("bf16") or {}).get("enabled"):
         return torch.bfloat16
@@ -508,6 +519,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                 if micro_pos % gas:
                     continue
                 step += 1
+                if not _params_finite(engine.module, device, world):
+                    raise NonFiniteLossError(
+                        f"non-finite parameters after the update of step {step} (epoch {epoch}): the gradients "
+                        f"were not finite although the loss was; stopping without saving; last good "
+                        f"checkpoint: {last_saved or 'none'}"
+                    )
                 dt = time.perf_counter() - t_step
                 t_step = time.perf_counter()
                 n_parts = gas * world
