@@ -5,6 +5,7 @@ Public API (see docs/kernels.md for the math):
 * `sparse_kl_loss(student_logits, teacher_ids, teacher_logits, temperature, row_mask=None, teacher_lse=None)`
 * `distillation_logit_losses(..., mlm_labels=None, ignore_index=-100) -> (kl, ce)`, one pass over the logits
 * `cosine_loss(student_hidden, teacher_hidden, row_mask=None)`
+* `fused_linear_distillation_losses(hidden, weight, bias, ...)`: the LM head fused in, chunked over rows
 
 Dispatch: Triton for CUDA tensors, the chunked PyTorch reference elsewhere. The environment variable
 `OFFLINE_KD_KERNELS=triton|reference|auto` (default auto, read at each call) forces one; forcing `triton` on CPU
@@ -17,6 +18,7 @@ import os
 
 import torch
 
+from .fused_head import fused_linear_distillation_losses
 from .reference import (
     reference_cosine_loss,
     reference_distillation_logit_losses,
@@ -37,6 +39,7 @@ __all__ = [
     "sparse_kl_loss",
     "distillation_logit_losses",
     "cosine_loss",
+    "fused_linear_distillation_losses",
     "backend_for",
     "ENV_VAR",
     "HAS_TRITON",

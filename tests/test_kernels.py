@@ -404,3 +404,49 @@ def test_cuda_triton_matches_cpu_reference(monkeypatch, dtype, tail):
     rtol = TOL[dtype][1]
     for a, b in zip(out["cuda"], out["cpu"], strict=True):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()) + 1e-7)
+
+
+# ---------------------------------------------------------------------------------------- fused LM head
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tail", [False, True], ids=["renorm", "tail"])
+def test_fused_linear_matches_unfused(backend, monkeypatch, dtype, tail):
+    N, H, V, k, T = 13, 16, 1001, 8, 2.0
+    small_chunks(monkeypatch, V)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(N, H, generator=g).to(dtype)
+    W = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
+    b = torch.randn(V, generator=g).to(dtype)
+    _, ids, tz, lse, mask, labels = make_case(N, V, k, torch.float32, T, seed=6)
+    lse_arg = lse if tail else None
+    leaves = [x.clone().requires_grad_(True) for x in (h, W, b)]
+    kl, ce = K.fused_linear_distillation_losses(*leaves, ids, tz, T, mask, lse_arg, labels, chunk_rows=4)
+    grads = torch.autograd.grad(0.3 * kl + 0.9 * ce, leaves)
+    for x, leaf in zip(grads, leaves, strict=True):
+        assert x.dtype == dtype and x.shape == leaf.shape
+    # the unfused oracle in fp32: logits materialised, dense formulas
+    ref_leaves = [x.float().requires_grad_(True) for x in (h, W, b)]
+    logits = ref_leaves[0] @ ref_leaves[1].t() + ref_leaves[2]
+    kl_d, ce_d = dense_losses(logits, ids, tz, T, mask, lse_arg, labels)
+    grads_d = torch.autograd.grad(0.3 * kl_d + 0.9 * ce_d, ref_leaves)
+    # bf16: the logits themselves are a bf16 matmul, so compare loosely
+    ltol = 2e-5 if dtype == torch.float32 else 2e-2
+    gtol = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(kl.detach(), kl_d.detach(), rtol=ltol, atol=1e-5)
+    torch.testing.assert_close(ce.detach(), ce_d.detach(), rtol=ltol, atol=1e-5)
+    for x, y in zip(grads, grads_d, strict=True):
+        torch.testing.assert_close(x.float(), y, rtol=gtol, atol=gtol * float(y.abs().max()))
+
+
+def test_fused_linear_without_bias_and_only_hidden_grad(backend):
+    N, H, V, k, T = 6, 8, 300, 4, 1.0
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(2, 3, H, generator=g, requires_grad=True)
+    W = torch.randn(V, H, generator=g)
+    _, ids, tz, _, _, labels = make_case(N, V, k, torch.float32, T, seed=8)
+    kl, ce = K.fused_linear_distillation_losses(h, W, None, ids, tz, T, mlm_labels=labels, chunk_rows=5)
+    (gh,) = torch.autograd.grad(kl + ce, h)
+    hf = h.detach().reshape(N, H).requires_grad_(True)
+    kl_d, ce_d = dense_losses(hf @ W.t(), ids, tz, T, None, None, labels)
+    (gh_d,) = torch.autograd.grad(kl_d + ce_d, hf)
+    torch.testing.assert_close(kl.detach(), kl_d.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(gh.reshape(N, H), gh_d, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,163 @@
+"""Fused LM head + distillation losses: `logits = hidden @ weight.T + bias` computed chunk by chunk of rows and
+fed straight into the KL/CE kernels, so the full [N, V] logits (and their gradient) never exist.
+
+Forward: per chunk, the logits chunk [c, V] is computed, reduced to per-row statistics by the loss forward
+(Triton on CUDA, the reference elsewhere) and dropped. Backward: per chunk, the logits are recomputed (one
+extra matmul: the price of supporting independent upstream gradients for the KL and the CE, which rules out
+Liger's gradient-in-the-forward), the loss backward writes the chunk's logit gradient, and it is folded into
+the gradients of hidden, weight and bias (fp32 accumulation for weight and bias).
+
+Peak extra memory: two [c, V] chunks (logits and their gradient) plus fp32 copies of weight/bias gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._common import prepare, reduce_rows, row_scales
+
+
+def _backend_fns(name: str):
+    if name == "triton":
+        from . import kl
+
+        return kl.kl_ce_forward, kl.kl_ce_backward
+    return reference.reference_forward, reference.reference_backward
+
+
+def default_chunk_rows(V: int, n: int) -> int:
+    """About 2^25 logits per chunk (64 MiB in bf16), at least 64 rows so the matmuls stay efficient."""
+    return max(1, min(n, max(64, (1 << 25) // max(V, 1))))
+
+
+def _logits(h, weight, bias):
+    out = h @ weight.t()
+    if bias is not None:
+        out += bias
+    return out
+
+
+class FusedLinearDistillLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, p, logp, ptail, sel, labels, T, tail, chunk, backend):
+        fwd, _ = _backend_fns(backend)
+        N = hidden.shape[0]
+        dev = hidden.device
+        has_ce = labels is not None
+        kl_rows = torch.zeros(N, device=dev, dtype=torch.float32)
+        m = torch.zeros_like(kl_rows)
+        r = torch.zeros_like(kl_rows)
+        stat_t = torch.zeros(2, N, device=dev, dtype=torch.float32)
+        ce_rows = torch.zeros_like(kl_rows) if has_ce else None
+        stat_1 = torch.zeros_like(stat_t) if has_ce else None
+        with torch.no_grad():
+            for start in range(0, N, chunk):
+                sl = slice(start, min(start + chunk, N))
+                logits = _logits(hidden[sl], weight, bias)
+                lab = labels[sl] if has_ce else None
+                out = fwd(logits, ids[sl], p[sl], logp[sl], ptail[sl], sel[sl], lab, T, tail)
+                kl_rows[sl], stat_t[:, sl], m[sl], r[sl] = out[0], out[2], out[4], out[5]
+                if has_ce:
+                    ce_rows[sl], stat_1[:, sl] = out[1], out[3]
+                del logits
+        ctx.save_for_backward(hidden, weight, bias, ids, p, ptail, sel, labels, stat_t, stat_1, m, r)
+        ctx.T, ctx.tail, ctx.chunk, ctx.backend = T, tail, chunk, backend
+        ctx.set_materialize_grads(False)
+        return reduce_rows(kl_rows, ce_rows, sel, labels, T)
+
+    @staticmethod
+    def backward(ctx, g_kl, g_ce):
+        hidden, weight, bias, ids, p, ptail, sel, labels, stat_t, stat_1, m, r = ctx.saved_tensors
+        if g_kl is None and g_ce is None:
+            return (None,) * 13
+        _, bwd = _backend_fns(ctx.backend)
+        a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
+        N = hidden.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_b else None
+        has_ce = labels is not None
+        with torch.no_grad():
+            for start in range(0, N, ctx.chunk):
+                sl = slice(start, min(start + ctx.chunk, N))
+                logits = _logits(hidden[sl], weight, bias)
+                g = bwd(
+                    logits,
+                    ids[sl],
+                    p[sl],
+                    ptail[sl],
+                    labels[sl] if has_ce else None,
+                    stat_t[:, sl],
+                    stat_1[:, sl] if has_ce else None,
+                    m[sl],
+                    r[sl],
+                    a[sl],
+                    c[sl] if has_ce else None,
+                    ctx.T,
+                    ctx.tail,
+                )
+                del logits
+                if need_h:
+                    grad_h[sl] = g @ weight
+                if need_w:
+                    grad_w += (g.t() @ hidden[sl]).float()
+                if need_b:
+                    grad_b += g.float().sum(0)
+                del g
+        return (
+            grad_h,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b and bias is not None else None,
+        ) + (None,) * 10
+
+
+def fused_linear_distillation_losses(
+    hidden,
+    weight,
+    bias,
+    teacher_ids,
+    teacher_logits,
+    temperature,
+    row_mask=None,
+    teacher_lse=None,
+    mlm_labels=None,
+    ignore_index=-100,
+    chunk_rows: int | None = None,
+    backend: str | None = None,
+):
+    """(kl, ce) of `distillation_logit_losses(hidden @ weight.T + bias, ...)` without materialising the logits.
+
+    hidden [N, H] (or [..., H]), weight [V, H], bias [V] or None. `backend` 'triton'|'reference', default from
+    the dispatch rules (`offline_kd.kernels.backend_for(hidden)`)."""
+    if backend is None:
+        from . import backend_for
+
+        backend = backend_for(hidden)
+    H = hidden.shape[-1]
+    h = hidden.reshape(-1, H)
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {H}")
+    # `prepare` only needs the logits' shape and device: a stand-in with strides (0, 1), never materialised.
+    stand_in = torch.empty(V, device=h.device, dtype=h.dtype).expand(h.shape[0], V)
+    prep = prepare(
+        stand_in, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse, mlm_labels, ignore_index
+    )
+    chunk = chunk_rows or default_chunk_rows(V, h.shape[0])
+    return FusedLinearDistillLoss.apply(
+        h,
+        weight,
+        bias,
+        prep.ids,
+        prep.p,
+        prep.logp,
+        prep.ptail,
+        prep.sel,
+        prep.labels,
+        prep.temperature,
+        prep.tail,
+        chunk,
+        backend,
+    )
