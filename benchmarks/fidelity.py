@@ -79,7 +79,8 @@ def fit_teacher(quick: bool, log) -> Path:
     from offline_kd.minilm import MiniLMFitConfig, fit_minilm_teacher
 
     corpus = [str(CORPORA / "austen.txt"), str(CORPORA / "kjv_chapters.txt")]
-    cfg = MiniLMFitConfig(corpus=corpus)
+    # The measured-facts recipe (lr 3e-4, 6% warm-up) at a third of its compute: 600 steps of 16 x 128.
+    cfg = MiniLMFitConfig(corpus=corpus, steps=600, batch_size=16)
     if quick:
         cfg.head_steps, cfg.steps, cfg.batch_size = 20, 60, 16
     return fit_minilm_teacher(cfg, log=log)
