@@ -16,6 +16,14 @@ def _floats(ctx, param, value):
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from e
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} TB"
+
+
 @click.command("precompute")
 @click.option("--teacher", required=True, help="HF masked-LM name or local directory.")
 @click.option(
@@ -78,7 +86,7 @@ def precompute_cmd(**kw):
     if res.dry_run:
         click.echo(
             f"dry run: {res.num_sequences:,} sequences, {res.tokens:,} token positions, "
-            f"{res.num_shards} shards; estimated store size {res.estimated_bytes / 1e9:.3f} GB "
+            f"{res.num_shards} shards; estimated store size {_human(res.estimated_bytes)} "
             f"(uncompressed upper bound); enough free space"
         )
         return

@@ -242,8 +242,11 @@ def pack_sequences(
         return res
 
     flagged = packed.map(keep, batched=True, desc="filtering")
-    short = int(np.sum(flagged["_short"])) if len(flagged) else 0
-    unk = int(np.sum(flagged["_unk"])) if len(flagged) else 0
+    flags = flagged.select_columns(["_short", "_unk"]).with_format("numpy")
+    short = unk = 0
+    for b in flags.iter(batch_size=65536):
+        short += int(np.sum(b["_short"]))
+        unk += int(np.sum(b["_unk"]))
     result = flagged.filter(
         lambda b: [not (s or u) for s, u in zip(b["_short"], b["_unk"], strict=True)], batched=True
     ).remove_columns(["_short", "_unk"])

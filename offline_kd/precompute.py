@@ -267,7 +267,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             unit="seq",
             desc=f"precompute rank {rank}/{world}",
             position=rank if world > 1 else None,
-            disable=None,
+            disable=False,
             file=sys.stderr,
         )
     tokens_done = 0
