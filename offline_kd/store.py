@@ -197,7 +197,10 @@ class SignalStore:
                             "use a new output path or overwrite=True (--overwrite)"
                         )
                     return cls(g, StoreMeta.from_dict(have), str(url))
-                if len(list(g.keys())) or g.attrs.asdict():
+                # No attributes: a creation that crashed (attributes come last) may be redone;
+                # anything else is not ours to delete.
+                ours = set(ALL_FIELDS) | {"committed"}
+                if g.attrs.asdict() or not set(g.keys()) <= ours:
                     raise StoreError(
                         f"{url!r} exists but is not a signal store; pass overwrite to replace it"
                     )

@@ -124,13 +124,29 @@ def test_refuses_mismatched_settings(tmp_path, tiny_store, tiny_teacher, tiny_co
 
 
 def test_refuses_store_from_another_teacher(tmp_path, tiny_store, tiny_docs, tiny_corpus):
-    from conftest import build_tiny_teacher
+    from conftest import build_tiny_teacher, make_documents
 
     other = build_tiny_teacher(tmp_path / "other", tiny_docs, seed=1)
     out = tmp_path / "copy.zarr"
     shutil.copytree(tiny_store, out)
     with pytest.raises(StoreMismatchError, match="weights_sha256"):
         run_tiny_precompute(other, tiny_corpus, out)
+    # another tokenizer (vocabulary trained on other text)
+    other_tok = build_tiny_teacher(tmp_path / "other_tok", make_documents(60, seed=5))
+    with pytest.raises(StoreMismatchError) as e:
+        run_tiny_precompute(other_tok, tiny_corpus, out)
+    assert "tokenizer_sha256" in str(e.value) and "corpus.fingerprint" in str(e.value)
+
+
+def test_crashed_creation_is_redone_but_foreign_groups_are_kept(tmp_path, tiny_teacher, tiny_corpus):
+    half = tmp_path / "half.zarr"
+    g = zarr.open_group(str(half), mode="w")
+    g.create_array("input_ids", shape=(4, 4), dtype="uint16")  # arrays but no attributes yet
+    assert run_tiny_precompute(tiny_teacher, tiny_corpus, half, views=1, hidden=False).complete
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(str(foreign), mode="w").create_array("weights", shape=(2,), dtype="f4")
+    with pytest.raises(StoreError, match="not a signal store"):
+        run_tiny_precompute(tiny_teacher, tiny_corpus, foreign)
 
 
 def _shard_file(store: Path, array: str, shard: int, view: int = 0) -> Path:
