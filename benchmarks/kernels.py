@@ -1,35 +1,66 @@
-"""Benchmark the distillation-loss kernels against eager dense PyTorch.
+"""Benchmark the distillation-loss kernels against eager dense PyTorch, side by side in one process.
 
-Each variant runs in a fresh subprocess (so peak memory is its own): forward + backward time (median of
---repeats), effective bandwidth over the floor traffic (read the logits once, write their gradient once) and
-peak extra memory (CUDA: max_memory_allocated above the inputs; CPU: ru_maxrss high-water mark above the RSS
-with the inputs built).
+For each table, every variant is first run once for its peak memory, then all variants are timed interleaved
+(round-robin, median of --repeats forward + backward passes), so background load hits them alike.
+Peak extra memory: CUDA, max_memory_allocated above the allocation before the call; CPU, the RSS high-water
+mark (reset through /proc/self/clear_refs) above the RSS before the call, with glibc told to serve large
+blocks by mmap and give them back on free, so RSS follows live memory.
 
-    python benchmarks/kernels.py                       # CPU defaults: reference vs naive, ~1 minute
+    python benchmarks/kernels.py                                    # CPU defaults, about a minute
     python benchmarks/kernels.py --device cuda --n 16384 --dtype bf16   # GPU: + Triton and copy bandwidth
 
-Variants for the logit losses (KL at T + MLM CE at 1, both with gradient):
+Logit-loss variants (KL at T + MLM CE at 1, with gradient):
   naive      log_softmax over the full vocabulary in fp32 + gather + KL, F.cross_entropy in fp32
   reference  offline_kd.kernels, chunked PyTorch path (OFFLINE_KD_KERNELS=reference)
-  triton     offline_kd.kernels, Triton path (CUDA only; under TRITON_INTERPRET it is far too slow to time)
+  triton     offline_kd.kernels, Triton path (CUDA only; the interpreter is far too slow to time)
+LM-head table: the same after `hidden @ W.T + b` (logits materialised), plus
+  fused      fused_linear_distillation_losses: chunked matmul + losses, logits never materialised
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import ctypes
+import gc
 import os
-import resource
-import subprocess
-import sys
 import time
 
+os.environ.pop("TRITON_INTERPRET", None)  # time compiled kernels, never the interpreter
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+BACKEND_OF = {"reference": "reference", "triton": "triton", "fused": "auto", "naive": "auto"}
 
 
-# ------------------------------------------------------------------------------------------------ worker side
+# --------------------------------------------------------------------------------------------- memory probes
+def _glibc_returns_large_blocks() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks >= 64 KiB straight from mmap, unmapped on free
+        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:  # pragma: no cover
+        return False
+
+
+# --------------------------------------------------------------------------------------------------- inputs
 def _make_inputs(torch, n, v, k, dtype, device, T, seed=0):
-    """Built chunk by chunk so that no fp32 [N, V] temporary raises the baseline high-water mark."""
+    """Built chunk by chunk: no fp32 [N, V] temporary."""
     g = torch.Generator().manual_seed(seed)
     student = torch.empty(n, v, dtype=dtype, device=device)
     ids = torch.empty(n, k, dtype=torch.int32)
@@ -44,9 +75,8 @@ def _make_inputs(torch, n, v, k, dtype, device, T, seed=0):
         ids[i : i + step] = top.indices.int()
         tz[i : i + step] = top.values
         lse[i : i + step] = torch.logsumexp(t / T, dim=-1)
-        del t, s, top
     labels = torch.randint(0, v, (n,), generator=g)
-    labels[torch.rand(n, generator=g) > 0.15] = -100
+    labels[torch.rand(n, generator=g) > 0.15] = -100  # 15% of the rows carry an MLM label
     return student, ids.to(device), tz.to(device), lse.to(device), labels.to(device)
 
 
@@ -69,96 +99,128 @@ def _naive_logit_losses(torch, s, ids, tz, lse, labels, T, tail):
     return kl, ce
 
 
-def _worker(args) -> dict:
-    import torch
-
-    if args.variant in ("reference", "triton"):
-        os.environ["OFFLINE_KD_KERNELS"] = args.variant
-    from offline_kd import kernels as K
-
+def _build(torch, K, args, kernel: str, variants: list[str]):
+    """{variant: step(rows) -> gradient}, and the floor bytes (0 where no bandwidth figure applies)."""
     device = torch.device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
-    cuda = device.type == "cuda"
-    torch.set_num_threads(max(1, args.threads))
-    out: dict = {"variant": args.variant, "kernel": args.kernel}
-    if args.kernel == "logits":
-        s0, ids, tz, lse, labels = _make_inputs(torch, args.n, args.v, args.k, dtype, device, args.T)
-        tail_lse = lse if args.tail else None
+    T = args.T
+    if kernel in ("logits", "head"):
+        s0, ids, tz, lse, labels = _make_inputs(torch, args.n, args.v, args.k, dtype, device, T)
+    if kernel == "logits":
 
-        def step(rows=slice(None)):
-            s = s0[rows].detach().requires_grad_(True)
-            i, z, e, lab = ids[rows], tz[rows], lse[rows], labels[rows]
-            if args.variant == "naive":
-                kl, ce = _naive_logit_losses(torch, s, i, z, e, lab, args.T, args.tail)
-            else:
-                kl, ce = K.distillation_logit_losses(
-                    s, i, z, args.T, None, None if tail_lse is None else e, lab
-                )
-            (0.5 * kl + 0.5 * ce).backward()
-            return s.grad
+        def make(variant):
+            def step(rows=slice(None)):
+                s = s0[rows].detach().requires_grad_(True)
+                i, z, e, lab = ids[rows], tz[rows], lse[rows], labels[rows]
+                if variant == "naive":
+                    kl, ce = _naive_logit_losses(torch, s, i, z, e, lab, T, args.tail)
+                else:
+                    kl, ce = K.distillation_logit_losses(s, i, z, T, None, e if args.tail else None, lab)
+                (0.5 * kl + 0.5 * ce).backward()
+                return s.grad
 
-        floor_bytes = 2 * args.n * args.v * s0.element_size()  # read logits once + write gradient once
+            return step
+
+        floor = 2 * args.n * args.v * s0.element_size()  # read the logits once + write their gradient once
+    elif kernel == "head":
+        del s0
+        g = torch.Generator().manual_seed(1)
+        h0 = torch.randn(args.n, args.hidden, generator=g).to(device=device, dtype=dtype)
+        w0 = (torch.randn(args.v, args.hidden, generator=g) / args.hidden**0.5).to(device=device, dtype=dtype)
+        b0 = torch.zeros(args.v, device=device, dtype=dtype)
+
+        def make(variant):
+            def step(rows=slice(None)):
+                h = h0[rows].detach().requires_grad_(True)
+                w = w0.detach().requires_grad_(True)
+                bias = b0.detach().requires_grad_(True)
+                i, z, e, lab = ids[rows], tz[rows], lse[rows], labels[rows]
+                if variant == "fused":
+                    kl, ce = K.fused_linear_distillation_losses(
+                        h, w, bias, i, z, T, None, e if args.tail else None, lab, chunk_rows=args.head_chunk
+                    )
+                elif variant == "naive":
+                    kl, ce = _naive_logit_losses(torch, h @ w.t() + bias, i, z, e, lab, T, args.tail)
+                else:
+                    kl, ce = K.distillation_logit_losses(
+                        h @ w.t() + bias, i, z, T, None, e if args.tail else None, lab
+                    )
+                (0.5 * kl + 0.5 * ce).backward()
+                return h.grad
+
+            return step
+
+        floor = 0  # matmul-bound: no bandwidth figure
     else:
         g = torch.Generator().manual_seed(0)
         s0 = torch.randn(args.n, args.hidden, generator=g).to(device=device, dtype=dtype)
         t0 = torch.randn(args.n, args.hidden, generator=g).to(device=device, dtype=dtype)
         ones = torch.ones(args.n, device=device)
 
-        def step(rows=slice(None)):
-            s = s0[rows].detach().requires_grad_(True)
-            if args.variant == "naive":
-                loss = torch.nn.CosineEmbeddingLoss()(s.float(), t0[rows].float(), ones[rows])
-            else:
-                loss = K.cosine_loss(s, t0[rows])
-            loss.backward()
-            return s.grad
+        def make(variant):
+            def step(rows=slice(None)):
+                s = s0[rows].detach().requires_grad_(True)
+                if variant == "naive":
+                    loss = torch.nn.CosineEmbeddingLoss()(s.float(), t0[rows].float(), ones[rows])
+                else:
+                    loss = K.cosine_loss(s, t0[rows])
+                loss.backward()
+                return s.grad
 
-        floor_bytes = 3 * args.n * args.hidden * s0.element_size()  # read s and t, write the gradient
+            return step
 
-    step(slice(0, 4))  # tiny warm-up: loads code paths and thread pools before the memory baseline
-    if cuda:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base_rss = (
-            _current_rss_kib()
-        )  # the current RSS, not the high-water mark (input set-up had transients)
-    g0 = step()  # first call: compile / warm-up, and the memory peak
-    if cuda:
-        torch.cuda.synchronize()
-        out["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        out["peak_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    out["finite"] = bool(torch.isfinite(g0).all())
-    del g0
-    times = []
-    for _ in range(args.repeats):
+        floor = 3 * args.n * args.hidden * s0.element_size()  # read s and t, write the gradient
+
+    def with_backend(variant, step):
+        def run(rows=slice(None)):
+            os.environ[K.ENV_VAR] = BACKEND_OF[variant]
+            return step(rows)
+
+        return run
+
+    return {v: with_backend(v, make(v)) for v in variants}, floor
+
+
+def _measure(torch, steps: dict, floor: int, args) -> list[dict]:
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    out = {v: {"variant": v} for v in steps}
+    for step in steps.values():
+        step(slice(0, 4))  # warm-up: compile, load code paths and thread pools
+    for v, step in steps.items():  # peak memory, one variant at a time
+        gc.collect()
+        sync()
         if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            _reset_hwm()
+            base = _status_kib("VmRSS")
+        grad = step()
+        sync()
         if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    out["ms"] = 1e3 * times[len(times) // 2]
-    out["gbps"] = floor_bytes / (out["ms"] / 1e3) / 1e9
-    return out
+            out[v]["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            out[v]["peak_mb"] = (_status_kib("VmHWM") - base) / 1024
+        out[v]["finite"] = bool(torch.isfinite(grad).all())
+        del grad
+    times = {v: [] for v in steps}
+    for _ in range(args.repeats):  # interleaved timing
+        for v, step in steps.items():
+            sync()
+            t = time.perf_counter()
+            step()
+            sync()
+            times[v].append(time.perf_counter() - t)
+    for v in steps:
+        ts = sorted(times[v])
+        out[v]["ms"] = 1e3 * ts[len(ts) // 2]
+        out[v]["gbps"] = floor / (out[v]["ms"] / 1e3) / 1e9 if floor else 0.0
+    return list(out.values())
 
 
-def _current_rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _copy_bandwidth(args) -> float:
+def _copy_bandwidth(torch, args) -> float:
     """Device-to-device copy GB/s (bytes read + written) of an [N, V] tensor in the benchmark dtype."""
-    import torch
-
     dtype = getattr(torch, DTYPES[args.dtype])
     a = torch.empty(args.n, args.v, dtype=dtype, device=args.device)
     b = torch.empty_like(a)
@@ -174,42 +236,21 @@ def _copy_bandwidth(args) -> float:
     return 2 * a.numel() * a.element_size() / dt / 1e9
 
 
-# ------------------------------------------------------------------------------------------------ driver side
-def _run_variant(args, kernel: str, variant: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--kernel", kernel, "--variant", variant]
-    for name in ("n", "v", "k", "dtype", "device", "T", "repeats", "hidden", "threads"):
-        cmd += [f"--{name}", str(getattr(args, name))]
-    if args.tail:
-        cmd.append("--tail")
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    # large blocks straight from mmap and back on free: RSS then follows live memory, so the ru_maxrss
-    # growth is the variant's own peak (glibc would otherwise reuse freed heap without growing RSS)
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    env["MALLOC_TRIM_THRESHOLD_"] = "0"
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        return {"variant": variant, "kernel": kernel, "error": res.stderr.strip().splitlines()[-1:]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def _table(title: str, rows: list[dict], copy_gbps: float | None) -> str:
-    naive = next((r for r in rows if r["variant"] == "naive" and "ms" in r), None)
+    naive = next((r for r in rows if r["variant"] == "naive"), None)
     head = "| variant | fwd+bwd ms | GB/s (floor bytes) | peak extra MiB | time / naive | memory / naive |"
     if copy_gbps:
         head += " % of copy BW |"
     lines = [f"### {title}", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['variant']} | error: {r['error']} |")
-            continue
         tr = f"{r['ms'] / naive['ms']:.2f}x" if naive else "-"
         mr = f"{r['peak_mb'] / naive['peak_mb']:.2f}x" if naive and naive["peak_mb"] > 0 else "-"
-        line = f"| {r['variant']} | {r['ms']:.1f} | {r['gbps']:.3g} | {r['peak_mb']:.0f} | {tr} | {mr} |" + (
-            "" if r["finite"] else " NON-FINITE |"
-        )
+        bw = f"{r['gbps']:.3g}" if r["gbps"] else "-"
+        line = f"| {r['variant']} | {r['ms']:.1f} | {bw} | {r['peak_mb']:.0f} | {tr} | {mr} |"
         if copy_gbps:
-            line += f" {100 * r['gbps'] / copy_gbps:.0f}% |"
+            line += f" {100 * r['gbps'] / copy_gbps:.0f}% |" if r["gbps"] else " - |"
+        if not r["finite"]:
+            line += " NON-FINITE GRADIENT |"
         lines.append(line)
     return "\n".join(lines)
 
@@ -223,38 +264,48 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--T", type=float, default=2.0)
     ap.add_argument("--tail", action="store_true", help="tail-aware variant (teacher lse given)")
-    ap.add_argument("--hidden", type=int, default=768, help="hidden size for the cosine loss")
+    ap.add_argument("--hidden", type=int, default=768, help="hidden size (cosine loss and LM head)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=torch_threads_default())
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--kernel", default="logits", help=argparse.SUPPRESS)
-    ap.add_argument("--variant", default="naive", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--skip-head", action="store_true", help="skip the LM-head table")
+    ap.add_argument(
+        "--head-chunk", type=int, default=None, help="rows per chunk of the fused LM head (default: its own)"
+    )
     args = ap.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(args)))
-        return
+
+    _glibc_returns_large_blocks()
+    import torch
+
+    from offline_kd import kernels as K
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     variants = ["naive", "reference"] + (["triton"] if cuda else [])
-    copy_gbps = None
-    if cuda:
-        copy_gbps = _copy_bandwidth(args)
+    copy_gbps = _copy_bandwidth(torch, args) if cuda else None
     print(
         f"# device={args.device} n={args.n} V={args.v} k={args.k} dtype={args.dtype} T={args.T} "
-        f"tail={args.tail} hidden={args.hidden} repeats={args.repeats} threads={args.threads}"
+        f"tail={args.tail} hidden={args.hidden} repeats={args.repeats} threads={torch.get_num_threads()}"
     )
     if copy_gbps:
         print(f"# measured device copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
     floor_kb = 2 * args.v * {"fp32": 4, "bf16": 2, "fp16": 2}[args.dtype] / 1000
     print(f"# floor traffic: {floor_kb:.0f} KB/token (logits read once + gradient written once)\n")
-    rows = [_run_variant(args, "logits", v) for v in variants]
-    print(_table("distillation_logit_losses (KL at T + CE at 1), forward + backward", rows, copy_gbps))
-    print()
-    rows = [_run_variant(args, "cosine", v) for v in variants]
-    print(_table(f"cosine_loss [n={args.n}, H={args.hidden}], forward + backward", rows, copy_gbps))
 
-
-def torch_threads_default() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+    tables = [
+        ("logits", variants, "distillation_logit_losses (KL at T + CE at 1), forward + backward"),
+        ("cosine", variants, f"cosine_loss [n={args.n}, H={args.hidden}], forward + backward"),
+    ]
+    if not args.skip_head:
+        title = f"LM head [n={args.n}, H={args.hidden}, V={args.v}] + KL + CE, fused chunk={args.head_chunk or 'default'}, fwd + bwd"
+        tables.append(("head", variants + ["fused"], title))
+    for kernel, vs, title in tables:
+        steps, floor = _build(torch, K, args, kernel, vs)
+        rows = _measure(torch, steps, floor, args)
+        del steps
+        gc.collect()
+        print(_table(title, rows, copy_gbps))
+        print()
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ Forward: per chunk, the logits chunk [c, V] is computed, reduced to per-row stat
 (Triton on CUDA, the reference elsewhere) and dropped. Backward: per chunk, the logits are recomputed (one
 extra matmul: the price of supporting independent upstream gradients for the KL and the CE, which rules out
 Liger's gradient-in-the-forward), the loss backward writes the chunk's logit gradient, and it is folded into
-the gradients of hidden, weight and bias (fp32 accumulation for weight and bias).
+the gradients of hidden, weight (accumulated in place in its dtype) and bias (fp32 accumulation).
 
-Peak extra memory: two [c, V] chunks (logits and their gradient) plus fp32 copies of weight/bias gradients.
+Peak extra memory: two [c, V] chunks (the logits and their gradient) besides the gradients themselves.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def _backend_fns(name: str):
 
 
 def default_chunk_rows(V: int, n: int) -> int:
-    """About 2^25 logits per chunk (64 MiB in bf16), at least 64 rows so the matmuls stay efficient."""
-    return max(1, min(n, max(64, (1 << 25) // max(V, 1))))
+    """About 2^24 logits per chunk (32 MiB in bf16: 549 rows at V = 30,522), at least 64 rows so the matmuls
+    stay efficient."""
+    return max(1, min(n, max(64, (1 << 24) // max(V, 1))))
 
 
 def _logits(h, weight, bias):
@@ -76,7 +77,8 @@ class FusedLinearDistillLoss(torch.autograd.Function):
         N = hidden.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        # weight gradient accumulated in place in the weight's dtype (addmm: no [V, H] temporaries), as Liger does
+        grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_b else None
         has_ce = labels is not None
         with torch.no_grad():
@@ -102,13 +104,13 @@ class FusedLinearDistillLoss(torch.autograd.Function):
                 if need_h:
                     grad_h[sl] = g @ weight
                 if need_w:
-                    grad_w += (g.t() @ hidden[sl]).float()
+                    grad_w.addmm_(g.t(), hidden[sl])
                 if need_b:
                     grad_b += g.float().sum(0)
                 del g
         return (
             grad_h,
-            grad_w.to(weight.dtype) if need_w else None,
+            grad_w,
             grad_b.to(bias.dtype) if need_b and bias is not None else None,
         ) + (None,) * 10
 
