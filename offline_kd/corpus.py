@@ -93,6 +93,17 @@ def _find_bad_utf8(path: str) -> tuple[int, str] | None:
     return None
 
 
+def _corpus_error(src: str, kind: str, e: Exception) -> CorpusError:
+    cause = e
+    while cause is not None and not isinstance(cause, UnicodeDecodeError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        where = _find_bad_utf8(src) if kind != "hub" and Path(src).is_file() else None
+        line = f" at line {where[0]}" if where else ""
+        return CorpusError(f"corpus file {src!r} is not valid UTF-8{line}: {cause}")
+    return CorpusError(f"could not read corpus source {src!r}: {e}")
+
+
 def load_documents(
     sources: str | Sequence[str],
     text_field: str | None = None,
@@ -120,26 +131,24 @@ def load_documents(
                 ds = datasets.load_dataset(src, config_name, split=split)
             else:
                 ds = datasets.load_dataset(kind, data_files=[src], split="train")
-        except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            cause = e
-            while cause is not None and not isinstance(cause, UnicodeDecodeError):
-                cause = cause.__cause__ or cause.__context__
-            if isinstance(cause, UnicodeDecodeError) or isinstance(e, UnicodeDecodeError):
-                where = _find_bad_utf8(src) if kind != "hub" and Path(src).exists() else None
-                line = f" at line {where[0]}" if where else ""
-                raise CorpusError(f"corpus file {src!r} is not valid UTF-8{line}: {cause or e}") from e
-            raise CorpusError(f"could not read corpus source {src!r}: {e}") from e
-        if field_name not in ds.column_names:
-            raise CorpusError(
-                f"corpus source {src!r} has no field {field_name!r} (columns: {ds.column_names}); "
-                "pass --text-field"
+            if field_name not in ds.column_names:
+                raise CorpusError(
+                    f"corpus source {src!r} has no field {field_name!r} (columns: {ds.column_names}); "
+                    "pass --text-field"
+                )
+            ds = ds.select_columns([field_name])
+            if field_name != "text":
+                ds = ds.rename_column(field_name, "text")
+            # Decoding to Python strings here also surfaces bad bytes the arrow readers let through.
+            ds = ds.filter(
+                lambda b: [isinstance(t, str) and t.strip() != "" for t in b["text"]], batched=True
             )
-        ds = ds.select_columns([field_name])
-        if field_name != "text":
-            ds = ds.rename_column(field_name, "text")
+        except CorpusError:
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised with the file named
+            raise _corpus_error(src, kind, e) from e
         parts.append(ds)
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    ds = ds.filter(lambda b: [isinstance(t, str) and t.strip() != "" for t in b["text"]], batched=True)
     if len(ds) == 0:
         raise CorpusError(f"the corpus is empty: no non-blank documents in {sources}")
     return ds

@@ -54,6 +54,10 @@ def test_undecodable_bytes_name_file_and_line(tmp_path):
     bad.write_bytes(b"good line\nanother\n\xff\xfe broken\nend\n")
     with pytest.raises(CorpusError, match=r"bad\.txt.*not valid UTF-8 at line 3"):
         load_documents([bad])
+    bad_jl = tmp_path / "bad.jsonl"
+    bad_jl.write_bytes(b'{"text": "fine"}\n{"text": "broken \xff here"}\n')
+    with pytest.raises(CorpusError, match=r"bad\.jsonl.*not valid UTF-8 at line 2"):
+        load_documents([bad_jl])
 
 
 def test_packing_layout_and_determinism(tiny_corpus, tok):
