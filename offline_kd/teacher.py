@@ -232,7 +232,10 @@ def compute_signals(
             f"teacher produced NaN/inf logits for sequence {seq_offset + row} at position {pos}"
         )
     vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)
-    lse = torch.stack([torch.logsumexp(logits / float(t), dim=-1) for t in temperatures], dim=-1)
+    lse = torch.stack(
+        [torch.logsumexp(logits if float(t) == 1.0 else logits / float(t), dim=-1) for t in temperatures],
+        dim=-1,
+    )
     m = real.unsqueeze(-1)
     vals = vals.masked_fill(~m, 0.0)
     idx = idx.masked_fill(~m, 0)
