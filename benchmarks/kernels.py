@@ -6,7 +6,7 @@ Peak extra memory: CUDA, max_memory_allocated above the allocation before the ca
 mark (reset through /proc/self/clear_refs) above the RSS before the call, with glibc told to serve large
 blocks by mmap and give them back on free, so RSS follows live memory.
 
-    python benchmarks/kernels.py                                    # CPU defaults, about a minute
+    python benchmarks/kernels.py --head-chunk 128                  # CPU defaults, about a minute
     python benchmarks/kernels.py --device cuda --n 16384 --dtype bf16   # GPU: + Triton and copy bandwidth
 
 Logit-loss variants (KL at T + MLM CE at 1, with gradient):
@@ -265,8 +265,13 @@ def main(argv=None) -> None:
     ap.add_argument("--T", type=float, default=2.0)
     ap.add_argument("--tail", action="store_true", help="tail-aware variant (teacher lse given)")
     ap.add_argument("--hidden", type=int, default=768, help="hidden size (cosine loss and LM head)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 1 on CPU: steadier ratios on a shared machine; 0: torch's default)",
+    )
     ap.add_argument("--skip-head", action="store_true", help="skip the LM-head table")
     ap.add_argument(
         "--head-chunk", type=int, default=None, help="rows per chunk of the fused LM head (default: its own)"
@@ -278,9 +283,10 @@ def main(argv=None) -> None:
 
     from offline_kd import kernels as K
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
+    threads = args.threads if args.threads is not None else (0 if cuda else 1)
+    if threads:
+        torch.set_num_threads(threads)
     variants = ["naive", "reference"] + (["triton"] if cuda else [])
     copy_gbps = _copy_bandwidth(torch, args) if cuda else None
     print(
