@@ -460,6 +460,22 @@ def train(cfg: TrainConfig) -> TrainResult:
                     ds.get("scheduler"),
                     client.get("scheduler"),
                 )
+            layout = (world, micro, gas)
+            saved = tuple(client.get("layout") or layout)
+            if saved != layout:
+                # Another rank count or batch shape: the rank slices of the epoch order differ, so
+                # continue at the same number of consumed sequences (not an exact continuation).
+                consumed = micro_pos * saved[0] * saved[1]
+                micro_pos = (consumed // (world * micro)) // gas * gas
+                if is_main:
+                    log.warning(
+                        "checkpoint made with (ranks, micro, accumulation) = %s, now %s: continuing epoch %d "
+                        "after ~%d sequences; the data order is not an exact continuation",
+                        saved,
+                        layout,
+                        epoch,
+                        consumed,
+                    )
             if is_main:
                 log.info(
                     "resumed from %s at step %d (epoch %d, micro-batch %d)",
@@ -480,7 +496,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         tensorboard=cfg.tensorboard,
     )
     last_saved = resumed_from
-    sched_state = {"scheduler": ds.get("scheduler")}
+    sched_state = {"scheduler": ds.get("scheduler"), "layout": [world, micro, gas]}
     last_row: dict = {}
     engine.train()
     try:

@@ -157,6 +157,22 @@ def test_two_ranks_zero2_hold_identical_parameters(tiny_store, tmp_path):
 # In-process (train() directly): a one-process group on a free port, no launcher.
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_process_state():
+    """The in-process runs below set up a process group and dist env vars: undo both afterwards."""
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def _cfg(store, out, **kw):
     from offline_kd.train import TrainConfig
 
