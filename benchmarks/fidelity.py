@@ -219,7 +219,7 @@ def train_student(spec: Student, ctx: dict, log) -> dict:
         lengths = torch.from_numpy(data["lengths"][rows].astype(np.int64))
         attn = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
         labels = torch.from_numpy(
-            np.where(data["mlm_mask"][rows], data["input_ids"][rows], -100).astype(np.int64)
+            np.where(data["mlm_mask"][rows], data["input_ids"][rows].astype(np.int64), -100)
         )
         valid = attn.bool()
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -260,7 +260,12 @@ def train_student(spec: Student, ctx: dict, log) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
         done = step + 1
-        curve.append({"step": done, "loss": float(loss), "kl": float(kl), "ce": float(ce), "cos": float(cos)})
+        curve.append(
+            {
+                "step": done,
+                **{n: float(v.detach()) for n, v in (("loss", loss), ("kl", kl), ("ce", ce), ("cos", cos))},
+            }
+        )
         if done % 50 == 0:
             log(
                 f"  {spec.name}: step {done} loss {float(loss):.3f} ce {float(ce):.3f} ({time.time() - start:.0f}s)"
