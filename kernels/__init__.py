@@ -18,16 +18,13 @@ import os
 
 import torch
 
+from ._common import prepare
 from .fused_head import fused_linear_distillation_losses
-from .reference import (
-    reference_cosine_loss,
-    reference_distillation_logit_losses,
-    reference_sparse_kl_loss,
-)
+from .reference import ReferenceDistillLogitLoss, reference_cosine_loss
 
 try:  # triton is a Linux-only dependency
     from .cosine import triton_cosine_loss
-    from .kl import triton_distillation_logit_losses, triton_sparse_kl_loss
+    from .kl import TritonDistillLogitLoss
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover
@@ -62,8 +59,9 @@ def backend_for(t: torch.Tensor) -> str:
 
 def sparse_kl_loss(student_logits, teacher_ids, teacher_logits, temperature, row_mask=None, teacher_lse=None):
     """T^2 * mean over selected rows of KL(teacher top-k || student softmax(s/T)); scalar fp32."""
-    fn = triton_sparse_kl_loss if backend_for(student_logits) == "triton" else reference_sparse_kl_loss
-    return fn(student_logits, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse)
+    return distillation_logit_losses(
+        student_logits, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse
+    )[0]
 
 
 def distillation_logit_losses(
@@ -77,11 +75,7 @@ def distillation_logit_losses(
     ignore_index=-100,
 ):
     """(kl, ce): kl as `sparse_kl_loss`, ce = MLM cross-entropy at T = 1 over rows whose label != ignore_index."""
-    if backend_for(student_logits) == "triton":
-        fn = triton_distillation_logit_losses
-    else:
-        fn = reference_distillation_logit_losses
-    return fn(
+    p = prepare(
         student_logits,
         teacher_ids,
         teacher_logits,
@@ -91,6 +85,8 @@ def distillation_logit_losses(
         mlm_labels,
         ignore_index,
     )
+    fn = TritonDistillLogitLoss if backend_for(student_logits) == "triton" else ReferenceDistillLogitLoss
+    return fn.apply(p.student, p.ids, p.p, p.logp, p.ptail, p.sel, p.labels, p.temperature, p.tail)
 
 
 def cosine_loss(student_hidden, teacher_hidden, row_mask=None):

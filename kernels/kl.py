@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TINY, Prepared, prepare, reduce_rows, row_scales
+from ._common import TINY, reduce_rows, row_scales
 
 MAX_BLOCK_V = 4096
 
@@ -334,48 +334,3 @@ class TritonDistillLogitLoss(torch.autograd.Function):
         a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
         grad = kl_ce_backward(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, ctx.T, ctx.tail)
         return (grad,) + (None,) * 8
-
-
-def _apply(prep: Prepared):
-    return TritonDistillLogitLoss.apply(
-        prep.student,
-        prep.ids,
-        prep.p,
-        prep.logp,
-        prep.ptail,
-        prep.sel,
-        prep.labels,
-        prep.temperature,
-        prep.tail,
-    )
-
-
-# ------------------------------------------------------------------------------------------- functional API
-def triton_distillation_logit_losses(
-    student_logits,
-    teacher_ids,
-    teacher_logits,
-    temperature,
-    row_mask=None,
-    teacher_lse=None,
-    mlm_labels=None,
-    ignore_index=-100,
-):
-    prep = prepare(
-        student_logits,
-        teacher_ids,
-        teacher_logits,
-        temperature,
-        row_mask,
-        teacher_lse,
-        mlm_labels,
-        ignore_index,
-    )
-    return _apply(prep)
-
-
-def triton_sparse_kl_loss(
-    student_logits, teacher_ids, teacher_logits, temperature, row_mask=None, teacher_lse=None
-):
-    prep = prepare(student_logits, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse)
-    return _apply(prep)[0]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TINY, Prepared, cosine_rows_mask, prepare, reduce_rows, row_scales
+from ._common import TINY, cosine_rows_mask, reduce_rows, row_scales
 
 # fp32 elements per chunk buffer (1 MiB: a chunk stays cache-resident across the several elementwise passes);
 # three such buffers are reused for every chunk, so the working set is bounded and independent of N.
@@ -192,52 +192,6 @@ class ReferenceDistillLogitLoss(torch.autograd.Function):
         a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
         grad = reference_backward(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, ctx.T, ctx.tail)
         return (grad,) + (None,) * 8
-
-
-def _apply(prep: Prepared):
-    kl, ce = ReferenceDistillLogitLoss.apply(
-        prep.student,
-        prep.ids,
-        prep.p,
-        prep.logp,
-        prep.ptail,
-        prep.sel,
-        prep.labels,
-        prep.temperature,
-        prep.tail,
-    )
-    return kl, ce
-
-
-# ------------------------------------------------------------------------------------------- functional API
-def reference_distillation_logit_losses(
-    student_logits,
-    teacher_ids,
-    teacher_logits,
-    temperature,
-    row_mask=None,
-    teacher_lse=None,
-    mlm_labels=None,
-    ignore_index=-100,
-):
-    prep = prepare(
-        student_logits,
-        teacher_ids,
-        teacher_logits,
-        temperature,
-        row_mask,
-        teacher_lse,
-        mlm_labels,
-        ignore_index,
-    )
-    return _apply(prep)
-
-
-def reference_sparse_kl_loss(
-    student_logits, teacher_ids, teacher_logits, temperature, row_mask=None, teacher_lse=None
-):
-    prep = prepare(student_logits, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse)
-    return _apply(prep)[0]
 
 
 def reference_cosine_loss(student_hidden, teacher_hidden, row_mask=None):
