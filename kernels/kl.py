@@ -90,7 +90,7 @@ def _kl_ce_fwd_kernel(
         p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
         logp = tl.load(LOGP_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
         logq = (xk - m_t) - lg_t
-        kl = tl.sum(tl.where(p > 0, p * (logp - logq), 0.0), 0)
+        kl = tl.sum(tl.where(p != 0, p * (logp - logq), 0.0), 0)
         m = tl.sum(p, 0)
         r = 0.0
         if TAIL:
@@ -98,7 +98,7 @@ def _kl_ce_fwd_kernel(
             m = m + ptail
             sk = tl.sum(tl.where(valid, tl.exp(xk - m_t), 0.0), 0)
             qtail = tl.maximum((d_t - sk) / d_t, TINY_C)
-            kl += tl.where(ptail > 0, ptail * (tl.log(tl.maximum(ptail, TINY_C)) - tl.log(qtail)), 0.0)
+            kl += tl.where(ptail != 0, ptail * (tl.log(tl.maximum(ptail, TINY_C)) - tl.log(qtail)), 0.0)
             r = 1.0 / qtail
         tl.store(KL_ptr + row, kl)
         tl.store(MXT_ptr + row, m_t)

@@ -101,12 +101,12 @@ def reference_forward(
         xk = xt.gather(1, sid)
         logq = (xk - mt[:, None]) - lg_t[:, None]
         pc, ptc = p[rows], ptail[rows]
-        kl = torch.where(pc > 0, pc * (logp[rows] - logq), 0.0).sum(-1)
+        kl = torch.where(pc != 0, pc * (logp[rows] - logq), 0.0).sum(-1)
         m = pc.sum(-1) + ptc
         if tail:
             sk = torch.where(valid, (xk - mt[:, None]).exp(), 0.0).sum(-1)
             qtail = ((dt - sk) / dt).clamp(min=TINY)
-            kl = kl + torch.where(ptc > 0, ptc * (ptc.clamp(min=TINY).log() - qtail.log()), 0.0)
+            kl = kl + torch.where(ptc != 0, ptc * (ptc.clamp(min=TINY).log() - qtail.log()), 0.0)
             r_all[rows] = 1.0 / qtail
         kl_rows[rows], m_all[rows] = kl, m
         stat_t[0, rows], stat_t[1, rows] = mt, lg_t

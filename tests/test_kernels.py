@@ -194,6 +194,19 @@ def test_kl_only_has_no_ce_gradient(backend):
 
 
 # --------------------------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("tail", [False, True])
+def test_nan_teacher_logit_makes_the_loss_nan(backend, tail):
+    """A NaN in the teacher's signal must surface in the loss, where the trainer checks it, not only in the gradient."""
+    V, N, k, T = 200, 4, 4, 2.0
+    student, ids, tz, lse, _, labels = make_case(N, V, k, torch.float32, T, seed=6)
+    tz = tz.clone()
+    tz[1, 0] = float("nan")
+    kl, _ = K.distillation_logit_losses(
+        student.clone().requires_grad_(True), ids, tz, T, None, lse if tail else None, labels
+    )
+    assert torch.isnan(kl)
+
+
 def test_no_selected_rows_and_no_labels(backend):
     V, N, k, T = 200, 4, 4, 2.0
     student, ids, tz, lse, _, _ = make_case(N, V, k, torch.float32, T, seed=5)
