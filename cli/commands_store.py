@@ -31,7 +31,7 @@ def _human(n: float) -> str:
     "corpus",
     multiple=True,
     required=True,
-    help="Text/jsonl/parquet file or hub dataset (repeatable).",
+    help="Text/jsonl/parquet file or hub dataset NAME[:CONFIG] (repeatable).",
 )
 @click.option("--output", required=True, help="Store path or fsspec URL (e.g. s3://bucket/store.zarr).")
 @click.option("--text-field", default=None, help="Field holding the text in jsonl/parquet (default: text).")

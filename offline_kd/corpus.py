@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 TEXT_SUFFIXES = {".txt", ".text", ".md", ""}
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
+HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
 
 
 class CorpusError(ValueError):
@@ -78,8 +80,16 @@ def _source_kind(src: str) -> str:
     if "://" in src and not src.startswith("hf://"):
         suffix = Path(src.split("?")[0]).suffix.lower()
         return "json" if suffix in JSON_SUFFIXES else "parquet" if suffix in PARQUET_SUFFIXES else "text"
-    if os.sep in src or src.startswith("."):
+    suffix = Path(src.partition(":")[0]).suffix.lower()
+    if (
+        src.startswith((os.sep, ".", "~"))
+        or suffix in TEXT_SUFFIXES - {""} | JSON_SUFFIXES | PARQUET_SUFFIXES
+    ):
         raise CorpusError(f"corpus file {src!r} does not exist")
+    if not HUB_NAME.match(src):
+        raise CorpusError(
+            f"{src!r} is neither an existing file nor a hub dataset name (NAME or ORG/NAME[:CONFIG])"
+        )
     return "hub"
 
 
@@ -110,7 +120,7 @@ def load_documents(
     split: str = "train",
     config_name: str | None = None,
 ):
-    """Load documents from text files (one per line), jsonl/parquet files or a hub dataset name.
+    """Load documents from text files (one per line), jsonl/parquet files or a hub dataset (``NAME[:CONFIG]``).
 
     Returns an arrow-backed ``datasets.Dataset`` with one column ``text``; blank documents are
     dropped. Raises :class:`CorpusError` for an empty corpus or undecodable bytes.
@@ -127,8 +137,9 @@ def load_documents(
     for src in sources:
         kind = _source_kind(src)
         try:
-            if kind == "hub":
-                ds = datasets.load_dataset(src, config_name, split=split)
+            if kind == "hub":  # NAME or NAME:CONFIG, e.g. wikimedia/wikipedia:20231101.en
+                name, _, config = src.partition(":")
+                ds = datasets.load_dataset(name, config or config_name, split=split)
             else:
                 ds = datasets.load_dataset(kind, data_files=[src], split="train")
             if field_name not in ds.column_names:

@@ -115,3 +115,17 @@ def test_holdout_split_and_file(tmp_path, tiny_corpus, tiny_docs, tok):
     assert stats.held_out_documents == len(held) and stats.as_dict()["holdout"]["fraction"] == 0.25
     with pytest.raises(ValueError):
         split_holdout(docs, 1.0)
+
+
+def test_source_kinds_tell_files_from_hub_names(tmp_path):
+    from offline_kd.corpus import _source_kind
+
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    assert _source_kind(str(tmp_path / "a.jsonl")) == "json"
+    assert _source_kind("wikimedia/wikipedia:20231101.en") == "hub"
+    assert _source_kind("bookcorpus") == "hub"
+    for missing in ("missing.txt", "data/missing.parquet", "./corpus"):
+        with pytest.raises(CorpusError, match="does not exist"):
+            _source_kind(missing)
+    with pytest.raises(CorpusError, match="neither"):
+        _source_kind("not a name/at all")
