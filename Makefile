@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/offline_kd/torch_extensions
 export HF_HUB_DISABLE_TELEMETRY = 1
 DEMO_OUT ?= runs/demo
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test demo bench fidelity lint format clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
@@ -22,10 +22,16 @@ test: install
 demo: install
 	kd demo --output $(DEMO_OUT)
 
+# Component benchmarks (a few minutes on CPU); each prints a table.
 bench: install
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/precompute.py
+	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/throughput.py
+
+# Offline vs online KD with a real teacher (~45 min on 2 CPU cores; --quick for a few minutes).
+fidelity: install
+	$(PY) benchmarks/fidelity.py
 
 lint:
 	$(PY) -m ruff check .
