@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,6 +271,29 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             disable=False,
             file=sys.stderr,
         )
+
+    def write_shard(shard: int, ids: np.ndarray, lengths: np.ndarray, views: list[dict]) -> int:
+        """Runs on the writer thread while the teacher computes the next shard; commits last."""
+        try:
+            store.write_inputs(shard, ids, lengths)
+            for v, out in enumerate(views):
+                store.write_view(shard, v, out)
+                if _DELAY:
+                    time.sleep(_DELAY)  # tests: widen the window for a kill mid-shard
+            store.mark_committed(shard)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(
+                    f"disk full while writing shard {shard} of {cfg.output!r}; committed shards are "
+                    f"kept, free space and rerun the same command to resume"
+                ) from e
+            raise
+        return shard
+
+    # One writer thread, at most one shard in flight: compression and store I/O overlap the teacher's
+    # forward passes (the GPU's bottleneck otherwise) while shards still commit in order.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-store-writer")
+    pending: Future | None = None
     tokens_done = 0
     t_start = time.monotonic()
     try:
@@ -278,28 +302,23 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             rows = data[a:b]
             ids = np.asarray(rows["input_ids"], dtype=np.int64)
             lengths = np.asarray(rows["length"], dtype=np.int64)
-            try:
-                store.write_inputs(shard, ids, lengths)
-                for v in range(meta.views):
-                    out = _run_view(cfg, teacher, meta, ids, lengths, a, v, masking, special, weights, tok)
-                    store.write_view(shard, v, out)
-                    if _DELAY:
-                        time.sleep(_DELAY)  # tests: widen the window for a kill mid-shard
-                    tokens_done += int(lengths.sum())
-                    if bar is not None:
-                        bar.update(b - a)
-                        el = max(time.monotonic() - t_start, 1e-9)
-                        bar.set_postfix(tok_s=f"{tokens_done / el:,.0f}", shard=shard)
-                store.mark_committed(shard)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise StoreError(
-                        f"disk full while writing shard {shard} of {cfg.output!r}; committed shards are "
-                        f"kept, free space and rerun the same command to resume"
-                    ) from e
-                raise
-            written.append(shard)
+            views = []
+            for v in range(meta.views):
+                views.append(
+                    _run_view(cfg, teacher, meta, ids, lengths, a, v, masking, special, weights, tok)
+                )
+                tokens_done += int(lengths.sum())
+                if bar is not None:
+                    bar.update(b - a)
+                    el = max(time.monotonic() - t_start, 1e-9)
+                    bar.set_postfix(tok_s=f"{tokens_done / el:,.0f}", shard=shard)
+            if pending is not None:
+                written.append(pending.result())  # re-raises the writer's error
+            pending = writer.submit(write_shard, shard, ids, lengths, views)
+        if pending is not None:
+            written.append(pending.result())
     finally:
+        writer.shutdown(wait=True)  # a shard already computed still finishes and commits
         if bar is not None:
             bar.close()
     complete = store.is_complete()
