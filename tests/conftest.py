@@ -34,7 +34,9 @@ def make_documents(n_docs: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def build_tiny_teacher(out_dir: Path, docs: list[str], hidden: int = 32, layers: int = 4, seed: int = 0) -> Path:
+def build_tiny_teacher(
+    out_dir: Path, docs: list[str], hidden: int = 32, layers: int = 4, seed: int = 0
+) -> Path:
     """Train a WordPiece vocab on `docs` and save a randomly initialised tiny BertForMaskedLM beside it."""
     import torch
     from tokenizers import BertWordPieceTokenizer
