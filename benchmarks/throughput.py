@@ -30,11 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fidelity import dense_kl  # noqa: E402  (the online-KD reference loss)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from train_step import setup_teacher, sync  # noqa: E402
 
 
 def timed(fn, device) -> float:
@@ -43,20 +39,6 @@ def timed(fn, device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t
-
-
-def setup_teacher(tmp: Path) -> Path:
-    """The MiniLM encoder with an (unfitted) MLM head: timings do not depend on the head's values."""
-    from transformers import AutoTokenizer, BertForMaskedLM
-
-    from offline_kd.minilm import minilm_encoder_dir
-
-    enc = minilm_encoder_dir()
-    model = BertForMaskedLM.from_pretrained(enc, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    out = tmp / "teacher"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(enc).save_pretrained(out)
-    return out
 
 
 def main() -> None:
