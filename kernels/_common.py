@@ -162,3 +162,35 @@ def cosine_rows_mask(n: int, row_mask: torch.Tensor | None, device) -> torch.Ten
     if row_mask is None:
         return torch.ones(n, device=device, dtype=torch.float32)
     return _flat(row_mask, n, "row_mask").to(device).bool().float()
+
+
+def logit_loss_function(name: str, forward_rows, backward_grad) -> type[torch.autograd.Function]:
+    """The (kl, ce) autograd Function around a backend's per-row forward and its gradient pass.
+
+    `forward_rows(s, ids, p, logp, ptail, sel, labels, T, tail)` returns (kl_rows, ce_rows, stat_t,
+    stat_1, m, r); `backward_grad(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, T, tail)` returns
+    the gradient of the student logits. Triton and the reference differ only in these two functions.
+    """
+
+    class _LogitLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, s, ids, p, logp, ptail, sel, labels, T, tail):
+            kl_rows, ce_rows, stat_t, stat_1, m, r = forward_rows(
+                s, ids, p, logp, ptail, sel, labels, T, tail
+            )
+            ctx.save_for_backward(s, ids, p, ptail, sel, labels, stat_t, stat_1, m, r)
+            ctx.T, ctx.tail = T, tail
+            ctx.set_materialize_grads(False)
+            return reduce_rows(kl_rows, ce_rows, sel, labels, T)
+
+        @staticmethod
+        def backward(ctx, g_kl, g_ce):
+            s, ids, p, ptail, sel, labels, stat_t, stat_1, m, r = ctx.saved_tensors
+            if g_kl is None and g_ce is None:
+                return (None,) * 9
+            a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
+            grad = backward_grad(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, ctx.T, ctx.tail)
+            return (grad,) + (None,) * 8
+
+    _LogitLoss.__name__ = _LogitLoss.__qualname__ = name
+    return _LogitLoss

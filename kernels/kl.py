@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TINY, reduce_rows, row_scales
+from ._common import TINY, logit_loss_function
 
 MAX_BLOCK_V = 4096
 
@@ -317,20 +317,7 @@ def kl_ce_backward(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, T: floa
 
 
 # ------------------------------------------------------------------------------------------ autograd.Function
-class TritonDistillLogitLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, ids, p, logp, ptail, sel, labels, T, tail):
-        kl_rows, ce_rows, stat_t, stat_1, m, r = kl_ce_forward(s, ids, p, logp, ptail, sel, labels, T, tail)
-        ctx.save_for_backward(s, ids, p, ptail, sel, labels, stat_t, stat_1, m, r)
-        ctx.T, ctx.tail = T, tail
-        ctx.set_materialize_grads(False)
-        return reduce_rows(kl_rows, ce_rows, sel, labels, T)
-
-    @staticmethod
-    def backward(ctx, g_kl, g_ce):
-        s, ids, p, ptail, sel, labels, stat_t, stat_1, m, r = ctx.saved_tensors
-        if g_kl is None and g_ce is None:
-            return (None,) * 9
-        a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
-        grad = kl_ce_backward(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, ctx.T, ctx.tail)
-        return (grad,) + (None,) * 8
+# Looked up at call time, so the module-level functions stay the single point to patch or profile.
+TritonDistillLogitLoss = logit_loss_function(
+    "TritonDistillLogitLoss", lambda *a: kl_ce_forward(*a), lambda *a: kl_ce_backward(*a)
+)

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -609,11 +609,5 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def _loss_kwargs(cfg: TrainConfig) -> dict:
-    return dict(
-        alpha_ce=cfg.alpha_ce,
-        alpha_mlm=cfg.alpha_mlm,
-        alpha_cos=cfg.alpha_cos,
-        temperature=cfg.temperature,
-        kl_tail=cfg.kl_tail,
-        restrict_kl_to_mask=cfg.restrict_kl_to_mask,
-    )
+    """The loss settings of the training config (TrainConfig carries every LossConfig field)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(LossConfig)}
