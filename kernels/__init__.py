@@ -86,7 +86,7 @@ def distillation_logit_losses(
         ignore_index,
     )
     fn = TritonDistillLogitLoss if backend_for(student_logits) == "triton" else ReferenceDistillLogitLoss
-    return fn.apply(p.student, p.ids, p.p, p.logp, p.ptail, p.sel, p.labels, p.temperature, p.tail)
+    return fn.apply(p.student, p)
 
 
 def cosine_loss(student_hidden, teacher_hidden, row_mask=None):

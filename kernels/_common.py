@@ -1,16 +1,27 @@
 """Shared, backend-independent pieces of the distillation losses (everything here is O(N*k), never O(N*V)).
 
 * `prepare` validates and normalises the inputs and does the teacher-side math (teacher probabilities of the
-  top-k ids, tail mass, which rows count) in plain PyTorch: it is k-wide, so cheap on any device.
+  top-k ids, tail mass, which rows count) in plain PyTorch: it is k-wide, so cheap on any device. Its result,
+  a `Prepared`, is what every backend reads.
+* `RowStats` is what a backend's forward returns per row: the two losses and the statistics its backward
+  reads.
+* `logit_loss_function` builds the (kl, ce) autograd Function around a backend, which is two functions:
+
+      forward(prep: Prepared) -> RowStats
+      backward(prep: Prepared, stats: RowStats, a: Tensor, c: Tensor | None) -> gradient of prep.student
+
+  (`kl.py`: Triton, `reference.py`: chunked PyTorch). `a` and `c` are the per-row coefficients of the KL and
+  CE gradients from `row_scales`.
 * `reduce_rows` turns per-row losses into the two scalar losses without a host sync.
-* `row_scales` turns the two upstream gradients into per-row coefficients for the backward pass.
 
 See docs/kernels.md for the math.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
 
@@ -18,18 +29,70 @@ import torch
 TINY = 1e-30
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
+    """The loss inputs, flattened to rows and checked, with the teacher-side math done."""
+
     student: torch.Tensor  # [N, V], last dim contiguous
     ids: torch.Tensor  # [N, k] int32/int64, negative = absent
     p: torch.Tensor  # [N, k] fp32 teacher probabilities (0 for absent entries)
-    logp: torch.Tensor  # [N, k] fp32 log of p (0 for absent entries)
+    # [N, k] fp32 log of p (0 for absent entries); read by the forward only, so None in the backward
+    logp: torch.Tensor | None
     ptail: torch.Tensor  # [N] fp32 teacher tail mass (zeros for the renormalised variant)
     sel: torch.Tensor  # [N] fp32 1.0 where the row counts for the KL
     labels: torch.Tensor | None  # [N] int64 MLM label, -1 where the row has none
     temperature: float
-    tail: bool
+    tail: bool  # tail-aware variant (teacher_lse given) rather than the renormalised top-k
     orig_shape: torch.Size
+
+    def rows(self, sl: slice, student: torch.Tensor) -> Prepared:
+        """Rows `sl` only, with `student` as their logits (the fused LM head computes them chunk by chunk)."""
+        return replace(self, student=student, **{f: _rows(getattr(self, f), sl) for f in _ROW_FIELDS})
+
+
+# Prepared's per-row tensors besides the logits, and those the backward reads (all but logp). Every tensor
+# field must be in one of the two, or it would be carried on ctx outside save_for_backward.
+_ROW_FIELDS = ("ids", "p", "logp", "ptail", "sel", "labels")
+_SAVED_FIELDS = ("student", "ids", "p", "ptail", "sel", "labels")
+
+
+class RowStats(NamedTuple):
+    """What a backend's forward returns per row, each [N] fp32, zeros on rows that count for neither loss.
+
+    The backward reads the statistics after the two losses. Max and log-sum are kept apart (not summed to
+    a log-sum-exp) for precision: with -1e9 fill logits, max + log(V) would round log(V) away in fp32.
+    """
+
+    kl: torch.Tensor  # KL(teacher || student) of the row at T (not yet scaled by T^2)
+    ce: torch.Tensor | None  # MLM cross-entropy of the row (None without labels)
+    max_t: torch.Tensor  # max of s / T
+    logsum_t: torch.Tensor  # log sum exp(s / T - max_t)
+    max_1: torch.Tensor | None  # max of s (None without labels)
+    logsum_1: torch.Tensor | None  # log sum exp(s - max_1) (None without labels)
+    mass: torch.Tensor  # m = P + p_tail, the teacher's probability mass (1 unless P > 1)
+    inv_qtail: torch.Tensor  # 1 / q_tail, the student's tail mass (tail-aware variant; 0 otherwise)
+
+    @classmethod
+    def allocate(cls, n: int, device, has_ce: bool, alloc=torch.zeros) -> RowStats:
+        """Fresh per-row buffers (`alloc` is torch.zeros or torch.empty); the CE ones only with labels."""
+
+        def vec(wanted: bool = True) -> torch.Tensor | None:
+            return alloc(n, device=device, dtype=torch.float32) if wanted else None
+
+        return cls(vec(), vec(has_ce), vec(), vec(), vec(has_ce), vec(has_ce), vec(), vec())
+
+    def rows(self, sl: slice) -> RowStats:
+        return RowStats(*(_rows(x, sl) for x in self))
+
+    def write_rows(self, sl: slice, part: RowStats) -> None:
+        """Copy `part`, the statistics of rows `sl`, into these buffers."""
+        for dst, src in zip(self, part, strict=True):
+            if dst is not None:
+                dst[sl] = src
+
+
+def _rows(x: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    return None if x is None else x[sl]
 
 
 def _flat(x: torch.Tensor | None, n: int, name: str) -> torch.Tensor | None:
@@ -50,6 +113,37 @@ def _ids_dtype(ids: torch.Tensor) -> torch.Tensor:
     raise TypeError(f"teacher_ids must be an integer tensor, got {ids.dtype}")
 
 
+def _student_rows(student_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The logits as [N, V] rows with a contiguous last dim, after the checks that need only them."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_logits.dim() < 2:
+        raise ValueError("student_logits must be [N, V] (or [..., V])")
+    if not student_logits.is_floating_point():
+        raise TypeError("student_logits must be floating point")
+    s = student_logits.reshape(-1, student_logits.shape[-1])
+    return s if s.stride(-1) == 1 else s.contiguous()
+
+
+def _teacher_probs(
+    z: torch.Tensor, valid: torch.Tensor, lse: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(p, log p, p_tail) from the teacher's top-k logits over T: renormalised over the k ids without the
+    full-vocabulary log-sum-exp `lse`, tail-aware (p_tail = what the k ids leave) with it."""
+    zero = torch.zeros((), device=z.device, dtype=torch.float32)
+    if lse is None:
+        zm = z.masked_fill(~valid, float("-inf"))
+        lse_k = torch.logsumexp(zm, dim=-1, keepdim=True)
+        logp = torch.where(valid, zm - lse_k, zero)
+        p = torch.where(valid, logp.exp(), zero)
+        ptail = torch.zeros(z.shape[0], device=z.device, dtype=torch.float32)
+    else:
+        logp = torch.where(valid, z - lse[:, None], zero)
+        p = torch.where(valid, logp.exp(), zero)
+        ptail = (1.0 - p.sum(-1)).clamp(min=0.0)
+    return p, logp, ptail
+
+
 def prepare(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
@@ -61,17 +155,7 @@ def prepare(
     ignore_index: int = -100,
 ) -> Prepared:
     temperature = float(temperature)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if student_logits.dim() < 2:
-        raise ValueError("student_logits must be [N, V] (or [..., V])")
-    if not student_logits.is_floating_point():
-        raise TypeError("student_logits must be floating point")
-    orig_shape = student_logits.shape
-    V = student_logits.shape[-1]
-    s = student_logits.reshape(-1, V)
-    if s.stride(-1) != 1:
-        s = s.contiguous()
+    s = _student_rows(student_logits, temperature)
     N = s.shape[0]
     k = teacher_ids.shape[-1]
     ids = _ids_dtype(teacher_ids.reshape(-1, k))
@@ -83,18 +167,9 @@ def prepare(
     ids = ids.to(s.device).contiguous()
     valid = ids >= 0
     z = t.to(device=s.device, dtype=torch.float32) / temperature
-    zero = torch.zeros((), device=s.device, dtype=torch.float32)
-    if teacher_lse is None:
-        zm = z.masked_fill(~valid, float("-inf"))
-        lse_k = torch.logsumexp(zm, dim=-1, keepdim=True)
-        logp = torch.where(valid, zm - lse_k, zero)
-        p = torch.where(valid, logp.exp(), zero)
-        ptail = torch.zeros(N, device=s.device, dtype=torch.float32)
-    else:
-        lse = _flat(teacher_lse, N, "teacher_lse").to(device=s.device, dtype=torch.float32)
-        logp = torch.where(valid, z - lse[:, None], zero)
-        p = torch.where(valid, logp.exp(), zero)
-        ptail = (1.0 - p.sum(-1)).clamp(min=0.0)
+    lse = _flat(teacher_lse, N, "teacher_lse")
+    lse = None if lse is None else lse.to(device=s.device, dtype=torch.float32)
+    p, logp, ptail = _teacher_probs(z, valid, lse)
     sel = valid.any(-1)
     if row_mask is not None:
         sel = sel & _flat(row_mask, N, "row_mask").to(s.device).bool()
@@ -112,38 +187,30 @@ def prepare(
         labels=labels,
         temperature=temperature,
         tail=teacher_lse is not None,
-        orig_shape=orig_shape,
+        orig_shape=student_logits.shape,
     )
 
 
-def reduce_rows(
-    kl_rows: torch.Tensor,
-    ce_rows: torch.Tensor | None,
-    sel: torch.Tensor,
-    labels: torch.Tensor | None,
-    T: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T^2 * mean of kl_rows over selected rows, mean of ce_rows over labelled rows); 0 when none."""
-    kl = (kl_rows * sel).sum() * (T * T) / sel.sum().clamp(min=1.0)
-    if ce_rows is None or labels is None:
+def reduce_rows(stats: RowStats, prep: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T^2 * mean of the KL rows over selected rows, mean of the CE rows over labelled rows); 0 when none."""
+    T, sel, labels = prep.temperature, prep.sel, prep.labels
+    kl = (stats.kl * sel).sum() * (T * T) / sel.sum().clamp(min=1.0)
+    if stats.ce is None or labels is None:
         ce = torch.zeros((), device=kl.device, dtype=torch.float32)
     else:
         lab = (labels >= 0).float()
-        ce = (ce_rows * lab).sum() / lab.sum().clamp(min=1.0)
+        ce = (stats.ce * lab).sum() / lab.sum().clamp(min=1.0)
     return kl, ce
 
 
 def row_scales(
-    g_kl: torch.Tensor | None,
-    g_ce: torch.Tensor | None,
-    sel: torch.Tensor,
-    labels: torch.Tensor | None,
-    T: float,
+    g_kl: torch.Tensor | None, g_ce: torch.Tensor | None, prep: Prepared
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row coefficients: a = g_kl * T / N_sel on selected rows, c = g_ce / N_lab on labelled rows.
 
     d(T^2 * mean KL)/ds = (T^2 / N_sel) * (1/T) * (...) = (T / N_sel) * (...), see docs/kernels.md.
     """
+    T, sel, labels = prep.temperature, prep.sel, prep.labels
     if g_kl is None:
         a = torch.zeros_like(sel)
     else:
@@ -164,33 +231,51 @@ def cosine_rows_mask(n: int, row_mask: torch.Tensor | None, device) -> torch.Ten
     return _flat(row_mask, n, "row_mask").to(device).bool().float()
 
 
-def logit_loss_function(name: str, forward_rows, backward_grad) -> type[torch.autograd.Function]:
-    """The (kl, ce) autograd Function around a backend's per-row forward and its gradient pass.
+# ------------------------------------------------------------------------------ autograd.Function plumbing
+def save_for_backward(ctx, prep: Prepared, stats: RowStats, *others: torch.Tensor | None) -> None:
+    """Save `others`, the tensors of `prep` the backward reads and `stats` through ctx.save_for_backward (so
+    autograd checks them for in-place changes and frees them with the graph); the rest of `prep` rides on
+    ctx. `saved_for_backward` gives them back."""
+    ctx.save_for_backward(*others, *(getattr(prep, f) for f in _SAVED_FIELDS), *stats)
+    ctx.prepared_rest = replace(prep, **dict.fromkeys(_SAVED_FIELDS + ("logp",)))
+    ctx.n_others = len(others)
 
-    `forward_rows(s, ids, p, logp, ptail, sel, labels, T, tail)` returns (kl_rows, ce_rows, stat_t,
-    stat_1, m, r); `backward_grad(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, T, tail)` returns
-    the gradient of the student logits. Triton and the reference differ only in these two functions.
+
+def saved_for_backward(ctx) -> tuple[tuple[torch.Tensor | None, ...], Prepared, RowStats]:
+    """(others, prep, stats) as `save_for_backward` saved them; prep.logp is None."""
+    saved = ctx.saved_tensors
+    n, n_prep = ctx.n_others, len(_SAVED_FIELDS)
+    prep = replace(ctx.prepared_rest, **dict(zip(_SAVED_FIELDS, saved[n : n + n_prep], strict=True)))
+    return saved[:n], prep, RowStats(*saved[n + n_prep :])
+
+
+ForwardRows = Callable[[Prepared], RowStats]
+BackwardGrad = Callable[[Prepared, RowStats, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def logit_loss_function(name: str, forward_rows: ForwardRows, backward_grad: BackwardGrad) -> type:
+    """The (kl, ce) autograd Function around a backend's forward and backward (see the module docstring).
+
+    Applied as `Function.apply(prep.student, prep)`: the logits are the one tensor input autograd tracks
+    (only the student receives a gradient); the rest of `prep` is carried along as a plain object.
     """
 
     class _LogitLoss(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, s, ids, p, logp, ptail, sel, labels, T, tail):
-            kl_rows, ce_rows, stat_t, stat_1, m, r = forward_rows(
-                s, ids, p, logp, ptail, sel, labels, T, tail
-            )
-            ctx.save_for_backward(s, ids, p, ptail, sel, labels, stat_t, stat_1, m, r)
-            ctx.T, ctx.tail = T, tail
+        def forward(ctx, student: torch.Tensor, prep: Prepared):
+            prep = replace(prep, student=student)  # the tensor autograd was handed, whatever wraps it
+            stats = forward_rows(prep)
+            save_for_backward(ctx, prep, stats)
             ctx.set_materialize_grads(False)
-            return reduce_rows(kl_rows, ce_rows, sel, labels, T)
+            return reduce_rows(stats, prep)
 
         @staticmethod
         def backward(ctx, g_kl, g_ce):
-            s, ids, p, ptail, sel, labels, stat_t, stat_1, m, r = ctx.saved_tensors
             if g_kl is None and g_ce is None:
-                return (None,) * 9
-            a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
-            grad = backward_grad(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, ctx.T, ctx.tail)
-            return (grad,) + (None,) * 8
+                return None, None
+            _, prep, stats = saved_for_backward(ctx)
+            a, c = row_scales(g_kl, g_ce, prep)
+            return backward_grad(prep, stats, a, c), None
 
     _LogitLoss.__name__ = _LogitLoss.__qualname__ = name
     return _LogitLoss

@@ -15,10 +15,20 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._common import prepare, reduce_rows, row_scales
+from ._common import (
+    BackwardGrad,
+    ForwardRows,
+    Prepared,
+    RowStats,
+    prepare,
+    reduce_rows,
+    row_scales,
+    save_for_backward,
+    saved_for_backward,
+)
 
 
-def _backend_fns(name: str):
+def _backend_fns(name: str) -> tuple[ForwardRows, BackwardGrad]:
     if name == "triton":
         from . import kl
 
@@ -39,67 +49,45 @@ def _logits(h, weight, bias):
     return out
 
 
+def _row_chunks(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield slice(start, min(start + chunk, n))
+
+
 class FusedLinearDistillLoss(torch.autograd.Function):
+    """Applied as `apply(hidden, weight, bias, prep, chunk, backend)`, `prep` from `prepare` on a stand-in for
+    the logits: its per-row tensors are used chunk by chunk with the chunk's logits in place of the stand-in."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ids, p, logp, ptail, sel, labels, T, tail, chunk, backend):
-        fwd, _ = _backend_fns(backend)
-        N = hidden.shape[0]
-        dev = hidden.device
-        has_ce = labels is not None
-        kl_rows = torch.zeros(N, device=dev, dtype=torch.float32)
-        m = torch.zeros_like(kl_rows)
-        r = torch.zeros_like(kl_rows)
-        stat_t = torch.zeros(2, N, device=dev, dtype=torch.float32)
-        ce_rows = torch.zeros_like(kl_rows) if has_ce else None
-        stat_1 = torch.zeros_like(stat_t) if has_ce else None
+    def forward(ctx, hidden, weight, bias, prep: Prepared, chunk: int, backend: str):
+        forward_rows, _ = _backend_fns(backend)
+        stats = RowStats.allocate(hidden.shape[0], hidden.device, prep.labels is not None)
         with torch.no_grad():
-            for start in range(0, N, chunk):
-                sl = slice(start, min(start + chunk, N))
+            for sl in _row_chunks(hidden.shape[0], chunk):
                 logits = _logits(hidden[sl], weight, bias)
-                lab = labels[sl] if has_ce else None
-                out = fwd(logits, ids[sl], p[sl], logp[sl], ptail[sl], sel[sl], lab, T, tail)
-                kl_rows[sl], stat_t[:, sl], m[sl], r[sl] = out[0], out[2], out[4], out[5]
-                if has_ce:
-                    ce_rows[sl], stat_1[:, sl] = out[1], out[3]
+                stats.write_rows(sl, forward_rows(prep.rows(sl, logits)))
                 del logits
-        ctx.save_for_backward(hidden, weight, bias, ids, p, ptail, sel, labels, stat_t, stat_1, m, r)
-        ctx.T, ctx.tail, ctx.chunk, ctx.backend = T, tail, chunk, backend
+        save_for_backward(ctx, prep, stats, hidden, weight, bias)
+        ctx.chunk, ctx.backend = chunk, backend
         ctx.set_materialize_grads(False)
-        return reduce_rows(kl_rows, ce_rows, sel, labels, T)
+        return reduce_rows(stats, prep)
 
     @staticmethod
     def backward(ctx, g_kl, g_ce):
-        hidden, weight, bias, ids, p, ptail, sel, labels, stat_t, stat_1, m, r = ctx.saved_tensors
         if g_kl is None and g_ce is None:
-            return (None,) * 13
-        _, bwd = _backend_fns(ctx.backend)
-        a, c = row_scales(g_kl, g_ce, sel, labels, ctx.T)
-        N = hidden.shape[0]
+            return (None,) * 6
+        (hidden, weight, bias), prep, stats = saved_for_backward(ctx)
+        _, backward_grad = _backend_fns(ctx.backend)
+        a, c = row_scales(g_kl, g_ce, prep)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(hidden) if need_h else None
         # weight gradient accumulated in place in the weight's dtype (addmm: no [V, H] temporaries), as Liger does
         grad_w = torch.zeros_like(weight) if need_w else None
         grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_b else None
-        has_ce = labels is not None
         with torch.no_grad():
-            for start in range(0, N, ctx.chunk):
-                sl = slice(start, min(start + ctx.chunk, N))
+            for sl in _row_chunks(hidden.shape[0], ctx.chunk):
                 logits = _logits(hidden[sl], weight, bias)
-                g = bwd(
-                    logits,
-                    ids[sl],
-                    p[sl],
-                    ptail[sl],
-                    labels[sl] if has_ce else None,
-                    stat_t[:, sl],
-                    stat_1[:, sl] if has_ce else None,
-                    m[sl],
-                    r[sl],
-                    a[sl],
-                    c[sl] if has_ce else None,
-                    ctx.T,
-                    ctx.tail,
-                )
+                g = backward_grad(prep.rows(sl, logits), stats.rows(sl), a[sl], None if c is None else c[sl])
                 del logits
                 if need_h:
                     grad_h[sl] = g @ weight
@@ -108,11 +96,8 @@ class FusedLinearDistillLoss(torch.autograd.Function):
                 if need_b:
                     grad_b += g.float().sum(0)
                 del g
-        return (
-            grad_h,
-            grad_w,
-            grad_b.to(bias.dtype) if need_b and bias is not None else None,
-        ) + (None,) * 10
+        grad_b = grad_b.to(bias.dtype) if need_b and bias is not None else None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def fused_linear_distillation_losses(
@@ -148,18 +133,4 @@ def fused_linear_distillation_losses(
         stand_in, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse, mlm_labels, ignore_index
     )
     chunk = chunk_rows or default_chunk_rows(V, h.shape[0])
-    return FusedLinearDistillLoss.apply(
-        h,
-        weight,
-        bias,
-        prep.ids,
-        prep.p,
-        prep.logp,
-        prep.ptail,
-        prep.sel,
-        prep.labels,
-        prep.temperature,
-        prep.tail,
-        chunk,
-        backend,
-    )
+    return FusedLinearDistillLoss.apply(h, weight, bias, prep, chunk, backend)

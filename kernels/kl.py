@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TINY, logit_loss_function
+from ._common import TINY, Prepared, RowStats, logit_loss_function
 
 MAX_BLOCK_V = 4096
 
@@ -224,100 +224,96 @@ def _kl_ce_bwd_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launchers
-def _blocks(V: int, K: int) -> tuple[int, int, int]:
+def _launch(kernel, prep: Prepared, *pointers, **constexprs) -> None:
+    """One program per row of `prep.student`; `pointers` are the kernel's arguments before V."""
+    N, V = prep.student.shape
+    K = prep.ids.shape[1]
+    if N == 0:
+        return
     block_v = min(triton.next_power_of_2(V), MAX_BLOCK_V)
-    block_k = triton.next_power_of_2(max(K, 1))
-    num_warps = 8 if block_v >= 2048 else 4
-    return block_v, block_k, num_warps
+    kernel[(N,)](
+        *pointers,
+        V,
+        K,
+        1.0 / prep.temperature,
+        TAIL=prep.tail,
+        HAS_CE=prep.labels is not None,
+        BLOCK_V=block_v,
+        BLOCK_K=triton.next_power_of_2(max(K, 1)),
+        num_warps=8 if block_v >= 2048 else 4,
+        **constexprs,
+    )
 
 
-def kl_ce_forward(s, ids, p, logp, ptail, sel, labels, T: float, tail: bool):
-    """Per-row (kl_rows, ce_rows|None, stat_T, stat_1|None, m, r), fp32; stat_* is [2, N] = (max, log-sum-exp
-    minus max) of s/T and of s: their sum is the log-sum-exp, kept apart for precision."""
-    N, V = s.shape
-    K = ids.shape[1]
-    has_ce = labels is not None
-    e = lambda: torch.empty(N, device=s.device, dtype=torch.float32)
-    kl_rows, m, r = e(), e(), e()
-    stat_t = torch.empty(2, N, device=s.device, dtype=torch.float32)
-    ce_rows, stat_1 = (e(), torch.empty_like(stat_t)) if has_ce else (kl_rows, stat_t)  # dummies w/o the CE
-    block_v, block_k, num_warps = _blocks(V, K)
-    if N > 0:
-        _kl_ce_fwd_kernel[(N,)](
-            s,
-            s.stride(0),
-            ids,
-            ids.stride(0),
-            p,
-            logp,
-            p.stride(0),
-            ptail,
-            sel,
-            labels if has_ce else sel,
-            kl_rows,
-            ce_rows,
-            stat_t[0],
-            stat_t[1],
-            stat_1[0],
-            stat_1[1],
-            m,
-            r,
-            V,
-            K,
-            1.0 / T,
-            TINY_C=TINY,
-            TAIL=tail,
-            HAS_CE=has_ce,
-            BLOCK_V=block_v,
-            BLOCK_K=block_k,
-            num_warps=num_warps,
-        )
-    if not has_ce:
-        ce_rows = stat_1 = None
-    return kl_rows, ce_rows, stat_t, stat_1, m, r
+def kl_ce_forward(prep: Prepared) -> RowStats:
+    """Per-row losses and statistics (see `RowStats`), zeros on rows that count for neither loss."""
+    s, ids, p = prep.student, prep.ids, prep.p
+    has_ce = prep.labels is not None
+    st = RowStats.allocate(s.shape[0], s.device, has_ce, alloc=torch.empty)
+    # without the CE its pointers are never dereferenced (HAS_CE=False): any fp32 buffer will do
+    ce, max_1, logsum_1 = (st.ce, st.max_1, st.logsum_1) if has_ce else (st.kl, st.max_t, st.logsum_t)
+    _launch(
+        _kl_ce_fwd_kernel,
+        prep,
+        s,
+        s.stride(0),
+        ids,
+        ids.stride(0),
+        p,
+        prep.logp,
+        p.stride(0),
+        prep.ptail,
+        prep.sel,
+        prep.labels if has_ce else prep.sel,
+        st.kl,
+        ce,
+        st.max_t,
+        st.logsum_t,
+        max_1,
+        logsum_1,
+        st.mass,
+        st.inv_qtail,
+        TINY_C=TINY,
+    )
+    return st
 
 
-def kl_ce_backward(s, ids, p, ptail, labels, stat_t, stat_1, m, r, a, c, T: float, tail: bool):
-    """The gradient w.r.t. s (in s's dtype) for per-row coefficients a (KL) and c (CE)."""
-    N, V = s.shape
-    K = ids.shape[1]
-    has_ce = labels is not None
+def kl_ce_backward(prep: Prepared, st: RowStats, a: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """The gradient w.r.t. the logits (in their dtype) for per-row coefficients a (KL) and c (CE)."""
+    s, ids, p = prep.student, prep.ids, prep.p
+    has_ce = prep.labels is not None
     grad = torch.empty_like(s)
-    block_v, block_k, num_warps = _blocks(V, K)
-    if N > 0:
-        _kl_ce_bwd_kernel[(N,)](
-            s,
-            s.stride(0),
-            grad,
-            grad.stride(0),
-            ids,
-            ids.stride(0),
-            p,
-            p.stride(0),
-            ptail,
-            labels if has_ce else a,
-            stat_t[0],
-            stat_t[1],
-            (stat_1 if has_ce else stat_t)[0],
-            (stat_1 if has_ce else stat_t)[1],
-            m,
-            r,
-            a,
-            c if has_ce else a,
-            V,
-            K,
-            1.0 / T,
-            TAIL=tail,
-            HAS_CE=has_ce,
-            BLOCK_V=block_v,
-            BLOCK_K=block_k,
-            num_warps=num_warps,
-        )
+    # without the CE its pointers are never dereferenced (HAS_CE=False): any buffer will do
+    max_1, logsum_1 = (st.max_1, st.logsum_1) if has_ce else (st.max_t, st.logsum_t)
+    _launch(
+        _kl_ce_bwd_kernel,
+        prep,
+        s,
+        s.stride(0),
+        grad,
+        grad.stride(0),
+        ids,
+        ids.stride(0),
+        p,
+        p.stride(0),
+        prep.ptail,
+        prep.labels if has_ce else a,
+        st.max_t,
+        st.logsum_t,
+        max_1,
+        logsum_1,
+        st.mass,
+        st.inv_qtail,
+        a,
+        c if has_ce else a,
+    )
     return grad
 
 
 # ------------------------------------------------------------------------------------------ autograd.Function
 # Looked up at call time, so the module-level functions stay the single point to patch or profile.
 TritonDistillLogitLoss = logit_loss_function(
-    "TritonDistillLogitLoss", lambda *a: kl_ce_forward(*a), lambda *a: kl_ce_backward(*a)
+    "TritonDistillLogitLoss",
+    lambda prep: kl_ce_forward(prep),
+    lambda prep, stats, a, c: kl_ce_backward(prep, stats, a, c),
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import TINY, cosine_rows_mask, logit_loss_function
+from ._common import TINY, Prepared, RowStats, cosine_rows_mask, logit_loss_function
 
 # fp32 elements per chunk buffer (1 MiB: a chunk stays cache-resident across the several elementwise passes);
 # three such buffers are reused for every chunk, so the working set is bounded and independent of N.
@@ -56,41 +56,26 @@ class _Buffers:
 
 
 # ----------------------------------------------------------------------------------------------- forward
-def reference_forward(
-    s: torch.Tensor,
-    ids: torch.Tensor,
-    p: torch.Tensor,
-    logp: torch.Tensor,
-    ptail: torch.Tensor,
-    sel: torch.Tensor,
-    labels: torch.Tensor | None,
-    T: float,
-    tail: bool,
-):
-    """Per-row (kl_rows, ce_rows|None, stat_T, stat_1|None, m, r), fp32, zeros on inactive rows; stat_* is
-    [2, N] = (max, log-sum-exp minus max) of s/T and of s, kept apart for precision with huge |logits|."""
+def reference_forward(prep: Prepared) -> RowStats:
+    """Per-row losses and statistics (see `RowStats`), zeros on rows that count for neither loss."""
+    s, ids, labels, T = prep.student, prep.ids, prep.labels, prep.temperature
     N, V = s.shape
-    dev = s.device
-    z = lambda: torch.zeros(N, device=dev, dtype=torch.float32)
-    kl_rows, m_all, r_all = z(), z(), z()
-    stat_t = torch.zeros(2, N, device=dev, dtype=torch.float32)
-    has_ce = labels is not None
-    ce_rows, stat_1 = (z(), torch.zeros_like(stat_t)) if has_ce else (None, None)
-    active = sel > 0
-    if has_ce:
+    stats = RowStats.allocate(N, s.device, labels is not None)
+    active = prep.sel > 0
+    if labels is not None:
         active = active | (labels >= 0)
     idx_all = _active_rows(active)
-    bufs = _Buffers(idx_all.numel(), V, dev, 2)
+    bufs = _Buffers(idx_all.numel(), V, s.device, 2)
     for rows in _chunks(idx_all, V):
         x, e = bufs.take(_nrows(rows, V))
         x.copy_(s[rows])
-        if has_ce:
+        if labels is not None:
             lab = labels[rows]
             m1 = x.amax(-1)
             lg_1 = torch.sub(x, m1[:, None], out=e).exp_().sum(-1).log_()
             sl = x.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
-            ce_rows[rows] = torch.where(lab >= 0, (m1 - sl) + lg_1, 0.0)
-            stat_1[0, rows], stat_1[1, rows] = m1, lg_1
+            stats.ce[rows] = torch.where(lab >= 0, (m1 - sl) + lg_1, 0.0)
+            stats.max_1[rows], stats.logsum_1[rows] = m1, lg_1
         xt = x.mul_(1.0 / T) if T != 1.0 else x
         mt = xt.amax(-1)
         dt = torch.sub(xt, mt[:, None], out=e).exp_().sum(-1)
@@ -100,37 +85,26 @@ def reference_forward(
         sid = cid.clamp(min=0).long()
         xk = xt.gather(1, sid)
         logq = (xk - mt[:, None]) - lg_t[:, None]
-        pc, ptc = p[rows], ptail[rows]
-        kl = torch.where(pc != 0, pc * (logp[rows] - logq), 0.0).sum(-1)
+        pc, ptc = prep.p[rows], prep.ptail[rows]
+        kl = torch.where(pc != 0, pc * (prep.logp[rows] - logq), 0.0).sum(-1)
         m = pc.sum(-1) + ptc
-        if tail:
+        if prep.tail:
             sk = torch.where(valid, (xk - mt[:, None]).exp(), 0.0).sum(-1)
             qtail = ((dt - sk) / dt).clamp(min=TINY)
             kl = kl + torch.where(ptc != 0, ptc * (ptc.clamp(min=TINY).log() - qtail.log()), 0.0)
-            r_all[rows] = 1.0 / qtail
-        kl_rows[rows], m_all[rows] = kl, m
-        stat_t[0, rows], stat_t[1, rows] = mt, lg_t
-    return kl_rows, ce_rows, stat_t, stat_1, m_all, r_all
+            stats.inv_qtail[rows] = 1.0 / qtail
+        stats.kl[rows], stats.mass[rows] = kl, m
+        stats.max_t[rows], stats.logsum_t[rows] = mt, lg_t
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------- backward
 def reference_backward(
-    s: torch.Tensor,
-    ids: torch.Tensor,
-    p: torch.Tensor,
-    ptail: torch.Tensor,
-    labels: torch.Tensor | None,
-    stat_t: torch.Tensor,
-    stat_1: torch.Tensor | None,
-    m: torch.Tensor,
-    r: torch.Tensor,
-    a: torch.Tensor,
-    c: torch.Tensor | None,
-    T: float,
-    tail: bool,
+    prep: Prepared, stats: RowStats, a: torch.Tensor, c: torch.Tensor | None
 ) -> torch.Tensor:
     """grad[i] = a*(q_i*m - ptail*min(q_i*r, 1)) + c*softmax(s)_i off the top-k; fixed up at the top-k ids
     (a*(q_j*m - p_j)) and at the label (-c). Rows with a = c = 0 get zeros without being read."""
+    s, ids, labels, T = prep.student, prep.ids, prep.labels, prep.temperature
     N, V = s.shape
     grad = torch.zeros_like(s)
     active = a != 0
@@ -143,24 +117,28 @@ def reference_backward(
         x.copy_(s[rows])
         ac = a[rows][:, None]
         # q = exp((x/T - max_T) - logsum_T)
-        torch.mul(x, 1.0 / T, out=q).sub_(stat_t[0, rows][:, None]).sub_(stat_t[1, rows][:, None]).exp_()
+        torch.mul(x, 1.0 / T, out=q).sub_(stats.max_t[rows][:, None]).sub_(
+            stats.logsum_t[rows][:, None]
+        ).exp_()
         cid = ids[rows]
         sid = cid.clamp(min=0).long()
         qk = q.gather(1, sid)  # before q is scaled in place
-        ptc = ptail[rows][:, None]
-        rc = r[rows][:, None]
-        if tail:
+        ptc = prep.ptail[rows][:, None]
+        rc = stats.inv_qtail[rows][:, None]
+        if prep.tail:
             tailk = ptc * (qk * rc).clamp(max=1.0)
             torch.mul(q, rc, out=e).clamp_(max=1.0).mul_(ac * ptc)
-        g = q.mul_(ac * m[rows][:, None])
-        if tail:
+        g = q.mul_(ac * stats.mass[rows][:, None])
+        if prep.tail:
             g.sub_(e)
         if c is not None:
             cc = c[rows][:, None]
-            torch.sub(x, stat_1[0, rows][:, None], out=e).sub_(stat_1[1, rows][:, None]).exp_().mul_(cc)
+            torch.sub(x, stats.max_1[rows][:, None], out=e).sub_(stats.logsum_1[rows][:, None]).exp_().mul_(
+                cc
+            )
             g.add_(e)
         # top-k fix-up: the dense value holds a*(q*m - ptail*min(q*r, 1)); the wanted one a*(q*m - p)
-        delta = torch.where(cid >= 0, ac * ((tailk if tail else 0.0) - p[rows]), 0.0)
+        delta = torch.where(cid >= 0, ac * ((tailk if prep.tail else 0.0) - prep.p[rows]), 0.0)
         g.scatter_add_(1, sid, delta)
         if c is not None:
             lab = labels[rows]
@@ -175,7 +153,9 @@ def reference_backward(
 # ------------------------------------------------------------------------------------------ autograd.Function
 # Looked up at call time, so the module-level functions stay the single point to patch or profile.
 ReferenceDistillLogitLoss = logit_loss_function(
-    "ReferenceDistillLogitLoss", lambda *a: reference_forward(*a), lambda *a: reference_backward(*a)
+    "ReferenceDistillLogitLoss",
+    lambda prep: reference_forward(prep),
+    lambda prep, stats, a, c: reference_backward(prep, stats, a, c),
 )
 
 
