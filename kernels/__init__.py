@@ -6,6 +6,7 @@ Public API (see docs/kernels.md for the math):
 * `distillation_logit_losses(..., mlm_labels=None, ignore_index=-100) -> (kl, ce)`, one pass over the logits
 * `cosine_loss(student_hidden, teacher_hidden, row_mask=None)`
 * `fused_linear_distillation_losses(hidden, weight, bias, ...)`: the LM head fused in, chunked over rows
+  (experimental, not used by the trainer; see fused_head.py)
 
 Dispatch: Triton for CUDA tensors, the chunked PyTorch reference elsewhere. The environment variable
 `OFFLINE_KD_KERNELS=triton|reference|auto` (default auto, read at each call) forces one; forcing `triton` on CPU

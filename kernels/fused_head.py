@@ -1,6 +1,11 @@
 """Fused LM head + distillation losses: `logits = hidden @ weight.T + bias` computed chunk by chunk of rows and
 fed straight into the KL/CE kernels, so the full [N, V] logits (and their gradient) never exist.
 
+Experimental: the trainer does not use it, and it has known limits. Under autocast with a bf16 hidden state
+and fp32 weights the backward, which recomputes the logits outside autocast, fails on a dtype mismatch; a
+bf16 weight's gradient is accumulated in bf16; and the backward needs the whole weight again, so it is not
+safe under ZeRO-3 weight partitioning.
+
 Forward: per chunk, the logits chunk [c, V] is computed, reduced to per-row statistics by the loss forward
 (Triton on CUDA, the reference elsewhere) and dropped. Backward: per chunk, the logits are recomputed (one
 extra matmul: the price of supporting independent upstream gradients for the KL and the CE, which rules out

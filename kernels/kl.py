@@ -1,8 +1,10 @@
 """Triton: sparse temperature KL against a cached teacher top-k (renormalised or tail-aware), fused with the
 MLM cross-entropy at T = 1.
 
-Layering (Liger-style): the `@triton.jit` kernels; the launchers `kl_ce_forward` / `kl_ce_backward`; the
-`torch.autograd.Function` `TritonDistillLogitLoss`; the functional wrappers at the bottom.
+Layering (Liger-style): the `@triton.jit` kernels; the launchers `kl_ce_forward(prep) -> RowStats` and
+`kl_ce_backward(prep, stats, a, c) -> gradient` (the backend protocol of `_common.py`); the
+`torch.autograd.Function` `TritonDistillLogitLoss` built from them. The public entry points are in
+`__init__.py`.
 
 Memory traffic per active row of V student logits: the forward reads it once (online log-sum-exp at T and at 1
 in the same loop, then k + 1 gathered reads); the backward reads it once more and writes the gradient once

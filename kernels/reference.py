@@ -2,8 +2,9 @@
 
 Chunked over rows: at most `chunk_rows(V)` rows (about `CHUNK_ELEMS` elements) are converted to fp32 at a time,
 into a few reused buffers, in the forward and in the manual backward, so no fp32 [N, V] copy ever exists; the
-only [N, V] allocation is the gradient itself (in the logits' dtype). Only rows that count (selected for the KL or carrying an MLM label)
-are read at all. Same math as `kl.py`; see docs/kernels.md.
+only [N, V] allocation is the gradient itself (in the logits' dtype). Only rows that count (selected for the
+KL or carrying an MLM label) are read at all. Same math and the same backend protocol (`_common.py`) as
+`kl.py`; see docs/kernels.md.
 """
 
 from __future__ import annotations
