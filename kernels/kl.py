@@ -24,6 +24,74 @@ from ._common import TINY, Prepared, RowStats, logit_loss_function
 MAX_BLOCK_V = 4096
 
 
+# Each kernel is split into @triton.jit helpers, one per phase of the row. The compiler inlines them: the
+# sm_90 SASS is instruction for instruction that of the kernels written as one function. The helpers take
+# `row` and base pointers and load what they read themselves, so loads and address arithmetic stay where
+# they are used (computed before the backward's dense loop instead, they cost it 8 more registers).
+@triton.jit
+def _row_softmax_stats(s_row, V, inv_T, HAS_CE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One pass over the row: online (max, sum of exp) of s/T, and of s when the CE is on."""
+    m_t = float("-inf")
+    d_t = 0.0
+    m_1 = float("-inf")
+    d_1 = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        xt = x * inv_T
+        mt_new = tl.maximum(m_t, tl.max(xt, 0))
+        d_t = d_t * tl.exp(m_t - mt_new) + tl.sum(tl.exp(xt - mt_new), 0)
+        m_t = mt_new
+        if HAS_CE:
+            m1_new = tl.maximum(m_1, tl.max(x, 0))
+            d_1 = d_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(x - m1_new), 0)
+            m_1 = m1_new
+    return m_t, d_t, m_1, d_1
+
+
+@triton.jit
+def _topk_kl(
+    s_row,
+    row,
+    IDS_ptr,
+    ids_stride,
+    P_ptr,
+    LOGP_ptr,
+    pk_stride,
+    PTAIL_ptr,
+    m_t,
+    d_t,
+    lg_t,
+    K,
+    inv_T,
+    TINY_C: tl.constexpr,
+    TAIL: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """(KL of the row, teacher mass m, 1/q_tail) from the k gathered logits."""
+    koffs = tl.arange(0, BLOCK_K)
+    kmask = koffs < K
+    ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
+    valid = kmask & (ids >= 0)
+    sid = tl.where(valid, ids, 0)
+    # absent entries read as the row max: every lane stays finite (they are masked out below)
+    xk = tl.where(valid, tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32) * inv_T, m_t)
+    p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
+    logp = tl.load(LOGP_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
+    logq = (xk - m_t) - lg_t
+    kl = tl.sum(tl.where(p != 0, p * (logp - logq), 0.0), 0)
+    m = tl.sum(p, 0)
+    r = 0.0
+    if TAIL:
+        ptail = tl.load(PTAIL_ptr + row)
+        m = m + ptail
+        sk = tl.sum(tl.where(valid, tl.exp(xk - m_t), 0.0), 0)
+        qtail = tl.maximum((d_t - sk) / d_t, TINY_C)
+        kl += tl.where(ptail != 0, ptail * (tl.log(tl.maximum(ptail, TINY_C)) - tl.log(qtail)), 0.0)
+        r = 1.0 / qtail
+    return kl, m, r
+
+
 @triton.jit
 def _kl_ce_fwd_kernel(
     S_ptr,
@@ -62,46 +130,27 @@ def _kl_ce_fwd_kernel(
     else:
         active = sel > 0
     if active:
-        # ---- one pass over the row: online max / sum of exp at T (and at 1 for the CE)
-        m_t = float("-inf")
-        d_t = 0.0
-        m_1 = float("-inf")
-        d_1 = 0.0
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            x = tl.load(s_row + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            xt = x * inv_T
-            mt_new = tl.maximum(m_t, tl.max(xt, 0))
-            d_t = d_t * tl.exp(m_t - mt_new) + tl.sum(tl.exp(xt - mt_new), 0)
-            m_t = mt_new
-            if HAS_CE:
-                m1_new = tl.maximum(m_1, tl.max(x, 0))
-                d_1 = d_1 * tl.exp(m_1 - m1_new) + tl.sum(tl.exp(x - m1_new), 0)
-                m_1 = m1_new
+        m_t, d_t, m_1, d_1 = _row_softmax_stats(s_row, V, inv_T, HAS_CE, BLOCK_V)
         # keep max and log-sum apart: m + log(d) would round log(d) away when |m| is huge (-1e9 fills)
         lg_t = tl.log(d_t)
-
-        # ---- the k gathered logits
-        koffs = tl.arange(0, BLOCK_K)
-        kmask = koffs < K
-        ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
-        valid = kmask & (ids >= 0)
-        sid = tl.where(valid, ids, 0)
-        # absent entries read as the row max: every lane stays finite (they are masked out below)
-        xk = tl.where(valid, tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32) * inv_T, m_t)
-        p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
-        logp = tl.load(LOGP_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
-        logq = (xk - m_t) - lg_t
-        kl = tl.sum(tl.where(p != 0, p * (logp - logq), 0.0), 0)
-        m = tl.sum(p, 0)
-        r = 0.0
-        if TAIL:
-            ptail = tl.load(PTAIL_ptr + row)
-            m = m + ptail
-            sk = tl.sum(tl.where(valid, tl.exp(xk - m_t), 0.0), 0)
-            qtail = tl.maximum((d_t - sk) / d_t, TINY_C)
-            kl += tl.where(ptail != 0, ptail * (tl.log(tl.maximum(ptail, TINY_C)) - tl.log(qtail)), 0.0)
-            r = 1.0 / qtail
+        kl, m, r = _topk_kl(
+            s_row,
+            row,
+            IDS_ptr,
+            ids_stride,
+            P_ptr,
+            LOGP_ptr,
+            pk_stride,
+            PTAIL_ptr,
+            m_t,
+            d_t,
+            lg_t,
+            K,
+            inv_T,
+            TINY_C,
+            TAIL,
+            BLOCK_K,
+        )
         tl.store(KL_ptr + row, kl)
         tl.store(MXT_ptr + row, m_t)
         tl.store(LGT_ptr + row, lg_t)
@@ -124,6 +173,95 @@ def _kl_ce_fwd_kernel(
             tl.store(CE_ptr + row, 0.0)
             tl.store(MX1_ptr + row, 0.0)
             tl.store(LG1_ptr + row, 0.0)
+
+
+@triton.jit
+def _dense_grad(
+    s_row,
+    g_row,
+    V,
+    inv_T,
+    mx_t,
+    lg_t,
+    am,
+    apt,
+    r,
+    c,
+    mx_1,
+    lg_1,
+    TAIL: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One pass over the row writing the off-top-k gradient everywhere; apt and r are read only with TAIL,
+    c, mx_1 and lg_1 only with HAS_CE."""
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        vmask = offs < V
+        x = tl.load(s_row + offs, mask=vmask, other=float("-inf")).to(tl.float32)
+        q = tl.exp((x * inv_T - mx_t) - lg_t)
+        g = am * q
+        if TAIL:
+            g -= apt * tl.minimum(q * r, 1.0)
+        if HAS_CE:
+            g += c * tl.exp((x - mx_1) - lg_1)
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _sparse_grad(
+    s_row,
+    g_row,
+    row,
+    IDS_ptr,
+    ids_stride,
+    P_ptr,
+    pk_stride,
+    LAB_ptr,
+    K,
+    inv_T,
+    mx_t,
+    lg_t,
+    a,
+    am,
+    apt,
+    r,
+    c,
+    mx_1,
+    lg_1,
+    TAIL: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Overwrite the top-k positions with a*(q_j*m - p_j) (+ the CE part), then the label position."""
+    koffs = tl.arange(0, BLOCK_K)
+    kmask = koffs < K
+    ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
+    valid = kmask & (ids >= 0)
+    sid = tl.where(valid, ids, 0)
+    # absent entries read as the row max: every lane stays finite (they are not stored)
+    xk = tl.where(valid, tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32), mx_t / inv_T)
+    p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
+    qk = tl.exp((xk * inv_T - mx_t) - lg_t)
+    gk = am * qk - a * p
+    if HAS_CE:
+        label = tl.load(LAB_ptr + row)
+        gk += c * (tl.exp((xk - mx_1) - lg_1) - tl.where(valid & (ids == label), 1.0, 0.0))
+    tl.store(g_row + sid, gk.to(g_row.dtype.element_ty), mask=valid)
+    if HAS_CE:
+        # ---- the label position (same value as above when the label is among the top-k)
+        has = label >= 0
+        sl = tl.where(has, label, 0)
+        xl = tl.load(s_row + sl).to(tl.float32)
+        ql = tl.exp((xl * inv_T - mx_t) - lg_t)
+        hit = valid & (ids == label)
+        in_k = tl.sum(tl.where(hit, 1, 0), 0) > 0
+        pl = tl.sum(tl.where(hit, p, 0.0), 0)
+        kl_off = am * ql
+        if TAIL:
+            kl_off -= apt * tl.minimum(ql * r, 1.0)
+        gl = tl.where(in_k, am * ql - a * pl, kl_off) + c * (tl.exp((xl - mx_1) - lg_1) - 1.0)
+        tl.store(g_row + sl, gl.to(g_row.dtype.element_ty), mask=has)
 
 
 @triton.jit
@@ -167,58 +305,44 @@ def _kl_ce_bwd_kernel(
     if active:
         mx_t = tl.load(MXT_ptr + row)
         lg_t = tl.load(LGT_ptr + row)
-        m = tl.load(M_ptr + row)
-        am = a * m
+        am = a * tl.load(M_ptr + row)
+        apt = 0.0
+        r = 0.0
         if TAIL:
-            ptail = tl.load(PTAIL_ptr + row)
+            apt = a * tl.load(PTAIL_ptr + row)
             r = tl.load(R_ptr + row)
-            apt = a * ptail
+        mx_1 = 0.0
+        lg_1 = 0.0
         if HAS_CE:
             mx_1 = tl.load(MX1_ptr + row)
             lg_1 = tl.load(LG1_ptr + row)
-        # ---- dense pass: the off-top-k value everywhere
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            vmask = offs < V
-            x = tl.load(s_row + offs, mask=vmask, other=float("-inf")).to(tl.float32)
-            q = tl.exp((x * inv_T - mx_t) - lg_t)
-            g = am * q
-            if TAIL:
-                g -= apt * tl.minimum(q * r, 1.0)
-            if HAS_CE:
-                g += c * tl.exp((x - mx_1) - lg_1)
-            tl.store(g_row + offs, g.to(G_ptr.dtype.element_ty), mask=vmask)
-        # the fix-ups below overwrite values the dense pass wrote (possibly from other threads)
+        _dense_grad(s_row, g_row, V, inv_T, mx_t, lg_t, am, apt, r, c, mx_1, lg_1, TAIL, HAS_CE, BLOCK_V)
+        # the fix-ups overwrite values the dense pass wrote (possibly from other threads)
         tl.debug_barrier()
-        # ---- top-k positions: a*(q_j*m - p_j) (+ the CE part)
-        koffs = tl.arange(0, BLOCK_K)
-        kmask = koffs < K
-        ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
-        valid = kmask & (ids >= 0)
-        sid = tl.where(valid, ids, 0)
-        # absent entries read as the row max: every lane stays finite (they are not stored)
-        xk = tl.where(valid, tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32), mx_t / inv_T)
-        p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
-        qk = tl.exp((xk * inv_T - mx_t) - lg_t)
-        gk = am * qk - a * p
-        if HAS_CE:
-            label = tl.load(LAB_ptr + row)
-            gk += c * (tl.exp((xk - mx_1) - lg_1) - tl.where(valid & (ids == label), 1.0, 0.0))
-        tl.store(g_row + sid, gk.to(G_ptr.dtype.element_ty), mask=valid)
-        if HAS_CE:
-            # ---- the label position (same value as above when the label is among the top-k)
-            has = label >= 0
-            sl = tl.where(has, label, 0)
-            xl = tl.load(s_row + sl).to(tl.float32)
-            ql = tl.exp((xl * inv_T - mx_t) - lg_t)
-            hit = valid & (ids == label)
-            in_k = tl.sum(tl.where(hit, 1, 0), 0) > 0
-            pl = tl.sum(tl.where(hit, p, 0.0), 0)
-            kl_off = am * ql
-            if TAIL:
-                kl_off -= apt * tl.minimum(ql * r, 1.0)
-            gl = tl.where(in_k, am * ql - a * pl, kl_off) + c * (tl.exp((xl - mx_1) - lg_1) - 1.0)
-            tl.store(g_row + sl, gl.to(G_ptr.dtype.element_ty), mask=has)
+        _sparse_grad(
+            s_row,
+            g_row,
+            row,
+            IDS_ptr,
+            ids_stride,
+            P_ptr,
+            pk_stride,
+            LAB_ptr,
+            K,
+            inv_T,
+            mx_t,
+            lg_t,
+            a,
+            am,
+            apt,
+            r,
+            c,
+            mx_1,
+            lg_1,
+            TAIL,
+            HAS_CE,
+            BLOCK_K,
+        )
     else:
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
