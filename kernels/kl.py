@@ -50,6 +50,18 @@ def _row_softmax_stats(s_row, V, inv_T, HAS_CE: tl.constexpr, BLOCK_V: tl.conste
 
 
 @triton.jit
+def _gather_topk(s_row, row, IDS_ptr, ids_stride, K, BLOCK_K: tl.constexpr):
+    """The row's top-k ids (padded to BLOCK_K), which lanes hold one, their clamped indices and the logits
+    there (fp32; 0 on lanes without an id)."""
+    koffs = tl.arange(0, BLOCK_K)
+    kmask = koffs < K
+    ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
+    valid = kmask & (ids >= 0)
+    sid = tl.where(valid, ids, 0)
+    return koffs, kmask, ids, valid, sid, tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _topk_kl(
     s_row,
     row,
@@ -69,13 +81,9 @@ def _topk_kl(
     BLOCK_K: tl.constexpr,
 ):
     """(KL of the row, teacher mass m, 1/q_tail) from the k gathered logits."""
-    koffs = tl.arange(0, BLOCK_K)
-    kmask = koffs < K
-    ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
-    valid = kmask & (ids >= 0)
-    sid = tl.where(valid, ids, 0)
+    koffs, kmask, ids, valid, sid, xk = _gather_topk(s_row, row, IDS_ptr, ids_stride, K, BLOCK_K)
     # absent entries read as the row max: every lane stays finite (they are masked out below)
-    xk = tl.where(valid, tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32) * inv_T, m_t)
+    xk = tl.where(valid, xk * inv_T, m_t)
     p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
     logp = tl.load(LOGP_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
     logq = (xk - m_t) - lg_t
@@ -234,13 +242,9 @@ def _sparse_grad(
     BLOCK_K: tl.constexpr,
 ):
     """Overwrite the top-k positions with a*(q_j*m - p_j) (+ the CE part), then the label position."""
-    koffs = tl.arange(0, BLOCK_K)
-    kmask = koffs < K
-    ids = tl.load(IDS_ptr + row * ids_stride + koffs, mask=kmask, other=-1)
-    valid = kmask & (ids >= 0)
-    sid = tl.where(valid, ids, 0)
+    koffs, kmask, ids, valid, sid, xk = _gather_topk(s_row, row, IDS_ptr, ids_stride, K, BLOCK_K)
     # absent entries read as the row max: every lane stays finite (they are not stored)
-    xk = tl.where(valid, tl.load(s_row + sid, mask=valid, other=0.0).to(tl.float32), mx_t / inv_T)
+    xk = tl.where(valid, xk, mx_t / inv_T)
     p = tl.load(P_ptr + row * pk_stride + koffs, mask=kmask, other=0.0)
     qk = tl.exp((xk * inv_T - mx_t) - lg_t)
     gk = am * qk - a * p
@@ -371,13 +375,19 @@ def _launch(kernel, prep: Prepared, *pointers, **constexprs) -> None:
     )
 
 
+def _stat_args(st: RowStats) -> tuple[torch.Tensor, ...]:
+    """The kernels' MXT, LGT, MX1, LG1, M and R arguments. Without the CE the MX1 and LG1 buffers are never
+    dereferenced (HAS_CE=False), so the statistics at T stand in for them."""
+    has_ce = st.max_1 is not None
+    max_1, logsum_1 = (st.max_1, st.logsum_1) if has_ce else (st.max_t, st.logsum_t)
+    return st.max_t, st.logsum_t, max_1, logsum_1, st.mass, st.inv_qtail
+
+
 def kl_ce_forward(prep: Prepared) -> RowStats:
     """Per-row losses and statistics (see `RowStats`), zeros on rows that count for neither loss."""
     s, ids, p = prep.student, prep.ids, prep.p
     has_ce = prep.labels is not None
     st = RowStats.allocate(s.shape[0], s.device, has_ce, alloc=torch.empty)
-    # without the CE its pointers are never dereferenced (HAS_CE=False): any fp32 buffer will do
-    ce, max_1, logsum_1 = (st.ce, st.max_1, st.logsum_1) if has_ce else (st.kl, st.max_t, st.logsum_t)
     _launch(
         _kl_ce_fwd_kernel,
         prep,
@@ -390,15 +400,10 @@ def kl_ce_forward(prep: Prepared) -> RowStats:
         p.stride(0),
         prep.ptail,
         prep.sel,
-        prep.labels if has_ce else prep.sel,
+        prep.labels if has_ce else prep.sel,  # without the CE never dereferenced, like CE_ptr
         st.kl,
-        ce,
-        st.max_t,
-        st.logsum_t,
-        max_1,
-        logsum_1,
-        st.mass,
-        st.inv_qtail,
+        st.ce if has_ce else st.kl,
+        *_stat_args(st),
         TINY_C=TINY,
     )
     return st
@@ -409,8 +414,6 @@ def kl_ce_backward(prep: Prepared, st: RowStats, a: torch.Tensor, c: torch.Tenso
     s, ids, p = prep.student, prep.ids, prep.p
     has_ce = prep.labels is not None
     grad = torch.empty_like(s)
-    # without the CE its pointers are never dereferenced (HAS_CE=False): any buffer will do
-    max_1, logsum_1 = (st.max_1, st.logsum_1) if has_ce else (st.max_t, st.logsum_t)
     _launch(
         _kl_ce_bwd_kernel,
         prep,
@@ -423,13 +426,8 @@ def kl_ce_backward(prep: Prepared, st: RowStats, a: torch.Tensor, c: torch.Tenso
         p,
         p.stride(0),
         prep.ptail,
-        prep.labels if has_ce else a,
-        st.max_t,
-        st.logsum_t,
-        max_1,
-        logsum_1,
-        st.mass,
-        st.inv_qtail,
+        prep.labels if has_ce else a,  # without the CE never dereferenced, like C_ptr
+        *_stat_args(st),
         a,
         c if has_ce else a,
     )
