@@ -207,6 +207,28 @@ def test_nan_teacher_logit_makes_the_loss_nan(backend, tail):
     assert torch.isnan(kl)
 
 
+def test_logits_changed_in_place_after_the_forward_are_refused(backend):
+    """The backward reads the logits again: autograd must refuse to run it once they were modified."""
+    student, ids, tz, lse, mask, labels = make_case(4, 100, 4, torch.float32, 2.0, seed=13)
+    leaf = student.clone().requires_grad_(True)
+    s = leaf * 1.0
+    kl, ce = K.distillation_logit_losses(s, ids, tz, 2.0, mask, lse, labels)
+    s.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(kl + ce, leaf)
+
+
+def test_teacher_tensors_get_no_gradient(backend):
+    student, ids, tz, lse, mask, labels = make_case(4, 100, 4, torch.float32, 2.0, seed=14)
+    s = student.clone().requires_grad_(True)
+    t = tz.clone().requires_grad_(True)
+    e = lse.clone().requires_grad_(True)
+    kl, ce = K.distillation_logit_losses(s, ids, t, 2.0, mask, e, labels)
+    (kl + ce).backward()
+    assert s.grad is not None and s.grad.abs().max() > 0
+    assert t.grad is None and e.grad is None
+
+
 def test_no_selected_rows_and_no_labels(backend):
     V, N, k, T = 200, 4, 4, 2.0
     student, ids, tz, lse, _, _ = make_case(N, V, k, torch.float32, T, seed=5)
