@@ -43,7 +43,6 @@ class Prepared:
     labels: torch.Tensor | None  # [N] int64 MLM label, -1 where the row has none
     temperature: float
     tail: bool  # tail-aware variant (teacher_lse given) rather than the renormalised top-k
-    orig_shape: torch.Size
 
     def rows(self, sl: slice, student: torch.Tensor) -> Prepared:
         """Rows `sl` only, with `student` as their logits (the fused LM head computes them chunk by chunk)."""
@@ -187,7 +186,6 @@ def prepare(
         labels=labels,
         temperature=temperature,
         tail=teacher_lse is not None,
-        orig_shape=student_logits.shape,
     )
 
 
