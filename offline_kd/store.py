@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import Protocol
 
 import numpy as np
 import zarr
@@ -14,12 +15,11 @@ import zarr.codecs as zc
 FORMAT = "offline_kd.signal_store"
 FORMAT_VERSION = 1
 ATTR_KEY = "offline_kd"
-
-INPUT_FIELDS = ("input_ids", "lengths")
-VIEW_FIELDS = ("masked_input_ids", "mlm_mask", "topk_ids", "topk_logits", "lse", "hidden")
-ALL_FIELDS = INPUT_FIELDS + VIEW_FIELDS
 # Keys that may differ between runs writing the same store (not settings).
 IGNORED_KEYS = ("package_version", "corpus.sources", "corpus.holdout.file", "teacher.name_or_path")
+# Two stored temperatures are the same when they differ by less than this (temperatures are typed
+# on command lines and round-trip through JSON exactly; the slack only absorbs float32 round-off).
+TEMPERATURE_TOLERANCE = 1e-6
 
 
 class StoreError(RuntimeError):
@@ -79,6 +79,126 @@ def id_dtype_for(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65535 else "int32"
 
 
+# ---------------------------------------------------------------------- schema
+class SignalSettings(Protocol):
+    """The settings the schema reads (a :class:`StoreMeta` has them all)."""
+
+    top_k: int
+    temperatures: Sequence[float]
+    hidden: bool
+    hidden_size: int
+
+    @property
+    def id_dtype(self) -> str: ...
+
+
+IDS = "ids"  # dtype of token-id arrays: uint16 up to 65,535 vocabulary entries, int32 beyond
+COMMITTED_DTYPE = "uint8"
+
+
+def _no_trailing(m: SignalSettings) -> tuple[int, ...]:
+    return ()
+
+
+def _always(m: SignalSettings) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of the store.
+
+    Shape: ``[V,]`` if ``per_view``, then the sequence axis ``S``, then ``L`` if
+    ``per_position``, then ``trailing(meta)``. ``dtype`` is a numpy dtype name or :data:`IDS`.
+    ``source`` says what fills it: ``"corpus"`` (packed inputs), ``"masking"`` (the masked view)
+    or ``"teacher"`` (an attribute of the same name of :class:`offline_kd.teacher.Signals`).
+    An array for which ``present(meta)`` is false is not created, written or read.
+    """
+
+    name: str
+    per_view: bool
+    per_position: bool
+    dtype: str
+    source: str
+    trailing: Callable[[SignalSettings], tuple[int, ...]] = _no_trailing
+    present: Callable[[SignalSettings], bool] = _always
+    absent_because: str = ""
+
+    def dtype_for(self, m: SignalSettings) -> str:
+        return m.id_dtype if self.dtype == IDS else self.dtype
+
+    def row_shape(self, m: SignalSettings, max_length: int) -> tuple[int, ...]:
+        """Shape of one sequence's entry (after the view and sequence axes)."""
+        return ((max_length,) if self.per_position else ()) + tuple(self.trailing(m))
+
+    def layout(self, meta: StoreMeta) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """(shape, chunk shape, shard shape) of the array in a store with ``meta``."""
+        row = self.row_shape(meta, meta.max_length)
+        view = (meta.views,) if self.per_view else ()
+        one = (1,) if self.per_view else ()
+        return (
+            view + (meta.num_sequences,) + row,
+            one + (meta.chunk_sequences,) + row,
+            one + (meta.shard_sequences,) + row,
+        )
+
+
+# The single description of the arrays (order = creation, write and read order). Precompute's
+# buffers, the recorded dtypes, the size estimate and the reader's fields all come from here.
+SCHEMA: tuple[ArraySpec, ...] = (
+    ArraySpec("input_ids", per_view=False, per_position=True, dtype=IDS, source="corpus"),
+    ArraySpec("lengths", per_view=False, per_position=False, dtype="int32", source="corpus"),
+    ArraySpec("masked_input_ids", per_view=True, per_position=True, dtype=IDS, source="masking"),
+    ArraySpec("mlm_mask", per_view=True, per_position=True, dtype="bool", source="masking"),
+    ArraySpec(
+        "topk_ids", per_view=True, per_position=True, dtype=IDS, source="teacher",
+        trailing=lambda m: (m.top_k,),
+    ),
+    ArraySpec(
+        "topk_logits", per_view=True, per_position=True, dtype="float32", source="teacher",
+        trailing=lambda m: (m.top_k,),
+    ),
+    ArraySpec(
+        "lse", per_view=True, per_position=True, dtype="float32", source="teacher",
+        trailing=lambda m: (len(m.temperatures),),
+    ),
+    ArraySpec(
+        "hidden", per_view=True, per_position=True, dtype="float16", source="teacher",
+        trailing=lambda m: (m.hidden_size,), present=lambda m: bool(m.hidden),
+        absent_because="precomputed without --hidden",
+    ),
+)  # fmt: skip
+SPECS: dict[str, ArraySpec] = {spec.name: spec for spec in SCHEMA}
+ARRAY_NAMES: tuple[str, ...] = tuple(SPECS)
+
+
+def array_specs(m: SignalSettings, *, per_view: bool | None = None) -> list[ArraySpec]:
+    """The arrays a store with these settings has (optionally only the per-view or per-sequence ones)."""
+    return [s for s in SCHEMA if s.present(m) and (per_view is None or s.per_view == per_view)]
+
+
+def dtypes_for(vocab_size: int) -> dict[str, str]:
+    """The ``dtypes`` attribute: each array's dtype, token-id arrays under one ``"ids"`` key."""
+    out = {}
+    for spec in SCHEMA:
+        key = IDS if spec.dtype == IDS else spec.name
+        out.setdefault(key, id_dtype_for(vocab_size) if spec.dtype == IDS else spec.dtype)
+    out["committed"] = COMMITTED_DTYPE
+    return out
+
+
+def temperature_index(temperatures: Sequence[float], T: float) -> int:
+    """Index of ``T`` in the stored ``temperatures`` (the last axis of ``lse``).
+
+    Equal means within :data:`TEMPERATURE_TOLERANCE` (absolute); the first match wins.
+    Raises :class:`KeyError` when ``T`` was not stored.
+    """
+    for i, t in enumerate(temperatures):
+        if abs(float(t) - float(T)) < TEMPERATURE_TOLERANCE:
+            return i
+    raise KeyError(f"temperature {T} is not stored; stored: {list(temperatures)}")
+
+
 def shard_range(meta: StoreMeta, shard: int) -> tuple[int, int]:
     a = shard * meta.shard_sequences
     return a, min(a + meta.shard_sequences, meta.num_sequences)
@@ -106,30 +226,39 @@ def diff_meta(a: dict, b: dict) -> list[str]:
     ]
 
 
-def _array_specs(meta: StoreMeta) -> dict[str, tuple[tuple, str, tuple, tuple]]:
-    S, L, V, K, nT = meta.num_sequences, meta.max_length, meta.views, meta.top_k, len(meta.temperatures)
-    c, R = meta.chunk_sequences, meta.shard_sequences
-    ids = meta.id_dtype
-    specs = {
-        "input_ids": ((S, L), ids, (c, L), (R, L)),
-        "lengths": ((S,), "int32", (c,), (R,)),
-        "masked_input_ids": ((V, S, L), ids, (1, c, L), (1, R, L)),
-        "mlm_mask": ((V, S, L), "bool", (1, c, L), (1, R, L)),
-        "topk_ids": ((V, S, L, K), ids, (1, c, L, K), (1, R, L, K)),
-        "topk_logits": ((V, S, L, K), "float32", (1, c, L, K), (1, R, L, K)),
-        "lse": ((V, S, L, nT), "float32", (1, c, L, nT), (1, R, L, nT)),
-    }
-    if meta.hidden:
-        H = meta.hidden_size
-        specs["hidden"] = ((V, S, L, H), "float16", (1, c, L, H), (1, R, L, H))
-    return specs
-
-
 def _open_group(url: str, mode: str, storage_options: dict | None):
     if str(url).startswith("file://") and not storage_options:
         url = str(url)[len("file://") :]  # local store: atomic writes, no fsspec needed
     kwargs = {"storage_options": storage_options} if storage_options else {}
     return zarr.open_group(str(url), mode=mode, zarr_format=3, **kwargs)
+
+
+def _create_arrays(g, meta: StoreMeta) -> None:
+    """Every array of the schema present for ``meta``, then the commit record."""
+    compression_level = int(meta.compression.get("level", 1))
+    for spec in array_specs(meta):
+        shape, chunks, shards = spec.layout(meta)
+        dtype = spec.dtype_for(meta)
+        g.create_array(
+            spec.name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunks,
+            shards=shards,
+            serializer=zc.BytesCodec(),
+            compressors=[zc.ZstdCodec(level=compression_level), zc.Crc32cCodec()],
+            fill_value=False if dtype == "bool" else 0,
+        )
+    # One unsharded file per shard flag, so ranks never rewrite each other's flags.
+    g.create_array(
+        "committed",
+        shape=(meta.num_shards,),
+        dtype=COMMITTED_DTYPE,
+        chunks=(1,),
+        serializer=zc.BytesCodec(),
+        compressors=[zc.Crc32cCodec()],
+        fill_value=0,
+    )
 
 
 class SignalStore:
@@ -177,68 +306,54 @@ class SignalStore:
         """
         if not meta.compression:
             meta.compression = {"codec": "zstd", "level": 1, "checksum": "crc32c"}
-        compression_level = int(meta.compression.get("level", 1))
         want = meta.as_dict()
         if not overwrite:
-            try:
-                g = _open_group(url, "r+", storage_options)
-            except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-                g = None
-            if g is not None:
-                have = g.attrs.asdict().get(ATTR_KEY)
-                if have is not None:
-                    diff = diff_meta(have, want)
-                    if diff:
-                        details = "; ".join(
-                            f"{k}: store={_get(have, k)!r} requested={_get(want, k)!r}" for k in diff
-                        )
-                        raise StoreMismatchError(
-                            f"{url!r} was made with different settings ({details}); "
-                            "use a new output path or overwrite=True (--overwrite)"
-                        )
-                    return cls(g, StoreMeta.from_dict(have), str(url))
-                # No attributes: a creation that crashed (attributes come last) may be redone;
-                # anything else is not ours to delete.
-                ours = set(ALL_FIELDS) | {"committed"}
-                if g.attrs.asdict() or not set(g.keys()) <= ours:
-                    raise StoreError(
-                        f"{url!r} exists but is not a signal store; pass overwrite to replace it"
-                    )
+            existing = cls._reopen_for_resume(url, want, storage_options)
+            if existing is not None:
+                return existing
         g = _open_group(url, "w", storage_options)
-        for name, (shape, dtype, chunks, shards) in _array_specs(meta).items():
-            g.create_array(
-                name,
-                shape=shape,
-                dtype=dtype,
-                chunks=chunks,
-                shards=shards,
-                serializer=zc.BytesCodec(),
-                compressors=[zc.ZstdCodec(level=compression_level), zc.Crc32cCodec()],
-                fill_value=False if dtype == "bool" else 0,
-            )
-        g.create_array(
-            "committed",
-            shape=(meta.num_shards,),
-            dtype="uint8",
-            chunks=(1,),
-            serializer=zc.BytesCodec(),
-            compressors=[zc.Crc32cCodec()],
-            fill_value=0,
-        )
+        _create_arrays(g, meta)
         g.attrs[ATTR_KEY] = want
         return cls(g, StoreMeta.from_dict(want), str(url))
+
+    @classmethod
+    def _reopen_for_resume(cls, url: str, want: dict, storage_options: dict | None) -> SignalStore | None:
+        """The existing store at ``url`` if it has the settings ``want``; None if there is none
+        (or only the arrays of a creation that crashed before its attributes)."""
+        try:
+            g = _open_group(url, "r+", storage_options)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return None
+        have = g.attrs.asdict().get(ATTR_KEY)
+        if have is not None:
+            diff = diff_meta(have, want)
+            if diff:
+                details = "; ".join(f"{k}: store={_get(have, k)!r} requested={_get(want, k)!r}" for k in diff)
+                raise StoreMismatchError(
+                    f"{url!r} was made with different settings ({details}); "
+                    "use a new output path or overwrite=True (--overwrite)"
+                )
+            return cls(g, StoreMeta.from_dict(have), str(url))
+        # No attributes: a creation that crashed (attributes come last) may be redone;
+        # anything else is not ours to delete.
+        ours = set(ARRAY_NAMES) | {"committed"}
+        if g.attrs.asdict() or not set(g.keys()) <= ours:
+            raise StoreError(f"{url!r} exists but is not a signal store; pass overwrite to replace it")
+        return None
 
     # ------------------------------------------------------------------ reading
     def array(self, name: str):
         if name not in self._arrays:
-            if name == "hidden" and not self.meta.hidden:
-                raise KeyError(f"{self.url!r} has no hidden states (precomputed without --hidden)")
+            spec = SPECS.get(name)
+            if spec is not None and not spec.present(self.meta):
+                raise KeyError(f"{self.url!r} has no {name!r} array ({spec.absent_because})")
             self._arrays[name] = self.group[name]
         return self._arrays[name]
 
     @property
     def fields(self) -> tuple[str, ...]:
-        return tuple(f for f in ALL_FIELDS if f != "hidden" or self.meta.hidden)
+        """Names of the arrays this store has, in schema order."""
+        return tuple(spec.name for spec in array_specs(self.meta))
 
     def committed(self) -> np.ndarray:
         return self._get("committed", (slice(None),), 0, self.meta.num_shards, None).astype(bool)
@@ -247,10 +362,13 @@ class SignalStore:
         return bool(self.committed().all())
 
     def temperature_index(self, T: float) -> int:
-        for i, t in enumerate(self.meta.temperatures):
-            if math.isclose(float(t), float(T), rel_tol=1e-6, abs_tol=1e-9):
-                return i
-        raise KeyError(f"temperature {T} was not stored in {self.url!r}; stored: {self.meta.temperatures}")
+        """Index of ``T`` into ``lse``'s last axis (see :func:`temperature_index`)."""
+        try:
+            return temperature_index(self.meta.temperatures, T)
+        except KeyError:
+            raise KeyError(
+                f"temperature {T} was not stored in {self.url!r}; stored: {self.meta.temperatures}"
+            ) from None
 
     def read(
         self, view: int, start: int, stop: int, fields: Sequence[str] | None = None
@@ -263,10 +381,13 @@ class SignalStore:
         want = self.fields if fields is None else tuple(fields)
         out = {}
         for name in want:
-            if name not in ALL_FIELDS:
-                raise KeyError(f"unknown field {name!r}; known: {ALL_FIELDS}")
-            sel = (slice(start, stop),) if name in INPUT_FIELDS else (view, slice(start, stop))
-            out[name] = self._get(name, sel, start, stop, view if name in VIEW_FIELDS else None)
+            spec = SPECS.get(name)
+            if spec is None:
+                raise KeyError(f"unknown field {name!r}; known: {ARRAY_NAMES}")
+            if spec.per_view:
+                out[name] = self._get(name, (view, slice(start, stop)), start, stop, view)
+            else:
+                out[name] = self._get(name, (slice(start, stop),), start, stop, None)
         return out
 
     def _get(self, name: str, sel: tuple, start: int, stop: int, view: int | None):
@@ -280,39 +401,41 @@ class SignalStore:
 
     def _locate_corruption(self, name: str, start: int, stop: int, view: int | None, err: Exception):
         arr = self.array(name)
-        c = arr.chunks[0] if arr.ndim == 1 or name in INPUT_FIELDS else arr.chunks[1]
-        if name == "committed":
-            c = 1
+        if name == "committed":  # one flag a chunk, one chunk a shard
+            c, n, per_shard = 1, arr.shape[0], 1
+        else:
+            axis = 1 if SPECS[name].per_view else 0  # the sequence axis
+            c, n, per_shard = arr.chunks[axis], arr.shape[axis], self.meta.shard_sequences
+        v = "" if view is None else f" view {view},"
         for a in range((start // c) * c, stop, c):
-            b = min(a + c, arr.shape[0] if name in INPUT_FIELDS + ("committed",) else arr.shape[1])
+            b = min(a + c, n)
             sel = (slice(a, b),) if view is None else (view, slice(a, b))
             try:
                 arr[sel]
             except Exception as e2:  # noqa: BLE001
-                shard = a // (self.meta.shard_sequences if name != "committed" else 1)
-                v = "" if view is None else f" view {view},"
                 return StoreCorruptionError(
-                    f"{self.url!r}: array {name!r}{v} chunk of sequences [{a}, {b}) (shard {shard}) "
-                    f"is corrupt: {e2}"
+                    f"{self.url!r}: array {name!r}{v} chunk of sequences [{a}, {b}) "
+                    f"(shard {a // per_shard}) is corrupt: {e2}"
                 )
-        v = "" if view is None else f" view {view},"
         return StoreCorruptionError(
             f"{self.url!r}: array {name!r}{v} sequences [{start}, {stop}) is corrupt: {err}"
         )
 
     # ------------------------------------------------------------------ writing
     def write_inputs(self, shard: int, input_ids: np.ndarray, lengths: np.ndarray) -> None:
-        a, b = shard_range(self.meta, shard)
-        self.array("input_ids")[a:b] = input_ids.astype(self.meta.id_dtype, copy=False)
-        self.array("lengths")[a:b] = lengths.astype(np.int32, copy=False)
+        """The per-sequence arrays of ``shard`` (cast to their stored dtypes)."""
+        self._write(shard, None, {"input_ids": input_ids, "lengths": lengths})
 
     def write_view(self, shard: int, view: int, arrays: dict[str, np.ndarray]) -> None:
+        """Every per-view array of ``shard`` in ``view`` (extra keys, e.g. absent arrays, are ignored)."""
+        self._write(shard, view, arrays)
+
+    def _write(self, shard: int, view: int | None, arrays: dict[str, np.ndarray]) -> None:
         a, b = shard_range(self.meta, shard)
-        for name in VIEW_FIELDS:
-            if name == "hidden" and not self.meta.hidden:
-                continue
-            arr = self.array(name)
-            self.array(name)[view, a:b] = np.asarray(arrays[name]).astype(arr.dtype, copy=False)
+        for spec in array_specs(self.meta, per_view=view is not None):
+            arr = self.array(spec.name)
+            sel = (slice(a, b),) if view is None else (view, slice(a, b))
+            arr[sel] = np.asarray(arrays[spec.name]).astype(arr.dtype, copy=False)
 
     def mark_committed(self, shard: int) -> None:
         self.array("committed")[shard] = 1
@@ -327,6 +450,11 @@ class SignalStore:
         return total
 
 
+def open_store(url: str, storage_options: dict | None = None) -> SignalStore:
+    """Open a finished store for reading (local path or fsspec URL)."""
+    return SignalStore.open(url, mode="r", storage_options=storage_options)
+
+
 def _get(d: dict, dotted: str):
     cur = d
     for part in dotted.split("."):
@@ -336,13 +464,36 @@ def _get(d: dict, dotted: str):
     return cur
 
 
+@dataclass(frozen=True)
+class _EstimateSettings:
+    top_k: int
+    temperatures: tuple[float, ...]
+    hidden: bool
+    hidden_size: int
+    id_dtype: str
+
+
 def estimate_bytes_per_token(
     top_k: int, views: int, n_temperatures: int, hidden_size: int | None, vocab_size: int
-):
-    """Uncompressed bytes per stored token position (an upper bound for the dry run)."""
-    idb = 2 if vocab_size <= 65535 else 4
-    per_view = idb + 1 + top_k * (idb + 4) + n_temperatures * 4 + (hidden_size * 2 if hidden_size else 0)
-    return idb + views * per_view
+) -> int:
+    """Uncompressed bytes per stored token position (an upper bound for the dry run).
+
+    Counts every array with a position axis (``lengths`` and ``committed`` are per sequence
+    and per shard, negligible); ``hidden_size`` None or 0 means no hidden states.
+    """
+    settings = _EstimateSettings(
+        top_k=top_k,
+        temperatures=(1.0,) * n_temperatures,
+        hidden=bool(hidden_size),
+        hidden_size=hidden_size or 0,
+        id_dtype=id_dtype_for(vocab_size),
+    )
+    total = 0
+    for spec in array_specs(settings):
+        if spec.per_position:
+            per_row = math.prod(spec.trailing(settings)) * np.dtype(spec.dtype_for(settings)).itemsize
+            total += per_row * (views if spec.per_view else 1)
+    return total
 
 
 def num_shards_for(num_sequences: int, shard_sequences: int) -> int:
