@@ -22,9 +22,10 @@ from .store import (
     SignalStore,
     StoreError,
     StoreMeta,
+    array_specs,
     diff_meta,
+    dtypes_for,
     estimate_bytes_per_token,
-    id_dtype_for,
     num_shards_for,
     shard_range,
 )
@@ -146,15 +147,7 @@ def build_meta(
         shard_sequences=cfg.shard_size,
         chunk_sequences=_chunk_size(cfg),
         num_shards=num_shards_for(num_sequences, cfg.shard_size),
-        dtypes={
-            "ids": id_dtype_for(teacher.vocab_size),
-            "lengths": "int32",
-            "mlm_mask": "bool",
-            "topk_logits": "float32",
-            "lse": "float32",
-            "hidden": "float16",
-            "committed": "uint8",
-        },
+        dtypes=dtypes_for(teacher.vocab_size),
         compression={"codec": "zstd", "level": 1, "checksum": "crc32c"},
         package_version=__version__,
     )
@@ -336,26 +329,17 @@ def _run_view(
         ids, lengths, masking, special, len(teacher.tokenizer), tok["mask_token_id"], cfg.seed,
         range(offset, offset + n), view, weights,
     )  # fmt: skip
-    K, nT = meta.top_k, len(meta.temperatures)
-    out = {
-        "masked_input_ids": masked,
-        "mlm_mask": mlm,
-        "topk_ids": np.zeros((n, L, K), dtype=np.int64),
-        "topk_logits": np.zeros((n, L, K), dtype=np.float32),
-        "lse": np.zeros((n, L, nT), dtype=np.float32),
-    }
-    if meta.hidden:
-        out["hidden"] = np.zeros((n, L, meta.hidden_size), dtype=np.float16)
+    # Buffers for the teacher's arrays, in their stored dtypes (the schema says which and how big).
+    from_teacher = [spec for spec in array_specs(meta, per_view=True) if spec.source == "teacher"]
+    out = {"masked_input_ids": masked, "mlm_mask": mlm}
+    out.update({spec.name: spec.empty(meta, n) for spec in from_teacher})
     attn = (np.arange(L)[None, :] < lengths[:, None]).astype(np.int64)
     for s in range(0, n, cfg.batch_size):
         e = min(s + cfg.batch_size, n)
         sig = compute_signals(
             teacher.model, torch.from_numpy(masked[s:e]), torch.from_numpy(attn[s:e]),
-            K, meta.temperatures, meta.hidden, seq_offset=offset + s,
+            meta.top_k, meta.temperatures, meta.hidden, seq_offset=offset + s,
         )  # fmt: skip
-        out["topk_ids"][s:e] = sig.topk_ids
-        out["topk_logits"][s:e] = sig.topk_logits
-        out["lse"][s:e] = sig.lse
-        if meta.hidden:
-            out["hidden"][s:e] = sig.hidden
+        for spec in from_teacher:
+            out[spec.name][s:e] = getattr(sig, spec.name)
     return out

@@ -131,6 +131,10 @@ class ArraySpec:
         """Shape of one sequence's entry (after the view and sequence axes)."""
         return ((max_length,) if self.per_position else ()) + tuple(self.trailing(m))
 
+    def empty(self, meta: StoreMeta, n: int) -> np.ndarray:
+        """Zeros for ``n`` sequences of one view, in the stored dtype (a writer's buffer)."""
+        return np.zeros((n, *self.row_shape(meta, meta.max_length)), dtype=self.dtype_for(meta))
+
     def layout(self, meta: StoreMeta) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """(shape, chunk shape, shard shape) of the array in a store with ``meta``."""
         row = self.row_shape(meta, meta.max_length)
