@@ -10,6 +10,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from .store import (
     num_shards_for,
     shard_range,
 )
-from .teacher import compute_signals, device_from_env, load_teacher
+from .teacher import Teacher, compute_signals, device_from_env, load_teacher
 
 # Seconds to sleep after each (shard, view) write, before the commit; only for crash tests.
 _DELAY = float(os.environ.get("OFFLINE_KD_PRECOMPUTE_DELAY", "0") or 0)
@@ -177,6 +178,38 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     """Run the teacher over the corpus and write (or resume) the signal store. See docs/resume.md."""
     t0 = time.monotonic()
     rank, world = rank_and_world(cfg.rank, cfg.world_size)
+    _check_settings(cfg, world)
+    teacher = _load_checked_teacher(cfg)
+    prep = _prepare(cfg, teacher, rank)
+    S = len(prep.packed)
+    if cfg.dry_run:
+        est = _check_disk_space(cfg, prep.meta, S)
+        return PrecomputeResult(
+            cfg.output, S, prep.meta.num_shards, [], [], False, time.monotonic() - t0, S * cfg.max_length,
+            dry_run=True, estimated_bytes=est, meta=prep.meta.as_dict(),
+        )  # fmt: skip
+
+    # Rank 0 creates (or reopens for resume) the store; the others wait for its attributes.
+    if rank == 0:
+        store = SignalStore.create(cfg.output, prep.meta, cfg.storage_options, overwrite=cfg.overwrite)
+    else:
+        store = _wait_for_store(cfg, prep.meta, rank)
+    meta = store.meta
+    mine = assigned_shards(meta.num_shards, rank, world)
+    done = store.committed()
+    todo = [i for i in mine if not done[i]]
+    skipped = [i for i in mine if done[i]]
+    t_start = time.monotonic()
+    written, tokens_done = _write_shards(cfg, prep, store, todo, rank, world)
+    complete = store.is_complete()
+    return PrecomputeResult(
+        cfg.output, S, meta.num_shards, written, skipped, complete, time.monotonic() - t0,
+        tokens_done, meta=meta.as_dict(), loop_seconds=time.monotonic() - t_start,
+    )  # fmt: skip
+
+
+def _check_settings(cfg: PrecomputeConfig, world: int) -> None:
+    """Refuse bad settings before loading anything."""
     if cfg.top_k < 1:
         raise ValueError("top_k must be >= 1")
     if cfg.views < 1:
@@ -185,6 +218,10 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         raise ValueError(f"temperatures must be positive, got {cfg.temperatures}")
     if cfg.overwrite and world > 1:
         raise StoreError("--overwrite with several ranks is racy: delete the store first, then run all ranks")
+
+
+def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
+    """The teacher, refused if ``top_k`` or ``max_length`` do not fit it."""
     device = device_from_env(cfg.device)
     teacher = load_teacher(cfg.teacher, cfg.revision, device, cfg.dtype, cfg.trust_remote_code)
     if cfg.top_k > teacher.vocab_size:
@@ -194,6 +231,21 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             f"max_length {cfg.max_length} exceeds the teacher's max_position_embeddings "
             f"{teacher.model.config.max_position_embeddings}"
         )
+    return teacher
+
+
+@dataclass
+class _Prepared:
+    """Everything decided before the first shard: the packed corpus, how it is masked, the meta."""
+
+    teacher: Teacher
+    packed: Any  # datasets.Dataset of packed sequences ("input_ids", "length")
+    masking: MaskingConfig
+    weights: np.ndarray | None  # per-token masking weights (--mask-smoothing), else uniform
+    meta: StoreMeta
+
+
+def _prepare(cfg: PrecomputeConfig, teacher: Teacher, rank: int) -> _Prepared:
     packed, stats = prepare_corpus(
         cfg.corpus,
         teacher.tokenizer,
@@ -204,85 +256,64 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         holdout_file=cfg.holdout_file,
         write_holdout=(rank == 0 and not cfg.dry_run),
     )
-    S = len(packed)
     masking = MaskingConfig(mlm_probability=cfg.mlm_probability, smoothing=cfg.mask_smoothing)
     weights = None
     if cfg.mask_smoothing is not None:
         weights = smoothing_weights(token_counts(packed, teacher.vocab_size), cfg.mask_smoothing)
         weights[teacher.special_ids()] = 0.0
     fingerprint = corpus_fingerprint(packed)
-    meta = build_meta(cfg, teacher, stats, S, fingerprint, masking, weights_sha256(weights))
+    meta = build_meta(cfg, teacher, stats, len(packed), fingerprint, masking, weights_sha256(weights))
+    return _Prepared(teacher, packed, masking, weights, meta)
 
-    if cfg.dry_run:
-        bpt = estimate_bytes_per_token(
-            cfg.top_k,
-            cfg.views,
-            len(cfg.temperatures),
-            teacher.hidden_size if cfg.hidden else None,
-            teacher.vocab_size,
-        )
-        est = int(bpt * S * cfg.max_length)
-        if _is_local(cfg.output):
-            p = _local_path(cfg.output).absolute()
-            while not p.exists():
-                p = p.parent
-            free = shutil.disk_usage(p).free
-            if free < est:
-                raise StoreError(
-                    f"not enough disk space for {cfg.output!r}: estimated {est / 1e9:.2f} GB, "
-                    f"{free / 1e9:.2f} GB free at {p}"
-                )
-        return PrecomputeResult(
-            cfg.output, S, meta.num_shards, [], [], False, time.monotonic() - t0, S * cfg.max_length,
-            dry_run=True, estimated_bytes=est, meta=meta.as_dict(),
-        )  # fmt: skip
 
-    if rank == 0:
-        store = SignalStore.create(cfg.output, meta, cfg.storage_options, overwrite=cfg.overwrite)
-    else:
-        store = _wait_for_store(cfg, meta, rank)
+def _check_disk_space(cfg: PrecomputeConfig, meta: StoreMeta, num_sequences: int) -> int:
+    """Estimated uncompressed store bytes; refuse a local output without that much free space."""
+    bpt = estimate_bytes_per_token(
+        meta.top_k,
+        meta.views,
+        len(meta.temperatures),
+        meta.hidden_size if meta.hidden else None,
+        meta.vocab_size,
+    )
+    est = int(bpt * num_sequences * meta.max_length)
+    if _is_local(cfg.output):
+        p = _local_path(cfg.output).absolute()
+        while not p.exists():
+            p = p.parent
+        free = shutil.disk_usage(p).free
+        if free < est:
+            raise StoreError(
+                f"not enough disk space for {cfg.output!r}: estimated {est / 1e9:.2f} GB, "
+                f"{free / 1e9:.2f} GB free at {p}"
+            )
+    return est
+
+
+def _progress_bar(cfg: PrecomputeConfig, total: int, rank: int, world: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="seq",
+        desc=f"precompute rank {rank}/{world}",
+        position=rank if world > 1 else None,
+        disable=False,
+        file=sys.stderr,
+    )
+
+
+def _write_shards(
+    cfg: PrecomputeConfig, prep: _Prepared, store: SignalStore, todo: list[int], rank: int, world: int
+) -> tuple[list[int], int]:
+    """Compute and write the shards ``todo`` in order; returns (shards written, real tokens seen)."""
     meta = store.meta
-    mine = assigned_shards(meta.num_shards, rank, world)
-    done = store.committed()
-    todo = [i for i in mine if not done[i]]
-    skipped = [i for i in mine if done[i]]
-    written: list[int] = []
-
-    tok = teacher.tokenizer_info()
-    special = tok["special_ids"]
-    data = packed.with_format("numpy")
+    tok = prep.teacher.tokenizer_info()
+    data = prep.packed.with_format("numpy")
     n_todo = sum(shard_range(meta, i)[1] - shard_range(meta, i)[0] for i in todo)
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=n_todo * meta.views,
-            unit="seq",
-            desc=f"precompute rank {rank}/{world}",
-            position=rank if world > 1 else None,
-            disable=False,
-            file=sys.stderr,
-        )
-
-    def write_shard(shard: int, ids: np.ndarray, lengths: np.ndarray, views: list[dict]) -> int:
-        """Runs on the writer thread while the teacher computes the next shard; commits last."""
-        try:
-            store.write_inputs(shard, ids, lengths)
-            for v, out in enumerate(views):
-                store.write_view(shard, v, out)
-                if _DELAY:
-                    time.sleep(_DELAY)  # tests: widen the window for a kill mid-shard
-            store.mark_committed(shard)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StoreError(
-                    f"disk full while writing shard {shard} of {cfg.output!r}; committed shards are "
-                    f"kept, free space and rerun the same command to resume"
-                ) from e
-            raise
-        return shard
-
+    bar = _progress_bar(cfg, n_todo * meta.views, rank, world)
+    written: list[int] = []
     # One writer thread, at most one shard in flight: compression and store I/O overlap the teacher's
     # forward passes (the GPU's bottleneck otherwise) while shards still commit in order.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-store-writer")
@@ -297,9 +328,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             lengths = np.asarray(rows["length"], dtype=np.int64)
             views = []
             for v in range(meta.views):
-                views.append(
-                    _run_view(cfg, teacher, meta, ids, lengths, a, v, masking, special, weights, tok)
-                )
+                views.append(_run_view(cfg, prep, meta, ids, lengths, a, v, tok))
                 tokens_done += int(lengths.sum())
                 if bar is not None:
                     bar.update(b - a)
@@ -307,27 +336,53 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
                     bar.set_postfix(tok_s=f"{tokens_done / el:,.0f}", shard=shard)
             if pending is not None:
                 written.append(pending.result())  # re-raises the writer's error
-            pending = writer.submit(write_shard, shard, ids, lengths, views)
+            pending = writer.submit(_write_shard, store, cfg.output, shard, ids, lengths, views)
         if pending is not None:
             written.append(pending.result())
     finally:
         writer.shutdown(wait=True)  # a shard already computed still finishes and commits
         if bar is not None:
             bar.close()
-    complete = store.is_complete()
-    return PrecomputeResult(
-        cfg.output, S, meta.num_shards, written, skipped, complete, time.monotonic() - t0,
-        tokens_done, meta=meta.as_dict(), loop_seconds=time.monotonic() - t_start,
-    )  # fmt: skip
+    return written, tokens_done
+
+
+def _write_shard(
+    store: SignalStore, output: str, shard: int, ids: np.ndarray, lengths: np.ndarray, views: list[dict]
+) -> int:
+    """Runs on the writer thread while the teacher computes the next shard; commits last."""
+    try:
+        store.write_inputs(shard, ids, lengths)
+        for v, out in enumerate(views):
+            store.write_view(shard, v, out)
+            if _DELAY:
+                time.sleep(_DELAY)  # tests: widen the window for a kill mid-shard
+        store.mark_committed(shard)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StoreError(
+                f"disk full while writing shard {shard} of {output!r}; committed shards are "
+                f"kept, free space and rerun the same command to resume"
+            ) from e
+        raise
+    return shard
 
 
 def _run_view(
-    cfg, teacher, meta: StoreMeta, ids, lengths, offset: int, view: int, masking, special, weights, tok
-):
+    cfg: PrecomputeConfig,
+    prep: _Prepared,
+    meta: StoreMeta,
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    offset: int,
+    view: int,
+    tok: dict,
+) -> dict[str, np.ndarray]:
+    """The per-view arrays of sequences ``offset + [0, n)``: mask them, then run the teacher."""
+    teacher = prep.teacher
     n, L = ids.shape
     masked, mlm = mask_batch(
-        ids, lengths, masking, special, len(teacher.tokenizer), tok["mask_token_id"], cfg.seed,
-        range(offset, offset + n), view, weights,
+        ids, lengths, prep.masking, tok["special_ids"], len(teacher.tokenizer), tok["mask_token_id"],
+        cfg.seed, range(offset, offset + n), view, prep.weights,
     )  # fmt: skip
     # Buffers for the teacher's arrays, in their stored dtypes (the schema says which and how big).
     from_teacher = [spec for spec in array_specs(meta, per_view=True) if spec.source == "teacher"]
