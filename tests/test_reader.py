@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from offline_kd.data import EpochOrder, ReaderConfig, StoreReader
+from offline_kd.reader import EpochOrder, ReaderConfig, StoreReader
 from offline_kd.store import SignalStore
 
 
