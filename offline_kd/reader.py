@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-BASE_FIELDS = ("input_ids", "lengths", "masked_input_ids", "mlm_mask", "topk_ids", "topk_logits")
+from .store import StoreMeta, array_specs, open_store, temperature_index
 
 
-def open_store(url: str, storage_options: dict | None = None):
-    from offline_kd.store import SignalStore
-
-    return SignalStore.open(url, mode="r", storage_options=storage_options)
+def batch_fields(meta: StoreMeta, *, lse: bool, hidden: bool) -> list[str]:
+    """The store arrays a training batch reads: every array the store has, except ``lse`` when no
+    temperature is used and ``hidden`` when no hidden-state loss is used."""
+    unused = {name for name, wanted in (("lse", lse), ("hidden", hidden)) if not wanted}
+    return [spec.name for spec in array_specs(meta) if spec.name not in unused]
 
 
 class EpochOrder:
@@ -134,23 +135,18 @@ class StoreBatches(IterableDataset):
         self.pad_id = int(getattr(meta, "pad_token_id", 0) or 0)
         self.t_index = None
         if cfg.temperature is not None:
-            temps = [float(t) for t in meta.temperatures]
-            matches = [i for i, t in enumerate(temps) if abs(t - float(cfg.temperature)) < 1e-6]
-            if not matches:
+            try:
+                self.t_index = temperature_index(meta.temperatures, cfg.temperature)
+            except KeyError:
+                temps = [float(t) for t in meta.temperatures]
                 raise ValueError(
                     f"temperature {cfg.temperature} is not stored (store has {temps}); pick one of them "
                     "or use --no-kl-tail"
-                )
-            self.t_index = matches[0]
+                ) from None
         self.world_size, self.rank = world_size, rank
         self.start, self.stop = start, stop
         self.group = max(1, (cfg.buffer_chunks * self.chunk) // cfg.micro_batch_size)
-        fields = list(BASE_FIELDS)
-        if self.t_index is not None:
-            fields.append("lse")
-        if cfg.hidden:
-            fields.append("hidden")
-        self.fields = fields
+        self.fields = batch_fields(meta, lse=self.t_index is not None, hidden=cfg.hidden)
         self._store = None
         self._pid = None
 
