@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .store import INPUT_FIELDS, SignalStore, StoreCorruptionError, shard_range
+from .store import SignalStore, StoreCorruptionError, array_specs, shard_range
 
 
 def inspect_store(url: str, storage_options: dict | None = None) -> dict:
@@ -113,7 +113,7 @@ def _check_block(s: SignalStore, view: int, a: int, d: dict, errors: list[str], 
     over = ((ids >= m.vocab_size) & real[..., None]).any(axis=(1, 2))
     if over.any():
         bad(f"topk_ids has ids >= vocab size {m.vocab_size}", over)
-    for name in ("topk_logits", "lse", "hidden"):
+    for name in (spec.name for spec in array_specs(m) if np.dtype(spec.dtype_for(m)).kind == "f"):
         if name in d:
             nonfinite = ~np.isfinite(d[name].astype(np.float32)).all(axis=tuple(range(1, d[name].ndim)))
             if nonfinite.any():
@@ -159,12 +159,13 @@ def verify_store(
     if not rep.complete:
         missing = np.flatnonzero(~committed).tolist()
         rep.errors.append(f"incomplete: {len(missing)} shard(s) not committed: {missing[:20]}")
-    view_fields = [f for f in s.fields if f not in INPUT_FIELDS]
-    needed = {"lengths", "input_ids", "masked_input_ids", "mlm_mask", "topk_ids", "topk_logits", "lse"}
+    input_fields = [spec.name for spec in array_specs(m, per_view=False)]
+    view_fields = [spec.name for spec in array_specs(m, per_view=True)]
+    needed = set(s.fields) - {"hidden"}  # _check_block needs every array but hidden (checked if read)
     for shard in range(m.num_shards):
         a, b = shard_range(m, shard)
         inputs = {}
-        for name in INPUT_FIELDS:
+        for name in input_fields:
             try:
                 inputs[name] = s.read(0, a, b, fields=[name])[name]
             except StoreCorruptionError as e:
