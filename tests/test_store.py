@@ -12,10 +12,16 @@ import zarr
 from conftest import run_tiny_precompute
 
 from offline_kd.store import (
+    ARRAY_NAMES,
     SignalStore,
     StoreCorruptionError,
     StoreError,
+    StoreMeta,
     StoreMismatchError,
+    array_specs,
+    dtypes_for,
+    estimate_bytes_per_token,
+    temperature_index,
 )
 from offline_kd.teacher import compute_signals, load_teacher
 
@@ -38,6 +44,55 @@ def test_schema_and_meta(tiny_store):
         assert type(sharding.index_codecs[-1]).__name__ == "Crc32cCodec", name
     assert g["topk_ids"].dtype == np.uint16
     assert g.attrs["offline_kd"]["teacher"]["weights_sha256"] == m.teacher["weights_sha256"]
+
+
+def test_arrays_follow_the_schema_table(tiny_store):
+    s = SignalStore.open(str(tiny_store))
+    m = s.meta
+    g = zarr.open_group(str(tiny_store), mode="r")
+    assert sorted(g.keys()) == sorted(ARRAY_NAMES + ("committed",))
+    for spec in array_specs(m):
+        shape, chunks, shards = spec.layout(m)
+        arr = g[spec.name]
+        assert (arr.shape, arr.chunks, arr.shards) == (shape, chunks, shards), spec.name
+        assert arr.dtype == np.dtype(spec.dtype_for(m)) == np.dtype(m.dtypes.get(spec.name, m.id_dtype))
+    assert m.dtypes == dtypes_for(m.vocab_size)
+    # the size estimate is exactly the uncompressed bytes of the arrays with a position axis
+    positional = sum(g[spec.name].nbytes for spec in array_specs(m) if spec.per_position)
+    bpt = estimate_bytes_per_token(m.top_k, m.views, len(m.temperatures), m.hidden_size, m.vocab_size)
+    assert bpt == positional / (m.num_sequences * m.max_length)
+    # the format description lists every array of the table
+    doc = (Path(__file__).parents[1] / "docs" / "store-format.md").read_text(encoding="utf-8")
+    for name in ARRAY_NAMES + ("committed",):
+        assert f"| `{name}` |" in doc, name
+
+
+def test_absent_array_is_not_created_written_or_read(tmp_path, tiny_store):
+    full = SignalStore.open(str(tiny_store))
+    meta = StoreMeta.from_dict(dict(full.meta.as_dict(), hidden=False))
+    s = SignalStore.create(str(tmp_path / "nohidden.zarr"), meta)
+    assert "hidden" not in s.fields and "hidden" not in zarr.open_group(s.url, mode="r").keys()
+    R = meta.shard_sequences
+    d = full.read(0, 0, R)
+    s.write_inputs(0, d["input_ids"], d["lengths"])
+    s.write_view(0, 0, d)  # the hidden states passed along are ignored
+    got = s.read(0, 0, R)
+    assert sorted(got) == sorted(set(ARRAY_NAMES) - {"hidden"})
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, d[k], err_msg=k)
+    with pytest.raises(KeyError, match="without --hidden"):
+        s.read(0, 0, R, fields=["hidden"])
+    no_hidden = estimate_bytes_per_token(meta.top_k, meta.views, 2, None, meta.vocab_size)
+    with_hidden = estimate_bytes_per_token(meta.top_k, meta.views, 2, 32, meta.vocab_size)
+    assert with_hidden - no_hidden == meta.views * 32 * 2  # float16 [H] per position and view
+
+
+def test_temperature_index_tolerance():
+    temps = [1.0, 2.0, 2.0]
+    assert temperature_index(temps, 2.0) == 1  # the first match
+    assert temperature_index(temps, 2.0 + 5e-7) == 1
+    with pytest.raises(KeyError, match="temperature 2.000002 is not stored"):
+        temperature_index(temps, 2.000002)
 
 
 def test_read_shapes_and_padding(tiny_store):
