@@ -6,7 +6,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import zarr
@@ -17,8 +17,8 @@ FORMAT_VERSION = 1
 ATTR_KEY = "offline_kd"
 # Keys that may differ between runs writing the same store (not settings).
 IGNORED_KEYS = ("package_version", "corpus.sources", "corpus.holdout.file", "teacher.name_or_path")
-# Two stored temperatures are the same when they differ by less than this (temperatures are typed
-# on command lines and round-trip through JSON exactly; the slack only absorbs float32 round-off).
+# Two temperatures are the same when they differ by less than this: stored ones round-trip through
+# JSON exactly, the slack only absorbs round-off in a value parsed or computed elsewhere.
 TEMPERATURE_TOLERANCE = 1e-6
 
 
@@ -119,7 +119,7 @@ class ArraySpec:
     per_view: bool
     per_position: bool
     dtype: str
-    source: str
+    source: Literal["corpus", "masking", "teacher"]
     trailing: Callable[[SignalSettings], tuple[int, ...]] = _no_trailing
     present: Callable[[SignalSettings], bool] = _always
     absent_because: str = ""
