@@ -199,12 +199,11 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     done = store.committed()
     todo = [i for i in mine if not done[i]]
     skipped = [i for i in mine if done[i]]
-    t_start = time.monotonic()
-    written, tokens_done = _write_shards(cfg, prep, store, todo, rank, world)
+    written, tokens_done, loop_seconds = _write_shards(cfg, prep, store, todo, rank, world)
     complete = store.is_complete()
     return PrecomputeResult(
         cfg.output, S, meta.num_shards, written, skipped, complete, time.monotonic() - t0,
-        tokens_done, meta=meta.as_dict(), loop_seconds=time.monotonic() - t_start,
+        tokens_done, meta=meta.as_dict(), loop_seconds=loop_seconds,
     )  # fmt: skip
 
 
@@ -306,8 +305,11 @@ def _progress_bar(cfg: PrecomputeConfig, total: int, rank: int, world: int):
 
 def _write_shards(
     cfg: PrecomputeConfig, prep: _Prepared, store: SignalStore, todo: list[int], rank: int, world: int
-) -> tuple[list[int], int]:
-    """Compute and write the shards ``todo`` in order; returns (shards written, real tokens seen)."""
+) -> tuple[list[int], int, float]:
+    """Compute and write the shards ``todo`` in order.
+
+    Returns the shards written, the real tokens seen and the seconds spent masking, running the
+    teacher and writing."""
     meta = store.meta
     tok = prep.teacher.tokenizer_info()
     data = prep.packed.with_format("numpy")
@@ -343,7 +345,7 @@ def _write_shards(
         writer.shutdown(wait=True)  # a shard already computed still finishes and commits
         if bar is not None:
             bar.close()
-    return written, tokens_done
+    return written, tokens_done, time.monotonic() - t_start
 
 
 def _write_shard(
