@@ -1,0 +1,341 @@
+"""Triton: T²·KL(softmax(t/T) ‖ softmax(s/T)) against a dense teacher, fused with the MLM cross-entropy at
+T = 1, with the gradient of the weighted sum written in the same launch.
+
+One program per row, two passes over it:
+
+1. statistics: one online loop over the student row `s` and the teacher row `t` keeping the student's
+   running max (one block max serves every temperature: max(s/T) = max(s)/T), the teacher's running max, and
+   per-lane (not per-block) sums of exponentials, rescaled by a scalar when the max moves; the per-lane sums
+   are reduced once at the end of the row;
+2. gradient: a second loop over the same row (mostly an L2 hit) writing
+   `a·(q − p) + c·σ` (q = softmax(s/T), p = softmax(t/T), σ = softmax(s)), then, after a barrier, the label
+   position once more with the one-hot term.
+
+Exponentials are `exp2` with log2(e)/T folded into a fused multiply-add against a scaled max (`ex2.approx.ftz`,
+one SFU instruction each). At T = 1 the CE reuses the KL's exponential, at T = 2 it is its square; any other
+T needs a second one. Each loop is an unmasked body over whole blocks plus one masked tail block, so when the
+row strides are multiples of 16 the body compiles to 128-bit vector loads and stores. Row offsets are int64.
+
+Rows that count for neither loss are not read (their gradient row is written as zeros); rows that only carry a
+label do not read the teacher. A label >= V is never dereferenced: its CE is NaN (the callers reject such
+labels before launching; this keeps the kernel memory-safe regardless). Math: docs/kernels-dense.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+SCALE_BLOCK = 4096
+
+
+def t_mode(temperature: float) -> int:
+    """1 when T = 1 (the CE reuses the KL's exponential), 2 when T = 2 (its square), else 0."""
+    return 1 if temperature == 1.0 else 2 if temperature == 2.0 else 0
+
+
+# --------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _load_f32(row_ptr, offs, V, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    else:
+        return tl.load(row_ptr + offs).to(tl.float32)
+
+
+@triton.jit
+def _scaled_max(m, k_t):
+    # fl(m * k) as the exponent offset, 0 for lanes that have seen nothing yet (m = -inf): keeps -inf - -inf
+    # out of the exponentials, whose inputs are then -inf (giving 0) on such lanes
+    return tl.where(m > float("-inf"), m * k_t, 0.0)
+
+
+@triton.jit
+def _stats_block(
+    s_row, t_row, offs, V, m_s, m_t, d_t, d_1, d_p, acc, k_t,
+    KL: tl.constexpr, CE: tl.constexpr, T_MODE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    # One [warps, E] block of pass 1; each warp keeps its own running maxima m_s, m_t ([warps]) so the max
+    # is a warp shuffle reduction (no shared memory, no barrier), and per-lane sums d_*, acc ([warps, E]).
+    # Exponentials are taken against the scaled max fl(m * k) and rescaled with the same rounded values,
+    # so the sums stay consistent with it.
+    s = _load_f32(s_row, offs, V, MASKED)
+    m_new = tl.maximum(m_s, tl.max(s, 1))
+    mk_new = _scaled_max(m_new, k_t)
+    e = tl.exp2(s * k_t - mk_new[:, None])
+    alpha = tl.exp2(m_s * k_t - mk_new)[:, None]
+    d_t = d_t * alpha + e
+    if CE:
+        if T_MODE == 2:  # exp(s - m) = exp((s - m)/2)^2: a multiply instead of a second exponential
+            d_1 = d_1 * (alpha * alpha) + e * e
+        elif T_MODE == 0:
+            m1_new = _scaled_max(m_new, 1.4426950408889634)
+            d_1 = d_1 * tl.exp2(m_s * 1.4426950408889634 - m1_new)[:, None]
+            d_1 += tl.exp2(s * 1.4426950408889634 - m1_new[:, None])
+    if KL:
+        t = _load_f32(t_row, offs, V, MASKED)
+        mt_new = tl.maximum(m_t, tl.max(t, 1))
+        mtk_new = _scaled_max(mt_new, k_t)
+        et = tl.exp2(t * k_t - mtk_new[:, None])
+        beta = tl.exp2(m_t * k_t - mtk_new)[:, None]
+        if MASKED:  # past the end of the row both are -inf: take 0 - 0 rather than NaN
+            diff = tl.where(offs < V, t, 0.0) - tl.where(offs < V, s, 0.0)
+        else:
+            diff = t - s
+        d_p = d_p * beta + et
+        acc = acc * beta + et * diff
+        m_t = mt_new
+    return m_new, m_t, d_t, d_1, d_p, acc
+
+
+@triton.jit
+def _combine(m, k_t, sums):
+    # the row's max M of the per-warp maxima m, and each warp's factor 2^(fl(m_w k) - fl(M k))
+    mx = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), tl.exp2(m * k_t - mx * k_t), 0.0)
+    return mx, tl.sum(tl.sum(sums, 1) * w, 0), w
+
+
+@triton.jit
+def _grad_block(
+    s_row, t_row, g_row, offs, V, a, c, k_t, cq, cp, c1, r2,
+    KL: tl.constexpr, CE: tl.constexpr, T_MODE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    # One block of pass 2: a*(q - p) + c*sigma, with q = exp2(s*k - cq), p = exp2(t*k - cp).
+    s = _load_f32(s_row, offs, V, MASKED)
+    q = tl.exp2(s * k_t - cq)
+    if CE:
+        if T_MODE == 1:
+            g = q * c
+        elif T_MODE == 2:  # sigma = q^2 * d_T^2 / d_1
+            g = q * q * (c * r2)
+        else:
+            g = tl.exp2(s * 1.4426950408889634 - c1) * c
+        if KL:
+            g = g + a * q
+    else:
+        g = a * q
+    if KL:
+        t = _load_f32(t_row, offs, V, MASKED)
+        g = g - a * tl.exp2(t * k_t - cp)
+    if MASKED:
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=offs < V)
+    else:
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty))
+
+
+@triton.jit
+def _row(
+    s_row, t_row, g_row, row, KL_ptr, CE_ptr, lab, a, c, V, k_t,
+    KL: tl.constexpr, CE: tl.constexpr, T_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr, NUM_W: tl.constexpr,
+):  # fmt: skip
+    # Pass 1 (statistics) and pass 2 (gradient) of one row that counts for the KL and/or carries a label.
+    # Pass 1 views each block as [NUM_W, E]: warp w reads its own contiguous E logits.
+    E: tl.constexpr = BLOCK_V // NUM_W
+    lanes = tl.arange(0, NUM_W)[:, None] * E + tl.arange(0, E)[None, :]
+    m_s = tl.full([NUM_W], float("-inf"), tl.float32)
+    m_t = m_s
+    zero = tl.zeros([NUM_W, E], dtype=tl.float32)
+    d_t = zero
+    d_1 = zero
+    d_p = zero
+    acc = zero
+    v_main = (V // BLOCK_V) * BLOCK_V
+    for start in range(0, v_main, BLOCK_V):
+        m_s, m_t, d_t, d_1, d_p, acc = _stats_block(
+            s_row, t_row, start + lanes, V, m_s, m_t, d_t, d_1, d_p, acc, k_t, KL, CE, T_MODE, False
+        )
+    if v_main < V:
+        m_s, m_t, d_t, d_1, d_p, acc = _stats_block(
+            s_row, t_row, v_main + lanes, V, m_s, m_t, d_t, d_1, d_p, acc, k_t, KL, CE, T_MODE, True
+        )
+    inv_t = k_t * 0.6931471805599453
+    m_w = m_s
+    m_s, sum_t, w_s = _combine(m_w, k_t, d_t)
+    mk = m_s * k_t
+    lg_t = tl.log2(sum_t)
+    cq = mk + lg_t
+    cp = 0.0
+    if KL:
+        m_t, sum_p, w_t = _combine(m_t, k_t, d_p)
+        mtk = m_t * k_t
+        lg_p = tl.log2(sum_p)
+        cp = mtk + lg_p
+        # sum p*(t - s)/T + lse(s/T) - lse(t/T), both log-sum-exps in log2 units against the scaled maxima
+        a_sum = tl.sum(tl.sum(acc, 1) * w_t, 0)
+        kl = a_sum * inv_t / sum_p + ((mk - mtk) + (lg_t - lg_p)) * 0.6931471805599453
+        tl.store(KL_ptr + row, kl)
+    else:
+        tl.store(KL_ptr + row, 0.0)
+    c1 = 0.0
+    r2 = 0.0
+    ok = lab < V
+    lab_safe = tl.where(ok, lab, 0)
+    if CE:
+        # log2 of sum exp(s - m), and the exact residual of the scaled max fl(m*log2 e), so the CE is
+        # (m - s_label) + ln(sum) computed without cancelling two large numbers
+        if T_MODE == 1:
+            m1 = mk
+            lg_1 = lg_t
+        elif T_MODE == 2:
+            m1 = 2.0 * mk
+            lg_1 = tl.log2(tl.sum(tl.sum(d_1, 1) * (w_s * w_s), 0))
+            r2 = tl.exp2(2.0 * lg_t - lg_1)
+        else:
+            m1 = m_s * 1.4426950408889634
+            lg_1 = tl.log2(_combine(m_w, 1.4426950408889634, d_1)[1])
+        c1 = m1 + lg_1
+        resid = tl.fma(m_s, 1.4426950408889634, -m1)
+        s_lab = tl.load(s_row + lab_safe).to(tl.float32)
+        ce = (m_s - s_lab) + (lg_1 - resid) * 0.6931471805599453
+        tl.store(CE_ptr + row, tl.where(ok, ce, float("nan")))
+    if WRITE_GRAD:
+        for start in range(0, v_main, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            _grad_block(s_row, t_row, g_row, offs, V, a, c, k_t, cq, cp, c1, r2, KL, CE, T_MODE, False)
+        if v_main < V:
+            offs = v_main + tl.arange(0, BLOCK_V)
+            _grad_block(s_row, t_row, g_row, offs, V, a, c, k_t, cq, cp, c1, r2, KL, CE, T_MODE, True)
+        if CE:
+            # the one-hot term: rewrite the label's entry (other threads of this program wrote it above)
+            tl.debug_barrier()
+            x = tl.load(s_row + lab_safe).to(tl.float32)
+            q = tl.exp2(x * k_t - cq)
+            gl = c * (tl.exp2(x * 1.4426950408889634 - c1) - 1.0)
+            if KL:
+                gl += a * (q - tl.exp2(tl.load(t_row + lab_safe).to(tl.float32) * k_t - cp))
+            tl.store(g_row + lab_safe, gl.to(g_row.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
+    v_main = (V // BLOCK_V) * BLOCK_V
+    zero = tl.zeros([BLOCK_V], dtype=g_row.dtype.element_ty)
+    for start in range(0, v_main, BLOCK_V):
+        tl.store(g_row + start + tl.arange(0, BLOCK_V), zero)
+    offs = v_main + tl.arange(0, BLOCK_V)
+    tl.store(g_row + offs, zero, mask=offs < V)
+
+
+@triton.jit
+def _dense_kl_ce_kernel(
+    S_ptr, s_stride, T_ptr, t_stride, G_ptr, g_stride, SEL_ptr, LAB_ptr, COEF_ptr, KL_ptr, CE_ptr, V, k_t,
+    HAS_CE: tl.constexpr, T_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    NUM_W: tl.constexpr,
+):  # fmt: skip
+    # Per row: which of the KL / CE it counts for, then the matching specialisation of `_row`.
+    row = tl.program_id(0).to(tl.int64)
+    s_row = S_ptr + row * s_stride
+    t_row = T_ptr + row * t_stride
+    g_row = G_ptr + row * g_stride
+    do_kl = tl.load(SEL_ptr + row) != 0
+    a = tl.load(COEF_ptr)
+    lab = -1
+    c = 0.0
+    if HAS_CE:
+        lab = tl.load(LAB_ptr + row)
+        c = tl.load(COEF_ptr + 1)
+    # fmt: off
+    if lab >= 0:
+        if do_kl:
+            _row(s_row, t_row, g_row, row, KL_ptr, CE_ptr, lab, a, c, V, k_t, True, True, T_MODE, WRITE_GRAD, BLOCK_V, NUM_W)
+        else:
+            _row(s_row, t_row, g_row, row, KL_ptr, CE_ptr, lab, a, c, V, k_t, False, True, T_MODE, WRITE_GRAD, BLOCK_V, NUM_W)
+    else:
+        if HAS_CE:
+            tl.store(CE_ptr + row, 0.0)
+        if do_kl:
+            _row(s_row, t_row, g_row, row, KL_ptr, CE_ptr, lab, a, c, V, k_t, True, False, T_MODE, WRITE_GRAD, BLOCK_V, NUM_W)
+        else:
+            tl.store(KL_ptr + row, 0.0)
+            if WRITE_GRAD:
+                _zero_row(g_row, V, BLOCK_V)
+    # fmt: on
+
+
+@triton.jit
+def _scale_kernel(G_ptr, n, SCALE_ptr, BLOCK: tl.constexpr):
+    # grad *= upstream, skipped on the device when upstream == 1 (no host sync to find out)
+    g = tl.load(SCALE_ptr)
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(G_ptr + offs, mask=offs < n)
+        tl.store(G_ptr + offs, (x.to(tl.float32) * g).to(G_ptr.dtype.element_ty), mask=offs < n)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+def block_config(V: int, elem_bytes: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps). Pass 1 views a block as [num_warps, E] with E = 32 threads x one 16-byte vector
+    of student logits, so that each warp's row is exactly what the compiler's coalesced layout gives one warp
+    (8 bf16 per thread: 2048 logits per block with 8 warps); wider E would split a warp's row across warps
+    and bring back shared-memory reductions. Small V gets smaller blocks."""
+    vec = 16 // elem_bytes
+    num_warps = 8 if V >= 8 * 32 * vec else 4
+    e = min(32 * vec, max(4, triton.next_power_of_2(triton.cdiv(V, num_warps))))
+    return e * num_warps, num_warps
+
+
+def launch_args(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    sel: torch.Tensor,
+    labels: torch.Tensor | None,
+    coef: torch.Tensor,
+    temperature: float,
+    grad: torch.Tensor | None,
+    kl_rows: torch.Tensor,
+    ce_rows: torch.Tensor | None,
+) -> tuple[tuple, dict]:
+    """(positional arguments, constexprs and launch options) of `_dense_kl_ce_kernel` for these tensors: the
+    launch below and the ahead-of-time compile check both build from this."""
+    V = s.shape[1]
+    block_v, num_warps = block_config(V, s.element_size())
+    has_ce = labels is not None
+    args = (
+        s, s.stride(0), t, t.stride(0),
+        grad if grad is not None else s, grad.stride(0) if grad is not None else 0,
+        sel, labels if has_ce else sel, coef, kl_rows, ce_rows if has_ce else kl_rows, V, LOG2E / temperature,
+    )  # fmt: skip
+    consts = dict(
+        HAS_CE=has_ce,
+        T_MODE=t_mode(temperature),
+        WRITE_GRAD=grad is not None,
+        BLOCK_V=block_v,
+        NUM_W=num_warps,
+    )
+    return args, dict(consts, num_warps=num_warps)
+
+
+def dense_kl_ce_rows(
+    s: torch.Tensor,
+    t: torch.Tensor,
+    sel: torch.Tensor,
+    labels: torch.Tensor | None,
+    coef: torch.Tensor,
+    temperature: float,
+    grad: torch.Tensor | None,
+    kl_rows: torch.Tensor,
+    ce_rows: torch.Tensor | None,
+) -> None:
+    """Fill kl_rows [n] (KL(p‖q) per selected row, 0 elsewhere), ce_rows [n] (CE per labelled row) and, when
+    given, grad [n, V] = coef[0]·(q − p) on selected rows + coef[1]·(σ − onehot) on labelled rows.
+
+    s, t, grad: [n, V] with unit last stride (any row stride); sel [n] int8; labels [n] int64, -1 = none;
+    coef [2] fp32 on the device."""
+    if s.shape[0] == 0:
+        return
+    args, kwargs = launch_args(s, t, sel, labels, coef, temperature, grad, kl_rows, ce_rows)
+    _dense_kl_ce_kernel[(s.shape[0],)](*args, **kwargs)
+
+
+def scale_grad_(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    """grad *= upstream in place (grad contiguous); a no-op decided on the device when upstream is 1."""
+    n = grad.numel()
+    if n:
+        scale = upstream.detach().reshape(1).to(device=grad.device, dtype=torch.float32)
+        _scale_kernel[(triton.cdiv(n, SCALE_BLOCK),)](grad, n, scale, BLOCK=SCALE_BLOCK, num_warps=4)
+    return grad
