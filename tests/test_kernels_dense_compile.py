@@ -1,0 +1,209 @@
+"""Ahead-of-time compilation of the dense-teacher KL kernel for an H100 (sm_90), as the runtime specialises it.
+
+The signature and divisibility hints come from the launcher's own argument list (`dense_kl.launch_args`) run
+through Triton's runtime specialisation (`native_specialize_impl`), so a row stride that is a multiple of 16
+compiles with the 16-divisibility hint exactly as a launch would. The PTX must then show 128-bit vector loads
+in the loops and `ex2.approx.ftz` exponentials only (no `ex2.approx.f32` of `tl.exp`, no libdevice call).
+Runs in a fresh interpreter without TRITON_INTERPRET (the interpreter patches triton.language process-wide)
+and with an empty Triton cache. `python tests/test_kernels_dense_compile.py` prints per-variant figures:
+PTX loads/stores by width, exponentials, and SASS instructions per logit in each loop (nvdisasm)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+# (name, student dtype, teacher dtype, row stride padded to a multiple of 64, labels, temperature)
+CASES = [
+    ("bf16-fp32t-pad-ce-T2", "bfloat16", "float32", True, True, 2.0),
+    ("bf16-bf16t-pad-ce-T2", "bfloat16", "bfloat16", True, True, 2.0),
+    ("bf16-fp32t-pad-ce-T1", "bfloat16", "float32", True, True, 1.0),
+    ("bf16-fp32t-pad-ce-T3.7", "bfloat16", "float32", True, True, 3.7),
+    ("bf16-fp32t-pad-noce-T2", "bfloat16", "float32", True, False, 2.0),
+    ("bf16-fp32t-V30522-ce-T2", "bfloat16", "float32", False, True, 2.0),
+    ("fp16-fp16t-pad-ce-T2", "float16", "float16", True, True, 2.0),
+    ("fp32-fp32t-pad-ce-T2", "float32", "float32", True, True, 2.0),
+]
+V = 30522
+
+
+def _nvidia_backend() -> bool:
+    try:
+        from triton.backends import backends
+
+        return "nvidia" in backends
+    except Exception:  # pragma: no cover
+        return False
+
+
+def _launch_tensors(sdt: str, tdt: str, pad: bool, ce: bool, T: float):
+    import torch
+    from offline_kd.kernels import dense_kl
+
+    n, stride = 4, (V + 63) // 64 * 64 if pad else V
+    s = torch.empty(n, stride, dtype=getattr(torch, sdt))[:, :V]
+    t = torch.empty(n, stride, dtype=getattr(torch, tdt))[:, :V]
+    g = torch.empty(n, stride, dtype=s.dtype)[:, :V]
+    lab = torch.zeros(n, dtype=torch.int64) if ce else None
+    rows = torch.empty(n)
+    return dense_kl.launch_args(s, t, torch.ones(n, dtype=torch.int8), lab, torch.ones(2), T, g, rows, rows)
+
+
+def _load_bytes(ins: str) -> int:
+    m = re.search(r"LDG\S*?\.(128|64|U16|S16|U8|S8)\b", ins)
+    return {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}[m.group(1)] if m else 4
+
+
+def _loops(sass: str) -> list[dict]:
+    """The SASS loops in code order (a branch back to a label; the body runs from the label to it):
+    instruction count, SFU exponentials, global loads (count, 128-bit count, bytes), stores, barriers."""
+    body, label_at, loops = [], {}, []
+    for line in sass.splitlines():
+        if m := re.match(r"^\.(L_x_\d+):", line):
+            label_at[m.group(1)] = len(body)
+        elif re.match(r"\s*/\*[0-9a-f]{4,}\*/", line):
+            body.append(line)
+            m = re.search(r"BRA\s+`\(\.(L_x_\d+)\)", line)
+            if m and m.group(1) in label_at:
+                ins = body[label_at[m.group(1)] :]
+                n = lambda pat, ins=ins: sum(bool(re.search(pat, x)) for x in ins)
+                loads = [x for x in ins if re.search(r"\bLDG", x)]
+                loops.append(
+                    dict(n=len(ins), ex2=n(r"MUFU\.EX2"), ldg=len(loads), ldg128=n(r"LDG\S*\.128"),
+                         load_bytes=sum(map(_load_bytes, loads)), stg=n(r"\bSTG"), bar=n(r"\bBAR"))
+                )  # fmt: skip
+    return [lp for lp in loops if lp["ldg"] or lp["stg"]]
+
+
+# the row specialisations in the kernel's code order, and whether each reads the teacher row
+LOOP_KINDS = {
+    True: [("kl+ce", "stats", 1), ("kl+ce", "grad", 1), ("ce", "stats", 0), ("ce", "grad", 0),
+           ("kl", "stats", 1), ("kl", "grad", 1), ("-", "zero", 0)],
+    False: [("kl", "stats", 1), ("kl", "grad", 1), ("-", "zero", 0)],
+}  # fmt: skip
+
+
+def _label(loops: list[dict], ce: bool, s_bytes: int, t_bytes: int) -> list[dict]:
+    """Name each loop and add its logits per iteration (per thread) and instructions per logit."""
+    kinds = LOOP_KINDS[ce]
+    assert len(loops) == len(kinds), (loops, kinds)
+    for lp, (rows, pass_, reads_t) in zip(loops, kinds, strict=True):
+        per = s_bytes + reads_t * t_bytes
+        elems = lp["load_bytes"] / per if lp["ldg"] else None
+        lp.update(rows=rows, pass_=pass_, elems=elems, per_elem=round(lp["n"] / elems, 2) if elems else None)
+    return loops
+
+
+def _bytes(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def _tool(bin_dir: str, name: str, *args: str) -> str:
+    return subprocess.run(
+        [os.path.join(bin_dir, name), *args], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def _build(case):
+    """Compile one case with the signature, constants and 16-divisibility hints a launch would use."""
+    import triton
+    from offline_kd.kernels import dense_kl
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    fn = dense_kl._dense_kl_ce_kernel
+    args, kw = _launch_tensors(*case[1:])
+    num_warps = kw.pop("num_warps")
+    sig, attrs, consts = {}, {}, dict(kw)
+    params = [p for p in fn.arg_names if p not in kw]
+    for i, (pname, a) in enumerate(zip(params, args, strict=True)):
+        ty, spec = native_specialize_impl(BaseBackend, a, False, True, True)
+        sig[pname] = ty
+        if ty == "constexpr":
+            consts[pname] = spec
+        if spec == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    sig.update({k: "constexpr" for k in kw})
+    src = ASTSource(fn, sig, consts, attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    hinted = [params[i] for (i,) in attrs]
+    return compiled, hinted, kw["BLOCK_V"] // (32 * num_warps)
+
+
+def compile_dense() -> list[dict]:
+    """Compile every case for sm_90; one dict of PTX / SASS figures per case."""
+    import triton
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    results = []
+    for case in CASES:
+        compiled, hinted, per_thread = _build(case)
+        ptx = compiled.asm["ptx"]
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            sass = _tool(bin_dir, "nvdisasm", f.name)
+            res = re.search(
+                r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
+                _tool(bin_dir, "cuobjdump", "-res-usage", f.name),
+            )
+        count = lambda pat, ptx=ptx: len(re.findall(pat, ptx))
+        results.append(
+            dict(
+                name=case[0], hinted=hinted, per_thread=per_thread,
+                ptx_ld_v4=count(r"ld\.global(?:\.\w+)*\.v4"), ptx_ld_v2=count(r"ld\.global(?:\.\w+)*\.v2"),
+                ptx_ld_scalar=count(r"ld\.global(?:\.\w+)*\.[buf](?:16|32|64)\s"),
+                ptx_st_v4=count(r"st\.global(?:\.\w+)*\.v4"), ptx_st_v2=count(r"st\.global(?:\.\w+)*\.v2"),
+                ptx_ex2_ftz=count(r"ex2\.approx\.ftz\.f32"), ptx_ex2_nonftz=count(r"ex2\.approx\.f32"),
+                ptx_libdevice_exp=count(r"__nv_exp"),
+                regs=int(res.group(1)), stack=int(res.group(2)), local=int(res.group(3)),
+                loops=_label(_loops(sass), case[4], *(_bytes(x) for x in case[1:3])),
+            )
+        )  # fmt: skip
+    return results
+
+
+@pytest.mark.skipif(not _nvidia_backend(), reason="triton without the NVIDIA backend")
+def test_dense_kernel_compiles_for_sm90_with_vector_loads(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    figures = {r["name"]: r for r in json.loads(res.stdout.strip().splitlines()[-1])}
+    assert set(figures) == {c[0] for c in CASES}
+    for name, r in figures.items():
+        assert r["local"] == 0, r  # no spills
+        assert r["ptx_ex2_ftz"] > 0 and r["ptx_ex2_nonftz"] == 0 and r["ptx_libdevice_exp"] == 0, r
+        stats = [lp for lp in r["loops"] if lp["ex2"] and not lp["stg"]]
+        grads = [lp for lp in r["loops"] if lp["ex2"] and lp["stg"]]
+        assert stats and grads, r
+        if "pad" in name:  # row strides multiples of 16: every load and store of the main loops is 128-bit
+            assert set(r["hinted"]) >= {"s_stride", "t_stride", "g_stride"}, r
+            for lp in stats + grads:
+                assert lp["ldg"] == lp["ldg128"] > 0, r
+            assert r["ptx_st_v4"] > 0, r
+    # V = 30,522 (row strides not multiples of 16): the runtime cannot prove 16-byte alignment
+    assert figures["bf16-fp32t-V30522-ce-T2"]["ptx_ld_v4"] == 0
+
+
+if __name__ == "__main__":
+    out = compile_dense()
+    if "--json" in sys.argv:
+        print(json.dumps(out))
+    else:
+        for r in out:
+            print(r)
