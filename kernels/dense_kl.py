@@ -3,13 +3,13 @@ T = 1, with the gradient of the weighted sum written in the same launch.
 
 One program per row, two passes over it:
 
-1. statistics: one online loop over the student row `s` and the teacher row `t` keeping the student's
-   running max (one block max serves every temperature: max(s/T) = max(s)/T), the teacher's running max, and
-   per-lane (not per-block) sums of exponentials, rescaled by a scalar when the max moves; the per-lane sums
-   are reduced once at the end of the row;
-2. gradient: a second loop over the same row (mostly an L2 hit) writing
-   `a·(q − p) + c·σ` (q = softmax(s/T), p = softmax(t/T), σ = softmax(s)), then, after a barrier, the label
-   position once more with the one-hot term.
+1. statistics: one online loop over the student row `s` and the teacher row `t` keeping, per warp, the
+   student's running max (one max serves every temperature: max(s/T) = max(s)/T) and the teacher's, and
+   per-lane sums of exponentials rescaled when a max moves; warps and lanes are combined once per row;
+2. KL and gradient: a second loop over the same row (mostly an L2 hit) computing log2 q and log2 p centred
+   on the final maxima, accumulating Σ p·(log p − log q) and writing `a·(q − p) + c·σ` (q = softmax(s/T),
+   p = softmax(t/T), σ = softmax(s)); then, after a barrier, the label position once more with the one-hot
+   term. Without a gradient to write (evaluation) the loop runs for the KL only.
 
 Exponentials are `exp2` with log2(e)/T folded into a fused multiply-add against a scaled max (`ex2.approx.ftz`,
 one SFU instruction each). At T = 1 the CE reuses the KL's exponential, at T = 2 it is its square; any other
@@ -55,17 +55,17 @@ def _scaled_max(m, k_t):
 
 @triton.jit
 def _stats_block(
-    s_row, t_row, offs, V, m_s, m_t, d_t, d_1, d_p, acc, k_t,
+    s_row, t_row, offs, V, m_s, m_t, d_t, d_1, d_p, k_t,
     KL: tl.constexpr, CE: tl.constexpr, T_MODE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     # One [warps, E] block of pass 1; each warp keeps its own running maxima m_s, m_t ([warps]) so the max
-    # is a warp shuffle reduction (no shared memory, no barrier), and per-lane sums d_*, acc ([warps, E]).
-    # Exponentials are taken against the scaled max fl(m * k) and rescaled with the same rounded values,
-    # so the sums stay consistent with it.
+    # is a warp shuffle reduction (no shared memory, no barrier), and per-lane sums d_* ([warps, E]).
+    # Exponentials are exp2(fma(x, k, -fl(m k))) against the scaled max, rescaled with the same rounded
+    # values, so the sums stay consistent with it.
     s = _load_f32(s_row, offs, V, MASKED)
     m_new = tl.maximum(m_s, tl.max(s, 1))
     mk_new = _scaled_max(m_new, k_t)
-    e = tl.exp2(s * k_t - mk_new[:, None])
+    e = tl.exp2(tl.fma(s, k_t, -mk_new[:, None]))
     alpha = tl.exp2(m_s * k_t - mk_new)[:, None]
     d_t = d_t * alpha + e
     if CE:
@@ -74,57 +74,126 @@ def _stats_block(
         elif T_MODE == 0:
             m1_new = _scaled_max(m_new, 1.4426950408889634)
             d_1 = d_1 * tl.exp2(m_s * 1.4426950408889634 - m1_new)[:, None]
-            d_1 += tl.exp2(s * 1.4426950408889634 - m1_new[:, None])
+            d_1 += tl.exp2(tl.fma(s, 1.4426950408889634, -m1_new[:, None]))
     if KL:
         t = _load_f32(t_row, offs, V, MASKED)
         mt_new = tl.maximum(m_t, tl.max(t, 1))
         mtk_new = _scaled_max(mt_new, k_t)
-        et = tl.exp2(t * k_t - mtk_new[:, None])
-        beta = tl.exp2(m_t * k_t - mtk_new)[:, None]
-        if MASKED:  # past the end of the row both are -inf: take 0 - 0 rather than NaN
-            diff = tl.where(offs < V, t, 0.0) - tl.where(offs < V, s, 0.0)
-        else:
-            diff = t - s
-        d_p = d_p * beta + et
-        acc = acc * beta + et * diff
+        d_p = d_p * tl.exp2(m_t * k_t - mtk_new)[:, None] + tl.exp2(tl.fma(t, k_t, -mtk_new[:, None]))
         m_t = mt_new
-    return m_new, m_t, d_t, d_1, d_p, acc
+    return m_new, m_t, d_t, d_1, d_p
 
 
 @triton.jit
 def _combine(m, k_t, sums):
-    # the row's max M of the per-warp maxima m, and each warp's factor 2^(fl(m_w k) - fl(M k))
+    # the row's max M of the per-warp maxima m, and sum_w 2^(fl(m_w k) - fl(M k)) * sums_w
     mx = tl.max(m, 0)
     w = tl.where(m > float("-inf"), tl.exp2(m * k_t - mx * k_t), 0.0)
-    return mx, tl.sum(tl.sum(sums, 1) * w, 0), w
+    return mx, tl.sum(tl.sum(sums, 1) * w, 0)
+
+
+@triton.jit
+def _two_sum(a, b):
+    # a + b = hi + lo exactly (Knuth's TwoSum), hi = fl(a + b): an exponent offset like fl(m k) + log2(sum)
+    # would round log2(sum) away when |m k| is huge (-1e9 fills); lo carries it into a scalar factor
+    hi = a + b
+    bb = hi - a
+    return hi, (a - (hi - bb)) + (b - bb)
+
+
+@triton.jit
+def _pass1(
+    s_row, t_row, V, k_t,
+    KL: tl.constexpr, CE: tl.constexpr, T_MODE: tl.constexpr, BLOCK_V: tl.constexpr, NUM_W: tl.constexpr,
+):  # fmt: skip
+    # Pass 1 over a row, viewing each block as [NUM_W, E] (warp w reads its own contiguous E logits).
+    # Returns the row's max of s, log2 sum 2^(fma(s, k, -fl(max k))), the same for t, and for the CE the
+    # offset m1 and log2 sum at T = 1.
+    E: tl.constexpr = BLOCK_V // NUM_W
+    lanes = tl.arange(0, NUM_W)[:, None] * E + tl.arange(0, E)[None, :]
+    m_w = tl.full([NUM_W], float("-inf"), tl.float32)
+    m_t = m_w
+    zero = tl.zeros([NUM_W, E], dtype=tl.float32)
+    d_t = zero
+    d_1 = zero
+    d_p = zero
+    v_main = (V // BLOCK_V) * BLOCK_V
+    for start in range(0, v_main, BLOCK_V):
+        m_w, m_t, d_t, d_1, d_p = _stats_block(
+            s_row, t_row, start + lanes, V, m_w, m_t, d_t, d_1, d_p, k_t, KL, CE, T_MODE, False
+        )
+    if v_main < V:
+        m_w, m_t, d_t, d_1, d_p = _stats_block(
+            s_row, t_row, v_main + lanes, V, m_w, m_t, d_t, d_1, d_p, k_t, KL, CE, T_MODE, True
+        )
+    m_s, sum_t = _combine(m_w, k_t, d_t)
+    lg_t = tl.log2(sum_t)
+    lg_p = 0.0
+    if KL:
+        m_t, sum_p = _combine(m_t, k_t, d_p)
+        lg_p = tl.log2(sum_p)
+    m1 = 0.0
+    lg_1 = 0.0
+    if CE:
+        if T_MODE == 1:
+            m1 = _scaled_max(m_s, k_t)
+            lg_1 = lg_t
+        elif T_MODE == 2:
+            m1 = 2.0 * _scaled_max(m_s, k_t)
+            lg_1 = tl.log2(_combine(m_w, 1.4426950408889634, d_1)[1])
+        else:
+            m1 = _scaled_max(m_s, 1.4426950408889634)
+            lg_1 = tl.log2(_combine(m_w, 1.4426950408889634, d_1)[1])
+    return m_s, lg_t, m_t, lg_p, m1, lg_1
+
+
+@triton.jit
+def _grad_terms(
+    s, t, k_t, cq, cp, c1, aq, ap, cs, KL: tl.constexpr, CE: tl.constexpr, T_MODE: tl.constexpr,
+):  # fmt: skip
+    # The gradient a*(q - p) + c*sigma from e_q = 2^(fma(s, k, -cq)), e_p = 2^(fma(t, k, -cp)), with the
+    # scalar factors folded into aq (on e_q, the CE's too at T = 1), ap (on e_p) and cs (on sigma's
+    # exponential: e_q^2 at T = 2, its own at other T). Also returns the two exponents and e_p (for the KL).
+    lq = tl.fma(s, k_t, -cq)
+    e_q = tl.exp2(lq)
+    g = aq * e_q
+    if CE:
+        if T_MODE == 2:
+            g = e_q * (aq + cs * e_q)
+        elif T_MODE == 0:
+            g += cs * tl.exp2(tl.fma(s, 1.4426950408889634, -c1))
+    lp = lq
+    e_p = e_q
+    if KL:
+        lp = tl.fma(t, k_t, -cp)
+        e_p = tl.exp2(lp)
+        g -= ap * e_p
+    return g, lq, lp, e_p
 
 
 @triton.jit
 def _grad_block(
-    s_row, t_row, g_row, offs, V, a, c, k_t, cq, cp, c1, r2,
-    KL: tl.constexpr, CE: tl.constexpr, T_MODE: tl.constexpr, MASKED: tl.constexpr,
+    s_row, t_row, g_row, offs, V, k_t, cq, cp, c1, aq, ap, cs, kl_acc,
+    KL: tl.constexpr, CE: tl.constexpr, T_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    # One block of pass 2: a*(q - p) + c*sigma, with q = exp2(s*k - cq), p = exp2(t*k - cp).
+    # One block of pass 2: the gradient, and e_p * (log2 p - log2 q) up to the scalar offsets, both
+    # exponents centred on the final maxima (well conditioned: no difference of two large log-sum-exps).
     s = _load_f32(s_row, offs, V, MASKED)
-    q = tl.exp2(s * k_t - cq)
-    if CE:
-        if T_MODE == 1:
-            g = q * c
-        elif T_MODE == 2:  # sigma = q^2 * d_T^2 / d_1
-            g = q * q * (c * r2)
-        else:
-            g = tl.exp2(s * 1.4426950408889634 - c1) * c
-        if KL:
-            g = g + a * q
-    else:
-        g = a * q
+    t = s
     if KL:
         t = _load_f32(t_row, offs, V, MASKED)
-        g = g - a * tl.exp2(t * k_t - cp)
-    if MASKED:
-        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=offs < V)
-    else:
-        tl.store(g_row + offs, g.to(g_row.dtype.element_ty))
+    g, lq, lp, e_p = _grad_terms(s, t, k_t, cq, cp, c1, aq, ap, cs, KL, CE, T_MODE)
+    if KL:
+        if MASKED:  # past the end of the row both are -inf: p = 0 times 0, not NaN
+            kl_acc += e_p * (tl.where(offs < V, lp, 0.0) - tl.where(offs < V, lq, 0.0))
+        else:
+            kl_acc += e_p * (lp - lq)
+    if WRITE_GRAD:
+        if MASKED:
+            tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=offs < V)
+        else:
+            tl.store(g_row + offs, g.to(g_row.dtype.element_ty))
+    return kl_acc
 
 
 @triton.jit
@@ -133,82 +202,92 @@ def _row(
     KL: tl.constexpr, CE: tl.constexpr, T_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr, NUM_W: tl.constexpr,
 ):  # fmt: skip
-    # Pass 1 (statistics) and pass 2 (gradient) of one row that counts for the KL and/or carries a label.
-    # Pass 1 views each block as [NUM_W, E]: warp w reads its own contiguous E logits.
-    E: tl.constexpr = BLOCK_V // NUM_W
-    lanes = tl.arange(0, NUM_W)[:, None] * E + tl.arange(0, E)[None, :]
-    m_s = tl.full([NUM_W], float("-inf"), tl.float32)
-    m_t = m_s
-    zero = tl.zeros([NUM_W, E], dtype=tl.float32)
-    d_t = zero
-    d_1 = zero
-    d_p = zero
-    acc = zero
-    v_main = (V // BLOCK_V) * BLOCK_V
-    for start in range(0, v_main, BLOCK_V):
-        m_s, m_t, d_t, d_1, d_p, acc = _stats_block(
-            s_row, t_row, start + lanes, V, m_s, m_t, d_t, d_1, d_p, acc, k_t, KL, CE, T_MODE, False
-        )
-    if v_main < V:
-        m_s, m_t, d_t, d_1, d_p, acc = _stats_block(
-            s_row, t_row, v_main + lanes, V, m_s, m_t, d_t, d_1, d_p, acc, k_t, KL, CE, T_MODE, True
-        )
-    inv_t = k_t * 0.6931471805599453
-    m_w = m_s
-    m_s, sum_t, w_s = _combine(m_w, k_t, d_t)
-    mk = m_s * k_t
-    lg_t = tl.log2(sum_t)
-    cq = mk + lg_t
-    cp = 0.0
+    # One row that counts for the KL and/or carries a label: pass 1, the per-row constants and the CE, then
+    # pass 2 (the KL sum and the gradient; without a gradient to write it runs for the KL alone) and the
+    # label's one-hot term.
+    m_s, lg_t, m_t, lg_p, m1, lg_1 = _pass1(s_row, t_row, V, k_t, KL, CE, T_MODE, BLOCK_V, NUM_W)
+    cq, cq_lo = _two_sum(_scaled_max(m_s, k_t), lg_t)  # q = 2^(fma(s, k, -cq) - cq_lo)
+    cp, cp_lo = 0.0, 0.0
+    aq, ap, cs, c1 = 0.0, 0.0, 0.0, 0.0
     if KL:
-        m_t, sum_p, w_t = _combine(m_t, k_t, d_p)
-        mtk = m_t * k_t
-        lg_p = tl.log2(sum_p)
-        cp = mtk + lg_p
-        # sum p*(t - s)/T + lse(s/T) - lse(t/T), both log-sum-exps in log2 units against the scaled maxima
-        a_sum = tl.sum(tl.sum(acc, 1) * w_t, 0)
-        kl = a_sum * inv_t / sum_p + ((mk - mtk) + (lg_t - lg_p)) * 0.6931471805599453
-        tl.store(KL_ptr + row, kl)
-    else:
-        tl.store(KL_ptr + row, 0.0)
-    c1 = 0.0
-    r2 = 0.0
+        cp, cp_lo = _two_sum(_scaled_max(m_t, k_t), lg_p)
+        aq = a * tl.exp2(-cq_lo)
+        ap = a * tl.exp2(-cp_lo)
     ok = lab < V
     lab_safe = tl.where(ok, lab, 0)
     if CE:
-        # log2 of sum exp(s - m), and the exact residual of the scaled max fl(m*log2 e), so the CE is
-        # (m - s_label) + ln(sum) computed without cancelling two large numbers
-        if T_MODE == 1:
-            m1 = mk
-            lg_1 = lg_t
-        elif T_MODE == 2:
-            m1 = 2.0 * mk
-            lg_1 = tl.log2(tl.sum(tl.sum(d_1, 1) * (w_s * w_s), 0))
-            r2 = tl.exp2(2.0 * lg_t - lg_1)
-        else:
-            m1 = m_s * 1.4426950408889634
-            lg_1 = tl.log2(_combine(m_w, 1.4426950408889634, d_1)[1])
-        c1 = m1 + lg_1
-        resid = tl.fma(m_s, 1.4426950408889634, -m1)
+        # CE = (m - s_label) + ln sum exp(s - m), with the exact residual of the offset m1 ~ m log2 e
         s_lab = tl.load(s_row + lab_safe).to(tl.float32)
-        ce = (m_s - s_lab) + (lg_1 - resid) * 0.6931471805599453
+        ce = (m_s - s_lab) + (lg_1 - tl.fma(m_s, 1.4426950408889634, -m1)) * 0.6931471805599453
         tl.store(CE_ptr + row, tl.where(ok, ce, float("nan")))
-    if WRITE_GRAD:
+        if T_MODE == 1:  # sigma = q
+            aq += c * tl.exp2(-cq_lo)
+        elif T_MODE == 2:  # sigma = q^2 * sum_T^2 / sum_1
+            cs = c * tl.exp2(2.0 * (lg_t - cq_lo) - lg_1)
+        else:
+            c1, c1_lo = _two_sum(m1, lg_1)
+            cs = c * tl.exp2(-c1_lo)
+    if KL or WRITE_GRAD:
+        v_main = (V // BLOCK_V) * BLOCK_V
+        kl_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, v_main, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            _grad_block(s_row, t_row, g_row, offs, V, a, c, k_t, cq, cp, c1, r2, KL, CE, T_MODE, False)
+            kl_acc = _grad_block(
+                s_row,
+                t_row,
+                g_row,
+                offs,
+                V,
+                k_t,
+                cq,
+                cp,
+                c1,
+                aq,
+                ap,
+                cs,
+                kl_acc,
+                KL,
+                CE,
+                T_MODE,
+                WRITE_GRAD,
+                False,
+            )
         if v_main < V:
             offs = v_main + tl.arange(0, BLOCK_V)
-            _grad_block(s_row, t_row, g_row, offs, V, a, c, k_t, cq, cp, c1, r2, KL, CE, T_MODE, True)
-        if CE:
-            # the one-hot term: rewrite the label's entry (other threads of this program wrote it above)
-            tl.debug_barrier()
-            x = tl.load(s_row + lab_safe).to(tl.float32)
-            q = tl.exp2(x * k_t - cq)
-            gl = c * (tl.exp2(x * 1.4426950408889634 - c1) - 1.0)
-            if KL:
-                gl += a * (q - tl.exp2(tl.load(t_row + lab_safe).to(tl.float32) * k_t - cp))
-            tl.store(g_row + lab_safe, gl.to(g_row.dtype.element_ty), mask=ok)
+            kl_acc = _grad_block(
+                s_row,
+                t_row,
+                g_row,
+                offs,
+                V,
+                k_t,
+                cq,
+                cp,
+                c1,
+                aq,
+                ap,
+                cs,
+                kl_acc,
+                KL,
+                CE,
+                T_MODE,
+                WRITE_GRAD,
+                True,
+            )
+        if KL:  # sum p (log p - log q) = 2^-cp_lo * sum e_p (lp - lq) + (cq_lo - cp_lo), in log2 units
+            kl = tl.exp2(-cp_lo) * tl.sum(kl_acc, 0) + (cq_lo - cp_lo)
+            tl.store(KL_ptr + row, kl * 0.6931471805599453)
+    if not KL:
+        tl.store(KL_ptr + row, 0.0)
+    if WRITE_GRAD and CE:
+        # the one-hot term: rewrite the label's entry (other threads of this program wrote it above)
+        tl.debug_barrier()
+        x = tl.load(s_row + lab_safe).to(tl.float32)
+        y = x
+        if KL:
+            y = tl.load(t_row + lab_safe).to(tl.float32)
+        gl = _grad_terms(x, y, k_t, cq, cp, c1, aq, ap, cs, KL, CE, T_MODE)[0] - c
+        tl.store(g_row + lab_safe, gl.to(g_row.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -28,13 +28,13 @@ def _row_chunks(active: torch.Tensor, V: int):
         yield idx[start : start + step]
 
 
-def _softmax_(x: torch.Tensor, out: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """out = softmax(x * scale) over the last dim; returns (max of x, log of sum exp(scale*(x - max)))."""
-    m = x.amax(-1, keepdim=True)
-    torch.sub(x, m, out=out).mul_(scale).exp_()
+def _centred_softmax_(x: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
+    """x -= its row max (in place); out = softmax(x * scale); returns log sum exp(scale * x) per row."""
+    x.sub_(x.amax(-1, keepdim=True))
+    torch.mul(x, scale, out=out).exp_()
     d = out.sum(-1, keepdim=True)
     out.div_(d)
-    return m, d.log_()
+    return d.log_()
 
 
 def dense_kl_ce_rows(
@@ -64,18 +64,17 @@ def dense_kl_ce_rows(
     for rows in _row_chunks(do_kl | has_lab, V):
         k = rows.numel()
         xs, ys, qs, ps = x[:k], y[:k], q[:k], p[:k]
-        xs.copy_(s[rows])
         kl_sel = do_kl[rows]
-        m, lg = _softmax_(xs, qs, 1.0 / temperature)
+        xs.copy_(s[rows])
+        lg = _centred_softmax_(xs, qs, 1.0 / temperature)
         # teacher rows of label-only rows are not read: zeros give a finite p that a zero coefficient drops
         ys.zero_()
         kl_idx = kl_sel.nonzero().flatten()
         ys[kl_idx] = t[rows[kl_idx]].float()
-        mt, lgt = _softmax_(ys, ps, 1.0 / temperature)
-        # KL = sum p (t - s)/T + lse(s/T) - lse(t/T)
-        ys.sub_(xs)
-        kl = (ps * ys).sum(-1, keepdim=True) / temperature + ((m - mt) / temperature + lg - lgt)
-        kl_rows[rows] = torch.where(kl_sel, kl.squeeze(1), 0.0)
+        lgt = _centred_softmax_(ys, ps, 1.0 / temperature)
+        # log p - log q = ((t - max t) - (s - max s)) / T - lse_p + lse_q: centred, no large differences
+        ys.sub_(xs).mul_(1.0 / temperature).add_(lg - lgt)
+        kl_rows[rows] = torch.where(kl_sel, (ps * ys).sum(-1), 0.0)
         g = qs.sub_(ps).mul_(torch.where(kl_sel, a, 0.0)[:, None])
         if labels is not None:
             _ce_chunk(xs, ys, g, labels[rows], has_lab[rows], c, ce_rows, rows)
@@ -84,14 +83,14 @@ def dense_kl_ce_rows(
 
 
 def _ce_chunk(xs, buf, g, lab, has, c, ce_rows, rows) -> None:
-    """CE of the chunk's labelled rows into ce_rows; g += c·(σ − onehot) on them. A label >= V (callers
-    reject those first) is never dereferenced and gives a NaN CE, as in the Triton kernel."""
+    """CE of the chunk's labelled rows into ce_rows (xs: the student rows minus their max); g += c·(σ −
+    onehot) on them. A label >= V (callers reject those first) is never dereferenced and gives a NaN CE, as
+    in the Triton kernel."""
     V = xs.shape[1]
     ok = lab < V
     safe = torch.where(has & ok, lab, 0)
-    m1, lg1 = _softmax_(xs, buf, 1.0)
-    s_lab = xs.gather(1, safe[:, None])
-    ce = (m1 - s_lab + lg1).squeeze(1)
+    lg1 = _centred_softmax_(xs, buf, 1.0)
+    ce = (lg1 - xs.gather(1, safe[:, None])).squeeze(1)
     ce_rows[rows] = torch.where(has, torch.where(ok, ce, math.nan), 0.0)
     cc = torch.where(has, c, 0.0)[:, None]
     g.add_(buf.mul_(cc))
