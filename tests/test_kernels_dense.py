@@ -4,7 +4,11 @@ plain log_softmax / softmax and differentiated by autograd."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -415,3 +419,86 @@ def test_cuda_more_than_2_to_the_31_logits(monkeypatch):
         s.grad[tail].float().cpu() * (N / 3), g_d, rtol=2e-2, atol=2e-2 * float(g_d.abs().max())
     )
     assert torch.isfinite(res.total)
+
+
+# --------------------------------------------------------------------------------------------- memory
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import ctypes, gc, json, os
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: large blocks by mmap, so freed memory leaves RSS
+    libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
+    os.environ["OFFLINE_KD_KERNELS"] = "reference"
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+    from offline_kd.kernels.dense import exact_distillation_losses
+
+    torch.set_num_threads(1)
+    V, H, T, CHUNK = 30522, 64, 2.0, 64
+    torch.manual_seed(0)
+    head = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=H, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=2 * H)).cls.eval()
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+
+    def peak(fn, n):
+        hidden = torch.randn(n, H).half()
+        s0 = torch.randn(n, V).bfloat16()
+        labels = torch.randint(0, V, (n,))
+        labels[::3] = -100
+        fn(hidden[:4], s0[:4], labels[:4])
+        gc.collect()
+        open("/proc/self/clear_refs", "w").write("5")
+        base = status("VmRSS")
+        fn(hidden, s0, labels)
+        return status("VmHWM") - base
+
+    def exact(hidden, s0, labels):
+        s = s0.clone().requires_grad_(True)
+        exact_distillation_losses(s, hidden, head, T, None, labels, (5.0, 2.0), chunk_rows=CHUNK).total.backward()
+
+    def unchunked(hidden, s0, labels):
+        s = s0.clone().requires_grad_(True)
+        with torch.no_grad():
+            t = head(hidden.float())
+        x = s.float()
+        lp = torch.log_softmax(t / T, -1)
+        kl = (lp.exp() * (lp - torch.log_softmax(x / T, -1))).sum(-1).mean() * T * T
+        ce = torch.nn.functional.cross_entropy(x, labels)
+        (5.0 * kl + 2.0 * ce).backward()
+
+    out = {}
+    for n in (512, 1024):
+        # the clone of the student logits (bf16) and its gradient (bf16) are the two [N, V] tensors expected
+        out[n] = {"exact": peak(exact, n), "unchunked": peak(unchunked, n), "two_bf16": 2 * n * V * 2,
+                  "teacher_fp32": n * V * 4}
+    out["chunk_fp32"] = CHUNK * V * 4
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc/self/clear_refs")
+def test_exact_reference_memory_is_bounded_by_the_chunk():
+    """RSS high-water growth of one exact-mode forward + backward (reference path, V = 30,522, bf16 student):
+    besides the student logits' clone and gradient it stays within a few teacher-logit chunks, the same at
+    N = 512 and N = 1024; the unchunked formula holds the whole fp32 teacher and more."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads(res.stdout.strip().splitlines()[-1])
+    chunk = m["chunk_fp32"]
+    for n in ("512", "1024"):
+        r = m[n]
+        extra = r["exact"] - r["two_bf16"]
+        assert extra < 3 * chunk + (16 << 20), m  # bounded by the chunk ...
+        assert r["exact"] < r["two_bf16"] + r["teacher_fp32"] / 2, m  # ... not by N x V teacher logits
+        assert r["unchunked"] > r["two_bf16"] + 2 * r["teacher_fp32"], m  # the probe sees [N, V] temporaries
+    # doubling N adds only the two bf16 [N, V] tensors
+    growth = m["1024"]["exact"] - m["512"]["exact"]
+    assert growth < m["1024"]["two_bf16"] - m["512"]["two_bf16"] + chunk, m
