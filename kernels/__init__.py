@@ -7,6 +7,9 @@ Public API (see docs/kernels.md for the math):
 * `cosine_loss(student_hidden, teacher_hidden, row_mask=None)`
 * `fused_linear_distillation_losses(hidden, weight, bias, ...)`: the LM head fused in, chunked over rows
   (experimental, not used by the trainer; see fused_head.py)
+* `dense_distillation_losses(student_logits, teacher_logits, T, ...)` / `exact_distillation_losses(student_logits,
+  teacher_hidden, teacher_head, T, ...)` -> LossParts(total, kl, mlm): the full teacher distribution
+  (docs/kernels-dense.md)
 
 Dispatch: Triton for CUDA tensors, the chunked PyTorch reference elsewhere. The environment variable
 `OFFLINE_KD_KERNELS=triton|reference|auto` (default auto, read at each call) forces one; forcing `triton` on CPU
@@ -20,6 +23,7 @@ import os
 import torch
 
 from ._common import prepare
+from .dense import LossParts, dense_distillation_losses, exact_distillation_losses
 from .fused_head import fused_linear_distillation_losses
 from .reference import ReferenceDistillLogitLoss, reference_cosine_loss
 
@@ -38,6 +42,9 @@ __all__ = [
     "distillation_logit_losses",
     "cosine_loss",
     "fused_linear_distillation_losses",
+    "dense_distillation_losses",
+    "exact_distillation_losses",
+    "LossParts",
     "backend_for",
     "ENV_VAR",
     "HAS_TRITON",

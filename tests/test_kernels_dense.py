@@ -15,8 +15,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import offline_kd.kernels as K  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from offline_kd.kernels import dense_kl, dense_reference  # noqa: E402
-from offline_kd.kernels.dense import dense_distillation_losses, exact_distillation_losses  # noqa: E402
+from offline_kd.kernels import (  # noqa: E402
+    dense_distillation_losses,
+    dense_kl,
+    dense_reference,
+    exact_distillation_losses,
+)
 
 BACKENDS = ["triton", "reference"]
 # (loss rtol, grad rtol, grad atol relative to max|grad|): both sides compute in fp32 from the same quantised
