@@ -28,8 +28,10 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 SCALE_BLOCK = 4096
+# compile-time constants inside the kernels
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 def t_mode(temperature: float) -> int:
@@ -72,9 +74,9 @@ def _stats_block(
         if T_MODE == 2:  # exp(s - m) = exp((s - m)/2)^2: a multiply instead of a second exponential
             d_1 = d_1 * (alpha * alpha) + e * e
         elif T_MODE == 0:
-            m1_new = _scaled_max(m_new, 1.4426950408889634)
-            d_1 = d_1 * tl.exp2(m_s * 1.4426950408889634 - m1_new)[:, None]
-            d_1 += tl.exp2(tl.fma(s, 1.4426950408889634, -m1_new[:, None]))
+            m1_new = _scaled_max(m_new, _LOG2E)
+            d_1 = d_1 * tl.exp2(m_s * _LOG2E - m1_new)[:, None]
+            d_1 += tl.exp2(tl.fma(s, _LOG2E, -m1_new[:, None]))
     if KL:
         t = _load_f32(t_row, offs, V, MASKED)
         mt_new = tl.maximum(m_t, tl.max(t, 1))
@@ -140,10 +142,10 @@ def _pass1(
             lg_1 = lg_t
         elif T_MODE == 2:
             m1 = 2.0 * _scaled_max(m_s, k_t)
-            lg_1 = tl.log2(_combine(m_w, 1.4426950408889634, d_1)[1])
+            lg_1 = tl.log2(_combine(m_w, _LOG2E, d_1)[1])
         else:
-            m1 = _scaled_max(m_s, 1.4426950408889634)
-            lg_1 = tl.log2(_combine(m_w, 1.4426950408889634, d_1)[1])
+            m1 = _scaled_max(m_s, _LOG2E)
+            lg_1 = tl.log2(_combine(m_w, _LOG2E, d_1)[1])
     return m_s, lg_t, m_t, lg_p, m1, lg_1
 
 
@@ -161,7 +163,7 @@ def _grad_terms(
         if T_MODE == 2:
             g = e_q * (aq + cs * e_q)
         elif T_MODE == 0:
-            g += cs * tl.exp2(tl.fma(s, 1.4426950408889634, -c1))
+            g += cs * tl.exp2(tl.fma(s, _LOG2E, -c1))
     lp = lq
     e_p = e_q
     if KL:
@@ -218,7 +220,7 @@ def _row(
     if CE:
         # CE = (m - s_label) + ln sum exp(s - m), with the exact residual of the offset m1 ~ m log2 e
         s_lab = tl.load(s_row + lab_safe).to(tl.float32)
-        ce = (m_s - s_lab) + (lg_1 - tl.fma(m_s, 1.4426950408889634, -m1)) * 0.6931471805599453
+        ce = (m_s - s_lab) + (lg_1 - tl.fma(m_s, _LOG2E, -m1)) * _LN2
         tl.store(CE_ptr + row, tl.where(ok, ce, float("nan")))
         if T_MODE == 1:  # sigma = q
             aq += c * tl.exp2(-cq_lo)
@@ -276,7 +278,7 @@ def _row(
             )
         if KL:  # sum p (log p - log q) = 2^-cp_lo * sum e_p (lp - lq) + (cq_lo - cp_lo), in log2 units
             kl = tl.exp2(-cp_lo) * tl.sum(kl_acc, 0) + (cq_lo - cp_lo)
-            tl.store(KL_ptr + row, kl * 0.6931471805599453)
+            tl.store(KL_ptr + row, kl * _LN2)
     if not KL:
         tl.store(KL_ptr + row, 0.0)
     if WRITE_GRAD and CE:
