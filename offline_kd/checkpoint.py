@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from offline_kd.distributed import barrier, rank, world_size
 
 MARKER = "COMPLETE"
 _TAG_RE = re.compile(r"^step(\d+)$")
@@ -62,37 +63,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int | None = None) -> str:
     """Save a checkpoint for `step` on every rank; rank 0 marks it complete after a barrier."""
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
     tag_dir = Path(ckpt_dir) / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
-    rank = _rank()
-    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
-    _barrier()
-    if rank == 0:
+    this_rank = rank()
+    torch.save(rng_state(), tag_dir / f"rng_rank{this_rank}.pt")
+    barrier()
+    if this_rank == 0:
         tmp = tag_dir / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": _world()}))
+        tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": world_size()}))
         os.replace(tmp, tag_dir / MARKER)
         if keep_last:
             for _, old in complete_tags(ckpt_dir)[:-keep_last]:
                 _remove_tree(Path(ckpt_dir) / old)
-    _barrier()
+    barrier()
     return tag
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _remove_tree(path: Path) -> None:
@@ -113,7 +101,7 @@ def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> tuple[str, dic
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
-    rng_file = Path(ckpt_dir) / tag / f"rng_rank{_rank()}.pt"
+    rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank()}.pt"
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return tag, client_state or {}

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from offline_kd.distributed import local_device
+
 
 @dataclass
 class EvalConfig:
@@ -82,7 +84,7 @@ def masked_eval_batches(cfg: EvalConfig, tokenizer):
 
 @torch.inference_mode()
 def evaluate(cfg: EvalConfig) -> EvalResult:
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(local_device(cfg.device))
     model, tokenizer = _load(cfg.model, device)
     teacher = None
     if cfg.teacher:

@@ -17,6 +17,7 @@ import torch
 
 from . import __version__
 from .corpus import corpus_fingerprint, prepare_corpus, token_counts
+from .distributed import local_device, rank_and_world
 from .masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
 from .store import (
     ATTR_KEY,
@@ -30,7 +31,7 @@ from .store import (
     num_shards_for,
     shard_range,
 )
-from .teacher import Teacher, compute_signals, device_from_env, load_teacher
+from .teacher import Teacher, compute_signals, load_teacher
 
 # Seconds to sleep after each (shard, view) write, before the commit; only for crash tests.
 _DELAY = float(os.environ.get("OFFLINE_KD_PRECOMPUTE_DELAY", "0") or 0)
@@ -82,15 +83,6 @@ class PrecomputeResult:
     estimated_bytes: int | None = None
     meta: dict | None = None
     loop_seconds: float = 0.0  # time spent masking, running the teacher and writing shards
-
-
-def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit values win; else torchrun/deepspeed's RANK and WORLD_SIZE; else (0, 1)."""
-    r = rank if rank is not None else int(os.environ.get("RANK", 0))
-    w = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
-    if w < 1 or not 0 <= r < w:
-        raise ValueError(f"rank {r} is not in [0, world_size={w})")
-    return r, w
 
 
 def assigned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
@@ -219,9 +211,10 @@ def _check_settings(cfg: PrecomputeConfig, world: int) -> None:
         raise StoreError("--overwrite with several ranks is racy: delete the store first, then run all ranks")
 
 
+
 def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
     """The teacher, refused if ``top_k`` or ``max_length`` do not fit it."""
-    device = device_from_env(cfg.device)
+    device = local_device(cfg.device)
     teacher = load_teacher(cfg.teacher, cfg.revision, device, cfg.dtype, cfg.trust_remote_code)
     if cfg.top_k > teacher.vocab_size:
         raise ValueError(f"top_k {cfg.top_k} exceeds the vocabulary size {teacher.vocab_size}")

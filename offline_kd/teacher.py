@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,11 +249,3 @@ def compute_signals(
         lse=lse.cpu().numpy().astype(np.float32, copy=False),
         hidden=hid,
     )
-
-
-def device_from_env(explicit: str | None = None) -> str:
-    if explicit:
-        return explicit
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"

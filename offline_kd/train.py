@@ -20,8 +20,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -33,6 +31,7 @@ from torch import nn
 
 from offline_kd import checkpoint as ckpt
 from offline_kd.data import ReaderConfig, StoreReader, open_store
+from offline_kd.distributed import accelerator_device, barrier, init_distributed
 from offline_kd.loss import LossConfig, distillation_loss
 from offline_kd.metrics import MetricsLogger
 from offline_kd.student import StudentBundle, build_student, check_compatible
@@ -94,41 +93,6 @@ class TrainResult:
     steps: int
     metrics: dict = field(default_factory=dict)
     resumed_from: str | None = None
-
-
-# --------------------------------------------------------------------------------------- distributed
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(local_rank: int | None = None) -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed; a one-process group when nothing is set."""
-    import deepspeed
-
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ["RANK"] = "0"
-        os.environ["WORLD_SIZE"] = "1"
-        os.environ["LOCAL_RANK"] = "0"
-    if local_rank is not None and "LOCAL_RANK" not in os.environ:
-        os.environ["LOCAL_RANK"] = str(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed()
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    if acc.device_name() == "cpu":
-        return torch.device("cpu")
-    return torch.device(acc.device_name(int(os.environ.get("LOCAL_RANK", 0))))
 
 
 # --------------------------------------------------------------------------------------- config
@@ -359,7 +323,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     import deepspeed
 
     rank, world = init_distributed(cfg.local_rank)
-    device = _device()
+    device = accelerator_device()
     out = Path(cfg.output)
     is_main = rank == 0
 
@@ -603,8 +567,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         (final_dir / "train_config.json").write_text(json.dumps(cfg.as_dict(), indent=2) + "\n")
         (final_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
         (final_dir / "README.md").write_text(model_card(cfg, meta, bundle, ds, last_row, step))
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return TrainResult(str(out), str(final_dir), step, last_row, resumed_from)
 
 
