@@ -1,29 +1,19 @@
 """Train a student from a signal store with DeepSpeed (the teacher never runs).
 
-``train(TrainConfig)`` runs top to bottom on every rank:
-
-1. distributed set-up (a single-process group on a free port when no launcher set one up);
-2. open the store (refused unless every shard is committed), build the student and refuse it
-   before step 0 if its vocabulary, tokenizer or (with the cosine loss) width does not fit;
-3. resolve the user's DeepSpeed config (micro batch, accumulation, ``auto`` values of the
-   scheduler) and ``deepspeed.initialize``;
-4. optionally resume from the newest *complete* checkpoint;
-5. loop over epochs (view ``epoch mod views``) and micro-batches; every micro-batch's loss
-   components are summed over ranks, which also stops every rank together on a non-finite loss;
-6. export ``DIR/final`` (gathered under ZeRO-3): ``save_pretrained`` student + tokenizer, model
-   card, ``train_config.json`` and the resolved DeepSpeed config.
+``train(TrainConfig)`` reads top to bottom and runs the same on every rank: join the process
+group; refuse a store or student that cannot work (`prepare_run`); resolve the DeepSpeed config
+and the reader (`plan_run`); build the engine; resume from the newest *complete* checkpoint
+(`offline_kd.train_state`); loop over epochs (view ``epoch mod views``) and micro-batches; export
+``DIR/final`` (`offline_kd.export`). Every micro-batch's loss components are summed over ranks,
+which also stops every rank together on a non-finite loss.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,12 +21,19 @@ from torch import nn
 
 from offline_kd import checkpoint as ckpt
 from offline_kd.data import ReaderConfig, StoreReader, open_store
-from offline_kd.distributed import accelerator_device, barrier, init_distributed
-from offline_kd.loss import LossConfig, distillation_loss
+from offline_kd.distributed import accelerator_device, init_distributed
+from offline_kd.ds_config import fill_schedule, load_ds_config, param_dtype, resolve_ds_config
+from offline_kd.export import export_run, write_run_config
+from offline_kd.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.metrics import MetricsLogger
+from offline_kd.store import StoreMeta
 from offline_kd.student import StudentBundle, build_student, check_compatible
+from offline_kd.train_state import Layout, TrainState, resume_state
 
 log = logging.getLogger(__name__)
+
+# Per micro-batch sums over ranks: the loss components, then real tokens and sequences.
+TOKENS, SEQUENCES = len(COMPONENTS), len(COMPONENTS) + 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,66 +92,22 @@ class TrainResult:
     resumed_from: str | None = None
 
 
-# --------------------------------------------------------------------------------------- config
+@dataclass
+class PreparedRun:
+    """What the store and the student are, once both are known to fit together."""
+
+    meta: StoreMeta
+    bundle: StudentBundle
+    projection: nn.Module | None  # student → teacher width for the cosine loss, when they differ
 
 
-def load_ds_config(value: str | dict | None) -> dict:
-    if value is None:
-        default = Path(__file__).resolve().parent.parent / "configs" / "ds_cpu_tiny.json"
-        value = str(default)
-    if isinstance(value, dict):
-        return copy.deepcopy(value)
-    return json.loads(Path(value).read_text())
+@dataclass
+class EpochPlan:
+    """How many micro-batches and optimizer steps the run takes."""
 
-
-def _is_auto(v: Any) -> bool:
-    return v is None or v == "auto"
-
-
-def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int) -> dict:
-    """Fill batch sizes and "auto" optimizer/scheduler values; `total_num_steps` must be set later."""
-    ds = copy.deepcopy(ds)
-    micro = cfg.micro_batch_size or ds.get("train_micro_batch_size_per_gpu")
-    gas = cfg.gradient_accumulation_steps or ds.get("gradient_accumulation_steps")
-    if _is_auto(micro):
-        tb = ds.get("train_batch_size")
-        if _is_auto(tb):
-            raise ValueError(
-                "the DeepSpeed config sets neither train_micro_batch_size_per_gpu nor train_batch_size"
-            )
-        gas = 1 if _is_auto(gas) else int(gas)
-        micro = int(tb) // (gas * world_size)
-    gas = 1 if _is_auto(gas) else int(gas)
-    micro = int(micro)
-    ds["train_micro_batch_size_per_gpu"] = micro
-    ds["gradient_accumulation_steps"] = gas
-    ds["train_batch_size"] = micro * gas * world_size
-    opt = ds.get("optimizer")
-    if opt is not None:
-        params = opt.setdefault("params", {})
-        if cfg.lr is not None:
-            params["lr"] = cfg.lr
-        elif _is_auto(params.get("lr")):
-            params["lr"] = 5e-4
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
-
-
-def fill_schedule(ds: dict, total_steps: int, warmup_fraction: float) -> dict:
-    sched = ds.get("scheduler")
-    if sched is None:
-        return ds
-    params = sched.setdefault("params", {})
-    if "total_num_steps" in params or sched.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
-        if _is_auto(params.get("total_num_steps")):
-            params["total_num_steps"] = max(int(total_steps), 1)
-    if _is_auto(params.get("warmup_num_steps", 0)):
-        total = int(params.get("total_num_steps", total_steps))
-        params["warmup_num_steps"] = max(1, int(round(warmup_fraction * total)))
-    opt_lr = (ds.get("optimizer") or {}).get("params", {}).get("lr")
-    if opt_lr is not None and _is_auto(params.get("warmup_max_lr", 0)):
-        params["warmup_max_lr"] = opt_lr
-    return ds
+    micro_batches: int  # per rank per epoch: the whole optimizer steps of the rank's slice
+    steps_per_epoch: int
+    total_steps: int  # all epochs, or --max-steps when smaller
 
 
 # --------------------------------------------------------------------------------------- module
@@ -181,163 +134,31 @@ class DistillModule(nn.Module):
         return distillation_loss(self.loss_cfg, out.logits, hidden, batch, self.projection)
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device, float_dtype: torch.dtype | None):
-    out = {}
-    for k, v in batch.items():
-        v = v.to(device, non_blocking=True)
-        if k == "hidden" and float_dtype is not None:
-            v = v.to(float_dtype)
-        out[k] = v
-    return out
+def loss_config(cfg: TrainConfig) -> LossConfig:
+    return LossConfig(
+        alpha_ce=cfg.alpha_ce,
+        alpha_mlm=cfg.alpha_mlm,
+        alpha_cos=cfg.alpha_cos,
+        temperature=cfg.temperature,
+        kl_tail=cfg.kl_tail,
+        restrict_kl_to_mask=cfg.restrict_kl_to_mask,
+    )
 
 
-def _params_finite(module: nn.Module, device: torch.device, world: int) -> bool:
-    """True when every parameter (this rank's ZeRO-3 partition) is finite on every rank."""
-    local = [getattr(p, "ds_tensor", p) for p in module.parameters()]
-    local = [t for t in local if t.numel() > 0]
-    ok = torch.stack(torch._foreach_norm(local)).isfinite().all() if local else torch.tensor(True)
-    flag = ok.to(device=device, dtype=torch.int32).reshape(1)
-    if world > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+# --------------------------------------------------------------------------------------- set-up
 
 
-def _param_dtype(ds: dict) -> torch.dtype:
-    if (ds.get("bf16") or {}).get("enabled"):
-        return torch.bfloat16
-    if (ds.get("fp16") or {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
-# --------------------------------------------------------------------------------------- export
-
-
-def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Full fp32 CPU copy of a module's state dict on every rank (gathers ZeRO-3 partitions)."""
-    import deepspeed
-
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def params_sha256(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def export_student(
-    bundle: StudentBundle, state: dict[str, torch.Tensor], out_dir: Path
-) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """save_pretrained an fp32 copy of the student built from `state` + its tokenizer."""
-    student_state = {k[len("student.") :]: v for k, v in state.items() if k.startswith("student.")}
-    config = copy.deepcopy(bundle.model.config)
-    model = type(bundle.model)(config).float()
-    missing, unexpected = model.load_state_dict(student_state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [m for m in missing if m not in tied]
-    if missing or unexpected:
-        raise RuntimeError(f"export: missing={missing} unexpected={unexpected}")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
-    tok = copy.deepcopy(bundle.tokenizer)
-    # DistilBERT-style students take no token_type_ids; keep pipelines from passing them.
-    import inspect
-
-    if "token_type_ids" not in inspect.signature(model.forward).parameters:
-        tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]
-        tok.init_kwargs["model_input_names"] = tok.model_input_names
-    tok.save_pretrained(str(out_dir))
-    proj = {k[len("projection.") :]: v for k, v in state.items() if k.startswith("projection.")}
-    return model, proj
-
-
-def model_card(cfg: TrainConfig, meta, bundle: StudentBundle, ds: dict, metrics: dict, steps: int) -> str:
-    teacher = meta.teacher or {}
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: fill-mask",
-        "tags: [distillation, offline-kd]",
-        "---",
-        "",
-        f"# Student distilled offline from `{teacher.get('name_or_path')}`",
-        "",
-        "Trained with `offline_kd` from a precomputed teacher signal store (the teacher never ran during "
-        "training), with the DistilBERT triple loss.",
-        "",
-        "## Teacher",
-        "",
-        f"- name or path: `{teacher.get('name_or_path')}`",
-        f"- weights sha256: `{teacher.get('weights_sha256')}`",
-        f"- model type: `{teacher.get('model_type')}`, hidden size {meta.hidden_size}",
-        "",
-        "## Signal store",
-        "",
-        f"- url: `{cfg.store}`",
-        f"- sequences: {meta.num_sequences} × max length {meta.max_length}, views {meta.views}, "
-        f"top-k {meta.top_k}, temperatures {meta.temperatures}",
-        f"- corpus fingerprint: `{(meta.corpus or {}).get('fingerprint')}`",
-        f"- tokenizer sha256: `{meta.tokenizer_sha256}`",
-        "",
-        "## Student",
-        "",
-        f"- spec: `{cfg.student}` ({bundle.kind}), class `{type(bundle.model).__name__}`, "
-        f"hidden {bundle.hidden_size}",
-        f"- initialised from teacher layers: {bundle.init_layers}" if bundle.init_layers else "- random init",
-        "",
-        "## Loss",
-        "",
-        f"`{cfg.alpha_ce}·KL(T={cfg.temperature}, tail-aware={cfg.kl_tail}) + {cfg.alpha_mlm}·MLM + "
-        f"{cfg.alpha_cos}·cosine`, KL/cosine over {'masked' if cfg.restrict_kl_to_mask else 'all non-pad'} tokens.",
-        "",
-        "## Training",
-        "",
-        f"- optimizer steps: {steps}; global batch {ds['train_batch_size']} "
-        f"(micro {ds['train_micro_batch_size_per_gpu']} × accumulation {ds['gradient_accumulation_steps']} "
-        "× ranks)",
-        f"- ZeRO stage {(ds.get('zero_optimization') or {}).get('stage', 0)}; exact settings in "
-        "`train_config.json` and `ds_config.json`",
-        "",
-        "## Final metrics (last step)",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    for k in ("loss", "kl", "mlm", "cos", "lr", "tokens_per_s"):
-        if k in metrics:
-            lines.append(f"| {k} | {metrics[k]:.6g} |")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------- train
-
-
-def train(cfg: TrainConfig) -> TrainResult:
-    import deepspeed
-
-    rank, world = init_distributed(cfg.local_rank)
-    device = accelerator_device()
-    out = Path(cfg.output)
-    is_main = rank == 0
-
-    # ---- store + student, refused before step 0 when they do not fit
+def prepare_run(cfg: TrainConfig) -> PreparedRun:
+    """Open the store and build the student; refuse either before step 0 when they do not fit."""
     store = open_store(cfg.store, cfg.storage_options)
     meta = store.meta
     if not store.is_complete():
         missing = [i for i, c in enumerate(store.committed()) if not c]
         raise ValueError(f"store {cfg.store} is incomplete: shards {missing[:20]} are not committed")
     del store
-    teacher_path = cfg.teacher or (meta.teacher or {}).get("name_or_path")
     bundle = build_student(
         cfg.student,
-        teacher_path=teacher_path,
+        teacher_path=cfg.teacher or (meta.teacher or {}).get("name_or_path"),
         vocab_size=int(meta.vocab_size),
         max_positions=max(int(meta.max_length), 512),
         pad_token_id=int(meta.pad_token_id),
@@ -363,19 +184,28 @@ def train(cfg: TrainConfig) -> TrainResult:
     if need_hidden and bundle.hidden_size != int(meta.hidden_size):
         torch.manual_seed(cfg.seed)
         projection = nn.Linear(bundle.hidden_size, int(meta.hidden_size))
+    return PreparedRun(meta, bundle, projection)
 
-    # ---- DeepSpeed config and data
-    ds = resolve_ds_config(load_ds_config(cfg.deepspeed_config), cfg, world)
-    micro, gas = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+
+def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[dict, StoreReader, EpochPlan]:
+    """The resolved DeepSpeed config, this rank's reader and the run's length in steps."""
+    ds = resolve_ds_config(
+        load_ds_config(cfg.deepspeed_config),
+        world,
+        micro_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        lr=cfg.lr,
+    )
+    gas = ds["gradient_accumulation_steps"]
     reader = StoreReader(
         ReaderConfig(
             url=cfg.store,
-            micro_batch_size=micro,
+            micro_batch_size=ds["train_micro_batch_size_per_gpu"],
             seed=cfg.seed,
             num_workers=cfg.num_workers,
             buffer_chunks=cfg.buffer_chunks,
             temperature=cfg.temperature if cfg.kl_tail else None,
-            hidden=need_hidden,
+            hidden=cfg.alpha_cos > 0,
             storage_options=cfg.storage_options,
         ),
         world_size=world,
@@ -390,187 +220,202 @@ def train(cfg: TrainConfig) -> TrainResult:
     planned = cfg.epochs * steps_per_epoch
     total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
     # An "auto" schedule spans --schedule-steps, else --max-steps, else all epochs; pass the same
-    # value when resuming (a resumed run with another schedule length is warned about below).
+    # value when resuming (a resumed run with another schedule length is warned about).
     ds = fill_schedule(ds, cfg.schedule_steps or total_steps, cfg.warmup_fraction)
-    if cfg.epochs > int(meta.views) and is_main:
+    if cfg.epochs > int(meta.views) and rank == 0:
         log.warning(
             "%d epochs over %d mask views: views repeat from epoch %d", cfg.epochs, meta.views, meta.views
         )
+    return ds, reader, EpochPlan(steps_per_epoch * gas, steps_per_epoch, total_steps)
 
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.as_dict(), indent=2) + "\n")
-        (out / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 
-    module = DistillModule(bundle.model, LossConfig(**_loss_kwargs(cfg)), projection)
+def build_engine(cfg: TrainConfig, run: PreparedRun, ds: dict):
+    """The DeepSpeed engine over the student, its projection and the loss."""
+    import deepspeed
+
+    module = DistillModule(run.bundle.model, loss_config(cfg), run.projection)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds
     )
-    float_dtype = _param_dtype(ds)
+    return engine
 
-    # ---- resume
-    step, epoch, micro_pos = 0, 0, 0
-    resumed_from = None
-    ckpt_dir = out / "checkpoints"
-    if cfg.resume:
-        loaded = ckpt.load(engine, ckpt_dir)
-        if loaded is not None:
-            resumed_from, client = loaded
-            step, epoch, micro_pos = int(client["step"]), int(client["epoch"]), int(client["micro_pos"])
-            if client.get("scheduler") not in (None, ds.get("scheduler")) and is_main:
-                log.warning(
-                    "resuming with a different LR schedule than the checkpoint's: %s (was %s); pass the same "
-                    "--schedule-steps/--max-steps to continue the original schedule",
-                    ds.get("scheduler"),
-                    client.get("scheduler"),
-                )
-            layout = (world, micro, gas)
-            saved = tuple(client.get("layout") or layout)
-            if saved != layout:
-                # Another rank count or batch shape: the rank slices of the epoch order differ, so
-                # continue at the same number of consumed sequences (not an exact continuation).
-                consumed = micro_pos * saved[0] * saved[1]
-                micro_pos = (consumed // (world * micro)) // gas * gas
-                if is_main:
-                    log.warning(
-                        "checkpoint made with (ranks, micro, accumulation) = %s, now %s: continuing epoch %d "
-                        "after ~%d sequences; the data order is not an exact continuation",
-                        saved,
-                        layout,
-                        epoch,
-                        consumed,
-                    )
-            if is_main:
-                log.info(
-                    "resumed from %s at step %d (epoch %d, micro-batch %d)",
-                    resumed_from,
-                    step,
-                    epoch,
-                    micro_pos,
-                )
-        elif is_main:
+
+def resume_run(
+    cfg: TrainConfig, engine, ckpt_dir: Path, layout: Layout, scheduler: dict | None, is_main: bool
+) -> tuple[TrainState, str | None]:
+    """The state to start from: the newest complete checkpoint's with --resume, else step 0."""
+    fresh = TrainState(layout=layout, scheduler=scheduler)
+    if not cfg.resume:
+        return fresh, None
+    loaded = ckpt.load(engine, ckpt_dir)
+    if loaded is None:
+        if is_main:
             log.info("--resume: no complete checkpoint in %s, starting fresh", ckpt_dir)
+        return fresh, None
+    tag, client = loaded
+    state, warnings = resume_state(client, layout, scheduler)
+    if is_main:
+        for warning in warnings:
+            log.warning("%s", warning)
+        log.info(
+            "resumed from %s at step %d (epoch %d, micro-batch %d)",
+            tag,
+            state.step,
+            state.epoch,
+            state.micro_pos,
+        )
+    return state, tag
 
-    logger = MetricsLogger(
-        out / "logs",
-        enabled=is_main,
-        total_steps=total_steps,
-        start_step=step,
-        progress=cfg.progress,
-        tensorboard=cfg.tensorboard,
+
+# --------------------------------------------------------------------------------------- loop pieces
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device, float_dtype: torch.dtype | None):
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device, non_blocking=True)
+        if k == "hidden" and float_dtype is not None:
+            v = v.to(float_dtype)
+        out[k] = v
+    return out
+
+
+def sum_over_ranks(
+    parts: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], world: int, device: torch.device
+) -> torch.Tensor:
+    """float64 [loss components..., tokens, sequences] of one micro-batch, summed over ranks."""
+    values = torch.stack([parts[name] for name in COMPONENTS]).double().cpu()
+    ntok = float(batch["attention_mask"].sum())
+    sums = torch.cat([values, torch.tensor([ntok, float(batch["input_ids"].shape[0])], dtype=torch.float64)])
+    if world > 1:
+        on_device = sums.to(device)
+        dist.all_reduce(on_device)
+        sums = on_device.cpu()
+    return sums
+
+
+def check_finite_loss(sums: torch.Tensor, world: int, state: TrainState, last_saved: str | None) -> None:
+    """Raise on a non-finite loss component: every rank sees the same sums and stops together."""
+    if torch.isfinite(sums[:TOKENS]).all():
+        return
+    detail = ", ".join(f"{n}={float(sums[i]) / world:.6g}" for i, n in enumerate(COMPONENTS))
+    raise NonFiniteLossError(
+        f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, micro-batch {state.micro_pos}): "
+        f"{detail}; stopping without saving; last good checkpoint: {last_saved or 'none'}"
     )
-    last_saved = resumed_from
-    sched_state = {"scheduler": ds.get("scheduler"), "layout": [world, micro, gas]}
-    last_row: dict = {}
+
+
+def _params_finite(module: nn.Module, device: torch.device, world: int) -> bool:
+    """True when every parameter (this rank's ZeRO-3 partition) is finite on every rank."""
+    local = [getattr(p, "ds_tensor", p) for p in module.parameters()]
+    local = [t for t in local if t.numel() > 0]
+    ok = torch.stack(torch._foreach_norm(local)).isfinite().all() if local else torch.tensor(True)
+    flag = ok.to(device=device, dtype=torch.int32).reshape(1)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def check_finite_params(
+    module: nn.Module, device: torch.device, world: int, state: TrainState, last_saved: str | None
+) -> None:
+    """Raise when an update left non-finite parameters (finite loss, non-finite gradients)."""
+    if _params_finite(module, device, world):
+        return
+    raise NonFiniteLossError(
+        f"non-finite parameters after the update of step {state.step} (epoch {state.epoch}): the gradients "
+        f"were not finite although the loss was; stopping without saving; last good "
+        f"checkpoint: {last_saved or 'none'}"
+    )
+
+
+def metrics_row(
+    state: TrainState, totals: torch.Tensor, parts: int, lr: float, dt: float, wait: float
+) -> dict:
+    """One optimizer step's row: loss components averaged over its `parts` micro-batch × rank sums."""
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "samples": int(totals[SEQUENCES]),
+        "tokens": int(totals[TOKENS]),
+        **{name: float(totals[i] / parts) for i, name in enumerate(COMPONENTS)},
+        "lr": lr,
+        "tokens_per_s": float(totals[TOKENS]) / max(dt, 1e-9),
+        "step_time_s": dt,
+        "reader_wait_s": wait,
+    }
+
+
+def _lr(engine) -> float:
+    lrs = engine.get_lr()
+    return float(lrs[0]) if lrs else float("nan")
+
+
+# --------------------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    # Every rank joins one process group (a local one without a launcher).
+    rank, world = init_distributed(cfg.local_rank)
+    device, out, is_main = accelerator_device(), Path(cfg.output), rank == 0
+    # Refuse a store or student that cannot work before anything expensive runs.
+    run = prepare_run(cfg)
+    # Batch shape, "auto" values and the run's length depend on the rank count and the store.
+    ds, reader, plan = plan_run(cfg, run.meta, rank, world)
+    gas = ds["gradient_accumulation_steps"]
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_config(out, cfg, ds)
+    engine = build_engine(cfg, run, ds)
+    float_dtype = param_dtype(ds)
+    # Continue at the next unseen micro-batch of the newest complete checkpoint.
+    ckpt_dir = out / "checkpoints"
+    layout = Layout(world, ds["train_micro_batch_size_per_gpu"], gas)
+    state, resumed_from = resume_run(cfg, engine, ckpt_dir, layout, ds.get("scheduler"), is_main)
+    logger = MetricsLogger(
+        out / "logs", enabled=is_main, total_steps=plan.total_steps, start_step=state.step,
+        progress=cfg.progress, tensorboard=cfg.tensorboard,
+    )  # fmt: skip
+    last_saved, last_row = resumed_from, {}
     engine.train()
     try:
-        while step < total_steps and epoch < cfg.epochs:
-            stop = steps_per_epoch * gas
-            it = reader.epoch_batches(epoch, start=micro_pos, stop=stop)
-            acc = torch.zeros(6, dtype=torch.float64)
-            wait = 0.0
-            t_step = time.perf_counter()
-            while micro_pos < stop and step < total_steps:
+        while state.step < plan.total_steps and state.epoch < cfg.epochs:
+            # An epoch's order is a pure function of (seed, epoch): start where this rank stopped.
+            batches = reader.epoch_batches(state.epoch, start=state.micro_pos, stop=plan.micro_batches)
+            totals, wait, t_step = torch.zeros(SEQUENCES + 1, dtype=torch.float64), 0.0, time.perf_counter()
+            while state.micro_pos < plan.micro_batches and state.step < plan.total_steps:
                 t0 = time.perf_counter()
-                batch = next(it)
+                batch = next(batches)
                 wait += time.perf_counter() - t0
                 batch = _to_device(batch, device, float_dtype)
                 loss, parts = engine(batch)
-                vals = torch.stack([parts["loss"], parts["kl"], parts["mlm"], parts["cos"]]).double().cpu()
-                ntok = float(batch["attention_mask"].sum())
-                red = torch.cat(
-                    [vals, torch.tensor([ntok, float(batch["input_ids"].shape[0])], dtype=torch.float64)]
-                )
-                if world > 1:
-                    red_d = red.to(device)
-                    dist.all_reduce(red_d)
-                    red = red_d.cpu()
-                if not torch.isfinite(red[:4]).all():
-                    names = ("loss", "kl", "mlm", "cos")
-                    detail = ", ".join(f"{n}={float(red[i]) / world:.6g}" for i, n in enumerate(names))
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step + 1} (epoch {epoch}, micro-batch {micro_pos}): {detail}; "
-                        f"stopping without saving; last good checkpoint: {last_saved or 'none'}"
-                    )
+                # Summed over ranks every micro-batch, so a non-finite loss stops all ranks together.
+                sums = sum_over_ranks(parts, batch, world, device)
+                check_finite_loss(sums, world, state, last_saved)
                 engine.backward(loss)
-                engine.step()
-                acc += red
-                micro_pos += 1
-                if micro_pos % gas:
+                engine.step()  # DeepSpeed updates only at the accumulation boundary
+                totals += sums
+                state.micro_pos += 1
+                if state.micro_pos % gas:
                     continue
-                step += 1
-                if not _params_finite(engine.module, device, world):
-                    raise NonFiniteLossError(
-                        f"non-finite parameters after the update of step {step} (epoch {epoch}): the gradients "
-                        f"were not finite although the loss was; stopping without saving; last good "
-                        f"checkpoint: {last_saved or 'none'}"
-                    )
-                dt = time.perf_counter() - t_step
-                t_step = time.perf_counter()
-                n_parts = gas * world
-                last_row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "samples": int(acc[5]),
-                    "tokens": int(acc[4]),
-                    "loss": float(acc[0] / n_parts),
-                    "kl": float(acc[1] / n_parts),
-                    "mlm": float(acc[2] / n_parts),
-                    "cos": float(acc[3] / n_parts),
-                    "lr": float(engine.get_lr()[0]) if engine.get_lr() else float("nan"),
-                    "tokens_per_s": float(acc[4]) / max(dt, 1e-9),
-                    "step_time_s": dt,
-                    "reader_wait_s": wait,
-                }
+                state.step += 1
+                check_finite_params(engine.module, device, world, state, last_saved)
+                dt, t_step = time.perf_counter() - t_step, time.perf_counter()
+                last_row = metrics_row(state, totals, gas * world, _lr(engine), dt, wait)
                 logger.log(last_row)
-                acc.zero_()
+                totals.zero_()
                 wait = 0.0
-                if cfg.save_every and step % cfg.save_every == 0:
-                    client = {
-                        "step": step,
-                        "epoch": epoch,
-                        "micro_pos": micro_pos,
-                        "metrics": last_row,
-                        **sched_state,
-                    }
-                    if micro_pos >= stop:  # the epoch is done: resume at the next one
-                        client.update(epoch=epoch + 1, micro_pos=0)
-                    last_saved = ckpt.save(engine, ckpt_dir, step, client, cfg.keep_checkpoints)
-            if micro_pos >= stop:
-                epoch += 1
-                micro_pos = 0
-        if cfg.save_every and last_saved != ckpt.tag_for(step) and step > 0:
-            client = {
-                "step": step,
-                "epoch": epoch,
-                "micro_pos": micro_pos,
-                "metrics": last_row,
-                **sched_state,
-            }
-            last_saved = ckpt.save(engine, ckpt_dir, step, client, cfg.keep_checkpoints)
+                if cfg.save_every and state.step % cfg.save_every == 0:
+                    client = state.to_client_state(plan.micro_batches, last_row)
+                    last_saved = ckpt.save(engine, ckpt_dir, state.step, client, cfg.keep_checkpoints)
+            if state.micro_pos >= plan.micro_batches:
+                state.next_epoch()
+        # The last step is always resumable, even between two --save-every steps.
+        if cfg.save_every and last_saved != ckpt.tag_for(state.step) and state.step > 0:
+            client = state.to_client_state(plan.micro_batches, last_row)
+            last_saved = ckpt.save(engine, ckpt_dir, state.step, client, cfg.keep_checkpoints)
     finally:
         logger.close()
-
-    # ---- export
-    state = gathered_state_dict(engine.module)
-    if cfg.debug_param_hash:
-        dbg = out / "debug"
-        dbg.mkdir(parents=True, exist_ok=True)
-        (dbg / f"params_rank{rank}.sha256").write_text(params_sha256(state) + "\n")
-    final_dir = out / "final"
-    if is_main:
-        _, proj = export_student(bundle, state, final_dir)
-        if proj:
-            from safetensors.torch import save_file
-
-            save_file(proj, str(out / "projection.safetensors"))
-        (final_dir / "train_config.json").write_text(json.dumps(cfg.as_dict(), indent=2) + "\n")
-        (final_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
-        (final_dir / "README.md").write_text(model_card(cfg, meta, bundle, ds, last_row, step))
-    barrier()
-    return TrainResult(str(out), str(final_dir), step, last_row, resumed_from)
-
-
-def _loss_kwargs(cfg: TrainConfig) -> dict:
-    """The loss settings of the training config (TrainConfig carries every LossConfig field)."""
-    return {f.name: getattr(cfg, f.name) for f in fields(LossConfig)}
+    # Gather (ZeRO-3 partitions) and write a save_pretrained student with its card.
+    final_dir = export_run(engine.module, cfg, run.meta, run.bundle, ds, last_row, state.step, rank)
+    return TrainResult(str(out), str(final_dir), state.step, last_row, resumed_from)
