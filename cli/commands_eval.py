@@ -6,27 +6,23 @@ import json
 
 import click
 
+from offline_kd.config import click_options, from_click_params
+from offline_kd.settings import EvalConfig
+
 
 @click.command("eval")
-@click.option("--model", "model", required=True, help="Masked-LM directory (save_pretrained) to score.")
-@click.option("--corpus", "corpus", required=True, multiple=True, help="Held-out text/jsonl/parquet file(s).")
-@click.option("--teacher", default=None, help="Also report top-1 agreement and KL(teacher||model) at T=1.")
-@click.option("--text-field", default=None, help="Field holding the text in jsonl/parquet records.")
-@click.option("--max-length", default=128, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int, help="Masking seed.")
-@click.option("--batch-size", default=16, show_default=True, type=int)
-@click.option("--max-sequences", default=None, type=int, help="Score only the first N packed sequences.")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click_options(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable dict.")
-def eval_command(as_json: bool, corpus: tuple[str, ...], **kwargs) -> None:
+def eval_command(as_json: bool, **params) -> None:
     """Score a masked LM on held-out text with deterministic 15% masking."""
-    from offline_kd.evaluate import EvalConfig, evaluate, format_table
+    from offline_kd.evaluate import evaluate, format_table
 
-    result = evaluate(EvalConfig(corpus=list(corpus), **kwargs))
+    cfg = from_click_params(EvalConfig, params)
+    result = evaluate(cfg)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:
-        click.echo(format_table({kwargs["model"]: result}))
+        click.echo(format_table({cfg.model: result}))
 
 
 @click.command("demo")

@@ -6,14 +6,8 @@ import json
 
 import click
 
-
-def _floats(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [float(x) for x in str(value).split(",") if x.strip()]
-    except ValueError as e:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from e
+from offline_kd.config import click_options, from_click_params
+from offline_kd.settings import PrecomputeConfig
 
 
 def _human(n: float) -> str:
@@ -25,60 +19,15 @@ def _human(n: float) -> str:
 
 
 @click.command("precompute")
-@click.option("--teacher", required=True, help="HF masked-LM name or local directory.")
-@click.option(
-    "--corpus",
-    "corpus",
-    multiple=True,
-    required=True,
-    help="Text/jsonl/parquet file or hub dataset NAME[:CONFIG] (repeatable).",
-)
-@click.option("--output", required=True, help="Store path or fsspec URL (e.g. s3://bucket/store.zarr).")
-@click.option("--text-field", default=None, help="Field holding the text in jsonl/parquet (default: text).")
-@click.option("--max-length", default=512, show_default=True, type=int)
-@click.option("--top-k", default=64, show_default=True, type=int)
-@click.option("--temperatures", default="1,2", show_default=True, callback=_floats, help="Comma-separated.")
-@click.option(
-    "--views", default=1, show_default=True, type=int, help="Independently masked views per sequence."
-)
-@click.option("--hidden/--no-hidden", default=True, show_default=True, help="Store the last hidden state.")
-@click.option(
-    "--mask-smoothing", default=None, type=float, help="Rarity smoothing exponent (DistilBERT: 0.7)."
-)
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--batch-size", default=32, show_default=True, type=int)
-@click.option(
-    "--shard-size", default=256, show_default=True, type=int, help="Sequences per shard (unit of work)."
-)
-@click.option("--chunk-size", default=None, type=int, help="Sequences per chunk (default: ~2 MB chunks).")
-@click.option(
-    "--dtype",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-)
-@click.option("--device", default=None, help="Default: cuda:$LOCAL_RANK if available, else cpu.")
-@click.option("--rank", default=None, type=int, help="Default: $RANK or 0.")
-@click.option("--world-size", default=None, type=int, help="Default: $WORLD_SIZE or 1.")
-@click.option("--holdout", default=0.0, show_default=True, type=float, help="Fraction of documents held out.")
-@click.option("--holdout-file", default=None, help="Write held-out documents here, one per line.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store made with other settings.")
-@click.option(
-    "--dry-run", is_flag=True, help="Estimate the store size and check free disk space; write nothing."
-)
-@click.option("--trust-remote-code", is_flag=True)
-@click.option("--revision", default=None)
-@click.option("--no-progress", is_flag=True)
+@click_options(PrecomputeConfig)
 def precompute_cmd(**kw):
     """Run the teacher once over a corpus and write a signal store (resumable)."""
     from offline_kd.corpus import CorpusError
-    from offline_kd.precompute import PrecomputeConfig, precompute
+    from offline_kd.precompute import precompute
     from offline_kd.store import StoreError
     from offline_kd.teacher import TeacherError
 
-    progress = not kw.pop("no_progress")
-    kw["corpus"] = list(kw["corpus"])
-    cfg = PrecomputeConfig(progress=progress, **kw)
+    cfg = from_click_params(PrecomputeConfig, kw)
     try:
         res = precompute(cfg)
     except (CorpusError, StoreError, TeacherError, ValueError) as e:

@@ -19,19 +19,7 @@ import numpy as np
 import torch
 
 from offline_kd.distributed import local_device
-
-
-@dataclass
-class EvalConfig:
-    model: str
-    corpus: list[str]
-    teacher: str | None = None
-    text_field: str | None = None
-    max_length: int = 128
-    seed: int = 0
-    batch_size: int = 16
-    max_sequences: int | None = None
-    device: str | None = None
+from offline_kd.settings import EvalConfig
 
 
 @dataclass

@@ -24,8 +24,8 @@ from offline_kd.loss import COMPONENTS
 from offline_kd.student import StudentBundle
 
 if TYPE_CHECKING:
+    from offline_kd.settings import TrainConfig
     from offline_kd.store import StoreMeta
-    from offline_kd.train import TrainConfig
 
 
 def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -85,7 +85,7 @@ def model_card(
     cfg: TrainConfig, meta: StoreMeta, bundle: StudentBundle, ds: dict, metrics: dict, steps: int
 ) -> str:
     """The ``README.md`` of ``final/``: teacher, store, student, loss, training and last metrics."""
-    teacher = meta.teacher or {}
+    teacher, loss = meta.teacher or {}, cfg.loss
     lines = [
         "---",
         "library_name: transformers",
@@ -120,8 +120,8 @@ def model_card(
         "",
         "## Loss",
         "",
-        f"`{cfg.alpha_ce}·KL(T={cfg.temperature}, tail-aware={cfg.kl_tail}) + {cfg.alpha_mlm}·MLM + "
-        f"{cfg.alpha_cos}·cosine`, KL/cosine over {'masked' if cfg.restrict_kl_to_mask else 'all non-pad'} tokens.",
+        f"`{loss.alpha_ce}·KL(T={loss.temperature}, tail-aware={loss.kl_tail}) + {loss.alpha_mlm}·MLM + "
+        f"{loss.alpha_cos}·cosine`, KL/cosine over {'masked' if loss.restrict_kl_to_mask else 'all non-pad'} tokens.",
         "",
         "## Training",
         "",

@@ -16,27 +16,15 @@ with ``restrict_kl_to_mask``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import torch
 from torch import nn
 
 from offline_kd.kernels import cosine_loss, distillation_logit_losses
+from offline_kd.settings import LossConfig
+
+__all__ = ["COMPONENTS", "LossConfig", "distillation_loss"]
 
 COMPONENTS = ("loss", "kl", "mlm", "cos")
-
-
-@dataclass
-class LossConfig:
-    alpha_ce: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    temperature: float = 2.0
-    kl_tail: bool = True
-    restrict_kl_to_mask: bool = False
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def distillation_loss(

@@ -8,7 +8,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from . import __version__
 from .corpus import corpus_fingerprint, prepare_corpus, token_counts
 from .distributed import local_device, rank_and_world
 from .masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
+from .settings import PrecomputeConfig
 from .store import (
     ATTR_KEY,
     SignalStore,
@@ -35,38 +36,6 @@ from .teacher import Teacher, compute_signals, load_teacher
 
 # Seconds to sleep after each (shard, view) write, before the commit; only for crash tests.
 _DELAY = float(os.environ.get("OFFLINE_KD_PRECOMPUTE_DELAY", "0") or 0)
-
-
-@dataclass
-class PrecomputeConfig:
-    teacher: str
-    corpus: list[str]
-    output: str
-    text_field: str | None = None
-    max_length: int = 512
-    top_k: int = 64
-    temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0])
-    views: int = 1
-    hidden: bool = True
-    mask_smoothing: float | None = None
-    mlm_probability: float = 0.15
-    seed: int = 0
-    batch_size: int = 32
-    shard_size: int = 256
-    chunk_size: int | None = None
-    dtype: str = "auto"
-    device: str | None = None
-    rank: int | None = None
-    world_size: int | None = None
-    holdout: float = 0.0
-    holdout_file: str | None = None
-    overwrite: bool = False
-    dry_run: bool = False
-    trust_remote_code: bool = False
-    revision: str | None = None
-    storage_options: dict | None = None
-    progress: bool = True
-    wait_timeout: float = 600.0
 
 
 @dataclass

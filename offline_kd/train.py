@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from offline_kd.ds_config import fill_schedule, load_ds_config, param_dtype, res
 from offline_kd.export import export_run, write_run_config
 from offline_kd.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.metrics import MetricsLogger
+from offline_kd.settings import TrainConfig
 from offline_kd.store import StoreMeta
 from offline_kd.student import StudentBundle, build_student, check_compatible
 from offline_kd.train_state import Layout, TrainState, resume_state
@@ -38,49 +39,6 @@ TOKENS, SEQUENCES = len(COMPONENTS), len(COMPONENTS) + 1
 
 class NonFiniteLossError(RuntimeError):
     """A loss component became NaN or infinite; the run stops without saving."""
-
-
-@dataclass
-class TrainConfig:
-    store: str
-    student: str
-    output: str
-    deepspeed_config: str | dict | None = None
-    teacher: str | None = None
-    init_layers: str | None = None
-    init_from_teacher: bool = False
-    hidden_projection: bool = False
-    # loss
-    alpha_ce: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    temperature: float = 2.0
-    kl_tail: bool = True
-    restrict_kl_to_mask: bool = False
-    # schedule
-    epochs: int = 3
-    max_steps: int | None = None  # stop after this many optimizer steps (does not change the LR schedule)
-    schedule_steps: int | None = None  # LR schedule length when the DeepSpeed config says "auto"
-    micro_batch_size: int | None = None  # overrides train_micro_batch_size_per_gpu
-    gradient_accumulation_steps: int | None = None
-    lr: float | None = None  # overrides the optimizer's lr
-    warmup_fraction: float = 0.05  # for "auto" warm-up steps
-    seed: int = 0
-    # data
-    num_workers: int = 0
-    buffer_chunks: int = 4
-    storage_options: dict | None = None
-    # checkpoints / logs
-    save_every: int = 0
-    keep_checkpoints: int | None = None
-    resume: bool = False
-    progress: bool = True
-    tensorboard: bool = True
-    debug_param_hash: bool = False
-    local_rank: int | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -134,17 +92,6 @@ class DistillModule(nn.Module):
         return distillation_loss(self.loss_cfg, out.logits, hidden, batch, self.projection)
 
 
-def loss_config(cfg: TrainConfig) -> LossConfig:
-    return LossConfig(
-        alpha_ce=cfg.alpha_ce,
-        alpha_mlm=cfg.alpha_mlm,
-        alpha_cos=cfg.alpha_cos,
-        temperature=cfg.temperature,
-        kl_tail=cfg.kl_tail,
-        restrict_kl_to_mask=cfg.restrict_kl_to_mask,
-    )
-
-
 # --------------------------------------------------------------------------------------- set-up
 
 
@@ -166,7 +113,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         init_from_teacher=cfg.init_from_teacher,
         seed=cfg.seed,
     )
-    need_hidden = cfg.alpha_cos > 0
+    need_hidden = cfg.loss.alpha_cos > 0
     check_compatible(
         bundle,
         store_vocab_size=int(meta.vocab_size),
@@ -175,9 +122,9 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         need_hidden=need_hidden,
         hidden_projection=cfg.hidden_projection,
     )
-    if cfg.kl_tail and not any(abs(float(t) - cfg.temperature) < 1e-6 for t in meta.temperatures):
+    if cfg.loss.kl_tail and not any(abs(float(t) - cfg.loss.temperature) < 1e-6 for t in meta.temperatures):
         raise ValueError(
-            f"--temperature {cfg.temperature} is not one of the store's temperatures {meta.temperatures}; "
+            f"--temperature {cfg.loss.temperature} is not one of the store's temperatures {meta.temperatures}; "
             "the tail-aware KL needs the stored log-sum-exp at T (pick a stored T or pass --no-kl-tail)"
         )
     projection = None
@@ -204,8 +151,8 @@ def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[
             seed=cfg.seed,
             num_workers=cfg.num_workers,
             buffer_chunks=cfg.buffer_chunks,
-            temperature=cfg.temperature if cfg.kl_tail else None,
-            hidden=cfg.alpha_cos > 0,
+            temperature=cfg.loss.temperature if cfg.loss.kl_tail else None,
+            hidden=cfg.loss.alpha_cos > 0,
             storage_options=cfg.storage_options,
         ),
         world_size=world,
@@ -233,7 +180,7 @@ def build_engine(cfg: TrainConfig, run: PreparedRun, ds: dict):
     """The DeepSpeed engine over the student, its projection and the loss."""
     import deepspeed
 
-    module = DistillModule(run.bundle.model, loss_config(cfg), run.projection)
+    module = DistillModule(run.bundle.model, cfg.loss, run.projection)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds
     )

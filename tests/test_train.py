@@ -184,6 +184,7 @@ def _cfg(store, out, **kw):
 
 
 def test_refuses_vocab_and_width_mismatch_before_step_0(tiny_store, tiny_teacher, tmp_path):
+    from offline_kd.loss import LossConfig
     from offline_kd.student import StudentError
     from offline_kd.train import train
 
@@ -213,7 +214,7 @@ def test_refuses_vocab_and_width_mismatch_before_step_0(tiny_store, tiny_teacher
         train(_cfg(tiny_store, tmp_path / "w", student="tiny-narrow"))
     assert not (tmp_path / "w" / "logs").exists()
     with pytest.raises(ValueError, match="temperature 3.0 is not one of the store's temperatures"):
-        train(_cfg(tiny_store, tmp_path / "T", temperature=3.0))
+        train(_cfg(tiny_store, tmp_path / "T", loss=LossConfig(temperature=3.0)))
 
 
 def test_width_mismatch_with_projection_trains(tiny_store, tmp_path):

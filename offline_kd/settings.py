@@ -1,0 +1,145 @@
+"""Every user-facing setting, declared once: type, default and help.
+
+The command-line options of ``kd precompute``, ``kd eval`` and ``cli/train.py`` are generated from
+these dataclasses (`offline_kd.config`). They live apart from the code that uses them so that
+building a command line imports no torch: ``kd --help`` stays instant. Each stage re-exports its
+own (`offline_kd.precompute.PrecomputeConfig`, `offline_kd.loss.LossConfig`,
+`offline_kd.train.TrainConfig`, `offline_kd.evaluate.EvalConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from offline_kd.config import setting
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class PrecomputeConfig:
+    """The teacher pass: corpus → masked views → teacher signals → signal store."""
+
+    teacher: str = setting(help="HF masked-LM name or local directory.")
+    corpus: list[str] = setting(help="Text/jsonl/parquet file or hub dataset NAME[:CONFIG] (repeatable).")
+    output: str = setting(help="Store path or fsspec URL (e.g. s3://bucket/store.zarr).")
+    text_field: str | None = setting(None, "Field holding the text in jsonl/parquet (default: text).")
+    max_length: int = setting(512, "Tokens per packed sequence.")
+    top_k: int = setting(64, "Teacher logits kept per token.")
+    temperatures: list[float] = setting(
+        factory=lambda: [1.0, 2.0], help="Comma-separated temperatures to store the log-sum-exp at."
+    )
+    views: int = setting(1, "Independently masked views per sequence.")
+    hidden: bool = setting(True, "Store the last hidden state.")
+    mask_smoothing: float | None = setting(None, "Rarity smoothing exponent (DistilBERT: 0.7).")
+    mlm_probability: float = setting(0.15, "Fraction of tokens masked.", cli=False)
+    seed: int = setting(0, "Packing and masking seed.")
+    batch_size: int = setting(32, "Sequences per teacher forward pass.")
+    shard_size: int = setting(256, "Sequences per shard (unit of work).")
+    chunk_size: int | None = setting(None, "Sequences per chunk (default: ~2 MB chunks).")
+    dtype: str = setting("auto", "Teacher compute dtype.", choices=DTYPES)
+    device: str | None = setting(None, "Default: cuda:$LOCAL_RANK if available, else cpu.")
+    rank: int | None = setting(None, "Default: $RANK or 0.")
+    world_size: int | None = setting(None, "Default: $WORLD_SIZE or 1.")
+    holdout: float = setting(0.0, "Fraction of documents held out.")
+    holdout_file: str | None = setting(None, "Write held-out documents here, one per line.")
+    overwrite: bool = setting(False, "Replace an existing store made with other settings.")
+    dry_run: bool = setting(False, "Estimate the store size and check free disk space; write nothing.")
+    trust_remote_code: bool = setting(False, "Run the teacher repository's own code (off unless asked).")
+    revision: str | None = setting(None, "Teacher revision (branch, tag or commit) on the hub.")
+    storage_options: dict | None = setting(None, "fsspec options for the store.", cli=False)
+    progress: bool = setting(True, "Show a progress bar.")
+    wait_timeout: float = setting(600.0, "Seconds ranks > 0 wait for rank 0 to create the store.", cli=False)
+
+
+@dataclass
+class LossConfig:
+    """The DistilBERT triple loss ``alpha_ce·KL + alpha_mlm·MLM + alpha_cos·cosine``."""
+
+    alpha_ce: float = setting(5.0, "weight of the distillation KL")
+    alpha_mlm: float = setting(2.0, "weight of the MLM cross-entropy")
+    alpha_cos: float = setting(1.0, "weight of the hidden-state cosine loss")
+    temperature: float = setting(2.0, "distillation temperature (tail-aware: one of the store's)")
+    kl_tail: bool = setting(True, "tail-aware KL (the stored log-sum-exp gives the teacher's tail mass)")
+    restrict_kl_to_mask: bool = setting(False, "KL and cosine over masked tokens only")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_IO, _STUDENT, _SCHEDULE, _DATA, _LOGS = (
+    "inputs and outputs",
+    "student",
+    "schedule",
+    "data",
+    "checkpoints and logs",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Training a student from a signal store with DeepSpeed."""
+
+    store: str = setting(help="signal store URL (local path or fsspec URL)", group=_IO)
+    student: str = setting(
+        help="'distil', 'distil-<n>l', a preset (tiny, tiny-narrow, mini, small, distilbert-base) or a HF "
+        "model directory / config.json",
+        group=_IO,
+    )
+    output: str = setting(help="run directory (checkpoints, logs, final/)", group=_IO)
+    deepspeed_config: str | dict | None = setting(
+        None,
+        "DeepSpeed JSON; none: configs/ds_cpu_tiny.json",
+        flags=("--deepspeed_config", "--deepspeed-config"),
+        group=_IO,
+    )
+    teacher: str | None = setting(None, "teacher path; none: the one the store records", group=_IO)
+    init_layers: str | None = setting(None, "teacher layers to copy, e.g. 0,2,4,7,9,11", group=_STUDENT)
+    init_from_teacher: bool = setting(False, "copy teacher tensors whose shapes match", group=_STUDENT)
+    hidden_projection: bool = setting(False, "learn a student→teacher width projection", group=_STUDENT)
+    loss: LossConfig = setting(factory=LossConfig, group="loss")
+    epochs: int = setting(3, "epochs; epoch e replays mask view e mod views", group=_SCHEDULE)
+    max_steps: int | None = setting(
+        None, "stop after this many optimizer steps (the LR schedule is unchanged)", group=_SCHEDULE
+    )
+    schedule_steps: int | None = setting(None, "LR schedule length for 'auto' total steps", group=_SCHEDULE)
+    micro_batch_size: int | None = setting(None, "overrides train_micro_batch_size_per_gpu", group=_SCHEDULE)
+    gradient_accumulation_steps: int | None = setting(
+        None, "overrides the JSON's gradient_accumulation_steps", group=_SCHEDULE
+    )
+    lr: float | None = setting(None, "overrides the optimizer's lr", group=_SCHEDULE)
+    warmup_fraction: float = setting(0.05, "warm-up share of an 'auto' schedule", group=_SCHEDULE)
+    seed: int = setting(0, "student initialisation and data order", group=_SCHEDULE)
+    num_workers: int = setting(0, "DataLoader reader processes", group=_DATA)
+    buffer_chunks: int = setting(4, "store chunks per shuffle buffer", group=_DATA)
+    storage_options: dict | None = setting(
+        None, "fsspec option for the store (repeatable)", flags=("--storage-option",), metavar="KEY=VALUE",
+        group=_IO,
+    )  # fmt: skip
+    save_every: int = setting(0, "checkpoint every N optimizer steps (0: never)", group=_LOGS)
+    keep_checkpoints: int | None = setting(None, "keep only the newest N checkpoints", group=_LOGS)
+    resume: bool = setting(False, "continue from the newest complete checkpoint", group=_LOGS)
+    progress: bool = setting(True, "rank 0 shows a progress bar", group=_LOGS)
+    tensorboard: bool = setting(True, "write TensorBoard events under logs/tb", group=_LOGS)
+    debug_param_hash: bool = setting(False, "each rank writes a hash of its parameters", group=_LOGS)
+    local_rank: int | None = setting(
+        None, "set by the deepspeed launcher", flags=("--local_rank", "--local-rank"), hidden=True
+    )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """``kd eval``: deterministic masked-LM scoring of a model on held-out text."""
+
+    model: str = setting(help="Masked-LM directory (save_pretrained) to score.")
+    corpus: list[str] = setting(help="Held-out text/jsonl/parquet file(s).")
+    teacher: str | None = setting(None, "Also report top-1 agreement and KL(teacher||model) at T=1.")
+    text_field: str | None = setting(None, "Field holding the text in jsonl/parquet records.")
+    max_length: int = setting(128, "Tokens per packed sequence.")
+    seed: int = setting(0, "Masking seed.")
+    batch_size: int = setting(16, "Sequences per forward pass.")
+    max_sequences: int | None = setting(None, "Score only the first N packed sequences.")
+    device: str | None = setting(None, "cpu, cuda, cuda:1 ... (default: cuda if available).")
