@@ -199,7 +199,7 @@ def train_student(spec: Student, ctx: dict, log) -> dict:
     k = spec.k or args.default_k
     views = spec.views or ctx["views"]
     t_index = ctx["temperatures"].index(spec.temperature)
-    a_ce, a_mlm, a_cos = (0.0, 1.0, 0.0) if spec.signal == "none" else (5.0, 2.0, 1.0)
+    a_kl, a_mlm, a_cos = (0.0, 1.0, 0.0) if spec.signal == "none" else (5.0, 2.0, 1.0)
 
     steps = spec.steps or args.steps
     if spec.wall_of:  # as many steps as fit in that student's training time, at this student's pace
@@ -254,7 +254,7 @@ def train_student(spec: Student, ctx: dict, log) -> dict:
                     )
                     t_hidden = torch.from_numpy(data["hidden"][rows])[valid]
                 cos = cosine_loss(hidden[valid].float(), t_hidden.float())
-        loss = a_ce * kl + a_mlm * ce + a_cos * cos
+        loss = a_kl * kl + a_mlm * ce + a_cos * cos
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()

@@ -108,7 +108,7 @@ def main() -> None:
     # -- 1. offline vs online step ---------------------------------------------------------------
     bundle = build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0)
     student = bundle.model.to(device).train()
-    loss_cfg = LossConfig(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, kl_tail=True)
+    loss_cfg = LossConfig(alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, kl_tail=True)
     module = DistillModule(student, loss_cfg)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
     reader = StoreReader(ReaderConfig(url=store_url, micro_batch_size=args.batch, temperature=2.0))

@@ -38,10 +38,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 class OnlineDistill(nn.Module):
     """DistilBERT's online step: the teacher runs on every batch, full-vocabulary KL."""
 
-    def __init__(self, student, teacher, T=2.0, a_ce=5.0, a_mlm=2.0, a_cos=1.0):
+    def __init__(self, student, teacher, T=2.0, a_kl=5.0, a_mlm=2.0, a_cos=1.0):
         super().__init__()
         self.student, self.teacher = student, teacher
-        self.T, self.a = T, (a_ce, a_mlm, a_cos)
+        self.T, self.a = T, (a_kl, a_mlm, a_cos)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
 
@@ -141,7 +141,7 @@ def main() -> None:
         params = [p for p in module.parameters() if p.requires_grad]
         return deepspeed.initialize(model=module, model_parameters=params, config=ds_config(bf16))[0]
 
-    loss_cfg = LossConfig(alpha_ce=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, kl_tail=True)
+    loss_cfg = LossConfig(alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, kl_tail=True)
     student_a = build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0).model
     student_b = build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0).model
     offline = engine_for(DistillModule(student_a, loss_cfg))

@@ -5,9 +5,14 @@ so every model evaluated with the same corpus, length and seed sees exactly the 
 Metrics are taken over the masked positions:
 
 - top-1 / top-5 accuracy of the original token;
-- pseudo-perplexity: exp of the mean cross-entropy of the original token;
+- masked perplexity: exp of the mean cross-entropy of the original token, from this one masked
+  pass (the usual MLM perplexity; not the literature's pseudo-perplexity, which masks one token
+  at a time);
 - with a teacher: top-1 agreement with the teacher's prediction, and the mean KL(teacher || model)
   at T = 1 over the full vocabulary.
+
+Until the next version, `EvalResult.as_dict` (``kd eval --json``) also reports masked perplexity
+under its former key ``pseudo_perplexity``.
 """
 
 from __future__ import annotations
@@ -28,12 +33,18 @@ class EvalResult:
     masked_tokens: int
     accuracy: float
     top5_accuracy: float
-    pseudo_perplexity: float
+    masked_perplexity: float
     teacher_agreement: float | None = None
     kl_teacher_student: float | None = None
 
+    @property
+    def pseudo_perplexity(self) -> float:
+        """Deprecated name of `masked_perplexity`."""
+        return self.masked_perplexity
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The fields, plus ``pseudo_perplexity`` (the former key of masked perplexity)."""
+        return {**asdict(self), "pseudo_perplexity": self.masked_perplexity}
 
 
 def _load(path: str, device: torch.device):
@@ -109,7 +120,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         masked_tokens=n_tok,
         accuracy=top1 / n_tok,
         top5_accuracy=top5 / n_tok,
-        pseudo_perplexity=math.exp(nll / n_tok),
+        masked_perplexity=math.exp(nll / n_tok),
         teacher_agreement=agree / n_tok if teacher is not None else None,
         kl_teacher_student=kl / n_tok if teacher is not None else None,
     )
@@ -117,13 +128,13 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 
 def format_table(rows: dict[str, EvalResult]) -> str:
     """A plain-text comparison table, one row per model."""
-    head = f"{'model':<28} {'masked acc':>10} {'top-5':>7} {'pseudo-ppl':>10} {'agree':>7} {'KL(t||s)':>9}"
+    head = f"{'model':<28} {'masked acc':>10} {'top-5':>7} {'masked ppl':>10} {'agree':>7} {'KL(t||s)':>9}"
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
         agree = f"{100 * r.teacher_agreement:6.1f}%" if r.teacher_agreement is not None else f"{'-':>7}"
         kl = f"{r.kl_teacher_student:9.3f}" if r.kl_teacher_student is not None else f"{'-':>9}"
         lines.append(
             f"{name:<28} {100 * r.accuracy:9.1f}% {100 * r.top5_accuracy:6.1f}% "
-            f"{r.pseudo_perplexity:10.2f} {agree} {kl}"
+            f"{r.masked_perplexity:10.2f} {agree} {kl}"
         )
     return "\n".join(lines)

@@ -120,7 +120,7 @@ def model_card(
         "",
         "## Loss",
         "",
-        f"`{loss.alpha_ce}·KL(T={loss.temperature}, tail-aware={loss.kl_tail}) + {loss.alpha_mlm}·MLM + "
+        f"`{loss.alpha_kl}·KL(T={loss.temperature}, tail-aware={loss.kl_tail}) + {loss.alpha_mlm}·MLM + "
         f"{loss.alpha_cos}·cosine`, KL/cosine over {'masked' if loss.restrict_kl_to_mask else 'all non-pad'} tokens.",
         "",
         "## Training",

@@ -1,4 +1,4 @@
-"""The DistilBERT triple loss, ``a_ce·KL + a_mlm·MLM-CE + a_cos·cosine``, from stored teacher signals.
+"""The DistilBERT triple loss, ``alpha_kl·KL + alpha_mlm·MLM + alpha_cos·cosine``, from stored teacher signals.
 
 All the loss math lives in `offline_kd.kernels`; this module selects the rows, picks the stored
 temperature and weighs the components.
@@ -52,8 +52,9 @@ def distillation_loss(
     if cfg.kl_tail:
         lse = batch["lse"].reshape(-1).index_select(0, idx)
     zero = student_logits.new_zeros((), dtype=torch.float32)
-    if cfg.alpha_ce > 0 or cfg.alpha_mlm > 0:
-        kl, ce = distillation_logit_losses(
+    if cfg.alpha_kl > 0 or cfg.alpha_mlm > 0:
+        # The kernels' second output is the MLM cross-entropy at T = 1 (None without labels).
+        kl, mlm = distillation_logit_losses(
             logits,
             t_ids,
             t_logits,
@@ -62,10 +63,10 @@ def distillation_loss(
             teacher_lse=lse,
             mlm_labels=labels if cfg.alpha_mlm > 0 else None,
         )
-        if ce is None:
-            ce = zero
+        if mlm is None:
+            mlm = zero
     else:
-        kl, ce = zero, zero
+        kl, mlm = zero, zero
     cos = zero
     if cfg.alpha_cos > 0:
         if student_hidden is None or "hidden" not in batch:
@@ -75,11 +76,6 @@ def distillation_loss(
             s_h = projection(s_h)
         t_h = batch["hidden"].reshape(-1, batch["hidden"].shape[-1]).index_select(0, idx).to(s_h.dtype)
         cos = cosine_loss(s_h, t_h, row_mask=row_mask)
-    total = cfg.alpha_ce * kl + cfg.alpha_mlm * ce + cfg.alpha_cos * cos
-    parts = {
-        "loss": total.detach().float(),
-        "kl": kl.detach().float(),
-        "mlm": ce.detach().float(),
-        "cos": cos.detach().float(),
-    }
+    total = cfg.alpha_kl * kl + cfg.alpha_mlm * mlm + cfg.alpha_cos * cos
+    parts = {name: v.detach().float() for name, v in zip(COMPONENTS, (total, kl, mlm, cos), strict=True)}
     return total, parts

@@ -54,9 +54,9 @@ class PrecomputeConfig:
 
 @dataclass
 class LossConfig:
-    """The DistilBERT triple loss ``alpha_ce·KL + alpha_mlm·MLM + alpha_cos·cosine``."""
+    """The DistilBERT triple loss ``alpha_kl·KL + alpha_mlm·MLM + alpha_cos·cosine``."""
 
-    alpha_ce: float = setting(5.0, "weight of the distillation KL")
+    alpha_kl: float = setting(5.0, "weight of the distillation KL", deprecated=("--alpha-ce",))
     alpha_mlm: float = setting(2.0, "weight of the MLM cross-entropy")
     alpha_cos: float = setting(1.0, "weight of the hidden-state cosine loss")
     temperature: float = setting(2.0, "distillation temperature (tail-aware: one of the store's)")

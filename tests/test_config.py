@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 from click.testing import CliRunner
@@ -104,6 +105,17 @@ def test_train_cli_requires_store_student_output(capsys):
         build_parser().parse_args(["--store", "s"])
     assert exc.value.code == 2
     assert "--student" in capsys.readouterr().err
+
+
+def test_alpha_ce_is_a_deprecated_alias_of_alpha_kl():
+    with pytest.warns(FutureWarning, match="--alpha-ce is deprecated; use --alpha-kl"):
+        old = parse_config(_args(TRAIN_REQUIRED) + ["--alpha-ce", "3"])
+    assert old.loss.alpha_kl == 3.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = parse_config(_args(TRAIN_REQUIRED) + ["--alpha-kl", "3"])
+    assert new == old
+    assert "--alpha-ce" not in build_parser().format_help()
 
 
 def test_precompute_cli_spellings():

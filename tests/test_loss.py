@@ -63,7 +63,7 @@ def test_components_match_dense_formulas_over_non_pad_tokens():
 
 def test_restrict_to_mask_and_weights():
     z, s, h, batch, T = _batch(seed=1)
-    cfg = LossConfig(alpha_ce=1.5, alpha_mlm=0.0, alpha_cos=0.5, temperature=T, restrict_kl_to_mask=True)
+    cfg = LossConfig(alpha_kl=1.5, alpha_mlm=0.0, alpha_cos=0.5, temperature=T, restrict_kl_to_mask=True)
     total, parts = distillation_loss(cfg, s, h, batch)
     kl, _, cos = _dense(z, s, h, batch, T, batch["mlm_mask"])
     assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-4)
