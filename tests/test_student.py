@@ -105,29 +105,80 @@ def test_remap_for_non_bert_teacher():
     assert torch.equal(ss["lm_head.dense.weight"], ts["lm_head.dense.weight"])
 
 
-def test_presets_configs_and_compatibility(tiny_teacher, tmp_path):
+@pytest.fixture(scope="module")
+def store_fit(tiny_teacher):
+    """build_student kwargs for presets, and check_compatible kwargs of a store they fit."""
     vocab = json.loads((tiny_teacher / "config.json").read_text())["vocab_size"]
     preset = dict(teacher_path=str(tiny_teacher), vocab_size=vocab, max_positions=64)
-    tiny = build_student("tiny", **preset)
-    assert tiny.kind == "preset" and tiny.model.config.vocab_size == vocab
-    sha = tokenizer_sha256(tiny.tokenizer)
-    kw = dict(store_vocab_size=vocab, store_tokenizer_sha256=sha, teacher_hidden_size=32, need_hidden=True)
-    check_compatible(tiny, hidden_projection=False, **kw)  # same vocab, tokenizer, width
-    with pytest.raises(StudentError, match=r"tokenizer mismatch.*" + "0" * 64):
-        check_compatible(tiny, hidden_projection=False, **{**kw, "store_tokenizer_sha256": "0" * 64})
-    narrow = build_student("tiny-narrow", **preset)
-    with pytest.raises(StudentError, match="hidden width mismatch: student 16 vs teacher 32"):
-        check_compatible(narrow, hidden_projection=False, **kw)
-    check_compatible(narrow, hidden_projection=True, **kw)
-    check_compatible(narrow, hidden_projection=False, **{**kw, "need_hidden": False})
-    # a HF config.json (BERT, random init) with another vocabulary is refused
-    (tmp_path / "bert.json").write_text(
-        json.dumps(dict(model_type="bert", vocab_size=vocab + 7, hidden_size=32, num_hidden_layers=1,
+    sha = tokenizer_sha256(build_student("tiny", **preset).tokenizer)
+    store = dict(store_vocab_size=vocab, store_tokenizer_sha256=sha, teacher_hidden_size=32, need_hidden=True)
+    return preset, store
+
+
+def _bert_config(tmp_path, vocab_size: int):
+    path = tmp_path / "bert.json"
+    path.write_text(
+        json.dumps(dict(model_type="bert", vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1,
                         num_attention_heads=2, intermediate_size=64))
     )  # fmt: skip
-    bert = _build(str(tmp_path / "bert.json"), tiny_teacher)
+    return path
+
+
+def test_presets_and_hf_configs_build(tiny_teacher, store_fit, tmp_path):
+    preset, store = store_fit
+    tiny = build_student("tiny", **preset)
+    assert tiny.kind == "preset" and tiny.model.config.vocab_size == store["store_vocab_size"]
+    bert = _build(str(_bert_config(tmp_path, store["store_vocab_size"] + 7)), tiny_teacher)
     assert bert.kind == "config" and type(bert.model).__name__ == "BertForMaskedLM"
-    with pytest.raises(StudentError, match=f"vocabulary mismatch.*{vocab + 7}.*{vocab}"):
-        check_compatible(bert, hidden_projection=False, **kw)
-    with pytest.raises(StudentError, match="unknown student"):
-        _build("nope", tiny_teacher)
+
+
+@pytest.mark.parametrize(
+    "spec, projection, store_overrides",
+    [
+        ("tiny", False, {}),  # same vocab, tokenizer, width
+        ("tiny-narrow", True, {}),  # narrower, with a learned projection
+        ("tiny-narrow", False, {"need_hidden": False}),  # narrower, no cosine loss
+    ],
+)
+def test_compatible_students_pass(store_fit, spec, projection, store_overrides):
+    preset, store = store_fit
+    check_compatible(
+        build_student(spec, **preset), hidden_projection=projection, **{**store, **store_overrides}
+    )
+
+
+def _other_tokenizer(tiny_teacher, store_fit, tmp_path):
+    preset, store = store_fit
+    tiny = build_student("tiny", **preset)
+    check_compatible(tiny, hidden_projection=False, **{**store, "store_tokenizer_sha256": "0" * 64})
+
+
+def _narrower_without_projection(tiny_teacher, store_fit, tmp_path):
+    preset, store = store_fit
+    check_compatible(build_student("tiny-narrow", **preset), hidden_projection=False, **store)
+
+
+def _config_with_other_vocabulary(tiny_teacher, store_fit, tmp_path):
+    _, store = store_fit
+    bert = _build(str(_bert_config(tmp_path, store["store_vocab_size"] + 7)), tiny_teacher)
+    check_compatible(bert, hidden_projection=False, **store)
+
+
+def _unknown_spec(tiny_teacher, store_fit, tmp_path):
+    _build("nope", tiny_teacher)
+
+
+@pytest.mark.parametrize(
+    "refused, message",
+    [
+        (_other_tokenizer, r"tokenizer mismatch.*" + "0" * 64),
+        (_narrower_without_projection, "hidden width mismatch: student 16 vs teacher 32"),
+        (_config_with_other_vocabulary, r"vocabulary mismatch.*{bigger}.*{vocab}"),
+        (_unknown_spec, "unknown student"),
+    ],
+    ids=["tokenizer", "width", "vocabulary", "unknown-spec"],
+)
+def test_refusals(tiny_teacher, store_fit, tmp_path, refused, message):
+    vocab = store_fit[1]["store_vocab_size"]
+    with pytest.raises(StudentError, match=message.format(bigger=vocab + 7, vocab=vocab)):
+        refused(tiny_teacher, store_fit, tmp_path)

@@ -183,38 +183,60 @@ def _cfg(store, out, **kw):
     return TrainConfig(**base)
 
 
-def test_refuses_vocab_and_width_mismatch_before_step_0(tiny_store, tiny_teacher, tmp_path):
-    from offline_kd.loss import LossConfig
-    from offline_kd.student import StudentError
-    from offline_kd.train import train
+# Each case: (TrainConfig overrides, the exception, a pattern of its message).
 
-    cfg = json.loads((tiny_teacher / "config.json").read_text())
+
+def _bigger_vocabulary(tiny_teacher, tmp_path):
+    from offline_kd.student import StudentError
+
+    vocab = json.loads((tiny_teacher / "config.json").read_text())["vocab_size"]
     spec = tmp_path / "bigger_vocab.json"
     spec.write_text(
-        json.dumps(
-            dict(model_type="distilbert", vocab_size=cfg["vocab_size"] + 5, dim=32, n_layers=1, n_heads=2)
-        )
+        json.dumps(dict(model_type="distilbert", vocab_size=vocab + 5, dim=32, n_layers=1, n_heads=2))
     )
-    with pytest.raises(
-        StudentError, match=rf"vocabulary mismatch.*{cfg['vocab_size'] + 5}.*{cfg['vocab_size']}"
-    ):
-        train(_cfg(tiny_store, tmp_path / "v", student=str(spec)))
-    # same vocabulary size, different tokens: both fingerprints are named
+    return dict(student=str(spec)), StudentError, rf"vocabulary mismatch.*{vocab + 5}.*{vocab}"
+
+
+def _other_tokens(tiny_teacher, tmp_path):
+    """Same vocabulary size, different tokens: both fingerprints are named."""
+    from offline_kd.student import StudentError
+
     tokdir = tmp_path / "other_tok"
     shutil.copytree(tiny_teacher, tokdir)
     (tokdir / "tokenizer.json").unlink()
     vocab = (tokdir / "vocab.txt").read_text().splitlines()
     vocab[-1], vocab[-2] = vocab[-2], vocab[-1]
     (tokdir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    with pytest.raises(
-        StudentError, match=r"tokenizer mismatch: the student's tokenizer sha256 [0-9a-f]{64} differs"
-    ):
-        train(_cfg(tiny_store, tmp_path / "t", student=str(tokdir)))
-    with pytest.raises(StudentError, match="hidden width mismatch: student 16 vs teacher 32"):
-        train(_cfg(tiny_store, tmp_path / "w", student="tiny-narrow"))
-    assert not (tmp_path / "w" / "logs").exists()
-    with pytest.raises(ValueError, match="temperature 3.0 is not one of the store's temperatures"):
-        train(_cfg(tiny_store, tmp_path / "T", loss=LossConfig(temperature=3.0)))
+    message = r"tokenizer mismatch: the student's tokenizer sha256 [0-9a-f]{64} differs"
+    return dict(student=str(tokdir)), StudentError, message
+
+
+def _narrower(tiny_teacher, tmp_path):
+    from offline_kd.student import StudentError
+
+    return dict(student="tiny-narrow"), StudentError, "hidden width mismatch: student 16 vs teacher 32"
+
+
+def _unstored_temperature(tiny_teacher, tmp_path):
+    from offline_kd.loss import LossConfig
+
+    message = "temperature 3.0 is not one of the store's temperatures"
+    return dict(loss=LossConfig(temperature=3.0)), ValueError, message
+
+
+@pytest.mark.parametrize(
+    "case",
+    [_bigger_vocabulary, _other_tokens, _narrower, _unstored_temperature],
+    ids=["vocabulary", "tokenizer", "width", "temperature"],
+)
+def test_refused_before_step_0(tiny_store, tiny_teacher, tmp_path, case):
+    from offline_kd.train import train
+
+    overrides, error, message = case(tiny_teacher, tmp_path)
+    out = tmp_path / "run"
+    with pytest.raises(error, match=message):
+        train(_cfg(tiny_store, out, **overrides))
+    assert not out.exists()  # refused before anything was written
 
 
 def test_width_mismatch_with_projection_trains(tiny_store, tmp_path):
