@@ -310,15 +310,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Batch shape, "auto" values and the run's length depend on the rank count and the store.
     ds, reader, plan = plan_run(cfg, run.meta, rank, world)
     gas = ds["gradient_accumulation_steps"]
+    # The exact settings go on disk before step 0, so even a crashed run says what it was.
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_run_config(out, cfg, ds)
+    # DeepSpeed owns the optimizer, the ZeRO partitioning and the accumulation boundary.
     engine = build_engine(cfg, run, ds)
-    float_dtype = param_dtype(ds)
+    float_dtype = param_dtype(ds)  # stored hidden states are cast to the parameters' dtype
     # Continue at the next unseen micro-batch of the newest complete checkpoint.
     ckpt_dir = out / "checkpoints"
     layout = Layout(world, ds["train_micro_batch_size_per_gpu"], gas)
     state, resumed_from = resume_run(cfg, engine, ckpt_dir, layout, ds.get("scheduler"), is_main)
+    # Rank 0 alone logs; a resumed run drops the rows after its checkpoint's step and redoes them.
     logger = MetricsLogger(
         out / "logs", enabled=is_main, total_steps=plan.total_steps, start_step=state.step,
         progress=cfg.progress, tensorboard=cfg.tensorboard,
@@ -343,6 +346,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 engine.step()  # DeepSpeed updates only at the accumulation boundary
                 totals += sums
                 state.micro_pos += 1
+                # Only whole optimizer steps are checked, logged and saved: a resume starts on one.
                 if state.micro_pos % gas:
                     continue
                 state.step += 1
