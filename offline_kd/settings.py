@@ -142,4 +142,6 @@ class EvalConfig:
     seed: int = setting(0, "Masking seed.")
     batch_size: int = setting(16, "Sequences per forward pass.")
     max_sequences: int | None = setting(None, "Score only the first N packed sequences.")
-    device: str | None = setting(None, "cpu, cuda, cuda:1 ... (default: cuda if available).")
+    device: str | None = setting(
+        None, "cpu, cuda, cuda:1 ... (default: cuda:$LOCAL_RANK if available, else cpu)."
+    )
