@@ -44,10 +44,10 @@ def timed(fn, device) -> float:
 def main() -> None:
     from offline_kd.kernels import distillation_logit_losses
 
-    from offline_kd.data import ReaderConfig, StoreReader
     from offline_kd.demo import sample_corpus
     from offline_kd.loss import LossConfig
     from offline_kd.precompute import PrecomputeConfig, precompute
+    from offline_kd.reader import ReaderConfig, StoreReader
     from offline_kd.store import SignalStore
     from offline_kd.student import build_student
     from offline_kd.train import DistillModule

@@ -93,10 +93,10 @@ def sync(device):
 def main() -> None:
     import deepspeed
 
-    from offline_kd.data import ReaderConfig, StoreReader
     from offline_kd.demo import sample_corpus
     from offline_kd.loss import LossConfig
     from offline_kd.precompute import PrecomputeConfig, precompute
+    from offline_kd.reader import ReaderConfig, StoreReader
     from offline_kd.student import build_student, load_teacher
     from offline_kd.train import DistillModule, init_distributed
 

@@ -37,7 +37,7 @@ def distillation_loss(
     """Return (total loss, detached components) for one micro-batch.
 
     `student_logits` [B, L, V], `student_hidden` [B, L, Hs]; `batch` as produced by
-    `offline_kd.data`: attention_mask, mlm_mask, labels [B, L], topk_ids / topk_logits [B, L, K],
+    `offline_kd.reader`: attention_mask, mlm_mask, labels [B, L], topk_ids / topk_logits [B, L, K],
     optional lse [B, L] (at cfg.temperature) and hidden [B, L, H].
     """
     keep = batch["attention_mask"].reshape(-1).bool()

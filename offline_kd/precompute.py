@@ -180,7 +180,6 @@ def _check_settings(cfg: PrecomputeConfig, world: int) -> None:
         raise StoreError("--overwrite with several ranks is racy: delete the store first, then run all ranks")
 
 
-
 def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
     """The teacher, refused if ``top_k`` or ``max_length`` do not fit it."""
     device = local_device(cfg.device)

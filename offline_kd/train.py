@@ -20,14 +20,14 @@ import torch.distributed as dist
 from torch import nn
 
 from offline_kd import checkpoint as ckpt
-from offline_kd.data import ReaderConfig, StoreReader, open_store
 from offline_kd.distributed import accelerator_device, init_distributed
 from offline_kd.ds_config import fill_schedule, load_ds_config, param_dtype, resolve_ds_config
 from offline_kd.export import export_run, write_run_config
 from offline_kd.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.metrics import MetricsLogger
+from offline_kd.reader import ReaderConfig, StoreReader
 from offline_kd.settings import TrainConfig
-from offline_kd.store import StoreMeta
+from offline_kd.store import StoreMeta, open_store, temperature_index
 from offline_kd.student import StudentBundle, build_student, check_compatible
 from offline_kd.train_state import Layout, TrainState, resume_state
 
@@ -122,11 +122,15 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         need_hidden=need_hidden,
         hidden_projection=cfg.hidden_projection,
     )
-    if cfg.loss.kl_tail and not any(abs(float(t) - cfg.loss.temperature) < 1e-6 for t in meta.temperatures):
-        raise ValueError(
-            f"--temperature {cfg.loss.temperature} is not one of the store's temperatures {meta.temperatures}; "
-            "the tail-aware KL needs the stored log-sum-exp at T (pick a stored T or pass --no-kl-tail)"
-        )
+    if cfg.loss.kl_tail:  # the tail-aware KL reads the stored log-sum-exp at T
+        try:
+            temperature_index(meta.temperatures, cfg.loss.temperature)
+        except KeyError:
+            raise ValueError(
+                f"--temperature {cfg.loss.temperature} is not one of the store's temperatures "
+                f"{meta.temperatures}; the tail-aware KL needs the stored log-sum-exp at T (pick a stored T "
+                "or pass --no-kl-tail)"
+            ) from None
     projection = None
     if need_hidden and bundle.hidden_size != int(meta.hidden_size):
         torch.manual_seed(cfg.seed)

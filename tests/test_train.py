@@ -277,7 +277,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_store, 
     import zarr
 
     from offline_kd.checkpoint import latest_complete
-    from offline_kd.data import ReaderConfig, StoreReader
+    from offline_kd.reader import ReaderConfig, StoreReader
     from offline_kd.train import NonFiniteLossError, train
 
     store = tmp_path / "nan.zarr"
