@@ -115,6 +115,27 @@ def run_tiny_precompute(teacher, corpus, output, **overrides):
     return precompute(PrecomputeConfig(**kwargs))
 
 
+# The options of the `tiny_store` fixture, as CLI flags.
+TINY_FLAGS = [
+    "--max-length", "32", "--top-k", "8", "--temperatures", "1,2", "--views", "2", "--hidden",
+    "--seed", "0", "--batch-size", "8", "--shard-size", "8", "--chunk-size", "4", "--device", "cpu",
+    "--no-progress",
+]  # fmt: skip
+
+
+def store_files(root: Path) -> dict[str, bytes]:
+    """Every file under `root`, by relative path, with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """The two store directories hold the same files, byte for byte."""
+    fa, fb = store_files(a), store_files(b)
+    assert sorted(fa) == sorted(fb), set(fa) ^ set(fb)
+    differing = [k for k in fa if fa[k] != fb[k]]
+    assert not differing, differing
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_teacher, tiny_corpus) -> Path:
     """Path of a complete signal store precomputed from `tiny_corpus` with `tiny_teacher`.

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import zarr
 from click.testing import CliRunner
+from conftest import TINY_FLAGS, assert_same_store
 from offline_kd.cli.kd import main
-from test_precompute import TINY_FLAGS, assert_same_store
 
 INSPECT_KEYS = {
     "sequences",

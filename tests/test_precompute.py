@@ -12,29 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
-from conftest import run_tiny_precompute
+from conftest import TINY_FLAGS, assert_same_store, run_tiny_precompute
 
 from offline_kd.precompute import assigned_shards, rank_and_world
 from offline_kd.store import SignalStore, StoreError
 from offline_kd.teacher import TeacherError
-
-# The options of the `tiny_store` fixture, as CLI flags.
-TINY_FLAGS = [
-    "--max-length", "32", "--top-k", "8", "--temperatures", "1,2", "--views", "2", "--hidden",
-    "--seed", "0", "--batch-size", "8", "--shard-size", "8", "--chunk-size", "4", "--device", "cpu",
-    "--no-progress",
-]  # fmt: skip
-
-
-def store_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def assert_same_store(a: Path, b: Path) -> None:
-    fa, fb = store_files(a), store_files(b)
-    assert sorted(fa) == sorted(fb), set(fa) ^ set(fb)
-    differing = [k for k in fa if fa[k] != fb[k]]
-    assert not differing, differing
 
 
 def kd_cmd(teacher, corpus, out, *extra) -> list[str]:
