@@ -32,9 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-REPO = Path(__file__).resolve().parents[1]
-CORPORA = REPO.parent / "shared" / "corpora"
+from _common import REPO, SHARED_CORPORA
 
 
 @dataclass
@@ -79,7 +77,7 @@ def students(default_k: int, quick: bool) -> list[Student]:
 def fit_teacher(quick: bool, log) -> Path:
     from offline_kd.minilm import MiniLMFitConfig, fit_minilm_teacher
 
-    corpus = [str(CORPORA / "austen.txt"), str(CORPORA / "kjv_chapters.txt")]
+    corpus = [str(SHARED_CORPORA / "austen.txt"), str(SHARED_CORPORA / "kjv_chapters.txt")]
     # The measured-facts recipe (lr 3e-4, 6% warm-up) at a third of its compute: 600 steps of 16 x 128.
     cfg = MiniLMFitConfig(corpus=corpus, steps=600, batch_size=16)
     if quick:
@@ -98,8 +96,8 @@ def prepare_corpora(work: Path, n_train_docs: int) -> dict[str, Path]:
     }
     if all(p.exists() for p in paths.values()):
         return paths
-    austen_kept, austen_held = split_holdout(load_documents(str(CORPORA / "austen.txt")), 0.05, seed=0)
-    _, kjv_held = split_holdout(load_documents(str(CORPORA / "kjv_chapters.txt")), 0.05, seed=0)
+    austen_kept, austen_held = split_holdout(load_documents(str(SHARED_CORPORA / "austen.txt")), 0.05, seed=0)
+    _, kjv_held = split_holdout(load_documents(str(SHARED_CORPORA / "kjv_chapters.txt")), 0.05, seed=0)
     write_documents(austen_kept.select(range(min(n_train_docs, len(austen_kept)))), paths["train"])
     write_documents(austen_held, paths["austen"])
     write_documents(kjv_held, paths["kjv"])

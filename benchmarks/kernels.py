@@ -25,6 +25,8 @@ import gc
 import os
 import time
 
+from _common import markdown_table, sync, timed
+
 os.environ.pop("TRITON_INTERPRET", None)  # time compiled kernels, never the interpreter
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -183,13 +185,12 @@ def _build(torch, K, args, kernel: str, variants: list[str]):
 
 def _measure(torch, steps: dict, floor: int, args) -> list[dict]:
     cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     out = {v: {"variant": v} for v in steps}
     for step in steps.values():
         step(slice(0, 4))  # warm-up: compile, load code paths and thread pools
     for v, step in steps.items():  # peak memory, one variant at a time
         gc.collect()
-        sync()
+        sync(args.device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -197,7 +198,7 @@ def _measure(torch, steps: dict, floor: int, args) -> list[dict]:
             _reset_hwm()
             base = _status_kib("VmRSS")
         grad = step()
-        sync()
+        sync(args.device)
         if cuda:
             out[v]["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
@@ -207,11 +208,7 @@ def _measure(torch, steps: dict, floor: int, args) -> list[dict]:
     times = {v: [] for v in steps}
     for _ in range(args.repeats):  # interleaved timing
         for v, step in steps.items():
-            sync()
-            t = time.perf_counter()
-            step()
-            sync()
-            times[v].append(time.perf_counter() - t)
+            times[v].append(timed(step, args.device))
     for v in steps:
         ts = sorted(times[v])
         out[v]["ms"] = 1e3 * ts[len(ts) // 2]
@@ -238,21 +235,22 @@ def _copy_bandwidth(torch, args) -> float:
 
 def _table(title: str, rows: list[dict], copy_gbps: float | None) -> str:
     naive = next((r for r in rows if r["variant"] == "naive"), None)
-    head = "| variant | fwd+bwd ms | GB/s (floor bytes) | peak extra MiB | time / naive | memory / naive |"
+    header = ["variant", "fwd+bwd ms", "GB/s (floor bytes)", "peak extra MiB"]
+    header += ["time / naive", "memory / naive"]
     if copy_gbps:
-        head += " % of copy BW |"
-    lines = [f"### {title}", "", head, "|" + "---|" * (head.count("|") - 1)]
+        header.append("% of copy BW")
+    cells = []
     for r in rows:
         tr = f"{r['ms'] / naive['ms']:.2f}x" if naive else "-"
         mr = f"{r['peak_mb'] / naive['peak_mb']:.2f}x" if naive and naive["peak_mb"] > 0 else "-"
         bw = f"{r['gbps']:.3g}" if r["gbps"] else "-"
-        line = f"| {r['variant']} | {r['ms']:.1f} | {bw} | {r['peak_mb']:.0f} | {tr} | {mr} |"
+        row = [r["variant"], f"{r['ms']:.1f}", bw, f"{r['peak_mb']:.0f}", tr, mr]
         if copy_gbps:
-            line += f" {100 * r['gbps'] / copy_gbps:.0f}% |" if r["gbps"] else " - |"
+            row.append(f"{100 * r['gbps'] / copy_gbps:.0f}%" if r["gbps"] else "-")
         if not r["finite"]:
-            line += " NON-FINITE GRADIENT |"
-        lines.append(line)
-    return "\n".join(lines)
+            row.append("NON-FINITE GRADIENT")
+        cells.append(row)
+    return f"### {title}\n\n" + markdown_table(header, cells)
 
 
 def main(argv=None) -> None:

@@ -1,7 +1,7 @@
 """Precompute benchmark: writer overhead vs a bare teacher forward, and store bytes/token vs k and hidden.
 
     python benchmarks/precompute.py                       # MiniLM-L6-shaped teacher if installed, else tiny
-    python benchmarks/precompute.py --teacher tiny        # the test-fixture-like tiny BERT
+    python benchmarks/precompute.py --teacher tiny        # a tiny BERT (offline_kd.tiny)
     python benchmarks/precompute.py --teacher DIR         # any saved masked-LM directory
 
 The MiniLM-shaped teacher is the pip-shipped all-MiniLM-L6-v2 encoder (bert-base vocabulary,
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
+from _common import minilm_teacher, tiny_teacher, write_corpus_head
 
 
 def build_teacher(kind: str, tmp: Path) -> tuple[str, str]:
@@ -30,32 +29,18 @@ def build_teacher(kind: str, tmp: Path) -> tuple[str, str]:
         return kind, kind
     if kind in ("auto", "minilm"):
         try:
-            from transformers import AutoTokenizer, BertForMaskedLM
-            from transformers.utils import logging as hf_logging
-
-            from offline_kd.minilm import minilm_encoder_dir
-
-            enc = minilm_encoder_dir()
-            d = tmp / "minilm-mlm"
-            hf_logging.set_verbosity_error()  # the new head's "MISSING" report is expected here
-            BertForMaskedLM.from_pretrained(enc).save_pretrained(d)
-            AutoTokenizer.from_pretrained(enc).save_pretrained(d)
-            return str(d), "MiniLM-L6-H384 (vocab 30,522) + MLM head"
+            return str(minilm_teacher(tmp / "minilm-mlm")), "MiniLM-L6-H384 (vocab 30,522) + MLM head"
         except Exception as e:  # noqa: BLE001
             if kind == "minilm":
                 raise
             print(f"(MiniLM unavailable: {e}; using the tiny teacher)", file=sys.stderr)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import build_tiny_teacher, make_documents
-
-    d = build_tiny_teacher(tmp / "tiny", make_documents(200), hidden=64, layers=4)
-    return str(d), "tiny BERT (hidden 64, 4 layers)"
+    return str(tiny_teacher(tmp / "tiny", hidden=64, layers=4)), "tiny BERT (hidden 64, 4 layers)"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="auto", help="auto | tiny | minilm | a masked-LM directory")
-    ap.add_argument("--corpus", default=str(ROOT / "offline_kd" / "data" / "sample_corpus.txt"))
+    ap.add_argument("--corpus", default=None, help="one document a line (default: the embedded sample)")
     ap.add_argument("--documents", type=int, default=100, help="first N documents of the corpus")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -75,9 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         teacher_dir, teacher_desc = build_teacher(args.teacher, tmp)
-        corpus = tmp / "corpus.txt"
-        lines = Path(args.corpus).read_text(encoding="utf-8").splitlines()[: args.documents]
-        corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        corpus = write_corpus_head(tmp / "corpus.txt", args.documents, args.corpus)
 
         common = dict(
             teacher=teacher_dir, corpus=[str(corpus)], max_length=args.max_length, temperatures=[1.0, 2.0],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from _common import markdown_table
 
 from offline_kd.store import SignalStore
 
@@ -29,14 +30,14 @@ def main() -> None:
     masked = d["mlm_mask"] & real
     ks = [k for k in (1, 8, 32, 64, 128, 256) if k <= m.top_k]
     print(f"top-k probability mass ({n} sequences, view {args.view}): all tokens / masked tokens\n")
-    print("| k | " + " | ".join(f"T={t:g}" for t in m.temperatures) + " |")
-    print("|---|" + "---|" * len(m.temperatures))
+    rows = []
     for k in ks:
-        cells = []
+        cells = [str(k)]
         for ti, t in enumerate(m.temperatures):
             p = np.exp(d["topk_logits"][..., :k] / t - d["lse"][..., ti : ti + 1]).sum(-1)
             cells.append(f"{100 * p[real].mean():.0f}% / {100 * p[masked].mean():.0f}%")
-        print(f"| {k} | " + " | ".join(cells) + " |")
+        rows.append(cells)
+    print(markdown_table(["k"] + [f"T={t:g}" for t in m.temperatures], rows))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,91 @@
+"""What the benchmark scripts share: corpus paths, teachers, timing and the markdown table.
+
+The scripts run as `python benchmarks/NAME.py`, so this folder is first on `sys.path` and they
+import this module as `_common`. torch is imported inside the functions: `kernels.py` sets up the
+allocator before torch loads.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Real text for the fidelity benchmark (Austen, KJV), kept beside the repository, not in it.
+SHARED_CORPORA = REPO.parent / "shared" / "corpora"
+
+
+def write_corpus_head(dest: Path, n_lines: int, source: Path | None = None) -> Path:
+    """The first `n_lines` documents of `source` (default: the embedded sample corpus), written to `dest`."""
+    if source is None:
+        from offline_kd.demo import sample_corpus
+
+        source = sample_corpus()
+    lines = Path(source).read_text(encoding="utf-8").splitlines()[:n_lines]
+    dest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return dest
+
+
+def minilm_teacher(out_dir: Path) -> Path:
+    """The pip-shipped MiniLM-L6-H384 encoder (vocabulary 30,522) as a BertForMaskedLM, saved with its tokenizer.
+
+    The MLM head is freshly initialised (no timing depends on its values); dropout is off.
+    """
+    from transformers import AutoTokenizer, BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    from offline_kd.minilm import minilm_encoder_dir
+
+    enc = minilm_encoder_dir()
+    hf_logging.set_verbosity_error()  # the new head's "MISSING" report is expected here
+    model = BertForMaskedLM.from_pretrained(enc, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(enc).save_pretrained(out_dir)
+    return out_dir
+
+
+def tiny_teacher(out_dir: Path, hidden: int = 64, layers: int = 4) -> Path:
+    """A tiny BERT teacher (offline_kd.tiny) whose vocabulary is trained on 200 pseudo-English documents."""
+    from offline_kd.tiny import build_tiny_teacher, make_documents
+
+    return build_tiny_teacher(out_dir, make_documents(200), hidden=hidden, layers=layers)
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers it."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device) -> float:
+    """Seconds one call of `fn` takes on `device`, its queued GPU work included."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, device) -> dict[str, float]:
+    """Median seconds of each function: one warm-up call each, then `repeats` rounds timed round-robin.
+
+    Interleaving lets background load on a shared machine hit every variant alike.
+    """
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A markdown table; a row may carry cells beyond the header (a trailing note)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
