@@ -27,7 +27,6 @@ bench: install
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/precompute.py
 	$(PY) benchmarks/train_step.py
-	$(PY) benchmarks/throughput.py
 
 # Offline vs online KD with a real teacher (~45 min on 2 CPU cores; --quick for a few minutes).
 fidelity: install

