@@ -74,10 +74,10 @@ def students(default_k: int, quick: bool) -> list[Student]:
 # setup: teacher, held-out files, store
 
 
-def fit_teacher(quick: bool, log) -> Path:
+def fit_teacher(corpora_dir: Path, quick: bool, log) -> Path:
     from offline_kd.minilm import MiniLMFitConfig, fit_minilm_teacher
 
-    corpus = [str(SHARED_CORPORA / "austen.txt"), str(SHARED_CORPORA / "kjv_chapters.txt")]
+    corpus = [str(corpora_dir / "austen.txt"), str(corpora_dir / "kjv_chapters.txt")]
     # The measured-facts recipe (lr 3e-4, 6% warm-up) at a third of its compute: 600 steps of 16 x 128.
     cfg = MiniLMFitConfig(corpus=corpus, steps=600, batch_size=16)
     if quick:
@@ -85,7 +85,7 @@ def fit_teacher(quick: bool, log) -> Path:
     return fit_minilm_teacher(cfg, log=log)
 
 
-def prepare_corpora(work: Path, n_train_docs: int) -> dict[str, Path]:
+def prepare_corpora(corpora_dir: Path, work: Path, n_train_docs: int) -> dict[str, Path]:
     """Austen train docs (truncated to the budget), held-out Austen and held-out KJV files."""
     from offline_kd.corpus import load_documents, split_holdout, write_documents
 
@@ -96,8 +96,8 @@ def prepare_corpora(work: Path, n_train_docs: int) -> dict[str, Path]:
     }
     if all(p.exists() for p in paths.values()):
         return paths
-    austen_kept, austen_held = split_holdout(load_documents(str(SHARED_CORPORA / "austen.txt")), 0.05, seed=0)
-    _, kjv_held = split_holdout(load_documents(str(SHARED_CORPORA / "kjv_chapters.txt")), 0.05, seed=0)
+    austen_kept, austen_held = split_holdout(load_documents(str(corpora_dir / "austen.txt")), 0.05, seed=0)
+    _, kjv_held = split_holdout(load_documents(str(corpora_dir / "kjv_chapters.txt")), 0.05, seed=0)
     write_documents(austen_kept.select(range(min(n_train_docs, len(austen_kept)))), paths["train"])
     write_documents(austen_held, paths["austen"])
     write_documents(kjv_held, paths["kjv"])
@@ -371,6 +371,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few minutes: weak teacher, tiny budget")
     p.add_argument("--work", default=str(REPO / "runs" / "fidelity"))
+    p.add_argument(
+        "--corpora", default=str(SHARED_CORPORA), help="folder with austen.txt and kjv_chapters.txt"
+    )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
@@ -397,8 +400,8 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
 
     t_all = time.time()
-    teacher = fit_teacher(args.quick, log)
-    corpora = prepare_corpora(work, args.train_docs)
+    teacher = fit_teacher(Path(args.corpora), args.quick, log)
+    corpora = prepare_corpora(Path(args.corpora), work, args.train_docs)
     store = work / "store.zarr"
     from offline_kd.store import SignalStore
 
