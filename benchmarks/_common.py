@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: corpus paths, teachers, timing and the markdown table.
+"""What the benchmark scripts share: corpus paths, teachers, timing, memory probes and the markdown table.
 
 The scripts run as `python benchmarks/NAME.py`, so this folder is first on `sys.path` and they
 import this module as `_common`. torch is imported inside the functions: `kernels.py` sets up the
@@ -7,6 +7,8 @@ allocator before torch loads.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -82,6 +84,59 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, devi
         for name, fn in fns.items():
             times[name].append(timed(fn, device))
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def mmap_large_blocks() -> None:
+    """Tell glibc to serve blocks of 64 KiB and more by mmap and give them back on free, so RSS follows live memory."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_probe(device) -> tuple[Callable[[], None], Callable[[], int]]:
+    """(reset, peak): `peak()` is the most memory in bytes allocated above what was live at `reset()`.
+
+    CUDA: the allocator's peak statistics. CPU: the RSS high-water mark, reset through
+    /proc/self/clear_refs (call `mmap_large_blocks` first, so freed tensors leave the RSS).
+    """
+    import torch
+
+    base = [0]
+    if torch.device(device).type == "cuda":
+
+        def reset() -> None:
+            gc.collect()
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base[0] = torch.cuda.memory_allocated()
+
+        def peak() -> int:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base[0]
+
+        return reset, peak
+
+    def reset() -> None:
+        gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the high-water mark to the current RSS
+        except OSError:  # pragma: no cover
+            pass
+        base[0] = _status_bytes("VmRSS")
+
+    return reset, lambda: _status_bytes("VmHWM") - base[0]
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:

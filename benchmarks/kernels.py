@@ -20,44 +20,16 @@ LM-head table: the same after `hidden @ W.T + b` (logits materialised), plus
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import os
 import time
 
-from _common import markdown_table, sync, timed
+from _common import markdown_table, memory_probe, mmap_large_blocks, timed
 
 os.environ.pop("TRITON_INTERPRET", None)  # time compiled kernels, never the interpreter
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 BACKEND_OF = {"reference": "reference", "triton": "triton", "fused": "auto", "naive": "auto"}
-
-
-# --------------------------------------------------------------------------------------------- memory probes
-def _glibc_returns_large_blocks() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD: blocks >= 64 KiB straight from mmap, unmapped on free
-        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD
-    except OSError:  # pragma: no cover - not glibc
-        pass
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:  # pragma: no cover
-        return False
 
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -184,25 +156,14 @@ def _build(torch, K, args, kernel: str, variants: list[str]):
 
 
 def _measure(torch, steps: dict, floor: int, args) -> list[dict]:
-    cuda = args.device.startswith("cuda")
     out = {v: {"variant": v} for v in steps}
     for step in steps.values():
         step(slice(0, 4))  # warm-up: compile, load code paths and thread pools
+    reset, peak = memory_probe(args.device)
     for v, step in steps.items():  # peak memory, one variant at a time
-        gc.collect()
-        sync(args.device)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            _reset_hwm()
-            base = _status_kib("VmRSS")
+        reset()
         grad = step()
-        sync(args.device)
-        if cuda:
-            out[v]["peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            out[v]["peak_mb"] = (_status_kib("VmHWM") - base) / 1024
+        out[v]["peak_mb"] = peak() / 2**20
         out[v]["finite"] = bool(torch.isfinite(grad).all())
         del grad
     times = {v: [] for v in steps}
@@ -276,7 +237,7 @@ def main(argv=None) -> None:
     )
     args = ap.parse_args(argv)
 
-    _glibc_returns_large_blocks()
+    mmap_large_blocks()
     import torch
 
     from offline_kd import kernels as K

@@ -18,41 +18,12 @@ Variants (KL at T + MLM CE at T = 1, 15% of rows labelled, forward + backward):
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import statistics
-import time
+
+from _common import markdown_table, memory_probe, mmap_large_blocks, timed
 
 os.environ.pop("TRITON_INTERPRET", None)  # time compiled kernels, never the interpreter
-
-
-def _rss_probe(device: str):
-    """(reset, peak-above-base) for the device: CUDA allocator statistics or the process's RSS high-water."""
-    import torch
-
-    if device == "cuda":
-        base = []
-
-        def reset():
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base[:] = [torch.cuda.memory_allocated()]
-
-        return reset, lambda: (torch.cuda.synchronize(), torch.cuda.max_memory_allocated() - base[0])[1]
-    ctypes.CDLL("libc.so.6").mallopt(-3, 65536)  # large blocks by mmap, unmapped on free
-    status = lambda key: next(
-        int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith(key)
-    )
-    base = []
-
-    def reset():
-        gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base[:] = [status("VmRSS:")]
-
-    return reset, lambda: status("VmHWM:") - base[0]
 
 
 def _inputs(args):
@@ -102,11 +73,11 @@ def _variants(args):
 
 
 def _measure(args) -> list[dict]:
-    import torch
-
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     steps = _variants(args)
-    reset, peak = _rss_probe(args.device)
+    if args.device != "cuda":
+        # Set after the inputs exist, as for the figures in docs/kernels-dense.md.
+        mmap_large_blocks()
+    reset, peak = memory_probe(args.device)
     rows = {}
     for name, step in steps.items():
         step()  # warm-up (compilation, allocator)
@@ -115,11 +86,7 @@ def _measure(args) -> list[dict]:
         rows[name] = {"variant": name, "peak": peak(), "times": []}
     for _ in range(args.repeats):
         for name, step in steps.items():
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            rows[name]["times"].append(time.perf_counter() - t0)
+            rows[name]["times"].append(timed(step, args.device))
     return list(rows.values())
 
 
@@ -142,15 +109,22 @@ def main(argv=None) -> None:
     print(
         f"n={args.n} V={args.v} H={args.hidden} {args.dtype} T={args.temperature} chunk={args.chunk} {args.device}"
     )
-    print("| variant | fwd+bwd ms (median) | peak extra MiB | time / naive | memory / naive |")
-    print("|---|---|---|---|---|")
+    cells = []
     for r in rows:
         base = rows[0] if r["variant"] in ("naive", "dense") else rows[2]
         ms = statistics.median(r["times"]) * 1e3
         ms0 = statistics.median(base["times"]) * 1e3
-        print(
-            f"| {r['variant']} | {ms:.1f} | {r['peak'] / 2**20:.0f} | {ms / ms0:.2f}x | {r['peak'] / base['peak']:.2f}x |"
+        cells.append(
+            [
+                r["variant"],
+                f"{ms:.1f}",
+                f"{r['peak'] / 2**20:.0f}",
+                f"{ms / ms0:.2f}x",
+                f"{r['peak'] / base['peak']:.2f}x",
+            ]
         )
+    header = ["variant", "fwd+bwd ms (median)", "peak extra MiB", "time / naive", "memory / naive"]
+    print(markdown_table(header, cells))
 
 
 if __name__ == "__main__":
