@@ -1,0 +1,338 @@
+"""Static report of the loss kernels as compiled for an H100 (sm_90): no GPU needed.
+
+Each public loss entry point is called on small CPU tensors with every Triton kernel replaced by a recorder,
+so the launchers run exactly as on a GPU and hand over their real arguments. Each recorded launch is then
+specialised the way Triton's runtime does it (argument types, 16-divisibility hints of pointers and integers,
+constexprs, launch options) and compiled to a cubin (the Triton wheel ships ptxas and nvdisasm). Per kernel:
+
+* SASS instructions per logit element in each loop over the row (loop body / logits per thread per trip);
+* the widths of the loop's global loads and stores (128 = 16-byte vectors, 16 = one bf16 scalar);
+* MUFU.EX2 (exponentials) per element;
+* registers and spills (local-memory bytes);
+* bytes of logits moved per token: each loop that loads the row reads V elements, each that stores writes V.
+
+    python benchmarks/kernel_report.py                       # the kernels of this checkout
+    python benchmarks/kernel_report.py --kernels-dir DIR     # another copy of kernels/ (e.g. an older commit)
+
+Cases: bf16 logits, V = 30,522, top-k 32, T = 2, tail-aware KL + MLM CE, with the row stride of an
+unpadded vocabulary (30,522) and of one padded to a multiple of 64 (30,528).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels; the interpreter patches triton.language
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime's default
+
+V, K, T, N = 30522, 32, 2.0, 4
+
+
+# ------------------------------------------------------------------------------------------ recording launches
+@dataclass
+class Launch:
+    fn: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+    entry: str  # which public call launched it
+
+
+class _Recorder:
+    """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` records the launch instead of running it."""
+
+    def __init__(self, fn, sink: list, entry: list):
+        self.fn, self.sink, self.entry = fn, sink, entry
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.sink.append(Launch(self.fn, args, kwargs, self.entry[0]))
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
+def load_kernels(kernels_dir: str | None):
+    """`offline_kd.kernels`, from this checkout or from `kernels_dir` (loaded under the same package name)."""
+    if kernels_dir:
+        import offline_kd
+
+        path = Path(kernels_dir).resolve()
+        spec = importlib.util.spec_from_file_location(
+            "offline_kd.kernels", path / "__init__.py", submodule_search_locations=[str(path)]
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["offline_kd.kernels"] = mod
+        offline_kd.kernels = mod
+        spec.loader.exec_module(mod)
+    import offline_kd.kernels as kernels
+
+    return kernels
+
+
+@contextlib.contextmanager
+def _recording(sink: list, entry: list):
+    """Every `*_kernel` JITFunction of the kernel modules replaced by a recorder while inside."""
+    from triton.runtime.jit import JITFunction
+
+    patched = []
+    for name in list(sys.modules):
+        if name.startswith("offline_kd.kernels."):
+            mod = sys.modules[name]
+            for attr, val in vars(mod).copy().items():
+                if isinstance(val, JITFunction) and attr.endswith("_kernel"):
+                    patched.append((mod, attr, val))
+                    setattr(mod, attr, _Recorder(val, sink, entry))
+    try:
+        yield
+    finally:
+        for mod, attr, val in patched:
+            setattr(mod, attr, val)
+
+
+def _inputs(torch, stride: int):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(N, stride, generator=g).bfloat16()[:, :V]
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(N)]).int()
+    tz = torch.randn(N, K, generator=g).sort(-1, descending=True).values
+    lse = torch.logsumexp(tz / T, -1) + 1.0
+    labels = torch.randint(0, V, (N,), generator=g)
+    return s, ids, tz, lse, labels
+
+
+def record(kernels, stride: int) -> list[Launch]:
+    """Every kernel launch of the public entry points on one case."""
+    import torch
+
+    os.environ[kernels.ENV_VAR] = "triton"
+    sink: list[Launch] = []
+    entry = [""]
+    with _recording(sink, entry):
+        _exercise(kernels, torch, stride, entry)
+    return sink
+
+
+def _logits(kernels, torch, s, stride: int, fn: str):
+    """(logits argument, extra keyword arguments) for a row stride: the padded logits with the true
+    vocabulary size where the entry point takes one, else the first V columns of the padded buffer."""
+    leaf = torch.zeros(N, stride, dtype=s.dtype)
+    leaf[:, :V] = s
+    leaf.requires_grad_(True)
+    if stride != V and "vocab_size" in inspect.signature(getattr(kernels, fn)).parameters:
+        return leaf * 1.0, {"vocab_size": V}
+    return leaf[:, :V] * 1.0 if stride != V else leaf * 1.0, {}
+
+
+def _exercise(kernels, torch, stride: int, entry: list) -> None:
+    s, ids, tz, lse, labels = _inputs(torch, stride)
+
+    entry[0] = "kl+ce, upstream gradients apart"
+    x, kw = _logits(kernels, torch, s, stride, "distillation_logit_losses")
+    kl, ce = kernels.distillation_logit_losses(x, ids, tz, T, None, lse, labels, **kw)
+    (kl + ce).backward()
+    if hasattr(kernels, "distillation_losses"):
+        entry[0] = "kl+ce, weighted, in place (the trainer's call)"
+        x, kw = _logits(kernels, torch, s, stride, "distillation_losses")
+        parts = kernels.distillation_losses(
+            x, ids, tz, T, teacher_lse=lse, mlm_labels=labels, weights=(5.0, 2.0), in_place=True, **kw
+        )
+        parts.total.backward()
+    entry[0] = "cosine"
+    h = torch.randn(N, 768).bfloat16().requires_grad_(True)
+    kernels.cosine_loss(h, torch.randn(N, 768).half()).backward()
+
+
+# --------------------------------------------------------------------------------------------------- compiling
+def compile_launch(launch: Launch):
+    """Compile a recorded launch for sm_90 as `JITFunction.run` would specialise it."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.fn
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    kwargs = dict(launch.kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
+    hinted = [fn.params[p[0]].name for p, a in attrs.items() if a]
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__
+    )
+    return compiled, hinted, options.num_warps, {fn.params[p[0]].name: v for p, v in constexprs.items()}
+
+
+# ------------------------------------------------------------------------------------------------ SASS analysis
+_WIDTH = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def _width(ins: str) -> int:
+    m = re.search(r"\b(?:LDG|STG)\S*?\.(128|64|U16|S16|U8|S8)\b", ins)
+    return _WIDTH[m.group(1)] if m else 32
+
+
+@dataclass
+class Loop:
+    n: int  # instructions in the body
+    ldg: list[int] = field(default_factory=list)  # widths of the global loads
+    stg: list[int] = field(default_factory=list)
+    ex2: int = 0
+    bar: int = 0
+
+
+def sass_loops(sass: str) -> list[Loop]:
+    """The loops in code order (a backward branch to a label: the body runs from the label to the branch)
+    that touch global memory."""
+    body: list[str] = []
+    label_at: dict[str, int] = {}
+    loops = []
+    for line in sass.splitlines():
+        if m := re.match(r"^\.(L_x_\d+):", line):
+            label_at[m.group(1)] = len(body)
+        elif re.match(r"\s*/\*[0-9a-f]{4,}\*/", line):
+            body.append(line)
+            m = re.search(r"BRA\s+`\(\.(L_x_\d+)\)", line)
+            if m and m.group(1) in label_at:
+                ins = body[label_at[m.group(1)] :]
+                loop = Loop(
+                    n=len(ins),
+                    ldg=[_width(x) for x in ins if re.search(r"\bLDG", x)],
+                    stg=[_width(x) for x in ins if re.search(r"\bSTG", x)],
+                    ex2=sum(bool(re.search(r"MUFU\.EX2", x)) for x in ins),
+                    bar=sum(bool(re.search(r"\bBAR\b", x)) for x in ins),
+                )
+                if loop.ldg or loop.stg:
+                    loops.append(loop)
+    return loops
+
+
+def _tool(name: str, *args: str) -> str:
+    import triton
+
+    exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return subprocess.run([exe, *args], capture_output=True, text=True, check=True).stdout
+
+
+@dataclass
+class KernelFigures:
+    entry: str
+    kernel: str
+    hinted: list[str]
+    regs: int
+    spill_bytes: int
+    elems_per_trip: int  # logits per thread per loop trip
+    loops: list[Loop]
+    sass: str
+
+
+def analyse(launch: Launch) -> KernelFigures:
+    compiled, hinted, num_warps, consts = compile_launch(launch)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = _tool("nvdisasm", f.name)
+        res = _tool("cuobjdump", "-res-usage", f.name)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", res)
+    block = consts.get("BLOCK_V", consts.get("BLOCK_H", consts.get("BLOCK", 0)))
+    return KernelFigures(
+        entry=launch.entry,
+        kernel=launch.fn.__name__,
+        hinted=hinted,
+        regs=int(m.group(1)),
+        spill_bytes=int(m.group(2)) + int(m.group(3)),
+        elems_per_trip=max(1, block // (32 * num_warps)),
+        loops=sass_loops(sass),
+        sass=sass,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------- report
+def _widths(ws: list[int]) -> str:
+    return "/".join(str(w) for w in sorted(set(ws), reverse=True)) if ws else "-"
+
+
+def _per_elem(loops: list[Loop], e: int) -> str:
+    """Instructions per element of the loops, the cheapest first ('a / b' when the kernel has two variants
+    of the pass, e.g. with and without the q_tail clamp)."""
+    return " / ".join(f"{n / e:.1f}" for n in sorted({lp.n for lp in loops})) if loops else "-"
+
+
+def row_for(fig: KernelFigures, elem_bytes: int, width: int, l2_reread: bool) -> str:
+    """One markdown row per kernel. Loops that load the row and store nothing are statistics passes; loops
+    that load and store are gradient passes; loops that only store zero-fill rows that count for nothing.
+    DRAM bytes per token: one read per statistics pass, one read and one write per gradient pass, less the
+    gradient pass's read where it follows the statistics pass in the same program (`l2_reread`: the row,
+    61 KB in bf16, was read moments before and is served from L2)."""
+    e = fig.elems_per_trip
+    stats = [lp for lp in fig.loops if lp.ldg and not lp.stg]
+    grads = [lp for lp in fig.loops if lp.ldg and lp.stg]
+    reads = int(bool(stats)) + int(bool(grads))
+    writes = int(bool(grads))
+    dram = reads + writes - int(l2_reread and bool(stats) and bool(grads))
+    ldg = [w for lp in stats + grads for w in lp.ldg]
+    stg = [w for lp in grads for w in lp.stg]
+    ex2 = max((lp.ex2 / e for lp in stats + grads), default=0.0)
+    return (
+        f"| {fig.entry} | `{fig.kernel}` | {_per_elem(stats, e)} | {_per_elem(grads, e)} | {ex2:.2f} | "
+        f"{_widths(ldg)} | {_widths(stg)} | {fig.regs} | {fig.spill_bytes} | {reads}/{writes} | "
+        f"{dram * width * elem_bytes / 1000:.0f} |"
+    )
+
+
+HEADER = (
+    "| entry point | kernel | SASS instr / elem, statistics loop | SASS instr / elem, gradient loop | "
+    "EX2 / elem (max) | load bits | store bits | regs | spill B | row reads / writes | DRAM KB / token |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def report(kernels, strides: list[int], sass_dir: str | None = None) -> str:
+    parts = []
+    for stride in strides:
+        launches = record(kernels, stride)
+        seen, lines = set(), [HEADER]
+        for launch in launches:
+            key = (launch.entry, launch.fn.__name__)
+            if key in seen:
+                continue
+            seen.add(key)
+            fig = analyse(launch)
+            if sass_dir:
+                os.makedirs(sass_dir, exist_ok=True)
+                Path(sass_dir, f"{fig.kernel}-{stride}.sass").write_text(fig.sass)
+            if launch.entry == "cosine":
+                lines.append(row_for(fig, 2, 768, False))
+            elif fig.kernel != "_scale_kernel":
+                lines.append(row_for(fig, 2, V, fig.kernel == "_kl_ce_fused_kernel"))
+        parts.append(
+            f"### row stride {stride} (V = {V}, bf16, k = {K}, T = {T}, tail + CE)\n\n" + "\n".join(lines)
+        )
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kernels-dir", help="a kernels/ folder to report on instead of this checkout's")
+    ap.add_argument("--strides", default=f"{V},{(V + 63) // 64 * 64}", help="comma-separated row strides")
+    ap.add_argument("--sass", help="also write each kernel's SASS into this folder")
+    args = ap.parse_args(argv)
+    kernels = load_kernels(args.kernels_dir)
+    print(report(kernels, [int(x) for x in args.strides.split(",")], args.sass))
+
+
+if __name__ == "__main__":
+    main()
