@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-from ._common import cosine_rows_mask
+from ._common import cosine_rows_mask, device_guard
 
 EPS = 1e-12
 
@@ -71,7 +72,10 @@ def cosine_forward(s: torch.Tensor, t: torch.Tensor):
     N, H = s.shape
     cos, a, b = (torch.empty(N, device=s.device, dtype=torch.float32) for _ in range(3))
     if N > 0:
-        _cos_fwd_kernel[(N,)](s, s.stride(0), t, t.stride(0), cos, a, b, H, EPS_C=EPS, BLOCK_H=_block_h(H))
+        with device_guard(s):
+            _cos_fwd_kernel[(N,)](
+                s, s.stride(0), t, t.stride(0), cos, a, b, H, EPS_C=EPS, BLOCK_H=_block_h(H)
+            )
     return cos, a, b
 
 
@@ -80,9 +84,10 @@ def cosine_backward(s, t, cos, a, b, w):
     N, H = s.shape
     grad = torch.empty_like(s)
     if N > 0:
-        _cos_bwd_kernel[(N,)](
-            s, s.stride(0), t, t.stride(0), grad, grad.stride(0), cos, a, b, w, H, BLOCK_H=_block_h(H)
-        )
+        with device_guard(s):
+            _cos_bwd_kernel[(N,)](
+                s, s.stride(0), t, t.stride(0), grad, grad.stride(0), cos, a, b, w, H, BLOCK_H=_block_h(H)
+            )
     return grad
 
 
@@ -94,6 +99,7 @@ class TritonCosineLoss(torch.autograd.Function):
         return ((1.0 - cos) * sel).sum() / sel.sum().clamp(min=1.0)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         s, t, sel, cos, a, b = ctx.saved_tensors
         w = (sel * (g.float() / sel.sum().clamp(min=1.0))).contiguous()

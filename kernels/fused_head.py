@@ -1,44 +1,45 @@
 """Fused LM head + distillation losses: `logits = hidden @ weight.T + bias` computed chunk by chunk of rows and
 fed straight into the KL/CE kernels, so the full [N, V] logits (and their gradient) never exist.
 
-Experimental: the trainer does not use it, and it has known limits. Under autocast with a bf16 hidden state
-and fp32 weights the backward, which recomputes the logits outside autocast, fails on a dtype mismatch; a
-bf16 weight's gradient is accumulated in bf16; and the backward needs the whole weight again, so it is not
-safe under ZeRO-3 weight partitioning.
+Experimental: the trainer does not use it (the student's own head runs inside the model).
 
-Forward: per chunk, the logits chunk [c, V] is computed, reduced to per-row statistics by the loss forward
-(Triton on CUDA, the reference elsewhere) and dropped. Backward: per chunk, the logits are recomputed (one
-extra matmul: the price of supporting independent upstream gradients for the KL and the CE, which rules out
-Liger's gradient-in-the-forward), the loss backward writes the chunk's logit gradient, and it is folded into
-the gradients of hidden, weight (accumulated in place in its dtype) and bias (fp32 accumulation).
+The loss weights are known up front, so everything happens in the forward, chunk by chunk: the chunk's
+logits, the kernels' gradient-in-forward pass writing the logit gradient over them, and that gradient folded
+into the gradients of hidden (the chunk's rows), weight and bias (accumulated in fp32 whatever the compute
+dtype). The backward only multiplies the three by the upstream gradient. Hence:
 
-Peak extra memory: two [c, V] chunks (the logits and their gradient) besides the gradients themselves.
+* autocast: the matmuls run in the autocast dtype when autocast is on at the call (a bf16 hidden state
+  with fp32 weights works); the gradients come back in each input's own dtype;
+* ZeRO-3: the backward never reads the weight, so releasing its gathered copy after the forward (what ZeRO-3
+  does to a partitioned parameter) is safe. The weight must be whole during the forward: call this inside
+  the forward of the module that owns it, or register it as an external parameter of the calling module;
+* memory: one [c, V] logits chunk in the compute dtype besides the three gradients (fp32 [V, H] for the
+  weight while the forward runs).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._common import (
-    BackwardGrad,
-    ForwardRows,
+    ForwardGrad,
+    LossParts,
     Prepared,
     RowStats,
+    loss_coefficients,
     prepare,
     reduce_rows,
-    row_scales,
-    save_for_backward,
-    saved_for_backward,
 )
 
 
-def _backend_fns(name: str) -> tuple[ForwardRows, BackwardGrad]:
+def _forward_grad(name: str) -> ForwardGrad:
     if name == "triton":
         from . import kl
 
-        return kl.kl_ce_forward, kl.kl_ce_backward
-    return reference.reference_forward, reference.reference_backward
+        return kl.kl_ce_forward_grad
+    return reference.reference_forward_grad
 
 
 def default_chunk_rows(V: int, n: int) -> int:
@@ -47,79 +48,101 @@ def default_chunk_rows(V: int, n: int) -> int:
     return max(1, min(n, max(64, (1 << 24) // max(V, 1))))
 
 
-def _logits(h, weight, bias):
-    out = h @ weight.t()
-    if bias is not None:
-        out += bias
-    return out
-
-
 def _row_chunks(n: int, chunk: int):
     for start in range(0, n, chunk):
         yield slice(start, min(start + chunk, n))
 
 
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with acc fp32 and a, b possibly half precision: the product rounded once, to fp32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    try:  # CUDA: half-precision inputs, fp32 output, no fp32 copies of the inputs
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    except (RuntimeError, TypeError, NotImplementedError):
+        acc.addmm_(a.float(), b.float())
+
+
+def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for hidden's device, else the promoted input dtype."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 class FusedLinearDistillLoss(torch.autograd.Function):
-    """Applied as `apply(hidden, weight, bias, prep, chunk, backend)`, `prep` from `prepare` on a stand-in for
-    the logits: its per-row tensors are used chunk by chunk with the chunk's logits in place of the stand-in."""
+    """Applied as `apply(hidden, weight, bias, prep, weights, chunk, backend, needs)`, `prep` from `prepare`
+    on a stand-in for the logits (its per-row tensors are used chunk by chunk with the chunk's logits in
+    place of the stand-in); `needs` says which of hidden, weight and bias want a gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, prep: Prepared, chunk: int, backend: str):
-        forward_rows, _ = _backend_fns(backend)
-        stats = RowStats.allocate(hidden.shape[0], hidden.device, prep.labels is not None)
-        with torch.no_grad():
-            for sl in _row_chunks(hidden.shape[0], chunk):
-                logits = _logits(hidden[sl], weight, bias)
-                stats.write_rows(sl, forward_rows(prep.rows(sl, logits)))
-                del logits
-        save_for_backward(ctx, prep, stats, hidden, weight, bias)
-        ctx.chunk, ctx.backend = chunk, backend
-        ctx.set_materialize_grads(False)
-        return reduce_rows(stats, prep)
-
-    @staticmethod
-    def backward(ctx, g_kl, g_ce):
-        if g_kl is None and g_ce is None:
-            return (None,) * 6
-        (hidden, weight, bias), prep, stats = saved_for_backward(ctx)
-        _, backward_grad = _backend_fns(ctx.backend)
-        a, c = row_scales(g_kl, g_ce, prep)
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        # weight gradient accumulated in place in the weight's dtype (addmm: no [V, H] temporaries), as Liger does
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_b else None
-        with torch.no_grad():
-            for sl in _row_chunks(hidden.shape[0], ctx.chunk):
-                logits = _logits(hidden[sl], weight, bias)
-                g = backward_grad(prep.rows(sl, logits), stats.rows(sl), a[sl], None if c is None else c[sl])
-                del logits
+    def forward(ctx, hidden, weight, bias, prep: Prepared, weights, chunk: int, backend: str, needs):
+        dtype = compute_dtype(hidden, weight)
+        forward_grad = _forward_grad(backend)
+        coef = loss_coefficients(prep, weights)
+        n, V = hidden.shape[0], weight.shape[0]
+        need_h, need_w, need_b = needs
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_b else None
+        stats = RowStats.allocate(n, hidden.device, prep.labels is not None)
+        w_c = weight.to(dtype)
+        b_c = bias.to(dtype) if bias is not None else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for sl in _row_chunks(n, chunk):
+                h_c = hidden[sl].to(dtype)
+                logits = torch.addmm(b_c, h_c, w_c.t()) if b_c is not None else h_c @ w_c.t()
+                g = logits if any(needs) else None  # the gradient overwrites the chunk's logits
+                if g is not None and prep.vocab < V:
+                    g[:, prep.vocab :].zero_()  # padding rows of the weight: outside the softmax
+                stats.write_rows(sl, forward_grad(prep.rows(sl, logits), coef, g))
                 if need_h:
-                    grad_h[sl] = g @ weight
+                    grad_h[sl] = g @ w_c
                 if need_w:
-                    grad_w.addmm_(g.t(), hidden[sl])
+                    _addmm_fp32_(grad_w, g.t(), h_c)
                 if need_b:
-                    grad_b += g.float().sum(0)
-                del g
-        grad_b = grad_b.to(bias.dtype) if need_b and bias is not None else None
-        return grad_h, grad_w, grad_b, None, None, None
+                    grad_b += g.sum(0, dtype=torch.float32)
+                del logits, g
+        ctx.grads = (
+            grad_h,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+        )
+        kl, ce = reduce_rows(stats, prep)
+        ctx.mark_non_differentiable(kl, ce)
+        return weights[0] * kl + weights[1] * ce, kl, ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_total, *_unused):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "the fused head's gradients were computed in its forward and serve one backward only"
+            )
+        scaled = tuple(None if x is None else x.mul_(g_total.to(x.dtype)) for x in grads)
+        return (*scaled, None, None, None, None, None)
 
 
 def fused_linear_distillation_losses(
-    hidden,
-    weight,
-    bias,
-    teacher_ids,
-    teacher_logits,
-    temperature,
-    row_mask=None,
-    teacher_lse=None,
-    mlm_labels=None,
-    ignore_index=-100,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_ids: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    row_mask: torch.Tensor | None = None,
+    teacher_lse: torch.Tensor | None = None,
+    mlm_labels: torch.Tensor | None = None,
+    weights: tuple[float, float] = (1.0, 1.0),
+    ignore_index: int = -100,
     chunk_rows: int | None = None,
     backend: str | None = None,
-):
-    """(kl, ce) of `distillation_logit_losses(hidden @ weight.T + bias, ...)` without materialising the logits.
+    vocab_size: int | None = None,
+) -> LossParts:
+    """`distillation_losses(hidden @ weight.T + bias, ...)` without materialising the logits.
 
     hidden [N, H] (or [..., H]), weight [V, H], bias [V] or None. `backend` 'triton'|'reference', default from
     the dispatch rules (`offline_kd.kernels.backend_for(hidden)`)."""
@@ -135,7 +158,11 @@ def fused_linear_distillation_losses(
     # `prepare` only needs the logits' shape and device: a stand-in with strides (0, 1), never materialised.
     stand_in = torch.empty(V, device=h.device, dtype=h.dtype).expand(h.shape[0], V)
     prep = prepare(
-        stand_in, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse, mlm_labels, ignore_index
-    )
+        stand_in, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse, mlm_labels, ignore_index,
+        vocab_size,
+    )  # fmt: skip
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(bool(grad_on and x is not None and x.requires_grad) for x in (h, weight, bias))
     chunk = chunk_rows or default_chunk_rows(V, h.shape[0])
-    return FusedLinearDistillLoss.apply(h, weight, bias, prep, chunk, backend)
+    w = tuple(float(x) for x in weights)
+    return LossParts(*FusedLinearDistillLoss.apply(h, weight, bias, prep, w, chunk, backend, needs))
