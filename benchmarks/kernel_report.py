@@ -14,8 +14,10 @@ constexprs, launch options) and compiled to a cubin (the Triton wheel ships ptxa
     python benchmarks/kernel_report.py                       # the kernels of this checkout
     python benchmarks/kernel_report.py --kernels-dir DIR     # another copy of kernels/ (e.g. an older commit)
 
-Cases: bf16 logits, V = 30,522, top-k 32, T = 2, tail-aware KL + MLM CE, with the row stride of an
-unpadded vocabulary (30,522) and of one padded to a multiple of 64 (30,528).
+Cases: the trainer's (bf16 logits, V = 30,522, top-k 32, T = 2, tail-aware KL + MLM CE) with the row stride of
+an unpadded vocabulary (30,522) and of one padded to a multiple of 64 (30,528); `--variants` adds other dtypes,
+KL variants and temperatures (tests/test_kernels_compile.py compiles them all); `--json` prints the figures
+as JSON lines.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import argparse
 import contextlib
 import importlib.util
 import inspect
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile the real kernels; the interpreter patches triton.language
@@ -98,17 +101,42 @@ def _recording(sink: list, entry: list):
             setattr(mod, attr, val)
 
 
-def _inputs(torch, stride: int):
+@dataclass(frozen=True)
+class Case:
+    """One runtime specialisation: the logits' dtype and row stride (V = unpadded, a multiple of 64 =
+    padded vocabulary), the ids' dtype, the KL variant, whether MLM labels come along, the temperature."""
+
+    stride: int = V
+    dtype: str = "bfloat16"
+    ids: str = "int32"
+    tail: bool = True
+    ce: bool = True
+    temperature: float = T
+    cosine: bool = True  # also the cosine kernels (independent of the KL/CE variant)
+
+    def title(self) -> str:
+        kl = "tail-aware KL" if self.tail else "renormalised KL"
+        return (
+            f"row stride {self.stride} (V = {V}), {self.dtype}, {self.ids} ids, k = {K}, T = {self.temperature}, "
+            f"{kl}{' + CE' if self.ce else ''}"
+        )
+
+
+# the trainer's configuration, without and with a padded vocabulary
+REPORT_CASES = [Case(), Case(stride=(V + 63) // 64 * 64)]
+
+
+def _inputs(torch, case: Case):
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(N, stride, generator=g).bfloat16()[:, :V]
-    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(N)]).int()
+    s = torch.randn(N, V, generator=g).to(getattr(torch, case.dtype))
+    ids = torch.stack([torch.randperm(V, generator=g)[:K] for _ in range(N)]).to(getattr(torch, case.ids))
     tz = torch.randn(N, K, generator=g).sort(-1, descending=True).values
-    lse = torch.logsumexp(tz / T, -1) + 1.0
-    labels = torch.randint(0, V, (N,), generator=g)
+    lse = torch.logsumexp(tz / case.temperature, -1) + 1.0 if case.tail else None
+    labels = torch.randint(0, V, (N,), generator=g) if case.ce else None
     return s, ids, tz, lse, labels
 
 
-def record(kernels, stride: int) -> list[Launch]:
+def record(kernels, case: Case) -> list[Launch]:
     """Every kernel launch of the public entry points on one case."""
     import torch
 
@@ -116,7 +144,7 @@ def record(kernels, stride: int) -> list[Launch]:
     sink: list[Launch] = []
     entry = [""]
     with _recording(sink, entry):
-        _exercise(kernels, torch, stride, entry)
+        _exercise(kernels, torch, case, entry)
     return sink
 
 
@@ -131,22 +159,24 @@ def _logits(kernels, torch, s, stride: int, fn: str):
     return leaf[:, :V] * 1.0 if stride != V else leaf * 1.0, {}
 
 
-def _exercise(kernels, torch, stride: int, entry: list) -> None:
-    s, ids, tz, lse, labels = _inputs(torch, stride)
-
+def _exercise(kernels, torch, case: Case, entry: list) -> None:
+    s, ids, tz, lse, labels = _inputs(torch, case)
+    T_ = case.temperature
     entry[0] = "kl+ce, upstream gradients apart"
-    x, kw = _logits(kernels, torch, s, stride, "distillation_logit_losses")
-    kl, ce = kernels.distillation_logit_losses(x, ids, tz, T, None, lse, labels, **kw)
+    x, kw = _logits(kernels, torch, s, case.stride, "distillation_logit_losses")
+    kl, ce = kernels.distillation_logit_losses(x, ids, tz, T_, None, lse, labels, **kw)
     (kl + ce).backward()
     if hasattr(kernels, "distillation_losses"):
         entry[0] = "kl+ce, weighted, in place (the trainer's call)"
-        x, kw = _logits(kernels, torch, s, stride, "distillation_losses")
+        x, kw = _logits(kernels, torch, s, case.stride, "distillation_losses")
         parts = kernels.distillation_losses(
-            x, ids, tz, T, teacher_lse=lse, mlm_labels=labels, weights=(5.0, 2.0), in_place=True, **kw
+            x, ids, tz, T_, teacher_lse=lse, mlm_labels=labels, weights=(5.0, 2.0), in_place=True, **kw
         )
         parts.total.backward()
+    if not case.cosine:
+        return
     entry[0] = "cosine"
-    h = torch.randn(N, 768).bfloat16().requires_grad_(True)
+    h = torch.randn(N, 768).to(s.dtype).requires_grad_(True)
     kernels.cosine_loss(h, torch.randn(N, 768).half()).backward()
 
 
@@ -234,27 +264,26 @@ class KernelFigures:
     hinted: list[str]
     regs: int
     spill_bytes: int
-    elems_per_trip: int  # logits per thread per loop trip
+    elem_bytes: int  # bytes loaded per element (of every row a loop walks side by side)
     loops: list[Loop]
     sass: str
 
 
-def analyse(launch: Launch) -> KernelFigures:
-    compiled, hinted, num_warps, consts = compile_launch(launch)
+def analyse(launch: Launch, elem_bytes: int) -> KernelFigures:
+    compiled, hinted, _, _ = compile_launch(launch)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         sass = _tool("nvdisasm", f.name)
         res = _tool("cuobjdump", "-res-usage", f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", res)
-    block = consts.get("BLOCK_V", consts.get("BLOCK_H", consts.get("BLOCK", 0)))
     return KernelFigures(
         entry=launch.entry,
         kernel=launch.fn.__name__,
         hinted=hinted,
         regs=int(m.group(1)),
         spill_bytes=int(m.group(2)) + int(m.group(3)),
-        elems_per_trip=max(1, block // (32 * num_warps)),
+        elem_bytes=elem_bytes,
         loops=sass_loops(sass),
         sass=sass,
     )
@@ -265,31 +294,55 @@ def _widths(ws: list[int]) -> str:
     return "/".join(str(w) for w in sorted(set(ws), reverse=True)) if ws else "-"
 
 
-def _per_elem(loops: list[Loop], e: int) -> str:
+def elems(lp: Loop, fig: KernelFigures) -> float:
+    """Elements per thread per trip of a loop that loads the row, from the bytes it loads (robust to the
+    compiler unrolling the loop)."""
+    return sum(lp.ldg) / 8 / fig.elem_bytes
+
+
+def _per_elem(loops: list[Loop], fig: KernelFigures) -> str:
     """Instructions per element of the loops, the cheapest first ('a / b' when the kernel has two variants
     of the pass, e.g. with and without the q_tail clamp)."""
-    return " / ".join(f"{n / e:.1f}" for n in sorted({lp.n for lp in loops})) if loops else "-"
+    return " / ".join(f"{x:.1f}" for x in sorted({lp.n / elems(lp, fig) for lp in loops})) if loops else "-"
 
 
-def row_for(fig: KernelFigures, elem_bytes: int, width: int, l2_reread: bool) -> str:
-    """One markdown row per kernel. Loops that load the row and store nothing are statistics passes; loops
-    that load and store are gradient passes; loops that only store zero-fill rows that count for nothing.
-    DRAM bytes per token: one read per statistics pass, one read and one write per gradient pass, less the
-    gradient pass's read where it follows the statistics pass in the same program (`l2_reread`: the row,
-    61 KB in bf16, was read moments before and is served from L2)."""
-    e = fig.elems_per_trip
-    stats = [lp for lp in fig.loops if lp.ldg and not lp.stg]
-    grads = [lp for lp in fig.loops if lp.ldg and lp.stg]
-    reads = int(bool(stats)) + int(bool(grads))
-    writes = int(bool(grads))
-    dram = reads + writes - int(l2_reread and bool(stats) and bool(grads))
-    ldg = [w for lp in stats + grads for w in lp.ldg]
-    stg = [w for lp in grads for w in lp.stg]
-    ex2 = max((lp.ex2 / e for lp in stats + grads), default=0.0)
+def _passes(fig: KernelFigures) -> tuple[list[Loop], list[Loop]]:
+    """(statistics loops: load the row, store nothing; gradient loops: load and store). Loops that only
+    store zero-fill rows that count for nothing."""
+    return [lp for lp in fig.loops if lp.ldg and not lp.stg], [lp for lp in fig.loops if lp.ldg and lp.stg]
+
+
+def dram_bytes(fig: KernelFigures, row_bytes: int) -> tuple[int, int, int]:
+    """(row reads, row writes, DRAM bytes per token): one read per statistics pass, one read and one write
+    per gradient pass, less the gradient pass's read where it follows the statistics pass in the same
+    program (the fused kernel: the row, 61 KB in bf16, was read moments before and comes from L2)."""
+    stats, grads = _passes(fig)
+    reads, writes = int(bool(stats)) + int(bool(grads)), int(bool(grads))
+    return reads, writes, (reads + writes - int(bool(stats) and bool(grads))) * row_bytes
+
+
+def summary(fig: KernelFigures, row_bytes: int) -> dict:
+    stats, grads = _passes(fig)
+    reads, writes, dram = dram_bytes(fig, row_bytes)
+    return dict(
+        entry=fig.entry, kernel=fig.kernel, hinted=fig.hinted, regs=fig.regs, spill_bytes=fig.spill_bytes,
+        stats_per_elem=sorted(lp.n / elems(lp, fig) for lp in stats),
+        grad_per_elem=sorted(lp.n / elems(lp, fig) for lp in grads),
+        ex2_per_elem=max((lp.ex2 / elems(lp, fig) for lp in stats + grads), default=0.0),
+        load_bits=sorted({w for lp in stats + grads for w in lp.ldg}),
+        store_bits=sorted({w for lp in grads for w in lp.stg}), reads=reads, writes=writes, dram_bytes=dram,
+    )  # fmt: skip
+
+
+def row_for(fig: KernelFigures, row_bytes: int) -> str:
+    """One markdown row per kernel."""
+    stats, grads = _passes(fig)
+    sm = summary(fig, row_bytes)
     return (
-        f"| {fig.entry} | `{fig.kernel}` | {_per_elem(stats, e)} | {_per_elem(grads, e)} | {ex2:.2f} | "
-        f"{_widths(ldg)} | {_widths(stg)} | {fig.regs} | {fig.spill_bytes} | {reads}/{writes} | "
-        f"{dram * width * elem_bytes / 1000:.0f} |"
+        f"| {fig.entry} | `{fig.kernel}` | {_per_elem(stats, fig)} | {_per_elem(grads, fig)} | "
+        f"{sm['ex2_per_elem']:.2f} | {_widths([w for lp in stats + grads for w in lp.ldg])} | "
+        f"{_widths([w for lp in grads for w in lp.stg])} | {fig.regs} | {fig.spill_bytes} | "
+        f"{sm['reads']}/{sm['writes']} | {sm['dram_bytes'] / 1000:.0f} |"
     )
 
 
@@ -299,39 +352,62 @@ HEADER = (
     "|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-def report(kernels, strides: list[int], sass_dir: str | None = None) -> str:
+
+def figures(kernels, case: Case, sass_dir: str | None = None) -> list[tuple[KernelFigures, int]]:
+    """(figures, bytes of the row it walks) per distinct (entry point, kernel) of one case."""
+    out, seen = [], set()
+    for launch in record(kernels, case):
+        key = (launch.entry, launch.fn.__name__)
+        if key in seen or launch.fn.__name__ == "_scale_kernel":  # the upstream scaling: not a loss kernel
+            continue
+        seen.add(key)
+        cosine = launch.entry == "cosine"
+        # the cosine loops read the student row and the fp16 teacher row side by side
+        fig = analyse(launch, _BYTES[case.dtype] + (2 if cosine else 0))
+        if sass_dir:
+            os.makedirs(sass_dir, exist_ok=True)
+            Path(sass_dir, f"{fig.kernel}-{case.stride}-{case.dtype}.sass").write_text(fig.sass)
+        out.append((fig, (768 if cosine else V) * _BYTES[case.dtype]))
+    return out
+
+
+def report(kernels, cases: list[Case], sass_dir: str | None = None) -> str:
     parts = []
-    for stride in strides:
-        launches = record(kernels, stride)
-        seen, lines = set(), [HEADER]
-        for launch in launches:
-            key = (launch.entry, launch.fn.__name__)
-            if key in seen:
-                continue
-            seen.add(key)
-            fig = analyse(launch)
-            if sass_dir:
-                os.makedirs(sass_dir, exist_ok=True)
-                Path(sass_dir, f"{fig.kernel}-{stride}.sass").write_text(fig.sass)
-            if launch.entry == "cosine":
-                lines.append(row_for(fig, 2, 768, False))
-            elif fig.kernel != "_scale_kernel":
-                lines.append(row_for(fig, 2, V, fig.kernel == "_kl_ce_fused_kernel"))
-        parts.append(
-            f"### row stride {stride} (V = {V}, bf16, k = {K}, T = {T}, tail + CE)\n\n" + "\n".join(lines)
-        )
+    for case in cases:
+        rows = [row_for(fig, nbytes) for fig, nbytes in figures(kernels, case, sass_dir)]
+        parts.append(f"### {case.title()}\n\n" + "\n".join([HEADER, *rows]))
     return "\n\n".join(parts)
+
+
+# compile coverage beyond the report's cases: other dtypes, ids, KL variants, temperatures (POW 0, 1, 4)
+VARIANT_CASES = [
+    Case(stride=30528, dtype="float32", ids="int64", tail=False, ce=False, temperature=1.0, cosine=False),
+    Case(stride=30528, dtype="float16", ids="int64", tail=True, ce=False, temperature=3.0, cosine=False),
+    Case(stride=30528, dtype="bfloat16", ids="int32", tail=True, ce=True, temperature=3.0, cosine=False),
+    Case(stride=30528, dtype="bfloat16", ids="int32", tail=False, ce=True, temperature=4.0, cosine=False),
+    Case(stride=30528, dtype="bfloat16", ids="int64", tail=True, ce=True, temperature=1.0, cosine=False),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels-dir", help="a kernels/ folder to report on instead of this checkout's")
-    ap.add_argument("--strides", default=f"{V},{(V + 63) // 64 * 64}", help="comma-separated row strides")
     ap.add_argument("--sass", help="also write each kernel's SASS into this folder")
+    ap.add_argument("--json", action="store_true", help="figures as one JSON line per case, not markdown")
+    ap.add_argument(
+        "--variants", action="store_true", help="also the other dtypes, KL variants and temperatures"
+    )
     args = ap.parse_args(argv)
     kernels = load_kernels(args.kernels_dir)
-    print(report(kernels, [int(x) for x in args.strides.split(",")], args.sass))
+    cases = REPORT_CASES + (VARIANT_CASES if args.variants else [])
+    if args.json:
+        for case in cases:
+            figs = [summary(fig, nbytes) for fig, nbytes in figures(kernels, case, args.sass)]
+            print(json.dumps({"case": asdict(case), "kernels": figs}))
+    else:
+        print(report(kernels, cases, args.sass))
 
 
 if __name__ == "__main__":
