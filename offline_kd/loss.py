@@ -11,7 +11,8 @@ temperature and weighs the components.
   projection) and the teacher's stored one.
 
 KL and cosine run over every non-pad token (as DistilBERT does), or only over the masked ones
-with ``restrict_kl_to_mask``.
+with ``restrict_kl_to_mask``. The KL and MLM weights go to the kernels with the logits, which write the
+gradient of their weighted sum in the forward (docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from offline_kd.kernels import cosine_loss, distillation_logit_losses
+from offline_kd.kernels import cosine_loss, distillation_losses
 from offline_kd.settings import LossConfig
 
 __all__ = ["COMPONENTS", "LossConfig", "distillation_loss"]
@@ -33,49 +34,50 @@ def distillation_loss(
     student_hidden: torch.Tensor | None,
     batch: dict[str, torch.Tensor],
     projection: nn.Module | None = None,
+    vocab_size: int | None = None,
+    consume_logits: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Return (total loss, detached components) for one micro-batch.
 
-    `student_logits` [B, L, V], `student_hidden` [B, L, Hs]; `batch` as produced by
+    `student_logits` [B, L, W], `student_hidden` [B, L, Hs]; `batch` as produced by
     `offline_kd.reader`: attention_mask, mlm_mask, labels [B, L], topk_ids / topk_logits [B, L, K],
-    optional lse [B, L] (at cfg.temperature) and hidden [B, L, H].
+    optional lse [B, L] (at cfg.temperature) and hidden [B, L, H]. `vocab_size`: the vocabulary when
+    the logits are wider (a student whose embeddings are padded to a multiple of 64); the padding gets no
+    probability. `consume_logits`: the gradient is written over the logits in the forward (the trainer,
+    which does not read them afterwards: no second [B·L, W] buffer).
+
+    Every row goes to the kernels as one [B·L, W] view with a row mask (pad tokens count for nothing and
+    get zero gradient rows): no copy of the logits, no host synchronisation to find the non-pad rows.
     """
     keep = batch["attention_mask"].reshape(-1).bool()
-    idx = keep.nonzero(as_tuple=True)[0]
-    logits = student_logits.reshape(-1, student_logits.shape[-1]).index_select(0, idx)
+    row_mask = keep & batch["mlm_mask"].reshape(-1).bool() if cfg.restrict_kl_to_mask else keep
+    logits = student_logits.reshape(-1, student_logits.shape[-1])
     k = batch["topk_ids"].shape[-1]
-    t_ids = batch["topk_ids"].reshape(-1, k).index_select(0, idx)
-    t_logits = batch["topk_logits"].reshape(-1, k).index_select(0, idx)
-    labels = batch["labels"].reshape(-1).index_select(0, idx)
-    row_mask = batch["mlm_mask"].reshape(-1).index_select(0, idx).bool() if cfg.restrict_kl_to_mask else None
-    lse = None
-    if cfg.kl_tail:
-        lse = batch["lse"].reshape(-1).index_select(0, idx)
     zero = student_logits.new_zeros((), dtype=torch.float32)
+    logit_total, kl, mlm = zero, zero, zero
     if cfg.alpha_kl > 0 or cfg.alpha_mlm > 0:
-        # The kernels' second output is the MLM cross-entropy at T = 1 (None without labels).
-        kl, mlm = distillation_logit_losses(
+        labels = batch["labels"].reshape(-1).masked_fill(~keep, -100) if cfg.alpha_mlm > 0 else None
+        logit_total, kl, mlm = distillation_losses(
             logits,
-            t_ids,
-            t_logits,
+            batch["topk_ids"].reshape(-1, k),
+            batch["topk_logits"].reshape(-1, k),
             cfg.temperature,
             row_mask=row_mask,
-            teacher_lse=lse,
-            mlm_labels=labels if cfg.alpha_mlm > 0 else None,
+            teacher_lse=batch["lse"].reshape(-1) if cfg.kl_tail else None,
+            mlm_labels=labels,
+            weights=(cfg.alpha_kl, cfg.alpha_mlm),
+            vocab_size=vocab_size,
+            in_place=consume_logits,
         )
-        if mlm is None:
-            mlm = zero
-    else:
-        kl, mlm = zero, zero
     cos = zero
     if cfg.alpha_cos > 0:
         if student_hidden is None or "hidden" not in batch:
             raise ValueError("alpha_cos > 0 needs the store's hidden states (precompute with --hidden)")
-        s_h = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)
+        s_h = student_hidden.reshape(-1, student_hidden.shape[-1])
         if projection is not None:
             s_h = projection(s_h)
-        t_h = batch["hidden"].reshape(-1, batch["hidden"].shape[-1]).index_select(0, idx).to(s_h.dtype)
+        t_h = batch["hidden"].reshape(-1, batch["hidden"].shape[-1]).to(s_h.dtype)
         cos = cosine_loss(s_h, t_h, row_mask=row_mask)
-    total = cfg.alpha_kl * kl + cfg.alpha_mlm * mlm + cfg.alpha_cos * cos
+    total = logit_total + cfg.alpha_cos * cos
     parts = {name: v.detach().float() for name, v in zip(COMPONENTS, (total, kl, mlm, cos), strict=True)}
     return total, parts

@@ -91,3 +91,27 @@ def test_cosine_needs_hidden():
     _, s, _, batch, T = _batch()
     with pytest.raises(ValueError, match="hidden"):
         distillation_loss(LossConfig(temperature=T), s, None, batch)
+
+
+def test_consumed_padded_logits_give_the_same_losses_and_gradient():
+    """The trainer's call: logits padded to a multiple of 64 columns (vocab_size says which are the
+    vocabulary), the gradient written over them. Same components and gradient as the plain call; the
+    padding columns get a zero gradient; pad tokens' rows too."""
+    z, s, h, batch, T = _batch(seed=3)
+    cfg = LossConfig(temperature=T)
+    total, parts = distillation_loss(cfg, s, h, batch)
+    g_s, g_h = torch.autograd.grad(total, (s, h))
+    V = s.shape[-1]
+    wide = torch.full((*s.shape[:2], 64), 40.0)  # padding far above every logit: must get no probability
+    wide[..., :V] = s.detach()
+    leaf = wide.requires_grad_(True)
+    logits = leaf * 1.0
+    h2 = h.detach().clone().requires_grad_(True)
+    total2, parts2 = distillation_loss(cfg, logits, h2, batch, vocab_size=V, consume_logits=True)
+    g_wide, g_h2 = torch.autograd.grad(total2, (leaf, h2))
+    for name in parts:
+        assert parts2[name].item() == pytest.approx(parts[name].item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(g_wide[..., :V], g_s, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(g_h2, g_h)
+    assert (g_wide[..., V:] == 0).all() and (g_wide[1, -2:] == 0).all()
+    assert torch.equal(logits.detach(), g_wide)  # the logits' storage now holds their gradient
