@@ -63,6 +63,8 @@ def export_student(
         raise RuntimeError(f"export: missing={missing} unexpected={unexpected}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    if bundle.true_vocab_size != model.config.vocab_size:  # trim the training-time padding rows
+        model.resize_token_embeddings(bundle.true_vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     tok = copy.deepcopy(bundle.tokenizer)

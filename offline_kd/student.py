@@ -19,6 +19,12 @@ Three kinds of `--student` spec:
 Every student is checked against the store before step 0: same vocabulary size, same tokenizer
 fingerprint, and (when the cosine loss is on) the same hidden width unless a learned projection
 is requested.
+
+Built students have their token embeddings (and the tied output layer) padded to a multiple of
+``VOCAB_MULTIPLE`` rows, so each row of the logits starts on a 16-byte boundary and the loss kernels
+load and store 128-bit vectors. The padded ids are never inputs, and the loss takes the true vocabulary
+size (`StudentBundle.vocab_size`): they get no probability and no gradient. The export trims the
+padding off again, so the exported model has the tokenizer's vocabulary.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+# Rows of the students' embedding and output matrices are padded to a multiple of this (see above).
+VOCAB_MULTIPLE = 64
 
 # Randomly initialised DistilBERT-shaped presets; vocab size and positions come from the store.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -60,6 +69,11 @@ class StudentBundle:
     init_layers: list[int] | None = None
     teacher_path: str | None = None
     notes: list[str] = field(default_factory=list)
+    vocab_size: int | None = None  # the vocabulary without the padding rows (None: not padded)
+
+    @property
+    def true_vocab_size(self) -> int:
+        return self.vocab_size if self.vocab_size is not None else int(self.model.config.vocab_size)
 
 
 def model_hidden_size(config) -> int:
@@ -249,7 +263,25 @@ def _has_weights(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or (path / "pytorch_model.bin").exists()
 
 
-def build_student(
+def pad_vocabulary(model: nn.Module, multiple: int = VOCAB_MULTIPLE) -> int:
+    """Pad the model's token embeddings and output layer to a multiple of `multiple` rows; return the
+    vocabulary size before padding. The new rows are initialised but never used: no input id reaches
+    them and the loss gives them no probability."""
+    vocab = int(model.config.vocab_size)
+    if multiple > 1 and vocab % multiple:
+        model.resize_token_embeddings(vocab, pad_to_multiple_of=multiple, mean_resizing=False)
+    return vocab
+
+
+def build_student(spec: str, **kwargs) -> StudentBundle:
+    """Build the student named by `spec` (see module docstring and `_build_student`), its vocabulary
+    padded to a multiple of VOCAB_MULTIPLE."""
+    bundle = _build_student(spec, **kwargs)
+    bundle.vocab_size = pad_vocabulary(bundle.model)
+    return bundle
+
+
+def _build_student(
     spec: str,
     *,
     teacher_path: str | None,
@@ -343,7 +375,7 @@ def check_compatible(
     """Refuse, before step 0, a student that cannot learn from this store."""
     from offline_kd.teacher import tokenizer_sha256
 
-    vocab = bundle.model.config.vocab_size
+    vocab = bundle.true_vocab_size
     if vocab != store_vocab_size:
         raise StudentError(
             f"vocabulary mismatch: the student has {vocab} output classes but the store's teacher has "

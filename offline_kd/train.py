@@ -74,11 +74,18 @@ class EpochPlan:
 class DistillModule(nn.Module):
     """Student (+ optional hidden projection) and the loss, as one module for DeepSpeed."""
 
-    def __init__(self, student: nn.Module, loss_cfg: LossConfig, projection: nn.Module | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        loss_cfg: LossConfig,
+        projection: nn.Module | None = None,
+        vocab_size: int | None = None,
+    ):
         super().__init__()
         self.student = student
         self.projection = projection
         self.loss_cfg = loss_cfg
+        self.vocab_size = vocab_size  # the student's logits may be wider (padded vocabulary)
 
     def forward(self, batch: dict[str, torch.Tensor]):
         need_hidden = self.loss_cfg.alpha_cos > 0
@@ -89,7 +96,10 @@ class DistillModule(nn.Module):
             return_dict=True,
         )
         hidden = out.hidden_states[-1] if need_hidden else None
-        return distillation_loss(self.loss_cfg, out.logits, hidden, batch, self.projection)
+        # nothing reads the logits after the loss: their gradient is written over them
+        return distillation_loss(
+            self.loss_cfg, out.logits, hidden, batch, self.projection, self.vocab_size, consume_logits=True
+        )
 
 
 # --------------------------------------------------------------------------------------- set-up
@@ -184,7 +194,7 @@ def build_engine(cfg: TrainConfig, run: PreparedRun, ds: dict):
     """The DeepSpeed engine over the student, its projection and the loss."""
     import deepspeed
 
-    module = DistillModule(run.bundle.model, cfg.loss, run.projection)
+    module = DistillModule(run.bundle.model, cfg.loss, run.projection, run.bundle.true_vocab_size)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds
     )
