@@ -53,8 +53,9 @@ def test_distil_copies_chosen_layers_bit_for_bit(tiny_teacher, teacher, layers):
                 a = s[f"distilbert.transformer.layer.{si}.{db}.{p}"]
                 b = t[f"bert.encoder.layer.{ti}.{bert}.{p}"]
                 assert torch.equal(a, b), (si, ti, bert, p)
+    V = teacher.config.vocab_size  # the student's vocabulary is padded beyond it (see the last test)
     assert torch.equal(
-        s["distilbert.embeddings.word_embeddings.weight"], t["bert.embeddings.word_embeddings.weight"]
+        s["distilbert.embeddings.word_embeddings.weight"][:V], t["bert.embeddings.word_embeddings.weight"]
     )
     assert torch.equal(s["distilbert.embeddings.LayerNorm.weight"], t["bert.embeddings.LayerNorm.weight"])
     folded = (
@@ -63,7 +64,7 @@ def test_distil_copies_chosen_layers_bit_for_bit(tiny_teacher, teacher, layers):
     assert torch.equal(s["distilbert.embeddings.position_embeddings.weight"], folded)
     assert torch.equal(s["vocab_transform.weight"], t["cls.predictions.transform.dense.weight"])
     assert torch.equal(s["vocab_layer_norm.bias"], t["cls.predictions.transform.LayerNorm.bias"])
-    assert torch.equal(s["vocab_projector.bias"], t["cls.predictions.bias"])
+    assert torch.equal(s["vocab_projector.bias"][:V], t["cls.predictions.bias"])
     m = bundle.model
     assert m.vocab_projector.weight is m.distilbert.embeddings.word_embeddings.weight  # still tied
 
@@ -78,7 +79,7 @@ def test_distil_full_depth_reproduces_teacher(tiny_teacher, teacher):
         a = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
         b = student(input_ids=ids, attention_mask=am, output_hidden_states=True)
     torch.testing.assert_close(b.hidden_states[0], a.hidden_states[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(b.logits, a.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.logits[..., : a.logits.shape[-1]], a.logits, atol=1e-4, rtol=1e-4)
 
 
 def test_named_layer_count_and_bad_layers(tiny_teacher):
@@ -127,7 +128,7 @@ def _bert_config(tmp_path, vocab_size: int):
 def test_presets_and_hf_configs_build(tiny_teacher, store_fit, tmp_path):
     preset, store = store_fit
     tiny = build_student("tiny", **preset)
-    assert tiny.kind == "preset" and tiny.model.config.vocab_size == store["store_vocab_size"]
+    assert tiny.kind == "preset" and tiny.true_vocab_size == store["store_vocab_size"]
     bert = _build(str(_bert_config(tmp_path, store["store_vocab_size"] + 7)), tiny_teacher)
     assert bert.kind == "config" and type(bert.model).__name__ == "BertForMaskedLM"
 
@@ -182,3 +183,33 @@ def test_refusals(tiny_teacher, store_fit, tmp_path, refused, message):
     vocab = store_fit[1]["store_vocab_size"]
     with pytest.raises(StudentError, match=message.format(bigger=vocab + 7, vocab=vocab)):
         refused(tiny_teacher, store_fit, tmp_path)
+
+
+def test_vocabulary_padded_for_training_and_trimmed_on_export(tiny_teacher, teacher, tmp_path):
+    """Built students carry embeddings and an output layer padded to a multiple of 64 rows (aligned logit
+    rows for the kernels); the export trims them: the exported model has the tokenizer's vocabulary and
+    gives the trained model's logits on it."""
+    from transformers import AutoModelForMaskedLM
+
+    from offline_kd.export import export_student
+    from offline_kd.student import VOCAB_MULTIPLE
+
+    V = teacher.config.vocab_size
+    assert V % VOCAB_MULTIPLE  # the fixture's vocabulary needs padding, or this would test nothing
+    bundle = _build("distil", tiny_teacher)
+    W = bundle.model.config.vocab_size
+    assert bundle.true_vocab_size == V and W % VOCAB_MULTIPLE == 0 and W - V < VOCAB_MULTIPLE
+    assert bundle.model.get_input_embeddings().weight.shape[0] == W
+    assert bundle.model.get_output_embeddings().weight.shape[0] == W
+    ids = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        padded_logits = bundle.model(input_ids=ids).logits
+    assert padded_logits.shape[-1] == W
+    state = {"student." + k: v for k, v in bundle.model.state_dict().items()}
+    export_student(bundle, state, tmp_path / "final")
+    exported = AutoModelForMaskedLM.from_pretrained(tmp_path / "final")
+    assert exported.config.vocab_size == V
+    assert exported.get_input_embeddings().weight.shape[0] == V
+    assert exported.get_output_embeddings().weight.shape[0] == V
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, padded_logits[..., :V])

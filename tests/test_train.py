@@ -103,6 +103,8 @@ def test_exported_student_fills_a_mask(full_run, tiny_teacher):
     assert type(model).__name__ == "DistilBertForMaskedLM" and model.config.n_layers == 2
     tok = AutoTokenizer.from_pretrained(full_run / "final")
     assert tok.get_vocab() == AutoTokenizer.from_pretrained(tiny_teacher).get_vocab()
+    # trained with a vocabulary padded to a multiple of 64, exported with the tokenizer's
+    assert model.config.vocab_size == len(tok) == model.get_output_embeddings().weight.shape[0]
     fill = pipeline("fill-mask", model=model, tokenizer=tok, device="cpu")
     preds = fill(f"the old house {tok.mask_token} the river .")
     assert len(preds) == 5 and all(0.0 <= p["score"] <= 1.0 for p in preds)
