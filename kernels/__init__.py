@@ -145,18 +145,21 @@ def distillation_losses(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     in_place: bool = False,
+    expected_upstream: float = 1.0,
 ) -> LossParts:
     """LossParts(w_kl·kl + w_mlm·mlm, kl, mlm) with kl and mlm as `distillation_logit_losses`; the total is
     differentiable w.r.t. the logits and its gradient is computed in the forward (the backward only scales
     it by the upstream gradient, on the device). `vocab_size` < the logits' width: only the first
     vocab_size columns are the vocabulary (padded logits; the padding gets no probability and a zero
-    gradient). `in_place`: the gradient overwrites the logits, which must not be used afterwards."""
+    gradient). `in_place`: the gradient overwrites the logits, which must not be used afterwards.
+    `expected_upstream`: the upstream gradient the backward will bring (DeepSpeed: 1 / accumulation steps),
+    folded into the gradient in the forward so the backward need not make another pass over it."""
     p = prepare(
         student_logits, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse, mlm_labels,
         ignore_index, vocab_size,
     )  # fmt: skip
     _, forward_grad, scale = _backend_functions(backend_for(student_logits))
-    return weighted_losses(p, weights, forward_grad, scale, in_place)
+    return weighted_losses(p, weights, forward_grad, scale, in_place, expected_upstream)
 
 
 def distillation_logit_losses(

@@ -368,18 +368,25 @@ def weighted_losses(
     forward_grad: ForwardGrad,
     scale_grad_: ScaleGrad,
     in_place: bool = False,
+    expected_upstream: float = 1.0,
 ) -> LossParts:
     """LossParts(w_kl·kl + w_mlm·ce, kl, ce) with the gradient of the total written in the forward.
 
     `in_place`: the gradient overwrites the logits (no second [N, W] buffer); their autograd version is
     bumped, so anything else that saved them for its backward refuses to run. Without a gradient to compute
     (no grad mode, or logits that do not require it) only the losses are computed and nothing is written.
+    `expected_upstream`: the gradient the backward will receive for the total (DeepSpeed sends 1 / the
+    gradient accumulation steps): the forward writes the gradient already scaled by it, and the backward's
+    in-place scaling by upstream / expected_upstream finds 1 on the device and skips its pass.
     """
     w = tuple(float(x) for x in weights)
     if len(w) != 2:
         raise ValueError(f"weights must be (w_kl, w_mlm), got {weights!r}")
+    u0 = float(expected_upstream)
+    if not u0 > 0:
+        raise ValueError(f"expected_upstream must be positive, got {expected_upstream}")
     need_grad = torch.is_grad_enabled() and prep.student.requires_grad
-    coef = loss_coefficients(prep, w)
+    coef = loss_coefficients(prep, (w[0] * u0, w[1] * u0))
     V = prep.vocab
 
     def compute(s: torch.Tensor, _needs_input_grad: bool):
@@ -398,4 +405,7 @@ def weighted_losses(
         kl, ce = reduce_rows(stats, prep)
         return w[0] * kl + w[1] * ce, (kl, ce), grad
 
-    return LossParts(*GradInForward.apply(prep.student, compute, scale_grad_))
+    def scale(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+        return scale_grad_(grad, upstream if u0 == 1.0 else upstream / u0)
+
+    return LossParts(*GradInForward.apply(prep.student, compute, scale))

@@ -36,6 +36,7 @@ def distillation_loss(
     projection: nn.Module | None = None,
     vocab_size: int | None = None,
     consume_logits: bool = False,
+    expected_upstream: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Return (total loss, detached components) for one micro-batch.
 
@@ -44,7 +45,9 @@ def distillation_loss(
     optional lse [B, L] (at cfg.temperature) and hidden [B, L, H]. `vocab_size`: the vocabulary when
     the logits are wider (a student whose embeddings are padded to a multiple of 64); the padding gets no
     probability. `consume_logits`: the gradient is written over the logits in the forward (the trainer,
-    which does not read them afterwards: no second [B·L, W] buffer).
+    which does not read them afterwards: no second [B·L, W] buffer). `expected_upstream`: the gradient the
+    backward will bring for the total (DeepSpeed: 1 / gradient accumulation steps), folded into the
+    logits' gradient in the forward so the backward makes no further pass over it.
 
     Every row goes to the kernels as one [B·L, W] view with a row mask (pad tokens count for nothing and
     get zero gradient rows): no copy of the logits, no host synchronisation to find the non-pad rows.
@@ -68,6 +71,7 @@ def distillation_loss(
             weights=(cfg.alpha_kl, cfg.alpha_mlm),
             vocab_size=vocab_size,
             in_place=consume_logits,
+            expected_upstream=expected_upstream,
         )
     cos = zero
     if cfg.alpha_cos > 0:

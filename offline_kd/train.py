@@ -80,12 +80,14 @@ class DistillModule(nn.Module):
         loss_cfg: LossConfig,
         projection: nn.Module | None = None,
         vocab_size: int | None = None,
+        grad_accumulation: int = 1,
     ):
         super().__init__()
         self.student = student
         self.projection = projection
         self.loss_cfg = loss_cfg
         self.vocab_size = vocab_size  # the student's logits may be wider (padded vocabulary)
+        self.grad_accumulation = grad_accumulation  # engine.backward divides the loss by it
 
     def forward(self, batch: dict[str, torch.Tensor]):
         need_hidden = self.loss_cfg.alpha_cos > 0
@@ -96,10 +98,12 @@ class DistillModule(nn.Module):
             return_dict=True,
         )
         hidden = out.hidden_states[-1] if need_hidden else None
-        # nothing reads the logits after the loss: their gradient is written over them
+        # nothing reads the logits after the loss: their gradient is written over them, already scaled
+        # by the 1 / accumulation steps that engine.backward applies
         return distillation_loss(
-            self.loss_cfg, out.logits, hidden, batch, self.projection, self.vocab_size, consume_logits=True
-        )
+            self.loss_cfg, out.logits, hidden, batch, self.projection, self.vocab_size, consume_logits=True,
+            expected_upstream=1.0 / self.grad_accumulation,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- set-up
@@ -194,7 +198,8 @@ def build_engine(cfg: TrainConfig, run: PreparedRun, ds: dict):
     """The DeepSpeed engine over the student, its projection and the loss."""
     import deepspeed
 
-    module = DistillModule(run.bundle.model, cfg.loss, run.projection, run.bundle.true_vocab_size)
+    gas = int(ds["gradient_accumulation_steps"])
+    module = DistillModule(run.bundle.model, cfg.loss, run.projection, run.bundle.true_vocab_size, gas)
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds
     )

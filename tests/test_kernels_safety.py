@@ -176,3 +176,20 @@ def test_functions_are_once_differentiable(backend):
         (gh,) = torch.autograd.grad(w * K.cosine_loss(h, torch.randn(N, 16)), h, create_graph=True)
         with pytest.raises(RuntimeError, match="once_differentiable"):
             gh.sum().backward()
+
+
+@pytest.mark.parametrize("upstream", [0.25, 0.5])
+def test_expected_upstream_is_folded_into_the_forward(backend, upstream):
+    """DeepSpeed backpropagates 1 / accumulation steps into the loss: told so, the forward writes the
+    gradient already scaled; an upstream other than the expected one is still applied exactly."""
+    s, ids, tz, lse, mask, labels = make_case(N, V, k, torch.float32, T, seed=8)
+    leaf = s.clone().requires_grad_(True)
+    parts = K.distillation_losses(
+        leaf * 1.0, ids, tz, T, mask, lse, labels, (2.0, 1.0), expected_upstream=0.25
+    )
+    (g,) = torch.autograd.grad(parts.total * upstream, leaf)
+    sf = s.float().requires_grad_(True)
+    kl_d, ce_d = dense_losses(sf, ids, tz, T, mask, lse, labels)
+    (g_d,) = torch.autograd.grad(2.0 * kl_d + ce_d, sf)
+    torch.testing.assert_close(parts.kl, kl_d.detach(), rtol=2e-5, atol=1e-5)  # the losses are not scaled
+    torch.testing.assert_close(g, upstream * g_d, rtol=1e-4, atol=1e-7)

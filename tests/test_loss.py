@@ -95,8 +95,9 @@ def test_cosine_needs_hidden():
 
 def test_consumed_padded_logits_give_the_same_losses_and_gradient():
     """The trainer's call: logits padded to a multiple of 64 columns (vocab_size says which are the
-    vocabulary), the gradient written over them. Same components and gradient as the plain call; the
-    padding columns get a zero gradient; pad tokens' rows too."""
+    vocabulary), the gradient written over them, scaled by the upstream DeepSpeed will send. Same
+    components and gradient as the plain call; the padding columns get a zero gradient; pad tokens' rows
+    too."""
     z, s, h, batch, T = _batch(seed=3)
     cfg = LossConfig(temperature=T)
     total, parts = distillation_loss(cfg, s, h, batch)
@@ -107,11 +108,15 @@ def test_consumed_padded_logits_give_the_same_losses_and_gradient():
     leaf = wide.requires_grad_(True)
     logits = leaf * 1.0
     h2 = h.detach().clone().requires_grad_(True)
-    total2, parts2 = distillation_loss(cfg, logits, h2, batch, vocab_size=V, consume_logits=True)
-    g_wide, g_h2 = torch.autograd.grad(total2, (leaf, h2))
+    total2, parts2 = distillation_loss(
+        cfg, logits, h2, batch, vocab_size=V, consume_logits=True, expected_upstream=0.5
+    )
+    # as DeepSpeed with two accumulation steps: the loss divided by 2 before the backward
+    g_wide, g_h2 = torch.autograd.grad(total2 / 2, (leaf, h2))
+    g_wide, g_h2 = 2 * g_wide, 2 * g_h2
     for name in parts:
         assert parts2[name].item() == pytest.approx(parts[name].item(), rel=1e-5, abs=1e-7)
     torch.testing.assert_close(g_wide[..., :V], g_s, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(g_h2, g_h)
     assert (g_wide[..., V:] == 0).all() and (g_wide[1, -2:] == 0).all()
-    assert torch.equal(logits.detach(), g_wide)  # the logits' storage now holds their gradient
+    assert torch.equal(2 * logits.detach(), g_wide)  # the logits' storage now holds their gradient
