@@ -1,20 +1,28 @@
 """Benchmark the distillation-loss kernels against eager dense PyTorch, side by side in one process.
 
 For each table, every variant is first run once for its peak memory, then all variants are timed interleaved
-(round-robin, median of --repeats forward + backward passes), so background load hits them alike.
+(round-robin, median of --repeats forward + backward passes), so background load hits them alike. Each
+variant's inputs are made before the timed call (a fresh copy of the logits where the variant overwrites
+them), so neither time nor memory counts them.
 Peak extra memory: CUDA, max_memory_allocated above the allocation before the call; CPU, the RSS high-water
 mark (reset through /proc/self/clear_refs) above the RSS before the call, with glibc told to serve large
 blocks by mmap and give them back on free, so RSS follows live memory.
 
     python benchmarks/kernels.py --head-chunk 128                  # CPU defaults, about a minute
-    python benchmarks/kernels.py --device cuda --n 16384 --dtype bf16   # GPU: + Triton and copy bandwidth
+    python benchmarks/kernels.py --device cuda --n 16384 --dtype bf16 --width 30528 --tail
+                                                                   # GPU, the trainer's shapes: + Triton, copy BW
 
 Logit-loss variants (KL at T + MLM CE at 1, with gradient):
-  naive      log_softmax over the full vocabulary in fp32 + gather + KL, F.cross_entropy in fp32
-  reference  offline_kd.kernels, chunked PyTorch path (OFFLINE_KD_KERNELS=reference)
-  triton     offline_kd.kernels, Triton path (CUDA only; the interpreter is far too slow to time)
-LM-head table: the same after `hidden @ W.T + b` (logits materialised), plus
-  fused      fused_linear_distillation_losses: chunked matmul + losses, logits never materialised
+  naive              log_softmax over the full vocabulary in fp32 + gather + KL, F.cross_entropy in fp32
+  reference          offline_kd.kernels, chunked PyTorch path (OFFLINE_KD_KERNELS=reference),
+                     distillation_logit_losses (upstream gradients apart: the backward reads the logits again)
+  reference-inplace  the same path, distillation_losses with the weights, gradient written over the logits
+  triton             offline_kd.kernels, Triton path (CUDA only; the interpreter is far too slow to time)
+  triton-inplace     the trainer's call: Triton, weights up front, gradient over the logits in the forward
+With --width > --v the logits are padded to that many columns (a student vocabulary padded to a multiple of
+64) and the kernels get vocab_size=--v. LM-head table: the same after `hidden @ W.T + b` (logits
+materialised), plus
+  fused              fused_linear_distillation_losses: chunked matmul + losses, logits never materialised
 """
 
 from __future__ import annotations
@@ -29,14 +37,22 @@ from _common import markdown_table, memory_probe, mmap_large_blocks, timed
 os.environ.pop("TRITON_INTERPRET", None)  # time compiled kernels, never the interpreter
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-BACKEND_OF = {"reference": "reference", "triton": "triton", "fused": "auto", "naive": "auto"}
+BACKEND_OF = {
+    "reference": "reference",
+    "reference-inplace": "reference",
+    "triton": "triton",
+    "triton-inplace": "triton",
+    "fused": "auto",
+    "naive": "auto",
+}
 
 
 # --------------------------------------------------------------------------------------------------- inputs
-def _make_inputs(torch, n, v, k, dtype, device, T, seed=0):
-    """Built chunk by chunk: no fp32 [N, V] temporary."""
+def _make_inputs(torch, n, v, k, dtype, device, T, width=None, seed=0):
+    """Built chunk by chunk: no fp32 [N, V] temporary. With `width` > v the logits have `width` columns,
+    the padding far below every logit."""
     g = torch.Generator().manual_seed(seed)
-    student = torch.empty(n, v, dtype=dtype, device=device)
+    student = torch.full((n, width or v), -1e4, dtype=dtype, device=device)
     ids = torch.empty(n, k, dtype=torch.int32)
     tz = torch.empty(n, k)
     lse = torch.empty(n)
@@ -44,7 +60,7 @@ def _make_inputs(torch, n, v, k, dtype, device, T, seed=0):
     for i in range(0, n, step):
         t = torch.randn(min(step, n - i), v, generator=g) * 3
         s = 0.6 * t + torch.randn(t.shape, generator=g) * 3
-        student[i : i + step] = s.to(dtype)
+        student[i : i + step, :v] = s.to(dtype)
         top = t.topk(k, dim=-1)
         ids[i : i + step] = top.indices.int()
         tz[i : i + step] = top.values
@@ -73,103 +89,143 @@ def _naive_logit_losses(torch, s, ids, tz, lse, labels, T, tail):
     return kl, ce
 
 
+def _logit_step(torch, K, args, s0, ids, tz, lse, labels):
+    """make(variant) -> (prepare(rows) -> inputs, run(inputs) -> gradient) for the logit-loss table."""
+    T, V = args.T, args.v
+    padded = s0.shape[1] > V
+
+    def make(variant):
+        in_place = variant.endswith("-inplace")
+
+        def prepare(rows=slice(None)):
+            x = s0[rows].detach()
+            return (x.clone() if in_place else x).requires_grad_(True), rows
+
+        def run(inputs):
+            s, rows = inputs
+            i, z, e, lab = ids[rows], tz[rows], lse[rows] if args.tail else None, labels[rows]
+            if variant == "naive":
+                kl, ce = _naive_logit_losses(torch, s[:, :V], i, z, e, lab, T, args.tail)
+                (0.5 * kl + 0.5 * ce).backward()
+            elif in_place:  # the logits are a leaf here: its gradient is its own storage
+                kw = {"vocab_size": V} if padded else {}
+                parts = K.distillation_losses(s, i, z, T, None, e, lab, (0.5, 0.5), in_place=True, **kw)
+                parts.total.backward()
+            else:
+                kw = {"vocab_size": V} if padded else {}
+                kl, ce = K.distillation_logit_losses(s, i, z, T, None, e, lab, **kw)
+                (0.5 * kl + 0.5 * ce).backward()
+            return s.grad
+
+        return prepare, run
+
+    return make
+
+
+def _head_step(torch, K, args, ids, tz, lse, labels, dtype, device):
+    g = torch.Generator().manual_seed(1)
+    h0 = torch.randn(args.n, args.hidden, generator=g).to(device=device, dtype=dtype)
+    w0 = (torch.randn(args.v, args.hidden, generator=g) / args.hidden**0.5).to(device=device, dtype=dtype)
+    b0 = torch.zeros(args.v, device=device, dtype=dtype)
+    T = args.T
+
+    def make(variant):
+        def prepare(rows=slice(None)):
+            leaves = [x.detach().requires_grad_(True) for x in (h0[rows], w0, b0)]
+            return leaves, rows
+
+        def run(inputs):
+            (h, w, bias), rows = inputs
+            i, z, e, lab = ids[rows], tz[rows], lse[rows] if args.tail else None, labels[rows]
+            if variant == "fused":
+                parts = K.fused_linear_distillation_losses(
+                    h, w, bias, i, z, T, None, e, lab, weights=(0.5, 0.5), chunk_rows=args.head_chunk
+                )
+                parts.total.backward()
+                return h.grad
+            if variant == "naive":
+                kl, ce = _naive_logit_losses(torch, h @ w.t() + bias, i, z, e, lab, T, args.tail)
+            else:
+                kl, ce = K.distillation_logit_losses(h @ w.t() + bias, i, z, T, None, e, lab)
+            (0.5 * kl + 0.5 * ce).backward()
+            return h.grad
+
+        return prepare, run
+
+    return make
+
+
+def _cosine_step(torch, K, args, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    s0 = torch.randn(args.n, args.hidden, generator=g).to(device=device, dtype=dtype)
+    t0 = torch.randn(args.n, args.hidden, generator=g).to(device=device, dtype=dtype)
+    ones = torch.ones(args.n, device=device)
+
+    def make(variant):
+        def prepare(rows=slice(None)):
+            return s0[rows].detach().requires_grad_(True), rows
+
+        def run(inputs):
+            s, rows = inputs
+            if variant == "naive":
+                loss = torch.nn.CosineEmbeddingLoss()(s.float(), t0[rows].float(), ones[rows])
+            else:
+                loss = K.cosine_loss(s, t0[rows])
+            loss.backward()
+            return s.grad
+
+        return prepare, run
+
+    return make, 3 * args.n * args.hidden * s0.element_size()  # read s and t, write the gradient
+
+
 def _build(torch, K, args, kernel: str, variants: list[str]):
-    """{variant: step(rows) -> gradient}, and the floor bytes (0 where no bandwidth figure applies)."""
+    """{variant: (prepare, run)} and the floor bytes (0 where no bandwidth figure applies)."""
     device = torch.device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
-    T = args.T
     if kernel in ("logits", "head"):
-        s0, ids, tz, lse, labels = _make_inputs(torch, args.n, args.v, args.k, dtype, device, T)
+        s0, ids, tz, lse, labels = _make_inputs(
+            torch, args.n, args.v, args.k, dtype, device, args.T, args.width
+        )
     if kernel == "logits":
-
-        def make(variant):
-            def step(rows=slice(None)):
-                s = s0[rows].detach().requires_grad_(True)
-                i, z, e, lab = ids[rows], tz[rows], lse[rows], labels[rows]
-                if variant == "naive":
-                    kl, ce = _naive_logit_losses(torch, s, i, z, e, lab, T, args.tail)
-                else:
-                    kl, ce = K.distillation_logit_losses(s, i, z, T, None, e if args.tail else None, lab)
-                (0.5 * kl + 0.5 * ce).backward()
-                return s.grad
-
-            return step
-
+        make = _logit_step(torch, K, args, s0, ids, tz, lse, labels)
         floor = 2 * args.n * args.v * s0.element_size()  # read the logits once + write their gradient once
     elif kernel == "head":
         del s0
-        g = torch.Generator().manual_seed(1)
-        h0 = torch.randn(args.n, args.hidden, generator=g).to(device=device, dtype=dtype)
-        w0 = (torch.randn(args.v, args.hidden, generator=g) / args.hidden**0.5).to(device=device, dtype=dtype)
-        b0 = torch.zeros(args.v, device=device, dtype=dtype)
-
-        def make(variant):
-            def step(rows=slice(None)):
-                h = h0[rows].detach().requires_grad_(True)
-                w = w0.detach().requires_grad_(True)
-                bias = b0.detach().requires_grad_(True)
-                i, z, e, lab = ids[rows], tz[rows], lse[rows], labels[rows]
-                if variant == "fused":
-                    kl, ce = K.fused_linear_distillation_losses(
-                        h, w, bias, i, z, T, None, e if args.tail else None, lab, chunk_rows=args.head_chunk
-                    )
-                elif variant == "naive":
-                    kl, ce = _naive_logit_losses(torch, h @ w.t() + bias, i, z, e, lab, T, args.tail)
-                else:
-                    kl, ce = K.distillation_logit_losses(
-                        h @ w.t() + bias, i, z, T, None, e if args.tail else None, lab
-                    )
-                (0.5 * kl + 0.5 * ce).backward()
-                return h.grad
-
-            return step
-
-        floor = 0  # matmul-bound: no bandwidth figure
+        make, floor = _head_step(torch, K, args, ids, tz, lse, labels, dtype, device), 0  # matmul-bound
     else:
-        g = torch.Generator().manual_seed(0)
-        s0 = torch.randn(args.n, args.hidden, generator=g).to(device=device, dtype=dtype)
-        t0 = torch.randn(args.n, args.hidden, generator=g).to(device=device, dtype=dtype)
-        ones = torch.ones(args.n, device=device)
+        make, floor = _cosine_step(torch, K, args, dtype, device)
 
-        def make(variant):
-            def step(rows=slice(None)):
-                s = s0[rows].detach().requires_grad_(True)
-                if variant == "naive":
-                    loss = torch.nn.CosineEmbeddingLoss()(s.float(), t0[rows].float(), ones[rows])
-                else:
-                    loss = K.cosine_loss(s, t0[rows])
-                loss.backward()
-                return s.grad
+    def with_backend(variant, pair):
+        prepare, run = pair
 
-            return step
-
-        floor = 3 * args.n * args.hidden * s0.element_size()  # read s and t, write the gradient
-
-    def with_backend(variant, step):
-        def run(rows=slice(None)):
+        def run_on_backend(inputs):
             os.environ[K.ENV_VAR] = BACKEND_OF[variant]
-            return step(rows)
+            return run(inputs)
 
-        return run
+        return prepare, run_on_backend
 
     return {v: with_backend(v, make(v)) for v in variants}, floor
 
 
 def _measure(torch, steps: dict, floor: int, args) -> list[dict]:
     out = {v: {"variant": v} for v in steps}
-    for step in steps.values():
-        step(slice(0, 4))  # warm-up: compile, load code paths and thread pools
+    for prepare, run in steps.values():
+        run(prepare(slice(0, 4)))  # warm-up: compile, load code paths and thread pools
     reset, peak = memory_probe(args.device)
-    for v, step in steps.items():  # peak memory, one variant at a time
+    for v, (prepare, run) in steps.items():  # peak memory, one variant at a time
+        inputs = prepare()
         reset()
-        grad = step()
+        grad = run(inputs)
         out[v]["peak_mb"] = peak() / 2**20
         out[v]["finite"] = bool(torch.isfinite(grad).all())
-        del grad
+        del grad, inputs
     times = {v: [] for v in steps}
     for _ in range(args.repeats):  # interleaved timing
-        for v, step in steps.items():
-            times[v].append(timed(step, args.device))
+        for v, (prepare, run) in steps.items():
+            inputs = prepare()
+            times[v].append(timed(lambda run=run, inputs=inputs: run(inputs), args.device))
+            del inputs
     for v in steps:
         ts = sorted(times[v])
         out[v]["ms"] = 1e3 * ts[len(ts) // 2]
@@ -197,12 +253,12 @@ def _copy_bandwidth(torch, args) -> float:
 def _table(title: str, rows: list[dict], copy_gbps: float | None) -> str:
     naive = next((r for r in rows if r["variant"] == "naive"), None)
     header = ["variant", "fwd+bwd ms", "GB/s (floor bytes)", "peak extra MiB"]
-    header += ["time / naive", "memory / naive"]
+    header += ["speed-up vs naive", "memory / naive"]
     if copy_gbps:
         header.append("% of copy BW")
     cells = []
     for r in rows:
-        tr = f"{r['ms'] / naive['ms']:.2f}x" if naive else "-"
+        tr = f"{naive['ms'] / r['ms']:.2f}x" if naive else "-"
         mr = f"{r['peak_mb'] / naive['peak_mb']:.2f}x" if naive and naive["peak_mb"] > 0 else "-"
         bw = f"{r['gbps']:.3g}" if r["gbps"] else "-"
         row = [r["variant"], f"{r['ms']:.1f}", bw, f"{r['peak_mb']:.0f}", tr, mr]
@@ -218,6 +274,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=512, help="rows (tokens)")
     ap.add_argument("--v", type=int, default=30522, help="vocabulary size")
+    ap.add_argument("--width", type=int, default=None, help="logits' columns (> --v: a padded vocabulary)")
     ap.add_argument("--k", type=int, default=32, help="teacher top-k")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--device", default="cpu")
@@ -246,10 +303,10 @@ def main(argv=None) -> None:
     threads = args.threads if args.threads is not None else (0 if cuda else 1)
     if threads:
         torch.set_num_threads(threads)
-    variants = ["naive", "reference"] + (["triton"] if cuda else [])
+    variants = ["naive", "reference", "reference-inplace"] + (["triton", "triton-inplace"] if cuda else [])
     copy_gbps = _copy_bandwidth(torch, args) if cuda else None
     print(
-        f"# device={args.device} n={args.n} V={args.v} k={args.k} dtype={args.dtype} T={args.T} "
+        f"# device={args.device} n={args.n} V={args.v} width={args.width or args.v} k={args.k} dtype={args.dtype} T={args.T} "
         f"tail={args.tail} hidden={args.hidden} repeats={args.repeats} threads={torch.get_num_threads()}"
     )
     if copy_gbps:
@@ -257,13 +314,14 @@ def main(argv=None) -> None:
     floor_kb = 2 * args.v * {"fp32": 4, "bf16": 2, "fp16": 2}[args.dtype] / 1000
     print(f"# floor traffic: {floor_kb:.0f} KB/token (logits read once + gradient written once)\n")
 
+    plain = [v for v in variants if not v.endswith("-inplace")]
     tables = [
-        ("logits", variants, "distillation_logit_losses (KL at T + CE at 1), forward + backward"),
-        ("cosine", variants, f"cosine_loss [n={args.n}, H={args.hidden}], forward + backward"),
+        ("logits", variants, "KL at T + CE at 1, forward + backward"),
+        ("cosine", plain, f"cosine_loss [n={args.n}, H={args.hidden}], forward + backward"),
     ]
     if not args.skip_head:
         title = f"LM head [n={args.n}, H={args.hidden}, V={args.v}] + KL + CE, fused chunk={args.head_chunk or 'default'}, fwd + bwd"
-        tables.append(("head", variants + ["fused"], title))
+        tables.append(("head", plain + ["fused"], title))
     for kernel, vs, title in tables:
         steps, floor = _build(torch, K, args, kernel, vs)
         rows = _measure(torch, steps, floor, args)

@@ -54,10 +54,11 @@ class OnlineDistill(nn.Module):
             t = self.teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
         s = self.student(input_ids=ids, attention_mask=attn, output_hidden_states=True)
         mask = attn.bool()
-        s_sel, t_sel = s.logits[mask], t.logits[mask]  # [n, V] over every non-pad token
+        logits = s.logits[..., : t.logits.shape[-1]]  # the student's vocabulary is padded to a multiple of 64
+        s_sel, t_sel = logits[mask], t.logits[mask]  # [n, V] over every non-pad token
         T = self.T
         kl = F.kl_div(F.log_softmax(s_sel / T, -1), F.softmax(t_sel / T, -1), reduction="batchmean") * T * T
-        mlm = F.cross_entropy(s.logits.reshape(-1, s.logits.shape[-1]), batch["labels"].reshape(-1))
+        mlm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1))
         hs, ht = s.hidden_states[-1][mask], t.hidden_states[-1][mask]
         cos = F.cosine_embedding_loss(hs, ht, hs.new_ones(hs.shape[0]))
         return self.a[0] * kl + self.a[1] * mlm + self.a[2] * cos
@@ -88,6 +89,12 @@ def parse_args() -> argparse.Namespace:
         "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA"
     )
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument(
+        "--teacher-dir",
+        default=None,
+        help="a saved BertForMaskedLM + tokenizer to use as the teacher (default: MiniLM-L6-H384); the "
+        "student is `distil`, half its layers",
+    )
     return ap.parse_args()
 
 
@@ -107,8 +114,9 @@ def build_store(tmp: Path, teacher_dir: Path, args, device: torch.device, bf16: 
     return store_url, pre
 
 
-def step_seconds(teacher_dir: Path, batch: dict, repeats: int, bf16: bool) -> tuple[float, float, int]:
-    """Median seconds of the offline and the online step on `batch`, and the student's vocabulary size."""
+def step_seconds(teacher_dir: Path, batch: dict, repeats: int, bf16: bool) -> tuple[float, float, int, str]:
+    """Median seconds of the offline and the online step on `batch`, the student's vocabulary size and a
+    description of the teacher and student."""
     import deepspeed
 
     from offline_kd.loss import LossConfig
@@ -120,10 +128,16 @@ def step_seconds(teacher_dir: Path, batch: dict, repeats: int, bf16: bool) -> tu
         return deepspeed.initialize(model=module, model_parameters=params, config=ds_config(bf16))[0]
 
     loss_cfg = LossConfig(alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, kl_tail=True)
-    student_a = build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0).model
+    bundle_a = build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0)
     student_b = build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0).model
-    offline = engine_for(DistillModule(student_a, loss_cfg))
-    online = engine_for(OnlineDistill(student_b, load_teacher(str(teacher_dir))))
+    offline = engine_for(DistillModule(bundle_a.model, loss_cfg, vocab_size=bundle_a.true_vocab_size))
+    teacher = load_teacher(str(teacher_dir))
+    online = engine_for(OnlineDistill(student_b, teacher))
+    tc = teacher.config
+    desc = (
+        f"teacher {tc.num_hidden_layers} layers x {tc.hidden_size}, student distil "
+        f"{bundle_a.model.config.n_layers} layers"
+    )
 
     def offline_step():
         loss, _ = offline(batch)
@@ -137,7 +151,7 @@ def step_seconds(teacher_dir: Path, batch: dict, repeats: int, bf16: bool) -> tu
 
     device = batch["input_ids"].device
     med = interleaved_medians({"offline": offline_step, "online": online_step}, repeats, device)
-    return med["offline"], med["online"], student_a.config.vocab_size
+    return med["offline"], med["online"], bundle_a.true_vocab_size, desc
 
 
 def reader_tps(store_url: str, batch: int, workers: int) -> float:
@@ -161,14 +175,14 @@ def main() -> None:
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     tmp = Path(tempfile.mkdtemp(prefix="kd-train-step-"))
-    teacher_dir = minilm_teacher(tmp / "teacher")
+    teacher_dir = Path(args.teacher_dir) if args.teacher_dir else minilm_teacher(tmp / "teacher")
     store_url, pre = build_store(tmp, teacher_dir, args, device, bf16)
 
     reader = StoreReader(ReaderConfig(url=store_url, micro_batch_size=args.batch, temperature=2.0))
     batch = {k: v.to(device) for k, v in next(iter(reader.epoch_batches(0))).items()}
     batch["hidden"] = batch["hidden"].to(torch.bfloat16 if bf16 else torch.float32)
     tokens = int(batch["attention_mask"].sum())
-    off_s, on_s, V = step_seconds(teacher_dir, batch, args.repeats, bf16)
+    off_s, on_s, V, desc = step_seconds(teacher_dir, batch, args.repeats, bf16)
 
     r0 = reader_tps(store_url, args.batch, 0)
     rw = reader_tps(store_url, args.batch, args.workers) if args.workers else float("nan")
@@ -185,7 +199,7 @@ def main() -> None:
     print(
         f"\nTraining step ({device.type}, {torch.get_num_threads()} threads, {'bf16' if bf16 else 'fp32'}, "
         f"DeepSpeed ZeRO 0; micro-batch {args.batch}x{args.seq_len} = {tokens} real tokens, vocab {V}; "
-        f"teacher MiniLM-L6-H384, student distil 3 layers, top-k 64)\n"
+        f"{desc}, top-k 64)\n"
     )
     print(markdown_table(("measurement", "value", "ratio"), rows))
     if device.type == "cuda":
