@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/offline_kd/torch_extensions
 export HF_HUB_DISABLE_TELEMETRY = 1
 DEMO_OUT ?= runs/demo
 
-.PHONY: install test demo bench fidelity lint format clean
+.PHONY: install test demo bench fidelity gpu-check lint format clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
@@ -31,6 +31,13 @@ bench: install
 # Offline vs online KD with a real teacher (~45 min on 2 CPU cores; --quick for a few minutes).
 fidelity: install
 	$(PY) benchmarks/fidelity.py
+
+# On a CUDA host (after `make install`), in under 9 minutes: the CUDA tests, the kernel, teacher-pass and
+# training-step benchmarks and an end-to-end run; writes runs/gpu-check/gpu-check-DATE.md. Without a GPU it
+# says so and exits 0.
+GPU_CHECK_OUT ?= runs/gpu-check
+gpu-check:
+	$(PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
 
 lint:
 	$(PY) -m ruff check .
