@@ -180,6 +180,34 @@ def test_kl_ce_full_vocab(backend, monkeypatch, dtype, k, T, tail, ids_dtype):
     run_and_compare(student, ids, tz, T, mask, lse if tail else None, labels, w_kl=1.9, w_ce=0.4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_padded_full_vocab_rows_match_the_dense_formulas(backend, monkeypatch, dtype):
+    """Rows padded to 30,528 (16-byte aligned: the kernels take their vector-wide layout) with
+    vocab_size = 30,522, both entry points, against the dense formulas on the unpadded logits."""
+    V, W, N, k, T = 30522, 30528, 4, 16, 2.0
+    monkeypatch.setattr(reference, "CHUNK_ELEMS", 3 * W)
+    student, ids, tz, lse, mask, labels = make_case(N, V, k, dtype, T, seed=17)
+    wide = torch.full((N, W), 30.0, dtype=dtype)
+    wide[:, :V] = student
+    sf = student.float().requires_grad_(True)
+    kl_d, ce_d = dense_losses(sf, ids, tz, T, mask, lse, labels)
+    (g_d,) = torch.autograd.grad(1.5 * kl_d + 0.5 * ce_d, sf)
+    leaf = wide.clone().requires_grad_(True)
+    kl, ce = K.distillation_logit_losses(leaf, ids, tz, T, mask, lse, labels, vocab_size=V)
+    (g,) = torch.autograd.grad(1.5 * kl + 0.5 * ce, leaf)
+    leaf2 = wide.clone().requires_grad_(True)
+    parts = K.distillation_losses(
+        leaf2 * 1, ids, tz, T, mask, lse, labels, (1.5, 0.5), vocab_size=V, in_place=True
+    )
+    (g2,) = torch.autograd.grad(parts.total, leaf2)
+    lrtol, grtol, gatol = TOL[dtype]
+    for x, y, grad in ((kl, ce, g), (parts.kl, parts.mlm, g2)):
+        torch.testing.assert_close(x.detach(), kl_d.detach(), rtol=lrtol, atol=1e-5)
+        torch.testing.assert_close(y.detach(), ce_d.detach(), rtol=lrtol, atol=1e-5)
+        torch.testing.assert_close(grad[:, :V].float(), g_d, rtol=grtol, atol=gatol * float(g_d.abs().max()))
+        assert (grad[:, V:] == 0).all()
+
+
 # ----------------------------------------------------------------------------------- upstream gradients
 def test_upstream_gradients_are_separate(backend):
     V, N, k, T = 300, 6, 8, 2.0
