@@ -150,6 +150,8 @@ def make_student(teacher: Path, random_init: bool, seed: int):
         "distil", teacher_path=str(teacher), vocab_size=0, max_positions=0, init_layers="0,2,4"
     )
     model = bundle.model
+    # the heads below index the vocabulary directly: drop the padding rows the trainer's kernels want
+    model.resize_token_embeddings(bundle.true_vocab_size)
     if random_init:
         torch.manual_seed(seed)
         model = DistilBertForMaskedLM(model.config)
