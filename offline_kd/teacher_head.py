@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .store import HEAD_GROUP, SignalStore, StoreCorruptionError, StoreError
 from .teacher import TeacherError
 
-GROUP = "teacher_head"
+GROUP = HEAD_GROUP
 ATTR_KEY = "offline_kd_head"
 HEAD_FORMAT_VERSION = 1
 ROLES = (
@@ -235,7 +236,11 @@ def _probe(model: nn.Module, spec: HeadSpec) -> None:
             f"{type(model).__name__}: the head gives logits of shape {tuple(got.shape)}, the teacher "
             f"{tuple(want.shape)}; it cannot be stored for exact KL"
         )
-    diff = float((got - want).abs().max())
+    both = torch.isfinite(got) & torch.isfinite(want)  # a NaN teacher is precompute's error, not the head's
+    same_nonfinite = bool((torch.isfinite(got) == torch.isfinite(want)).all())
+    diff = float((got - want)[both].abs().max()) if bool(both.any()) else 0.0
+    if not same_nonfinite:
+        diff = float("nan")
     if not diff <= PROBE_RTOL * max(1.0, float(want.abs().max())):
         raise TeacherError(
             f"{type(model).__name__}: its MLM head applied to the last hidden state does not reproduce "
@@ -277,8 +282,6 @@ def _sha256(a: np.ndarray) -> str:
 
 def _head_group(obj):
     """(the ``teacher_head`` zarr group, the store meta or None, a name for messages)."""
-    from .store import SignalStore, StoreError
-
     if isinstance(obj, str):
         obj = SignalStore.open(obj)
     if isinstance(obj, SignalStore):
@@ -301,8 +304,6 @@ def load_head(
     """Rebuild the stored head (a store URL, a :class:`~offline_kd.store.SignalStore`, its root zarr
     group or its ``teacher_head`` group) from its arrays. Checked against the store's vocabulary and
     hidden sizes when the store is known; no gradients, eval mode."""
-    from .store import StoreCorruptionError, StoreError
-
     hg, meta, where = _head_group(store_or_group)
     info = hg.attrs.asdict().get(ATTR_KEY)
     if not info or info.get("format_version") != HEAD_FORMAT_VERSION:
@@ -359,6 +360,8 @@ def resolve_head(
     teacher: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> MLMHead:
     """The head of ``store`` (a :class:`~offline_kd.store.SignalStore`): the stored one, else the
     one of ``teacher`` after checking its weights hash against the store's provenance."""
@@ -366,6 +369,92 @@ def resolve_head(
         return load_head(store, device=device, dtype=dtype)
     if teacher is None:
         _head_group(store)  # raises the "no stored head, pass --teacher" error
-    head = head_from_teacher(teacher, str(store.meta.teacher.get("weights_sha256")))
+    head = head_from_teacher(
+        teacher,
+        str(store.meta.teacher.get("weights_sha256")),
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
     check_head_fits(head, store.meta.vocab_size, store.meta.hidden_size, repr(store.url))
     return head.to(device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- reproduction check
+# Precompute refuses a head whose logits, from the hidden states as stored, are further from the
+# teacher's own than this (first batch, real positions; docs/store-format.md, "teacher_head").
+CHECK_MAX_KL = 0.05  # mean KL(teacher || recovered) at T = 1, nats
+CHECK_MIN_TOP1 = 0.9  # fraction of positions whose arg-max agrees
+CHECK_POSITIONS = 4096  # real positions of the first batch compared (bounds the check's cost)
+CHECK_TOPK = 64  # k of the top-k agreement when the store keeps no top-k
+
+
+def compare_logits(reference: torch.Tensor, recovered: torch.Tensor, k: int, chunk: int = 512) -> dict:
+    """How far ``recovered [N, V]`` logits are from ``reference [N, V]``: ``max_abs_logit_diff``,
+    ``top1_agreement``, ``topk_agreement`` (mean overlap of the two top-``k`` sets / k),
+    ``kl_t1_mean`` / ``kl_t1_max`` (KL(reference ‖ recovered) at T = 1), ``positions``, ``k``."""
+    n = reference.shape[0]
+    k = min(k, reference.shape[-1])
+    maxdiff, top1, topk, kl_sum, kl_max = 0.0, 0, 0.0, 0.0, 0.0
+    for a in range(0, n, chunk):
+        ref = reference[a : a + chunk].float()
+        rec = recovered[a : a + chunk].float().to(ref.device)
+        maxdiff = max(maxdiff, float((ref - rec).abs().max()))
+        top1 += int((ref.argmax(-1) == rec.argmax(-1)).sum())
+        ri, ci = ref.topk(k, dim=-1).indices, rec.topk(k, dim=-1).indices
+        topk += float((ri.unsqueeze(-1) == ci.unsqueeze(-2)).any(-1).float().sum()) / k
+        lp, lq = ref.log_softmax(-1), rec.log_softmax(-1)
+        kl = (lp.exp() * (lp - lq)).sum(-1)
+        kl_sum, kl_max = kl_sum + float(kl.sum()), max(kl_max, float(kl.max()))
+    return {
+        "positions": int(n),
+        "k": int(k),
+        "max_abs_logit_diff": maxdiff,
+        "top1_agreement": top1 / max(n, 1),
+        "topk_agreement": topk / max(n, 1),
+        "kl_t1_mean": kl_sum / max(n, 1),
+        "kl_t1_max": kl_max,
+    }
+
+
+@torch.no_grad()
+def reproduction_check(
+    model: nn.Module,
+    head: MLMHead,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    hidden_dtype: str,
+    k: int,
+) -> dict:
+    """The teacher's own logits on a batch against its head (fp32) applied to the batch's last
+    hidden state rounded to ``hidden_dtype``, over at most :data:`CHECK_POSITIONS` real positions.
+    Raises :class:`TeacherError` beyond :data:`CHECK_MAX_KL` / :data:`CHECK_MIN_TOP1`."""
+    from .hidden_dtype import as_stored
+
+    device = next(model.parameters()).device
+    ids, am = (
+        input_ids.to(device=device, dtype=torch.long),
+        attention_mask.to(device=device, dtype=torch.long),
+    )
+    out = model(input_ids=ids, attention_mask=am, output_hidden_states=True, return_dict=True)
+    real = am.bool()
+    finite = torch.isfinite(out.logits).all(dim=-1) | ~real
+    if not bool(finite.all()):
+        row = int((~finite).any(dim=1).nonzero()[0, 0])
+        pos = int((~finite[row]).nonzero()[0, 0])
+        raise TeacherError(f"teacher produced NaN/inf logits for sequence {row} at position {pos}")
+    want = out.logits[real][:CHECK_POSITIONS]
+    hidden = as_stored(out.hidden_states[-1][real][:CHECK_POSITIONS].float(), hidden_dtype)
+    head = head.to(device)
+    got = torch.cat([head(hidden[a : a + 512]) for a in range(0, hidden.shape[0], 512)])
+    figures = compare_logits(want, got, k)
+    figures.update(teacher_dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
+    figures.update(
+        hidden_dtype=hidden_dtype, tolerance={"kl_t1_mean": CHECK_MAX_KL, "top1_agreement": CHECK_MIN_TOP1}
+    )
+    if not (figures["kl_t1_mean"] <= CHECK_MAX_KL and figures["top1_agreement"] >= CHECK_MIN_TOP1):
+        raise TeacherError(
+            f"{type(model).__name__}: its head on the {hidden_dtype} hidden states does not reproduce the "
+            f"teacher's logits (first batch: mean KL {figures['kl_t1_mean']:.3g} > {CHECK_MAX_KL} or top-1 "
+            f"agreement {figures['top1_agreement']:.3f} < {CHECK_MIN_TOP1}); precompute with --no-store-head"
+        )
+    return figures
