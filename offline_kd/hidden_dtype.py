@@ -27,11 +27,19 @@ def _check_name(name: str) -> None:
         raise ValueError(f"hidden dtype must be one of {sorted(TORCH_DTYPES)}, got {name!r}")
 
 
-def out_of_range_rows(hidden: torch.Tensor, name: str) -> torch.Tensor:
-    """Bool ``[B]``: rows of ``hidden [B, L, H]`` with a value the dtype cannot hold (float8 only)."""
+def range_error(hidden: torch.Tensor, name: str, seq_offset: int = 0) -> str | None:
+    """Why ``hidden [B, L, H]`` cannot be stored as ``name`` (a value beyond float8's range, naming
+    the sequence ``seq_offset`` + row), or None."""
     if name != "float8_e4m3fn":
-        return torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-    return (hidden.abs() > FLOAT8_MAX).flatten(1).any(dim=1)
+        return None
+    bad = (hidden.abs() > FLOAT8_MAX).flatten(1).any(dim=1)
+    if not bool(bad.any()):
+        return None
+    row = int(bad.nonzero()[0, 0])
+    return (
+        f"the teacher's hidden state for sequence {seq_offset + row} reaches {float(hidden[row].abs().max()):.4g}, "
+        f"beyond {name}'s range of ±{FLOAT8_MAX:g}; use --hidden-dtype bfloat16"
+    )
 
 
 def encode(hidden: torch.Tensor, name: str) -> np.ndarray:

@@ -265,12 +265,8 @@ def compute_signals(
         sig.lse = lse.masked_fill(~m, 0.0).cpu().numpy().astype(np.float32, copy=False)
     if hidden:
         h = out.hidden_states[-1].float().masked_fill(~m, 0.0)
-        bad = hd.out_of_range_rows(h, hidden_dtype)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise TeacherError(
-                f"the teacher's hidden state for sequence {seq_offset + row} reaches "
-                f"{float(h[row].abs().max()):.4g}, beyond {hidden_dtype}'s range; use --hidden-dtype bfloat16"
-            )
+        err = hd.range_error(h, hidden_dtype, seq_offset)
+        if err:
+            raise TeacherError(err)
         sig.hidden = hd.encode(h, hidden_dtype)
     return sig

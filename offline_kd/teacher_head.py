@@ -428,7 +428,7 @@ def reproduction_check(
     """The teacher's own logits on a batch against its head (fp32) applied to the batch's last
     hidden state rounded to ``hidden_dtype``, over at most :data:`CHECK_POSITIONS` real positions.
     Raises :class:`TeacherError` beyond :data:`CHECK_MAX_KL` / :data:`CHECK_MIN_TOP1`."""
-    from .hidden_dtype import as_stored
+    from .hidden_dtype import as_stored, range_error
 
     device = next(model.parameters()).device
     ids, am = (
@@ -442,6 +442,9 @@ def reproduction_check(
         row = int((~finite).any(dim=1).nonzero()[0, 0])
         pos = int((~finite[row]).nonzero()[0, 0])
         raise TeacherError(f"teacher produced NaN/inf logits for sequence {row} at position {pos}")
+    err = range_error(out.hidden_states[-1].float().masked_fill(~real[..., None], 0.0), hidden_dtype)
+    if err:
+        raise TeacherError(err)
     want = out.logits[real][:CHECK_POSITIONS]
     hidden = as_stored(out.hidden_states[-1][real][:CHECK_POSITIONS].float(), hidden_dtype)
     head = head.to(device)
