@@ -82,7 +82,12 @@ def exact_check(
     m = s.meta
     errors: list[str] = []
     tot = {"sequences": len(seqs), "positions": 0, "top1": 0, "topk": 0.0}
-    worst = {"max_logit_error": 0.0, "max_lse_error": 0.0}
+    worst = {
+        "max_logit_error": 0.0,
+        "max_lse_error": 0.0,
+        "worst_relative_error": 0.0,
+        "worst_sequence_kl": 0.0,
+    }
     kl_sum = {float(T): 0.0 for T in m.temperatures}
     fields = ["lengths", "hidden", "topk_ids", "topk_logits", "lse"]
     for i in seqs:
@@ -93,11 +98,12 @@ def exact_check(
         tot["positions"] += f["positions"]
         tot["top1"] += f["top1"]
         tot["topk"] += f["topk"]
+        err = max(f["max_logit_error"], f["max_lse_error"]) / f["scale"]
+        f.update(worst_relative_error=err, worst_sequence_kl=max(f["kl"].values(), default=0.0))
         for key in worst:
             worst[key] = max(worst[key], f[key])
         for T, v in f["kl"].items():
             kl_sum[T] += v * f["positions"]
-        err = max(f["max_logit_error"], f["max_lse_error"]) / f["scale"]
         bad_kl = {T: v for T, v in f["kl"].items() if not v <= max_kl}
         if bad_kl or not err <= MAX_LOGIT_ERROR:
             T, v = max(f["kl"].items(), key=lambda kv: kv[1])

@@ -249,3 +249,18 @@ def test_verify_exact_needs_hidden_states(tmp_path, tiny_teacher, tiny_corpus):
     r = CliRunner().invoke(main, ["verify", str(out), "--exact"])
     assert r.exit_code == 1 and "Error:" in r.output and "no hidden states" in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_hidden_dtypes_agree_and_the_size_estimate_follows_them():
+    from offline_kd.hidden_dtype import TORCH_DTYPES
+    from offline_kd.settings import HIDDEN_DTYPES
+    from offline_kd.store import HIDDEN_STORAGE, estimate_bytes_per_token
+
+    assert set(HIDDEN_DTYPES) == set(HIDDEN_STORAGE) == set(TORCH_DTYPES)
+    V, H = 30522, 768
+    fp16 = estimate_bytes_per_token(0, 1, 0, H, V, "float16")
+    assert fp16 == estimate_bytes_per_token(0, 1, 0, H, V, "bfloat16")
+    assert fp16 - estimate_bytes_per_token(0, 1, 0, H, V, "float8_e4m3fn") == H
+    # --top-k 0: ids, masks and hidden states only; top-k 64 adds ids, logits and the lse
+    assert fp16 == 2 + 2 + 1 + 2 * H
+    assert estimate_bytes_per_token(64, 1, 2, H, V) - fp16 == 64 * (2 + 4) + 2 * 4
