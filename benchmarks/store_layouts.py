@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import write_corpus_head
 
-ROOT = Path(__file__).resolve().parents[1]
 LAYOUTS = (
     ("top-k", dict(top_k=64, hidden=False)),
     ("top-k + hidden", dict(top_k=64, hidden=True)),
@@ -45,11 +45,12 @@ LAYOUTS = (
 )
 
 
-def build_teacher(kind: str, corpus: Path, tmp: Path) -> tuple[str, str]:
+def build_teacher(kind: str, corpus: Path | None, tmp: Path) -> tuple[str, str]:
     if kind == "minilm":
+        from offline_kd.demo import sample_corpus
         from offline_kd.minilm import MiniLMFitConfig, fit_minilm_teacher
 
-        cfg = MiniLMFitConfig(corpus=[str(corpus)], head_steps=20, steps=60, batch_size=16)
+        cfg = MiniLMFitConfig(corpus=[str(corpus or sample_corpus())], head_steps=20, steps=60, batch_size=16)
         return str(
             fit_minilm_teacher(cfg, log=lambda m: print(m, file=sys.stderr))
         ), "MiniLM-L6-H384, fitted head"
@@ -111,7 +112,7 @@ def _topk_uniform_tail(d: dict, n: int, T: float, m, V: int) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="minilm", help="minilm | bert-base-random | a masked-LM directory")
-    ap.add_argument("--corpus", default=str(ROOT / "offline_kd" / "data" / "sample_corpus.txt"))
+    ap.add_argument("--corpus", default=None, help="one document a line (default: the embedded sample)")
     ap.add_argument("--documents", type=int, default=100, help="first N documents of the corpus")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--dtype", default="float32", help="teacher compute dtype (float32, bfloat16)")
@@ -131,10 +132,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
-        corpus = tmp / "corpus.txt"
-        lines = Path(args.corpus).read_text(encoding="utf-8").splitlines()[: args.documents]
-        corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        teacher_dir, desc = build_teacher(args.teacher, Path(args.corpus), tmp)
+        corpus = write_corpus_head(tmp / "corpus.txt", args.documents, args.corpus)
+        teacher_dir, desc = build_teacher(args.teacher, args.corpus, tmp)
         teacher = load_teacher(teacher_dir, device="cpu", dtype=args.dtype).model
         rows = []
         for name, layout in (layout for layout in LAYOUTS if layout[0] in wanted):
