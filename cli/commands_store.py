@@ -63,7 +63,15 @@ def inspect_cmd(store, as_json):
 @click.command("verify")
 @click.argument("store")
 @click.option("--teacher", default=None, help="Rerun this teacher on sampled sequences and compare.")
-@click.option("--sample", default=8, show_default=True, type=int, help="Sequences to rerun with --teacher.")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help="Recompute the logits of the sampled sequences from the stored hidden states through the stored "
+    "head (or --teacher's, for a store without one) and compare them with the stored top-k and lse.",
+)
+@click.option(
+    "--sample", default=8, show_default=True, type=int, help="Sequences to rerun with --teacher / --exact."
+)
 @click.option("--device", default=None)
 @click.option(
     "--dtype",
@@ -73,16 +81,24 @@ def inspect_cmd(store, as_json):
 )
 @click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max abs difference allowed.")
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(store, teacher, sample, device, dtype, tolerance, as_json):
+def verify_cmd(store, teacher, exact, sample, device, dtype, tolerance, as_json):
     """Decode every chunk (crc32c), check ranges and completeness; exit 1 naming what is bad."""
     from offline_kd.store import StoreError
+    from offline_kd.teacher import TeacherError
     from offline_kd.verify import verify_store
+    from offline_kd.verify_exact import format_exact
 
     try:
         rep = verify_store(
-            store, teacher=teacher, sample=sample, device=device, dtype=dtype, tolerance=tolerance
+            store,
+            teacher=teacher,
+            sample=sample,
+            device=device,
+            dtype=dtype,
+            tolerance=tolerance,
+            exact=exact,
         )
-    except StoreError as e:
+    except (StoreError, TeacherError) as e:
         raise click.ClickException(str(e)) from e
     if as_json:
         click.echo(json.dumps(rep.as_dict(), indent=2))
@@ -93,6 +109,8 @@ def verify_cmd(store, teacher, sample, device, dtype, tolerance, as_json):
         if rep.teacher_max_abs_diff is not None:
             diffs = ", ".join(f"{k} {v:.3g}" for k, v in rep.teacher_max_abs_diff.items())
             click.echo(f"teacher rerun on {len(rep.sampled_sequences)} sequence(s): max abs diff {diffs}")
+        if rep.exact is not None:
+            click.echo(format_exact(rep.exact))
         for n in rep.notes:
             click.echo(f"note: {n}")
         for e in rep.errors:

@@ -22,6 +22,8 @@ from .masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha25
 from .settings import PrecomputeConfig
 from .store import (
     ATTR_KEY,
+    HEAD_GROUP,
+    HIDDEN_STORAGE,
     SignalStore,
     StoreError,
     StoreMeta,
@@ -32,7 +34,8 @@ from .store import (
     num_shards_for,
     shard_range,
 )
-from .teacher import Teacher, compute_signals, load_teacher
+from .teacher import Teacher, TeacherError, compute_signals, load_teacher
+from .teacher_head import CHECK_TOPK, reproduction_check, save_head
 
 # Seconds to sleep after each (shard, view) write, before the commit; only for crash tests.
 _DELAY = float(os.environ.get("OFFLINE_KD_PRECOMPUTE_DELAY", "0") or 0)
@@ -72,7 +75,8 @@ def _chunk_size(cfg: PrecomputeConfig) -> int:
         c = cfg.chunk_size
     else:
         # ~2 MB of topk_logits per chunk at L=512, K=64: 16 sequences; never more than a shard.
-        c = max(1, min(cfg.shard_size, (2 << 20) // max(1, cfg.max_length * cfg.top_k * 4)))
+        # Without top-k (--top-k 0) the same rows as at K = 64: 12 MiB hidden chunks at H = 768.
+        c = max(1, min(cfg.shard_size, (2 << 20) // max(1, cfg.max_length * (cfg.top_k or 64) * 4)))
         while cfg.shard_size % c:
             c -= 1
     if cfg.shard_size % c:
@@ -95,7 +99,8 @@ def build_meta(
         max_length=cfg.max_length,
         top_k=cfg.top_k,
         views=cfg.views,
-        temperatures=[float(t) for t in cfg.temperatures],
+        # No log-sum-exps without top-k: the exact KL source needs no stored temperature.
+        temperatures=[float(t) for t in cfg.temperatures] if cfg.top_k > 0 else [],
         hidden=bool(cfg.hidden),
         hidden_size=teacher.hidden_size,
         vocab_size=teacher.vocab_size,
@@ -109,9 +114,11 @@ def build_meta(
         shard_sequences=cfg.shard_size,
         chunk_sequences=_chunk_size(cfg),
         num_shards=num_shards_for(num_sequences, cfg.shard_size),
-        dtypes=dtypes_for(teacher.vocab_size),
+        dtypes=dtypes_for(teacher.vocab_size, cfg.hidden_dtype),
         compression={"codec": "zstd", "level": 1, "checksum": "crc32c"},
         package_version=__version__,
+        hidden_dtype=cfg.hidden_dtype,
+        teacher_head={"group": HEAD_GROUP, "class": teacher.head.class_name} if _wants_head(cfg) else {},
     )
 
 
@@ -143,6 +150,8 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     teacher = _load_checked_teacher(cfg)
     prep = _prepare(cfg, teacher, rank)
     S = len(prep.packed)
+    if _wants_head(cfg) and rank == 0:
+        prep.meta.teacher_head["check"] = _check_head(cfg, prep)
     if cfg.dry_run:
         est = _check_disk_space(cfg, prep.meta, S)
         return PrecomputeResult(
@@ -152,7 +161,10 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
 
     # Rank 0 creates (or reopens for resume) the store; the others wait for its attributes.
     if rank == 0:
-        store = SignalStore.create(cfg.output, prep.meta, cfg.storage_options, overwrite=cfg.overwrite)
+        write_head = (lambda g: save_head(g, teacher.head)) if _wants_head(cfg) else None
+        store = SignalStore.create(
+            cfg.output, prep.meta, cfg.storage_options, overwrite=cfg.overwrite, write_head=write_head
+        )
     else:
         store = _wait_for_store(cfg, prep.meta, rank)
     meta = store.meta
@@ -170,20 +182,34 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
 
 def _check_settings(cfg: PrecomputeConfig, world: int) -> None:
     """Refuse bad settings before loading anything."""
-    if cfg.top_k < 1:
-        raise ValueError("top_k must be >= 1")
+    if cfg.top_k < 0:
+        raise ValueError("top_k must be >= 0")
+    if cfg.top_k == 0 and not _wants_head(cfg):
+        raise ValueError(
+            "--top-k 0 stores no top-k signals: the store is for the exact KL source, which needs "
+            "--hidden and --store-head"
+        )
+    if cfg.hidden_dtype not in HIDDEN_STORAGE:
+        raise ValueError(f"hidden_dtype must be one of {sorted(HIDDEN_STORAGE)}, got {cfg.hidden_dtype!r}")
     if cfg.views < 1:
         raise ValueError("views must be >= 1")
-    if not cfg.temperatures or any(t <= 0 for t in cfg.temperatures):
+    if cfg.top_k > 0 and (not cfg.temperatures or any(t <= 0 for t in cfg.temperatures)):
         raise ValueError(f"temperatures must be positive, got {cfg.temperatures}")
     if cfg.overwrite and world > 1:
         raise StoreError("--overwrite with several ranks is racy: delete the store first, then run all ranks")
 
 
 def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
-    """The teacher, refused if ``top_k`` or ``max_length`` do not fit it."""
+    """The teacher (with its MLM head when the store keeps one), refused if ``top_k`` or
+    ``max_length`` do not fit it or its head cannot be stored."""
     device = local_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, cfg.revision, device, cfg.dtype, cfg.trust_remote_code)
+    teacher = load_teacher(
+        cfg.teacher, cfg.revision, device, cfg.dtype, cfg.trust_remote_code, head=_wants_head(cfg)
+    )
+    if _wants_head(cfg) and teacher.head is None:
+        raise TeacherError(
+            f"{teacher.head_error} (precompute with --no-store-head for a top-k store without it)"
+        )
     if cfg.top_k > teacher.vocab_size:
         raise ValueError(f"top_k {cfg.top_k} exceeds the vocabulary size {teacher.vocab_size}")
     if cfg.max_length > int(getattr(teacher.model.config, "max_position_embeddings", cfg.max_length)):
@@ -226,6 +252,31 @@ def _prepare(cfg: PrecomputeConfig, teacher: Teacher, rank: int) -> _Prepared:
     return _Prepared(teacher, packed, masking, weights, meta)
 
 
+def _wants_head(cfg: PrecomputeConfig) -> bool:
+    """The store keeps the teacher's head: with the hidden states it is the exact KL source."""
+    return bool(cfg.hidden and cfg.store_head)
+
+
+def _check_head(cfg: PrecomputeConfig, prep: _Prepared) -> dict:
+    """Figures of the head on the first batch's stored hidden states against the teacher's logits
+    (refused beyond the tolerance of :func:`offline_kd.teacher_head.reproduction_check`)."""
+    teacher = prep.teacher
+    n = min(cfg.batch_size, len(prep.packed))
+    rows = prep.packed.with_format("numpy")[0:n]
+    ids = np.asarray(rows["input_ids"], dtype=np.int64)
+    lengths = np.asarray(rows["length"], dtype=np.int64)
+    tok = teacher.tokenizer_info()
+    masked, _ = mask_batch(
+        ids, lengths, prep.masking, tok["special_ids"], len(teacher.tokenizer), tok["mask_token_id"],
+        cfg.seed, range(n), 0, prep.weights,
+    )  # fmt: skip
+    attn = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
+    return reproduction_check(
+        teacher.model, teacher.head.module, torch.from_numpy(masked), torch.from_numpy(attn),
+        cfg.hidden_dtype, cfg.top_k or CHECK_TOPK,
+    )  # fmt: skip
+
+
 def _check_disk_space(cfg: PrecomputeConfig, meta: StoreMeta, num_sequences: int) -> int:
     """Estimated uncompressed store bytes; refuse a local output without that much free space."""
     bpt = estimate_bytes_per_token(
@@ -234,6 +285,7 @@ def _check_disk_space(cfg: PrecomputeConfig, meta: StoreMeta, num_sequences: int
         len(meta.temperatures),
         meta.hidden_size if meta.hidden else None,
         meta.vocab_size,
+        meta.hidden_dtype,
     )
     est = int(bpt * num_sequences * meta.max_length)
     if _is_local(cfg.output):
@@ -356,7 +408,7 @@ def _run_view(
         e = min(s + cfg.batch_size, n)
         sig = compute_signals(
             teacher.model, torch.from_numpy(masked[s:e]), torch.from_numpy(attn[s:e]),
-            meta.top_k, meta.temperatures, meta.hidden, seq_offset=offset + s,
+            meta.top_k, meta.temperatures, meta.hidden, seq_offset=offset + s, hidden_dtype=meta.hidden_dtype,
         )  # fmt: skip
         for spec in from_teacher:
             out[spec.name][s:e] = getattr(sig, spec.name)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .hidden_dtype import to_batch as hidden_to_batch
 from .store import StoreMeta, array_specs, open_store, temperature_index
 
 
@@ -133,6 +134,7 @@ class StoreBatches(IterableDataset):
         self.num_sequences = int(meta.num_sequences)
         self.chunk = int(meta.chunk_sequences)
         self.pad_id = int(getattr(meta, "pad_token_id", 0) or 0)
+        self.hidden_dtype = str(getattr(meta, "hidden_dtype", "float16"))
         self.t_index = None
         if cfg.temperature is not None:
             try:
@@ -217,16 +219,19 @@ class StoreBatches(IterableDataset):
             "attention_mask": (torch.arange(L)[None, :] < torch.from_numpy(lengths)[:, None]).long(),
             "mlm_mask": mlm_mask,
             "labels": torch.where(mlm_mask, input_ids, torch.full_like(input_ids, -100)),
-            "topk_ids": torch.from_numpy(d["topk_ids"][:, :L].astype(np.int64)),
-            "topk_logits": torch.from_numpy(np.ascontiguousarray(d["topk_logits"][:, :L], dtype=np.float32)),
             "rows": torch.from_numpy(rows.astype(np.int64)),
         }
+        if "topk_ids" in d:  # absent in a --top-k 0 store
+            out["topk_ids"] = torch.from_numpy(d["topk_ids"][:, :L].astype(np.int64))
+            out["topk_logits"] = torch.from_numpy(
+                np.ascontiguousarray(d["topk_logits"][:, :L], dtype=np.float32)
+            )
         if self.t_index is not None:
             out["lse"] = torch.from_numpy(
                 np.ascontiguousarray(d["lse"][:, :L, self.t_index], dtype=np.float32)
             )
         if "hidden" in d:
-            out["hidden"] = torch.from_numpy(np.ascontiguousarray(d["hidden"][:, :L]))
+            out["hidden"] = hidden_to_batch(d["hidden"][:, :L], self.hidden_dtype)
         return out
 
     def load_group(self, g0: int, g1: int) -> list[dict[str, torch.Tensor]]:
@@ -259,6 +264,11 @@ class StoreReader:
         if cfg.hidden and not self.meta.hidden:
             raise ValueError(
                 "the store has no hidden states (precompute with --hidden) but the cosine loss needs them"
+            )
+        if cfg.temperature is not None and self.meta.top_k == 0:
+            raise ValueError(
+                "the store has no top-k signals or log-sum-exps (precomputed with --top-k 0): "
+                "train with --kl-source exact"
             )
         self.per_rank = int(self.meta.num_sequences) // world_size
         self.micro_per_epoch = self.per_rank // cfg.micro_batch_size

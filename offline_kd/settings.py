@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from offline_kd.config import setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+HIDDEN_DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
 
 
 @dataclass
@@ -25,12 +26,16 @@ class PrecomputeConfig:
     output: str = setting(help="Store path or fsspec URL (e.g. s3://bucket/store.zarr).")
     text_field: str | None = setting(None, "Field holding the text in jsonl/parquet (default: text).")
     max_length: int = setting(512, "Tokens per packed sequence.")
-    top_k: int = setting(64, "Teacher logits kept per token.")
+    top_k: int = setting(64, "Teacher logits kept per token (0: none, a store for the exact KL source only).")
     temperatures: list[float] = setting(
         factory=lambda: [1.0, 2.0], help="Comma-separated temperatures to store the log-sum-exp at."
     )
     views: int = setting(1, "Independently masked views per sequence.")
     hidden: bool = setting(True, "Store the last hidden state.")
+    hidden_dtype: str = setting(
+        "float16", "Stored dtype of the hidden states (docs/store-format.md).", choices=HIDDEN_DTYPES
+    )
+    store_head: bool = setting(True, "Store the teacher's MLM head with the hidden states (exact KL source).")
     mask_smoothing: float | None = setting(None, "Rarity smoothing exponent (DistilBERT: 0.7).")
     mlm_probability: float = setting(0.15, "Fraction of tokens masked.", cli=False)
     seed: int = setting(0, "Packing and masking seed.")

@@ -13,10 +13,18 @@ import zarr
 import zarr.codecs as zc
 
 FORMAT = "offline_kd.signal_store"
-FORMAT_VERSION = 1
+# 2: the teacher's MLM head in `teacher_head/`, --top-k 0 (no top-k arrays), hidden_dtype.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ATTR_KEY = "offline_kd"
-# Keys that may differ between runs writing the same store (not settings).
-IGNORED_KEYS = ("package_version", "corpus.sources", "corpus.holdout.file", "teacher.name_or_path")
+HEAD_GROUP = "teacher_head"
+# Keys that may differ between runs writing the same store (not settings; the head check is a
+# measurement of the first batch, which a resumed run or another rank does not redo).
+IGNORED_KEYS = (
+    "package_version", "corpus.sources", "corpus.holdout.file", "teacher.name_or_path", "teacher_head.check",
+)  # fmt: skip
+# Stored dtype of `hidden` for each --hidden-dtype: numpy has no bfloat16 or float8, so their bits.
+HIDDEN_STORAGE = {"float16": "float16", "bfloat16": "uint16", "float8_e4m3fn": "uint8"}
 # Two temperatures are the same when they differ by less than this: stored ones round-trip through
 # JSON exactly, the slack only absorbs round-off in a value parsed or computed elsewhere.
 TEMPERATURE_TOLERANCE = 1e-6
@@ -58,6 +66,8 @@ class StoreMeta:
     num_shards: int
     dtypes: dict
     compression: dict = field(default_factory=dict)
+    hidden_dtype: str = "float16"  # what `hidden` holds (see HIDDEN_STORAGE); version 1: float16
+    teacher_head: dict = field(default_factory=dict)  # {} when the store has no `teacher_head/`
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     package_version: str = ""
@@ -74,6 +84,17 @@ class StoreMeta:
     def id_dtype(self) -> str:
         return self.dtypes["ids"]
 
+    @property
+    def has_head(self) -> bool:
+        return bool(self.teacher_head)
+
+    def kl_sources(self) -> list[str]:
+        """The KL sources training can use with this store alone: ``topk`` (top-k + lse) and
+        ``exact`` (stored hidden states through the stored head)."""
+        return [
+            name for name, ok in (("topk", self.top_k > 0), ("exact", self.hidden and self.has_head)) if ok
+        ]
+
 
 def id_dtype_for(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65535 else "int32"
@@ -87,12 +108,14 @@ class SignalSettings(Protocol):
     temperatures: Sequence[float]
     hidden: bool
     hidden_size: int
+    hidden_dtype: str
 
     @property
     def id_dtype(self) -> str: ...
 
 
 IDS = "ids"  # dtype of token-id arrays: uint16 up to 65,535 vocabulary entries, int32 beyond
+HIDDEN = "hidden"  # dtype of the hidden states: HIDDEN_STORAGE[meta.hidden_dtype]
 COMMITTED_DTYPE = "uint8"
 
 
@@ -104,12 +127,20 @@ def _always(m: SignalSettings) -> bool:
     return True
 
 
+def _has_topk(m: SignalSettings) -> bool:
+    return m.top_k > 0
+
+
+_NO_TOPK = "precomputed with --top-k 0: the exact KL source only"
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     """One array of the store.
 
     Shape: ``[V,]`` if ``per_view``, then the sequence axis ``S``, then ``L`` if
-    ``per_position``, then ``trailing(meta)``. ``dtype`` is a numpy dtype name or :data:`IDS`.
+    ``per_position``, then ``trailing(meta)``. ``dtype`` is a numpy dtype name, :data:`IDS` or
+    :data:`HIDDEN`.
     ``source`` says what fills it: ``"corpus"`` (packed inputs), ``"masking"`` (the masked view)
     or ``"teacher"`` (an attribute of the same name of :class:`offline_kd.teacher.Signals`).
     An array for which ``present(meta)`` is false is not created, written or read.
@@ -125,6 +156,8 @@ class ArraySpec:
     absent_because: str = ""
 
     def dtype_for(self, m: SignalSettings) -> str:
+        if self.dtype == HIDDEN:
+            return HIDDEN_STORAGE[m.hidden_dtype]
         return m.id_dtype if self.dtype == IDS else self.dtype
 
     def row_shape(self, m: SignalSettings, max_length: int) -> tuple[int, ...]:
@@ -156,18 +189,18 @@ SCHEMA: tuple[ArraySpec, ...] = (
     ArraySpec("mlm_mask", per_view=True, per_position=True, dtype="bool", source="masking"),
     ArraySpec(
         "topk_ids", per_view=True, per_position=True, dtype=IDS, source="teacher",
-        trailing=lambda m: (m.top_k,),
+        trailing=lambda m: (m.top_k,), present=_has_topk, absent_because=_NO_TOPK,
     ),
     ArraySpec(
         "topk_logits", per_view=True, per_position=True, dtype="float32", source="teacher",
-        trailing=lambda m: (m.top_k,),
+        trailing=lambda m: (m.top_k,), present=_has_topk, absent_because=_NO_TOPK,
     ),
     ArraySpec(
         "lse", per_view=True, per_position=True, dtype="float32", source="teacher",
-        trailing=lambda m: (len(m.temperatures),),
+        trailing=lambda m: (len(m.temperatures),), present=_has_topk, absent_because=_NO_TOPK,
     ),
     ArraySpec(
-        "hidden", per_view=True, per_position=True, dtype="float16", source="teacher",
+        "hidden", per_view=True, per_position=True, dtype=HIDDEN, source="teacher",
         trailing=lambda m: (m.hidden_size,), present=lambda m: bool(m.hidden),
         absent_because="precomputed without --hidden",
     ),
@@ -181,12 +214,15 @@ def array_specs(m: SignalSettings, *, per_view: bool | None = None) -> list[Arra
     return [s for s in SCHEMA if s.present(m) and (per_view is None or s.per_view == per_view)]
 
 
-def dtypes_for(vocab_size: int) -> dict[str, str]:
-    """The ``dtypes`` attribute: each array's dtype, token-id arrays under one ``"ids"`` key."""
+def dtypes_for(vocab_size: int, hidden_dtype: str = "float16") -> dict[str, str]:
+    """The ``dtypes`` attribute: each array's stored dtype, token-id arrays under one ``"ids"`` key."""
     out = {}
     for spec in SCHEMA:
         key = IDS if spec.dtype == IDS else spec.name
-        out.setdefault(key, id_dtype_for(vocab_size) if spec.dtype == IDS else spec.dtype)
+        dtype = {IDS: id_dtype_for(vocab_size), HIDDEN: HIDDEN_STORAGE[hidden_dtype]}.get(
+            spec.dtype, spec.dtype
+        )
+        out.setdefault(key, dtype)
     out["committed"] = COMMITTED_DTYPE
     return out
 
@@ -287,10 +323,10 @@ class SignalStore:
         if ATTR_KEY not in attrs:
             raise StoreError(f"{url!r} is not a finished signal store (no {ATTR_KEY!r} attributes)")
         d = attrs[ATTR_KEY]
-        if d.get("format") != FORMAT or d.get("format_version") != FORMAT_VERSION:
+        if d.get("format") != FORMAT or d.get("format_version") not in READABLE_VERSIONS:
             raise StoreError(
                 f"{url!r}: unsupported format {d.get('format')!r} version {d.get('format_version')!r} "
-                f"(this reader handles {FORMAT!r} version {FORMAT_VERSION})"
+                f"(this reader handles {FORMAT!r} versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
         return cls(g, StoreMeta.from_dict(d), str(url))
 
@@ -301,12 +337,14 @@ class SignalStore:
         meta: StoreMeta,
         storage_options: dict | None = None,
         overwrite: bool = False,
+        write_head: Callable[[zarr.Group], None] | None = None,
     ) -> SignalStore:
         """Create the store, or open an existing one made with identical settings (resume).
 
-        Arrays are created first and the root attributes written last, so a store whose
-        attributes exist has all its arrays. A store with different settings is refused with
-        :class:`StoreMismatchError` listing the differing keys, unless ``overwrite``.
+        Arrays (and the teacher head, which ``write_head(group)`` writes) come first and the root
+        attributes last, so a store whose attributes exist has all its arrays. A store with
+        different settings is refused with :class:`StoreMismatchError` listing the differing
+        keys, unless ``overwrite``.
         """
         if not meta.compression:
             meta.compression = {"codec": "zstd", "level": 1, "checksum": "crc32c"}
@@ -317,6 +355,8 @@ class SignalStore:
                 return existing
         g = _open_group(url, "w", storage_options)
         _create_arrays(g, meta)
+        if write_head is not None:
+            write_head(g)
         g.attrs[ATTR_KEY] = want
         return cls(g, StoreMeta.from_dict(want), str(url))
 
@@ -340,7 +380,7 @@ class SignalStore:
             return cls(g, StoreMeta.from_dict(have), str(url))
         # No attributes: a creation that crashed (attributes come last) may be redone;
         # anything else is not ours to delete.
-        ours = set(ARRAY_NAMES) | {"committed"}
+        ours = set(ARRAY_NAMES) | {"committed", HEAD_GROUP}
         if g.attrs.asdict() or not set(g.keys()) <= ours:
             raise StoreError(f"{url!r} exists but is not a signal store; pass overwrite to replace it")
         return None
@@ -446,12 +486,18 @@ class SignalStore:
 
     # ------------------------------------------------------------------ sizes
     def nbytes_stored(self) -> int:
-        """Bytes on disk of all arrays (via the store's listing)."""
+        """Bytes on disk of all signal arrays and the commit record (not the teacher head)."""
         total = 0
         for name in list(self.fields) + ["committed"]:
             arr = self.array(name)
             total += int(arr.nbytes_stored())
         return total
+
+    def head_nbytes_stored(self) -> int:
+        """Bytes on disk of the teacher head's arrays (0 without one): a fixed cost, not per token."""
+        if HEAD_GROUP not in self.group:
+            return 0
+        return sum(int(a.nbytes_stored()) for _, a in self.group[HEAD_GROUP].arrays())
 
 
 def open_store(url: str, storage_options: dict | None = None) -> SignalStore:
@@ -474,22 +520,30 @@ class _EstimateSettings:
     temperatures: tuple[float, ...]
     hidden: bool
     hidden_size: int
+    hidden_dtype: str
     id_dtype: str
 
 
 def estimate_bytes_per_token(
-    top_k: int, views: int, n_temperatures: int, hidden_size: int | None, vocab_size: int
+    top_k: int,
+    views: int,
+    n_temperatures: int,
+    hidden_size: int | None,
+    vocab_size: int,
+    hidden_dtype: str = "float16",
 ) -> int:
     """Uncompressed bytes per stored token position (an upper bound for the dry run).
 
     Counts every array with a position axis (``lengths`` and ``committed`` are per sequence
-    and per shard, negligible); ``hidden_size`` None or 0 means no hidden states.
+    and per shard, negligible; so is the teacher head, a fixed size); ``hidden_size`` None or 0
+    means no hidden states.
     """
     settings = _EstimateSettings(
         top_k=top_k,
         temperatures=(1.0,) * n_temperatures,
         hidden=bool(hidden_size),
         hidden_size=hidden_size or 0,
+        hidden_dtype=hidden_dtype,
         id_dtype=id_dtype_for(vocab_size),
     )
     total = 0

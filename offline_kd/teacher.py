@@ -39,6 +39,8 @@ class Teacher:
     device: torch.device
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
+    head: object | None = None  # offline_kd.teacher_head.HeadSpec, fp32 (load_teacher(head=True))
+    head_error: str | None = None  # why the head could not be extracted
 
     @property
     def hidden_size(self) -> int:
@@ -134,8 +136,12 @@ def load_teacher(
     device: str | torch.device | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    head: bool = False,
 ) -> Teacher:
-    """Load a masked-LM teacher and its fast tokenizer; refuse a checkpoint without an MLM head."""
+    """Load a masked-LM teacher and its fast tokenizer; refuse a checkpoint without an MLM head.
+
+    ``head``: also extract the MLM head (``Teacher.head``, from the fp32 weights before the model
+    is cast to ``dtype``), or say why it cannot be (``Teacher.head_error``)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     if device is None:
@@ -171,7 +177,16 @@ def load_teacher(
         for pat in WEIGHT_PATTERNS:
             weight_files.extend(directory.glob(pat))
     wsha = _sha256_files(weight_files) if weight_files else state_dict_sha256(model)
-    model.eval().to(device=device, dtype=torch_dtype)
+    model.eval()
+    head_spec, head_error = None, None
+    if head:
+        from .teacher_head import extract_head
+
+        try:
+            head_spec = extract_head(model)
+        except TeacherError as e:
+            head_error = str(e)
+    model.to(device=device, dtype=torch_dtype)
     vocab_size = int(model.config.vocab_size)
     if len(tok) > vocab_size:
         raise TeacherError(f"tokenizer has {len(tok)} tokens but the model only {vocab_size} logits")
@@ -186,15 +201,17 @@ def load_teacher(
         device=device,
         dtype=torch_dtype,
         info={"weight_files": sorted(p.name for p in weight_files)},
+        head=head_spec,
+        head_error=head_error,
     )
 
 
 @dataclass
 class Signals:
-    topk_ids: np.ndarray  # [B, L, K] int64
-    topk_logits: np.ndarray  # [B, L, K] float32
-    lse: np.ndarray  # [B, L, nT] float32
-    hidden: np.ndarray | None  # [B, L, H] float16
+    topk_ids: np.ndarray | None  # [B, L, K] int64 (None when top_k is 0)
+    topk_logits: np.ndarray | None  # [B, L, K] float32
+    lse: np.ndarray | None  # [B, L, nT] float32
+    hidden: np.ndarray | None  # [B, L, H] in its stored form (offline_kd.hidden_dtype.encode)
 
 
 @torch.inference_mode()
@@ -206,12 +223,17 @@ def compute_signals(
     temperatures: Sequence[float],
     hidden: bool,
     seq_offset: int = 0,
+    hidden_dtype: str = "float16",
 ) -> Signals:
-    """Top-k raw logits (descending) and ids, full-vocab logsumexp(z/T) per T, last hidden state.
+    """Top-k raw logits (descending) and ids, full-vocab logsumexp(z/T) per T, last hidden state
+    (encoded as ``hidden_dtype``; see :mod:`offline_kd.hidden_dtype`). ``top_k`` 0: no top-k, no lse.
 
     Values at padding positions (attention_mask == 0) are zero. A non-finite logit at a real
-    position raises :class:`TeacherError` naming the sequence (``seq_offset`` + row).
+    position, or a hidden value beyond ``hidden_dtype``'s range, raises :class:`TeacherError`
+    naming the sequence (``seq_offset`` + row).
     """
+    from . import hidden_dtype as hd
+
     device = next(model.parameters()).device
     ids = torch.as_tensor(
         np.asarray(input_ids, dtype=np.int64) if not torch.is_tensor(input_ids) else input_ids
@@ -230,22 +252,21 @@ def compute_signals(
         raise TeacherError(
             f"teacher produced NaN/inf logits for sequence {seq_offset + row} at position {pos}"
         )
-    vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)
-    lse = torch.stack(
-        [torch.logsumexp(logits if float(t) == 1.0 else logits / float(t), dim=-1) for t in temperatures],
-        dim=-1,
-    )
     m = real.unsqueeze(-1)
-    vals = vals.masked_fill(~m, 0.0)
-    idx = idx.masked_fill(~m, 0)
-    lse = lse.masked_fill(~m, 0.0)
-    hid = None
+    sig = Signals(topk_ids=None, topk_logits=None, lse=None, hidden=None)
+    if top_k > 0:
+        vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)
+        lse = torch.stack(
+            [torch.logsumexp(logits if float(t) == 1.0 else logits / float(t), dim=-1) for t in temperatures],
+            dim=-1,
+        )
+        sig.topk_ids = idx.masked_fill(~m, 0).cpu().numpy()
+        sig.topk_logits = vals.masked_fill(~m, 0.0).cpu().numpy().astype(np.float32, copy=False)
+        sig.lse = lse.masked_fill(~m, 0.0).cpu().numpy().astype(np.float32, copy=False)
     if hidden:
         h = out.hidden_states[-1].float().masked_fill(~m, 0.0)
-        hid = h.to(torch.float16).cpu().numpy()
-    return Signals(
-        topk_ids=idx.cpu().numpy(),
-        topk_logits=vals.cpu().numpy().astype(np.float32, copy=False),
-        lse=lse.cpu().numpy().astype(np.float32, copy=False),
-        hidden=hid,
-    )
+        err = hd.range_error(h, hidden_dtype, seq_offset)
+        if err:
+            raise TeacherError(err)
+        sig.hidden = hd.encode(h, hidden_dtype)
+    return sig

@@ -152,9 +152,14 @@ def test_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_te
         m.cls.predictions.bias[7] = float("nan")
     m.save_pretrained(d)
     AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(d)
+    # With the head stored, its check on the first batch finds the NaN before the store exists.
     out = tmp_path / "nan.zarr"
     with pytest.raises(TeacherError, match=r"NaN/inf logits for sequence 0 at position 0"):
         run_tiny_precompute(d, tiny_corpus, out)
+    assert not out.exists()
+    # Without it, the teacher pass finds it and commits nothing.
+    with pytest.raises(TeacherError, match=r"NaN/inf logits for sequence 0 at position 0"):
+        run_tiny_precompute(d, tiny_corpus, out, store_head=False)
     s = SignalStore.open(str(out))
     assert not s.committed().any()
     # compute_signals names the global sequence index

@@ -50,7 +50,7 @@ def test_arrays_follow_the_schema_table(tiny_store):
     s = SignalStore.open(str(tiny_store))
     m = s.meta
     g = zarr.open_group(str(tiny_store), mode="r")
-    assert sorted(g.keys()) == sorted(ARRAY_NAMES + ("committed",))
+    assert sorted(g.keys()) == sorted(ARRAY_NAMES + ("committed", "teacher_head"))
     for spec in array_specs(m):
         shape, chunks, shards = spec.layout(m)
         arr = g[spec.name]
