@@ -18,6 +18,7 @@ import torch
 from . import __version__
 from .corpus import corpus_fingerprint, prepare_corpus, token_counts
 from .distributed import local_device, rank_and_world
+from .inputs import check_precompute
 from .masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
 from .settings import PrecomputeConfig
 from .store import (
@@ -139,8 +140,10 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     """Run the teacher over the corpus and write (or resume) the signal store. See docs/resume.md."""
     t0 = time.monotonic()
     rank, world = rank_and_world(cfg.rank, cfg.world_size)
-    _check_settings(cfg, world)
-    teacher = _load_checked_teacher(cfg)
+    check_precompute(cfg, world)  # every input, before the teacher loads or the corpus is read
+    teacher = load_teacher(
+        cfg.teacher, cfg.revision, local_device(cfg.device), cfg.dtype, cfg.trust_remote_code
+    )
     prep = _prepare(cfg, teacher, rank)
     S = len(prep.packed)
     if cfg.dry_run:
@@ -166,32 +169,6 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
         cfg.output, S, meta.num_shards, written, skipped, complete, time.monotonic() - t0,
         tokens_done, meta=meta.as_dict(), loop_seconds=loop_seconds,
     )  # fmt: skip
-
-
-def _check_settings(cfg: PrecomputeConfig, world: int) -> None:
-    """Refuse bad settings before loading anything."""
-    if cfg.top_k < 1:
-        raise ValueError("top_k must be >= 1")
-    if cfg.views < 1:
-        raise ValueError("views must be >= 1")
-    if not cfg.temperatures or any(t <= 0 for t in cfg.temperatures):
-        raise ValueError(f"temperatures must be positive, got {cfg.temperatures}")
-    if cfg.overwrite and world > 1:
-        raise StoreError("--overwrite with several ranks is racy: delete the store first, then run all ranks")
-
-
-def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
-    """The teacher, refused if ``top_k`` or ``max_length`` do not fit it."""
-    device = local_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, cfg.revision, device, cfg.dtype, cfg.trust_remote_code)
-    if cfg.top_k > teacher.vocab_size:
-        raise ValueError(f"top_k {cfg.top_k} exceeds the vocabulary size {teacher.vocab_size}")
-    if cfg.max_length > int(getattr(teacher.model.config, "max_position_embeddings", cfg.max_length)):
-        raise ValueError(
-            f"max_length {cfg.max_length} exceeds the teacher's max_position_embeddings "
-            f"{teacher.model.config.max_position_embeddings}"
-        )
-    return teacher
 
 
 @dataclass

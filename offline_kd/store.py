@@ -12,6 +12,8 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
+from offline_kd.errors import UsageError
+
 FORMAT = "offline_kd.signal_store"
 FORMAT_VERSION = 1
 ATTR_KEY = "offline_kd"
@@ -22,8 +24,8 @@ IGNORED_KEYS = ("package_version", "corpus.sources", "corpus.holdout.file", "tea
 TEMPERATURE_TOLERANCE = 1e-6
 
 
-class StoreError(RuntimeError):
-    """A store cannot be created, opened or written as asked."""
+class StoreError(UsageError, RuntimeError):
+    """A store cannot be created, opened or written as asked (named in the message)."""
 
 
 class StoreMismatchError(StoreError):

@@ -148,6 +148,12 @@ def verify_store(
 ) -> VerifyReport:
     """Decode every chunk (crc32c), check value ranges and completeness; optionally rerun the teacher."""
     s = SignalStore.open(url, storage_options=storage_options)
+    if teacher is not None:  # refused before the (long) decode of every chunk
+        from .inputs import check_device, check_model_source
+
+        check_device(device)
+        label = f"--teacher {teacher}"
+        check_model_source(teacher, label, revision=revision, trust_remote_code=trust_remote_code)
     m = s.meta
     rep = VerifyReport(url=str(url))
     try:
