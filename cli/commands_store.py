@@ -22,16 +22,9 @@ def _human(n: float) -> str:
 @click_options(PrecomputeConfig)
 def precompute_cmd(**kw):
     """Run the teacher once over a corpus and write a signal store (resumable)."""
-    from offline_kd.corpus import CorpusError
     from offline_kd.precompute import precompute
-    from offline_kd.store import StoreError
-    from offline_kd.teacher import TeacherError
 
-    cfg = from_click_params(PrecomputeConfig, kw)
-    try:
-        res = precompute(cfg)
-    except (CorpusError, StoreError, TeacherError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    res = precompute(from_click_params(PrecomputeConfig, kw))
     if res.dry_run:
         click.echo(
             f"dry run: {res.num_sequences:,} sequences, {res.tokens:,} token positions, "
@@ -50,13 +43,9 @@ def precompute_cmd(**kw):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect_cmd(store, as_json):
     """Summarise a signal store."""
-    from offline_kd.store import StoreError
     from offline_kd.verify import format_summary, inspect_store
 
-    try:
-        info = inspect_store(store)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from e
+    info = inspect_store(store)
     click.echo(json.dumps(info, indent=2) if as_json else format_summary(info))
 
 
@@ -83,23 +72,12 @@ def inspect_cmd(store, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def verify_cmd(store, teacher, exact, sample, device, dtype, tolerance, as_json):
     """Decode every chunk (crc32c), check ranges and completeness; exit 1 naming what is bad."""
-    from offline_kd.store import StoreError
-    from offline_kd.teacher import TeacherError
     from offline_kd.verify import verify_store
     from offline_kd.verify_exact import format_exact
 
-    try:
-        rep = verify_store(
-            store,
-            teacher=teacher,
-            sample=sample,
-            device=device,
-            dtype=dtype,
-            tolerance=tolerance,
-            exact=exact,
-        )
-    except (StoreError, TeacherError) as e:
-        raise click.ClickException(str(e)) from e
+    rep = verify_store(
+        store, teacher=teacher, sample=sample, device=device, dtype=dtype, tolerance=tolerance, exact=exact
+    )
     if as_json:
         click.echo(json.dumps(rep.as_dict(), indent=2))
     else:

@@ -2,8 +2,32 @@
 
 import click
 
+from offline_kd.errors import RunFailed, UsageError, report
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class _CleanError(click.ClickException):
+    """A `UsageError` or `RunFailed` as click shows it: one ``Error: ...`` line (rank 0 only)."""
+
+    def __init__(self, error: UsageError | RunFailed):
+        super().__init__(str(error))
+        self.error = error
+        self.exit_code = error.exit_code
+
+    def show(self, file=None) -> None:
+        report(self.error)
+
+
+class _Group(click.Group):
+    """Every command's user errors end as one ``Error: ...`` line and exit status 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (UsageError, RunFailed) as e:
+            raise _CleanError(e) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="offline-kd")
 def main() -> None:
     """Offline knowledge distillation for BERT-style masked language models."""

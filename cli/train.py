@@ -1,12 +1,15 @@
 """Train a student from a signal store: the script the `deepspeed` / `torchrun` launchers run.
 
-    deepspeed --num_gpus 8 cli/train.py --store STORE --student distil --output runs/s \\
-        --deepspeed_config configs/ds_distilbert.json
-    torchrun --nproc_per_node 2 cli/train.py ...
-    python cli/train.py ...            # one process; a local process group is set up
+    deepspeed --num_gpus 8 --module offline_kd.cli.train --store STORE --student distil \\
+        --output runs/s --deepspeed_config ds_distilbert
+    deepspeed --num_gpus 8 cli/train.py ...          # the same from a checkout
+    torchrun --nproc_per_node 2 -m offline_kd.cli.train ...
+    srun --ntasks-per-node 8 python -m offline_kd.cli.train ...   # rank and world size from SLURM
+    python -m offline_kd.cli.train ...               # one process; a local process group is set up
 
 A thin layer: parse the arguments into `offline_kd.train.TrainConfig` (its options are generated
-from the dataclass's fields by `offline_kd.config`) and call `train`.
+from the dataclass's fields by `offline_kd.config`) and call `train`. A user error prints one
+``Error: ...`` line (rank 0 only) and exits with status 2 (`offline_kd.errors`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     from offline_kd.settings import TrainConfig
 
     p = argparse.ArgumentParser(
-        prog="cli/train.py",
+        prog="offline_kd.cli.train",
         description="Offline distillation of a masked-LM student from a signal store (DeepSpeed).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -41,21 +44,12 @@ def parse_config(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from offline_kd.student import StudentError
-    from offline_kd.train import NonFiniteLossError, train
+    from offline_kd.errors import exit_on_error
 
-    try:
+    with exit_on_error():
+        from offline_kd.train import train
+
         result = train(cfg)
-    except (StudentError, NonFiniteLossError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from offline_kd.store import StoreCorruptionError
-
-        if isinstance(exc, StoreCorruptionError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
     import torch.distributed as dist
 
     if result.final_dir and (not dist.is_initialized() or dist.get_rank() == 0):

@@ -25,13 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from offline_kd.errors import UsageError
+
 TEXT_SUFFIXES = {".txt", ".text", ".md", ""}
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
 
 
-class CorpusError(ValueError):
+class CorpusError(UsageError):
     """Bad corpus input: empty, undecodable, missing or of an unknown kind."""
 
 
@@ -91,6 +93,16 @@ def _source_kind(src: str) -> str:
             f"{src!r} is neither an existing file nor a hub dataset name (NAME or ORG/NAME[:CONFIG])"
         )
     return "hub"
+
+
+def check_sources(sources: str | Sequence[str]) -> None:
+    """Refuse a missing corpus file or a malformed dataset name before anything is read."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    if not sources:
+        raise CorpusError("no corpus sources given")
+    for src in sources:
+        _source_kind(str(src))
 
 
 def _find_bad_utf8(path: str) -> tuple[int, str] | None:

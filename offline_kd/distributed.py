@@ -1,7 +1,8 @@
 """Rank, world size, device and barrier: the process-group facts every stage asks for.
 
 Launchers (``torchrun``, ``deepspeed``) describe the process group through ``RANK``,
-``WORLD_SIZE`` and ``LOCAL_RANK``; without a launcher a run is rank 0 of 1. The teacher pass
+``WORLD_SIZE`` and ``LOCAL_RANK``, SLURM's ``srun`` through ``SLURM_PROCID``, ``SLURM_NTASKS`` and
+``SLURM_LOCALID`` (`offline_kd.launcher`); without a launcher a run is rank 0 of 1. The teacher pass
 (`precompute`) needs no process group, only those numbers; training joins a real group
 (`init_distributed`) because DeepSpeed and the per-micro-batch loss sums need collectives.
 """
@@ -14,6 +15,9 @@ import socket
 import torch
 import torch.distributed as dist
 
+from offline_kd.errors import UsageError
+from offline_kd.launcher import export_slurm_env, launcher_env
+
 
 def free_port() -> int:
     """A TCP port free on this host now (for a one-process group without a launcher)."""
@@ -23,11 +27,12 @@ def free_port() -> int:
 
 
 def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """Explicit values win; else torchrun/deepspeed's RANK and WORLD_SIZE; else (0, 1)."""
-    r = rank if rank is not None else int(os.environ.get("RANK", 0))
-    w = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    """Explicit values win; else the launcher's (torchrun/deepspeed, then SLURM); else (0, 1)."""
+    env = launcher_env()
+    r = rank if rank is not None else env.rank
+    w = world_size if world_size is not None else env.world_size
     if w < 1 or not 0 <= r < w:
-        raise ValueError(f"rank {r} is not in [0, world_size={w})")
+        raise UsageError(f"--rank {r} is not in [0, --world-size {w})")
     return r, w
 
 
@@ -35,6 +40,7 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed; a one-process group when nothing is set."""
     import deepspeed
 
+    export_slurm_env()  # under srun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* from SLURM's variables
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -69,7 +75,7 @@ def local_device(explicit: str | None = None) -> str:
     if explicit:
         return explicit
     if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return f"cuda:{launcher_env().local_rank}"
     return "cpu"
 
 
@@ -80,4 +86,4 @@ def accelerator_device() -> torch.device:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         return torch.device("cpu")
-    return torch.device(accelerator.device_name(int(os.environ.get("LOCAL_RANK", 0))))
+    return torch.device(accelerator.device_name(launcher_env().local_rank))

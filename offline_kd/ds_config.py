@@ -9,22 +9,54 @@ from __future__ import annotations
 
 import copy
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ds_cpu_tiny.json"
+from offline_kd.errors import UsageError
+
+DEFAULT_CONFIG = "ds_cpu_tiny"  # a shipped config (offline_kd.configs, the repository's configs/)
 DEFAULT_LR = 5e-4  # DistilBERT's
+FLAG = "--deepspeed_config"
+
+
+def shipped_configs() -> dict[str, Any]:
+    """The DeepSpeed JSONs installed with the package, by name without ``.json``."""
+    files = resources.files("offline_kd.configs")
+    return {f.name[: -len(".json")]: f for f in files.iterdir() if f.name.endswith(".json")}
+
+
+def _config_text(value: str) -> tuple[str, str]:
+    """(note, JSON text) of a path, or of a shipped config named ``NAME`` or ``NAME.json``."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return "", path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise UsageError(f"{FLAG} {value}: is a directory, not a DeepSpeed JSON file")
+    shipped = shipped_configs()
+    name = value[: -len(".json")] if value.endswith(".json") else value
+    if name in shipped:
+        return f" (the shipped {name}.json)", shipped[name].read_text(encoding="utf-8")
+    raise UsageError(f"{FLAG} {value}: no such file (nor a shipped config: {', '.join(sorted(shipped))})")
 
 
 def load_ds_config(value: str | dict | None) -> dict:
-    """A copy of a DeepSpeed config given as a dict or a JSON path (default: the tiny CPU one)."""
-    if value is None:
-        value = str(DEFAULT_CONFIG)
+    """A copy of a DeepSpeed config: a dict, a JSON path or a shipped config's name (default: ds_cpu_tiny).
+
+    Raises `UsageError` naming the file for a missing file, invalid JSON or a non-object."""
     if isinstance(value, dict):
         return copy.deepcopy(value)
-    return json.loads(Path(value).read_text())
+    value = DEFAULT_CONFIG if value is None else str(value)
+    note, text = _config_text(value)
+    try:
+        ds = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{FLAG} {value}{note}: not valid JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise UsageError(f"{FLAG} {value}{note}: holds a JSON {type(ds).__name__}, not an object")
+    return ds
 
 
 def is_auto(value: Any) -> bool:
@@ -51,7 +83,7 @@ def resolve_ds_config(
     if is_auto(micro):
         tb = ds.get("train_batch_size")
         if is_auto(tb):
-            raise ValueError(
+            raise UsageError(
                 "the DeepSpeed config sets neither train_micro_batch_size_per_gpu nor train_batch_size"
             )
         gas = 1 if is_auto(gas) else int(gas)

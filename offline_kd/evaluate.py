@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from offline_kd.distributed import local_device
+from offline_kd.errors import UsageError
+from offline_kd.inputs import check_eval
 from offline_kd.settings import EvalConfig
 
 
@@ -83,14 +85,15 @@ def masked_eval_batches(cfg: EvalConfig, tokenizer):
 
 @torch.inference_mode()
 def evaluate(cfg: EvalConfig) -> EvalResult:
+    cfg = check_eval(cfg)  # every input, and the default --max-length, before a model loads
     device = torch.device(local_device(cfg.device))
     model, tokenizer = _load(cfg.model, device)
     teacher = None
     if cfg.teacher:
         teacher, teacher_tok = _load(cfg.teacher, device)
         if teacher_tok.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(
-                f"teacher {cfg.teacher} and model {cfg.model} use different vocabularies; "
+            raise UsageError(
+                f"--teacher {cfg.teacher} and --model {cfg.model} use different vocabularies; "
                 "agreement and KL need the same tokenizer"
             )
 

@@ -18,12 +18,12 @@ import torch
 from . import __version__
 from .corpus import corpus_fingerprint, prepare_corpus, token_counts
 from .distributed import local_device, rank_and_world
+from .inputs import check_precompute
 from .masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
 from .settings import PrecomputeConfig
 from .store import (
     ATTR_KEY,
     HEAD_GROUP,
-    HIDDEN_STORAGE,
     SignalStore,
     StoreError,
     StoreMeta,
@@ -146,7 +146,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     """Run the teacher over the corpus and write (or resume) the signal store. See docs/resume.md."""
     t0 = time.monotonic()
     rank, world = rank_and_world(cfg.rank, cfg.world_size)
-    _check_settings(cfg, world)
+    check_precompute(cfg, world)  # every input, before the teacher loads or the corpus is read
     teacher = _load_checked_teacher(cfg)
     prep = _prepare(cfg, teacher, rank)
     S = len(prep.packed)
@@ -180,42 +180,21 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     )  # fmt: skip
 
 
-def _check_settings(cfg: PrecomputeConfig, world: int) -> None:
-    """Refuse bad settings before loading anything."""
-    if cfg.top_k < 0:
-        raise ValueError("top_k must be >= 0")
-    if cfg.top_k == 0 and not _wants_head(cfg):
-        raise ValueError(
-            "--top-k 0 stores no top-k signals: the store is for the exact KL source, which needs "
-            "--hidden and --store-head"
-        )
-    if cfg.hidden_dtype not in HIDDEN_STORAGE:
-        raise ValueError(f"hidden_dtype must be one of {sorted(HIDDEN_STORAGE)}, got {cfg.hidden_dtype!r}")
-    if cfg.views < 1:
-        raise ValueError("views must be >= 1")
-    if cfg.top_k > 0 and (not cfg.temperatures or any(t <= 0 for t in cfg.temperatures)):
-        raise ValueError(f"temperatures must be positive, got {cfg.temperatures}")
-    if cfg.overwrite and world > 1:
-        raise StoreError("--overwrite with several ranks is racy: delete the store first, then run all ranks")
-
-
 def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
-    """The teacher (with its MLM head when the store keeps one), refused if ``top_k`` or
-    ``max_length`` do not fit it or its head cannot be stored."""
-    device = local_device(cfg.device)
+    """The teacher, with its MLM head when the store keeps one (refused if the head cannot be stored).
+
+    Settings, the teacher's config and the corpus were checked before (`inputs.check_precompute`)."""
     teacher = load_teacher(
-        cfg.teacher, cfg.revision, device, cfg.dtype, cfg.trust_remote_code, head=_wants_head(cfg)
+        cfg.teacher,
+        cfg.revision,
+        local_device(cfg.device),
+        cfg.dtype,
+        cfg.trust_remote_code,
+        head=_wants_head(cfg),
     )
     if _wants_head(cfg) and teacher.head is None:
         raise TeacherError(
             f"{teacher.head_error} (precompute with --no-store-head for a top-k store without it)"
-        )
-    if cfg.top_k > teacher.vocab_size:
-        raise ValueError(f"top_k {cfg.top_k} exceeds the vocabulary size {teacher.vocab_size}")
-    if cfg.max_length > int(getattr(teacher.model.config, "max_position_embeddings", cfg.max_length)):
-        raise ValueError(
-            f"max_length {cfg.max_length} exceeds the teacher's max_position_embeddings "
-            f"{teacher.model.config.max_position_embeddings}"
         )
     return teacher
 

@@ -43,9 +43,11 @@ class PrecomputeConfig:
     shard_size: int = setting(256, "Sequences per shard (unit of work).")
     chunk_size: int | None = setting(None, "Sequences per chunk (default: ~2 MB chunks).")
     dtype: str = setting("auto", "Teacher compute dtype.", choices=DTYPES)
-    device: str | None = setting(None, "Default: cuda:$LOCAL_RANK if available, else cpu.")
-    rank: int | None = setting(None, "Default: $RANK or 0.")
-    world_size: int | None = setting(None, "Default: $WORLD_SIZE or 1.")
+    device: str | None = setting(
+        None, "Default: cuda:$LOCAL_RANK (under srun cuda:$SLURM_LOCALID) if available, else cpu."
+    )
+    rank: int | None = setting(None, "Default: $RANK, else $SLURM_PROCID, else 0.")
+    world_size: int | None = setting(None, "Default: $WORLD_SIZE, else $SLURM_NTASKS, else 1.")
     holdout: float = setting(0.0, "Fraction of documents held out.")
     holdout_file: str | None = setting(None, "Write held-out documents here, one per line.")
     overwrite: bool = setting(False, "Replace an existing store made with other settings.")
@@ -94,7 +96,7 @@ class TrainConfig:
     output: str = setting(help="run directory (checkpoints, logs, final/)", group=_IO)
     deepspeed_config: str | dict | None = setting(
         None,
-        "DeepSpeed JSON; none: configs/ds_cpu_tiny.json",
+        "DeepSpeed JSON file, or a shipped config by name (ds_distilbert, ds_cpu_tiny); none: ds_cpu_tiny",
         flags=("--deepspeed_config", "--deepspeed-config"),
         group=_IO,
     )
@@ -143,7 +145,9 @@ class EvalConfig:
     corpus: list[str] = setting(help="Held-out text/jsonl/parquet file(s).")
     teacher: str | None = setting(None, "Also report top-1 agreement and KL(teacher||model) at T=1.")
     text_field: str | None = setting(None, "Field holding the text in jsonl/parquet records.")
-    max_length: int = setting(128, "Tokens per packed sequence.")
+    max_length: int | None = setting(
+        None, "Tokens per packed sequence (default: the model's; a student trained here records its store's)."
+    )
     seed: int = setting(0, "Masking seed.")
     batch_size: int = setting(16, "Sequences per forward pass.")
     max_sequences: int | None = setting(None, "Score only the first N packed sequences.")

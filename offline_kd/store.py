@@ -12,6 +12,8 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
+from offline_kd.errors import UsageError
+
 FORMAT = "offline_kd.signal_store"
 # 2: the teacher's MLM head in `teacher_head/`, --top-k 0 (no top-k arrays), hidden_dtype.
 FORMAT_VERSION = 2
@@ -30,8 +32,8 @@ HIDDEN_STORAGE = {"float16": "float16", "bfloat16": "uint16", "float8_e4m3fn": "
 TEMPERATURE_TOLERANCE = 1e-6
 
 
-class StoreError(RuntimeError):
-    """A store cannot be created, opened or written as asked."""
+class StoreError(UsageError, RuntimeError):
+    """A store cannot be created, opened or written as asked (named in the message)."""
 
 
 class StoreMismatchError(StoreError):

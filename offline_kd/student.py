@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from offline_kd.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 # Rows of the students' embedding and output matrices are padded to a multiple of this (see above).
@@ -56,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _DISTIL_RE = re.compile(r"^distil(?:-(\d+)l)?$")
 
 
-class StudentError(ValueError):
+class StudentError(UsageError):
     """The requested student cannot be trained from this store (raised before step 0)."""
 
 
@@ -87,9 +89,14 @@ def model_hidden_size(config) -> int:
 def parse_init_layers(value: str | list[int] | None) -> list[int] | None:
     if value is None or value == "":
         return None
-    if isinstance(value, str):
-        return [int(x) for x in value.split(",") if x.strip() != ""]
-    return [int(x) for x in value]
+    try:
+        if isinstance(value, str):
+            return [int(x) for x in value.split(",") if x.strip() != ""]
+        return [int(x) for x in value]
+    except ValueError:
+        raise StudentError(
+            f"--init-layers {value!r}: expected comma-separated teacher layer numbers, e.g. 0,2,4"
+        ) from None
 
 
 def default_init_layers(n_teacher: int, n_student: int) -> list[int]:
@@ -361,6 +368,65 @@ def _build_student(
         f"unknown student {spec!r}: use 'distil', 'distil-<n>l', a preset ({', '.join(PRESETS)}), "
         "or a Hugging Face model directory / config.json"
     )
+
+
+def _spec_path_problem(path: Path) -> str | None:
+    """Why a student directory or config file cannot be built from, or None when it can."""
+    if path.is_dir():
+        return None if _is_hf_dir(path) else "not a Hugging Face model directory (no config.json)"
+    if path.suffix != ".json":
+        return "a file that is not a config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"not a readable JSON config ({e})"
+    if not isinstance(config, dict) or "model_type" not in config:
+        return 'a JSON config without "model_type" (e.g. "distilbert")'
+    return None
+
+
+def student_needs_teacher(spec: str, init_from_teacher: bool) -> bool:
+    """Whether building `spec` reads the teacher (its weights, or only its tokenizer)."""
+    path = Path(spec)
+    if _DISTIL_RE.match(spec) or spec in PRESETS or init_from_teacher:
+        return True
+    has_tokenizer = path.is_dir() and (path / "tokenizer_config.json").exists()
+    return path.exists() and not has_tokenizer
+
+
+def check_spec(spec: str, *, init_layers: str | list[int] | None = None, teacher_config=None) -> None:
+    """Refuse a `--student` spec (and `--init-layers`) that cannot be built, before anything loads.
+
+    `teacher_config` (the teacher's transformers config, when the student needs the teacher)
+    bounds the distil student's layer count and ``--init-layers``."""
+    layers = parse_init_layers(init_layers)
+    m = _DISTIL_RE.match(spec)
+    if m is None:
+        if layers is not None:
+            raise StudentError(f"--init-layers applies to the distil students only, not to --student {spec}")
+        path = Path(spec)
+        if spec in PRESETS:
+            return
+        if not path.exists():
+            raise StudentError(
+                f"--student {spec}: unknown; use 'distil', 'distil-<n>l', a preset ({', '.join(PRESETS)}), "
+                "or a Hugging Face model directory / config.json"
+            )
+        problem = _spec_path_problem(path)
+        if problem is not None:
+            raise StudentError(f"--student {spec}: {problem}")
+        return
+    if teacher_config is None:
+        return
+    n_teacher = _teacher_layers(teacher_config)
+    n = int(m.group(1)) if m.group(1) else None
+    if n is not None and not 1 <= n <= n_teacher:
+        raise StudentError(f"--student {spec}: a {n}-layer student from a {n_teacher}-layer teacher")
+    if layers is not None:
+        if n is not None and n != len(layers):
+            raise StudentError(f"--init-layers names {len(layers)} layers but --student {spec} has {n}")
+        if any(i < 0 or i >= n_teacher for i in layers):
+            raise StudentError(f"--init-layers {layers} out of range for a {n_teacher}-layer teacher")
 
 
 def check_compatible(

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from offline_kd.errors import UsageError
+
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.h5", "*.msgpack")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -23,7 +25,7 @@ TOKENIZER_FILES = (
 )
 
 
-class TeacherError(ValueError):
+class TeacherError(UsageError):
     """The teacher cannot be used (no MLM head, bad outputs, unsupported)."""
 
 
@@ -190,10 +192,12 @@ def load_teacher(
     vocab_size = int(model.config.vocab_size)
     if len(tok) > vocab_size:
         raise TeacherError(f"tokenizer has {len(tok)} tokens but the model only {vocab_size} logits")
+    local = Path(name_or_path).expanduser()
     return Teacher(
         model=model,
         tokenizer=tok,
-        name_or_path=str(name_or_path),
+        # A local teacher is recorded by absolute path, so a store is usable from any directory.
+        name_or_path=str(local.resolve()) if local.is_dir() else str(name_or_path),
         revision=revision,
         weights_sha256=wsha,
         tokenizer_sha256=tokenizer_sha256(tok),

@@ -1,7 +1,8 @@
 """Train a student from a signal store with DeepSpeed (the teacher never runs).
 
-``train(TrainConfig)`` reads top to bottom and runs the same on every rank: join the process
-group; refuse a store or student that cannot work (`prepare_run`); resolve the DeepSpeed config
+``train(TrainConfig)`` reads top to bottom and runs the same on every rank: check every input
+(`offline_kd.inputs`); join the process group; build the student and refuse one that does not fit
+the store (`prepare_run`); resolve the DeepSpeed config
 and the reader (`plan_run`); build the engine; resume from the newest *complete* checkpoint
 (`offline_kd.train_state`); loop over epochs (view ``epoch mod views``) and micro-batches; export
 ``DIR/final`` (`offline_kd.export`). Every micro-batch's loss components are summed over ranks,
@@ -22,12 +23,15 @@ from torch import nn
 from offline_kd import checkpoint as ckpt
 from offline_kd.distributed import accelerator_device, init_distributed
 from offline_kd.ds_config import fill_schedule, load_ds_config, param_dtype, resolve_ds_config
+from offline_kd.errors import RunFailed, UsageError
 from offline_kd.export import export_run, write_run_config
+from offline_kd.inputs import check_train
+from offline_kd.launcher import launcher_env
 from offline_kd.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.metrics import MetricsLogger
 from offline_kd.reader import ReaderConfig, StoreReader
 from offline_kd.settings import TrainConfig
-from offline_kd.store import StoreMeta, open_store, temperature_index
+from offline_kd.store import StoreMeta, open_store
 from offline_kd.student import StudentBundle, build_student, check_compatible
 from offline_kd.train_state import Layout, TrainState, resume_state
 
@@ -37,7 +41,7 @@ log = logging.getLogger(__name__)
 TOKENS, SEQUENCES = len(COMPONENTS), len(COMPONENTS) + 1
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFailed):
     """A loss component became NaN or infinite; the run stops without saving."""
 
 
@@ -110,13 +114,8 @@ class DistillModule(nn.Module):
 
 
 def prepare_run(cfg: TrainConfig) -> PreparedRun:
-    """Open the store and build the student; refuse either before step 0 when they do not fit."""
-    store = open_store(cfg.store, cfg.storage_options)
-    meta = store.meta
-    if not store.is_complete():
-        missing = [i for i, c in enumerate(store.committed()) if not c]
-        raise ValueError(f"store {cfg.store} is incomplete: shards {missing[:20]} are not committed")
-    del store
+    """Open the store and build the student; refuse a student that does not fit before step 0."""
+    meta = open_store(cfg.store, cfg.storage_options).meta
     bundle = build_student(
         cfg.student,
         teacher_path=cfg.teacher or (meta.teacher or {}).get("name_or_path"),
@@ -136,15 +135,8 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         need_hidden=need_hidden,
         hidden_projection=cfg.hidden_projection,
     )
-    if cfg.loss.kl_tail:  # the tail-aware KL reads the stored log-sum-exp at T
-        try:
-            temperature_index(meta.temperatures, cfg.loss.temperature)
-        except KeyError:
-            raise ValueError(
-                f"--temperature {cfg.loss.temperature} is not one of the store's temperatures "
-                f"{meta.temperatures}; the tail-aware KL needs the stored log-sum-exp at T (pick a stored T "
-                "or pass --no-kl-tail)"
-            ) from None
+    # The student's tokenizer records the store's sequence length: `kd eval` defaults to it.
+    bundle.tokenizer.model_max_length = int(meta.max_length)
     projection = None
     if need_hidden and bundle.hidden_size != int(meta.hidden_size):
         torch.manual_seed(cfg.seed)
@@ -178,9 +170,10 @@ def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[
     )
     steps_per_epoch = reader.micro_per_epoch // gas
     if steps_per_epoch == 0:
-        raise ValueError(
-            f"one epoch holds {reader.micro_per_epoch} micro-batches per rank, fewer than the "
-            f"{gas} accumulation steps of one optimizer step"
+        raise UsageError(
+            f"--store {cfg.store} is too small for this batch shape: one epoch holds "
+            f"{reader.micro_per_epoch} micro-batches per rank, fewer than the {gas} accumulation steps of "
+            "one optimizer step (lower --micro-batch-size or --gradient-accumulation-steps)"
         )
     planned = cfg.epochs * steps_per_epoch
     total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
@@ -321,6 +314,8 @@ def _lr(engine) -> float:
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    # Every input is checked (the teacher resolved) before the process group, a model or DeepSpeed.
+    cfg = check_train(cfg, launcher_env().world_size)
     # Every rank joins one process group (a local one without a launcher).
     rank, world = init_distributed(cfg.local_rank)
     device, out, is_main = accelerator_device(), Path(cfg.output), rank == 0

@@ -191,6 +191,12 @@ def verify_store(
     teacher (``teacher``) and recompute the logits through the stored head (``exact``) on
     ``sample`` sequences."""
     s = SignalStore.open(url, storage_options=storage_options)
+    if teacher is not None:  # refused before the (long) decode of every chunk
+        from .inputs import check_device, check_model_source
+
+        check_device(device)
+        label = f"--teacher {teacher}"
+        check_model_source(teacher, label, revision=revision, trust_remote_code=trust_remote_code)
     m = s.meta
     rep = VerifyReport(url=str(url))
     # The head first: a store --exact cannot check is a usage error, raised before decoding anything.

@@ -109,4 +109,5 @@ def test_cli_json_and_refusals(tiny_teacher, tiny_corpus, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     res = runner.invoke(kd, ["eval", "--model", str(tiny_teacher), "--corpus", str(empty)])
-    assert res.exit_code != 0 and "empty" in str(res.exception)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error: ")]
+    assert res.exit_code == 2 and len(errors) == 1 and "empty" in errors[0]

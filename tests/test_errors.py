@@ -1,0 +1,328 @@
+"""Every user mistake ends in one ``Error: ...`` line naming the input and exit status 2.
+
+Each case runs the real entry point: ``kd`` through click's runner, ``cli/train.py``'s ``main``
+in-process, and once each as the installed programs (``kd``, ``python cli/train.py``,
+``python -m offline_kd.cli.train``, ``deepspeed --module offline_kd.cli.train``). None of them may
+load the teacher's weights ("Loading weights" is what transformers prints when it does).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import zarr
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+WEIGHTS_LOADED = "Loading weights"
+
+
+def the_error(output: str, exit_code: int) -> str:
+    """The one ``Error:`` line of a failed command (asserting there is exactly one, and no traceback)."""
+    lines = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert exit_code == 2, output[-4000:]
+    assert len(lines) == 1, output[-4000:]
+    assert "Traceback" not in output and "[rank" not in output, output[-4000:]
+    assert WEIGHTS_LOADED not in output, output[-4000:]
+    return lines[0]
+
+
+@pytest.fixture
+def fx(tmp_path, tiny_teacher, tiny_corpus, tiny_store):
+    return SimpleNamespace(teacher=tiny_teacher, corpus=tiny_corpus, store=tiny_store, tmp=tmp_path)
+
+
+def store_copy(fx, name: str, **attrs) -> Path:
+    """A copy of the tiny store with some of its recorded settings changed."""
+    out = fx.tmp / name
+    shutil.copytree(fx.store, out)
+    g = zarr.open_group(str(out), mode="r+")
+    meta = g.attrs["offline_kd"]
+    for key, value in attrs.items():
+        if key == "teacher_name":
+            meta["teacher"]["name_or_path"] = value
+        else:
+            meta[key] = value
+    g.attrs["offline_kd"] = meta
+    return out
+
+
+def teacher_without_weights(fx) -> Path:
+    out = fx.tmp / "no_weights"
+    shutil.copytree(fx.teacher, out)
+    (out / "model.safetensors").unlink()
+    return out
+
+
+# ------------------------------------------------------------------------------------ kd
+
+
+def _precompute(fx, *extra) -> list:
+    out = fx.tmp / "s.zarr"
+    base = ["precompute", "--teacher", fx.teacher, "--corpus", fx.corpus, "--output", out]
+    return base + ["--max-length", "32", "--top-k", "8", "--device", "cpu", "--no-progress", *extra]
+
+
+def _replace(args: list, flag: str, value) -> list:
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+# id: (arguments of `kd`, what the error line must contain)
+KD_CASES = {
+    "precompute-teacher-missing": (
+        lambda fx: _replace(_precompute(fx), "--teacher", "./no_such_dir"),
+        "Error: --teacher ./no_such_dir: no such directory",
+    ),
+    "precompute-teacher-without-weights": (
+        lambda fx: _replace(_precompute(fx), "--teacher", teacher_without_weights(fx)),
+        "no_weights: no weights (model.safetensors or pytorch_model.bin)",
+    ),
+    "precompute-corpus-missing": (
+        lambda fx: _replace(_precompute(fx), "--corpus", "nope.txt"),
+        "Error: corpus file 'nope.txt' does not exist",
+    ),
+    "precompute-max-length-over-teacher": (
+        lambda fx: _replace(_precompute(fx), "--max-length", "512"),
+        "Error: --max-length 512 exceeds the teacher's max_position_embeddings 128",
+    ),
+    "precompute-holdout-file-directory-missing": (
+        lambda fx: _precompute(fx, "--holdout", "0.1", "--holdout-file", fx.tmp / "missing" / "held.txt"),
+        "Error: --holdout-file ",
+    ),
+    "precompute-chunk-size": (
+        lambda fx: _precompute(fx, "--shard-size", "8", "--chunk-size", "3"),
+        "Error: --chunk-size 3: must divide --shard-size 8",
+    ),
+    "precompute-device": (
+        lambda fx: _replace(_precompute(fx), "--device", "cuda:99"),
+        "Error: --device cuda:99: ",
+    ),
+    "precompute-rank": (
+        lambda fx: _precompute(fx, "--rank", "2", "--world-size", "2"),
+        "Error: --rank 2 is not in [0, --world-size 2)",
+    ),
+    "eval-model-missing": (
+        lambda fx: ["eval", "--model", "./no_model", "--corpus", fx.corpus],
+        "Error: --model ./no_model: no such directory",
+    ),
+    "eval-corpus-missing": (
+        lambda fx: ["eval", "--model", fx.teacher, "--corpus", "missing.txt"],
+        "Error: corpus file 'missing.txt' does not exist",
+    ),
+    "eval-teacher-missing": (
+        lambda fx: ["eval", "--model", fx.teacher, "--corpus", fx.corpus, "--teacher", "./no_teacher"],
+        "Error: --teacher ./no_teacher: no such directory",
+    ),
+    "eval-max-length-over-model": (
+        lambda fx: ["eval", "--model", fx.teacher, "--corpus", fx.corpus, "--max-length", "4096"],
+        "Error: --max-length 4096 exceeds the model's max_position_embeddings 128",
+    ),
+    "inspect-not-a-store": (
+        lambda fx: ["inspect", fx.corpus],
+        "Error: no signal store at ",
+    ),
+    "verify-teacher-missing": (
+        lambda fx: ["verify", fx.store, "--teacher", "./no_such_dir", "--sample", "2"],
+        "Error: --teacher ./no_such_dir: no such directory",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", KD_CASES, ids=list(KD_CASES))
+def test_kd_misuse(case, fx):
+    from offline_kd.cli.kd import main
+
+    make_args, expected = KD_CASES[case]
+    r = CliRunner().invoke(main, [str(a) for a in make_args(fx)])
+    assert expected in the_error(r.stderr, r.exit_code)
+    assert not (fx.tmp / "s.zarr").exists()
+
+
+# ------------------------------------------------------------------------------------ cli/train.py
+
+
+def _train(fx, *extra) -> list:
+    return ["--store", fx.store, "--student", "distil", "--output", fx.tmp / "run", "--no-progress", *extra]
+
+
+def _write(fx, name: str, text: str) -> Path:
+    (fx.tmp / name).write_text(text)
+    return fx.tmp / name
+
+
+def _incomplete_store(fx) -> Path:
+    out = store_copy(fx, "incomplete.zarr")
+    zarr.open_group(str(out), mode="r+")["committed"][1] = 0
+    return out
+
+
+# id: (arguments of cli/train.py, what the error line must contain)
+TRAIN_CASES = {
+    "store-not-a-store": (
+        lambda fx: _replace(_train(fx), "--store", fx.corpus),
+        "Error: no signal store at '{corpus}'",
+    ),
+    "store-incomplete": (
+        lambda fx: _replace(_train(fx), "--store", _incomplete_store(fx)),
+        "incomplete.zarr: incomplete, shards [1] are not committed",
+    ),
+    "deepspeed-config-missing": (
+        lambda fx: _train(fx, "--deepspeed_config", "nope.json"),
+        "Error: --deepspeed_config nope.json: no such file",
+    ),
+    "deepspeed-config-bad-json": (
+        lambda fx: _train(fx, "--deepspeed_config", _write(fx, "bad.json", '{"train_batch_size": 8,')),
+        "bad.json: not valid JSON (",
+    ),
+    "deepspeed-config-not-an-object": (
+        lambda fx: _train(fx, "--deepspeed_config", _write(fx, "list.json", "[8]")),
+        "list.json: holds a JSON list, not an object",
+    ),
+    "teacher-missing": (
+        lambda fx: _train(fx, "--teacher", "./no_such_dir"),
+        "Error: --teacher ./no_such_dir: no such directory",
+    ),
+    "student-unknown": (
+        lambda fx: _replace(_train(fx), "--student", "nope"),
+        "Error: --student nope: unknown; use 'distil'",
+    ),
+    "student-directory-without-config": (
+        lambda fx: _replace(_train(fx), "--student", fx.tmp),
+        ": not a Hugging Face model directory (no config.json)",
+    ),
+    "student-config-without-model-type": (
+        lambda fx: _replace(_train(fx), "--student", _write(fx, "student.json", '{"dim": 32}')),
+        'student.json: a JSON config without "model_type"',
+    ),
+    "init-layers-not-numbers": (
+        lambda fx: _train(fx, "--init-layers", "0,x"),
+        "Error: --init-layers '0,x': expected comma-separated teacher layer numbers",
+    ),
+    "init-layers-out-of-range": (
+        lambda fx: _train(fx, "--init-layers", "0,9"),
+        "Error: --init-layers [0, 9] out of range for a 4-layer teacher",
+    ),
+    "init-layers-with-a-preset": (
+        lambda fx: _replace(_train(fx, "--init-layers", "0,1"), "--student", "tiny"),
+        "Error: --init-layers applies to the distil students only, not to --student tiny",
+    ),
+    "temperature-not-stored": (
+        lambda fx: _train(fx, "--temperature", "3"),
+        "Error: --temperature 3.0 is not one of the store's temperatures [1.0, 2.0]",
+    ),
+    "cosine-without-stored-hidden-states": (
+        lambda fx: _replace(_train(fx), "--store", store_copy(fx, "nohidden.zarr", hidden=False)),
+        "Error: --alpha-cos 1.0 needs the teacher's hidden states",
+    ),
+    "recorded-teacher-path-gone": (
+        lambda fx: _replace(_train(fx), "--store", store_copy(fx, "rel.zarr", teacher_name="./gone/teacher")),
+        "Error: the store records its teacher as the relative path './gone/teacher', found neither in",
+    ),
+    "recorded-teacher-name-unknown": (
+        lambda fx: _replace(_train(fx), "--store", store_copy(fx, "hub.zarr", teacher_name="gone/teacher")),
+        "no directory of that name here or above the store either: pass --teacher DIR",
+    ),
+    "recorded-teacher-absolute-gone": (
+        lambda fx: _replace(_train(fx), "--store", store_copy(fx, "abs.zarr", teacher_name="/gone/teacher")),
+        "Error: the store's teacher /gone/teacher no longer exists: pass --teacher DIR",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES, ids=list(TRAIN_CASES))
+def test_train_misuse(case, fx, capsys):
+    import importlib
+
+    train_cli = importlib.import_module("offline_kd.cli.train")
+    make_args, expected = TRAIN_CASES[case]
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([str(a) for a in make_args(fx)])
+    captured = capsys.readouterr()
+    assert expected.format(corpus=fx.corpus) in the_error(captured.err, exc.value.code)
+    assert not (fx.tmp / "run").exists()
+
+
+# ------------------------------------------------------------------------------------ real programs
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
+    return dict(env, PYTHONUNBUFFERED="1")
+
+
+def _run(cmd: list, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=300
+    )
+
+
+def _program(name: str) -> str:
+    return shutil.which(name, path=str(Path(sys.executable).parent)) or name
+
+
+def test_programs_print_one_line(fx):
+    """The installed programs: exactly one stderr line each, and nothing on stdout."""
+    runs = {
+        "kd": (
+            [_program("kd"), *_replace(_precompute(fx), "--teacher", "./no_such_dir")],
+            "Error: --teacher ./no_such_dir: no such directory",
+        ),
+        "cli/train.py": (
+            [sys.executable, ROOT / "cli" / "train.py", *_replace(_train(fx), "--store", fx.corpus)],
+            f"Error: no signal store at '{fx.corpus}'",
+        ),
+        "python -m offline_kd.cli.train": (
+            [sys.executable, "-m", "offline_kd.cli.train", *_train(fx, "--deepspeed_config", "nope.json")],
+            "Error: --deepspeed_config nope.json: no such file (nor a shipped config: ds_cpu_tiny, ds_distilbert)",
+        ),
+    }
+    for name, (cmd, expected) in runs.items():
+        proc = _run(cmd, fx.tmp)
+        assert the_error(proc.stderr, proc.returncode) == expected, name
+        assert proc.stderr.strip() == expected and proc.stdout == "", (name, proc.stderr, proc.stdout)
+
+
+@pytest.mark.slow
+def test_deepspeed_module_two_ranks_print_one_line(fx):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [_program("deepspeed"), "--num_gpus", "2", "--master_port", port]
+    proc = _run(
+        [*launcher, "--module", "offline_kd.cli.train", *_replace(_train(fx), "--store", fx.corpus)], fx.tmp
+    )
+    output = proc.stdout + proc.stderr
+    assert the_error(output, proc.returncode) == f"Error: no signal store at '{fx.corpus}'"
+
+
+def test_usage_error_classes():
+    """Every library error a user can cause is a UsageError (one line, status 2)."""
+    from offline_kd.corpus import CorpusError
+    from offline_kd.errors import RunFailed, UsageError
+    from offline_kd.store import StoreCorruptionError, StoreError, StoreMismatchError
+    from offline_kd.student import StudentError
+    from offline_kd.teacher import TeacherError
+    from offline_kd.train import NonFiniteLossError
+
+    user_errors = (
+        CorpusError,
+        StoreError,
+        StoreMismatchError,
+        StoreCorruptionError,
+        StudentError,
+        TeacherError,
+    )
+    for cls in user_errors:
+        assert issubclass(cls, UsageError) and cls.exit_code == 2
+    assert issubclass(StoreError, RuntimeError)  # callers that caught RuntimeError still do
+    assert issubclass(NonFiniteLossError, RunFailed) and NonFiniteLossError.exit_code == 1
