@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .signals import extract_signals
+
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.h5", "*.msgpack")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -197,7 +199,72 @@ class Signals:
     hidden: np.ndarray | None  # [B, L, H] float16
 
 
+@dataclass
+class DeviceSignals:
+    """The signals of one batch where the teacher ran; nothing has been copied to the host yet."""
+
+    topk_ids: torch.Tensor  # [B, L, K] int64
+    topk_logits: torch.Tensor  # [B, L, K] float32
+    lse: torch.Tensor  # [B, L, nT] float32
+    hidden: torch.Tensor | None  # [B, L, H] float16
+    nonfinite: torch.Tensor  # [B, L] bool: a NaN/inf logit at a real position
+
+    def arrays(self) -> dict[str, torch.Tensor]:
+        out = {"topk_ids": self.topk_ids, "topk_logits": self.topk_logits, "lse": self.lse}
+        if self.hidden is not None:
+            out["hidden"] = self.hidden
+        return out
+
+
+def _to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x, dtype=np.int64) if not torch.is_tensor(x) else x, dtype=torch.long)
+    if device.type == "cuda":  # from pinned memory the copy does not block the host
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @torch.inference_mode()
+def teacher_signals(
+    model: torch.nn.Module,
+    input_ids: np.ndarray | torch.Tensor,
+    attention_mask: np.ndarray | torch.Tensor,
+    top_k: int,
+    temperatures: Sequence[float],
+    hidden: bool,
+) -> DeviceSignals:
+    """Run the teacher and extract its signals on its device, without a host synchronisation.
+
+    See :func:`compute_signals` for the values; ``nonfinite`` marks the positions to reject.
+    """
+    device = next(model.parameters()).device
+    ids, am = _to_device(input_ids, device), _to_device(attention_mask, device)
+    out = model(input_ids=ids, attention_mask=am, output_hidden_states=hidden, return_dict=True)
+    B, L, V = out.logits.shape
+    real = am.bool()
+    sig = extract_signals(out.logits.reshape(B * L, V), real.reshape(-1), top_k, temperatures)
+    hid = None
+    if hidden:
+        hid = out.hidden_states[-1].masked_fill(~real.unsqueeze(-1), 0.0).to(torch.float16)
+    return DeviceSignals(
+        topk_ids=sig.topk_ids.view(B, L, top_k),
+        topk_logits=sig.topk_logits.view(B, L, top_k),
+        lse=sig.lse.view(B, L, -1),
+        hidden=hid,
+        nonfinite=sig.nonfinite.view(B, L),
+    )
+
+
+def check_finite(nonfinite: np.ndarray | torch.Tensor, seq_offset: int = 0) -> None:
+    """Raise :class:`TeacherError` naming the first sequence (``seq_offset`` + row) with a NaN/inf logit."""
+    bad = np.asarray(nonfinite.cpu() if torch.is_tensor(nonfinite) else nonfinite)
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        pos = int(np.flatnonzero(bad[row])[0])
+        raise TeacherError(
+            f"teacher produced NaN/inf logits for sequence {seq_offset + row} at position {pos}"
+        )
+
+
 def compute_signals(
     model: torch.nn.Module,
     input_ids: np.ndarray | torch.Tensor,
@@ -211,41 +278,13 @@ def compute_signals(
 
     Values at padding positions (attention_mask == 0) are zero. A non-finite logit at a real
     position raises :class:`TeacherError` naming the sequence (``seq_offset`` + row).
+    The extraction reads the logits in their own dtype with fp32 accumulation (`offline_kd.signals`).
     """
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(
-        np.asarray(input_ids, dtype=np.int64) if not torch.is_tensor(input_ids) else input_ids
-    )
-    am = torch.as_tensor(
-        np.asarray(attention_mask) if not torch.is_tensor(attention_mask) else attention_mask
-    )
-    ids, am = ids.to(device=device, dtype=torch.long), am.to(device=device, dtype=torch.long)
-    out = model(input_ids=ids, attention_mask=am, output_hidden_states=hidden, return_dict=True)
-    logits = out.logits.float()
-    real = am.bool()
-    finite = torch.isfinite(logits).all(dim=-1) | ~real
-    if not bool(finite.all()):
-        row = int((~finite).any(dim=1).nonzero()[0, 0])
-        pos = int((~finite[row]).nonzero()[0, 0])
-        raise TeacherError(
-            f"teacher produced NaN/inf logits for sequence {seq_offset + row} at position {pos}"
-        )
-    vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)
-    lse = torch.stack(
-        [torch.logsumexp(logits if float(t) == 1.0 else logits / float(t), dim=-1) for t in temperatures],
-        dim=-1,
-    )
-    m = real.unsqueeze(-1)
-    vals = vals.masked_fill(~m, 0.0)
-    idx = idx.masked_fill(~m, 0)
-    lse = lse.masked_fill(~m, 0.0)
-    hid = None
-    if hidden:
-        h = out.hidden_states[-1].float().masked_fill(~m, 0.0)
-        hid = h.to(torch.float16).cpu().numpy()
+    sig = teacher_signals(model, input_ids, attention_mask, top_k, temperatures, hidden)
+    check_finite(sig.nonfinite, seq_offset)
     return Signals(
-        topk_ids=idx.cpu().numpy(),
-        topk_logits=vals.cpu().numpy().astype(np.float32, copy=False),
-        lse=lse.cpu().numpy().astype(np.float32, copy=False),
-        hidden=hid,
+        topk_ids=sig.topk_ids.cpu().numpy(),
+        topk_logits=sig.topk_logits.cpu().numpy(),
+        lse=sig.lse.cpu().numpy(),
+        hidden=sig.hidden.cpu().numpy() if sig.hidden is not None else None,
     )
