@@ -50,32 +50,32 @@ def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
 def chunked_lse(
     logits: torch.Tensor, row_max: torch.Tensor, temperatures: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logsumexp(logits / T) per row for each T in fp32, and each row's minimum (to spot -inf and NaN).
+    """logsumexp(logits / T) per row for each T in fp32, and each row's minimum minus its maximum (-inf or
+    NaN when the row holds a -inf or NaN).
 
     ``row_max`` [N] is each row's maximum (max(x / T) = max(x) / T, so one serves every T). Rows go
     through two fp32 buffers of about CHUNK_ELEMENTS each, so the temporaries stay in cache.
     """
     n, v = logits.shape
     if n == 1:  # see _chunks: two copies of the row keep its summation order
-        lse, row_min = chunked_lse(logits.expand(2, v), row_max.expand(2), temperatures)
-        return lse[:1], row_min[:1]
+        lse, shifted_min = chunked_lse(logits.expand(2, v), row_max.expand(2), temperatures)
+        return lse[:1], shifted_min[:1]
     rows = max(2, CHUNK_ELEMENTS // max(v, 1))
     lse = torch.empty(n, len(temperatures), dtype=torch.float32, device=logits.device)
-    row_min = torch.empty(n, dtype=torch.float32, device=logits.device)
+    shifted_min = torch.empty(n, dtype=torch.float32, device=logits.device)
     shifted = torch.empty(min(rows + 1, n), v, dtype=torch.float32, device=logits.device)
     scratch = torch.empty_like(shifted)
     for a, b in _chunks(n, rows):
         x, e, m = shifted[: b - a], scratch[: b - a], row_max[a:b, None]
-        x.copy_(logits[a:b])
-        torch.amin(x, dim=-1, out=row_min[a:b])
-        x.sub_(m)
+        x.copy_(logits[a:b]).sub_(m)  # faster than a mixed-dtype torch.sub(logits, m, out=x)
+        torch.amin(x, dim=-1, out=shifted_min[a:b])
         for j, t in enumerate(float(t) for t in temperatures):
             if t == 1.0:
                 torch.exp(x, out=e)
             else:
                 torch.mul(x, 1.0 / t, out=e).exp_()
             lse[a:b, j] = torch.log(e.sum(dim=-1)).add_(m[:, 0] / t)
-    return lse, row_min
+    return lse, shifted_min
 
 
 def extract_signals(
@@ -95,9 +95,9 @@ def extract_signals(
 
         lse, nonfinite = triton_lse_temperatures(logits, row_mask, temperatures)
     else:
-        lse, row_min = chunked_lse(logits, vals[:, 0], temperatures)
+        lse, shifted_min = chunked_lse(logits, vals[:, 0], temperatures)
         # topk ranks NaN first, so the top-1 is NaN or +inf when the row holds one; the minimum catches -inf
-        nonfinite = ~(torch.isfinite(vals[:, 0]) & torch.isfinite(row_min))
+        nonfinite = ~(torch.isfinite(vals[:, 0]) & torch.isfinite(shifted_min))
     keep = row_mask.to(device=logits.device, dtype=torch.bool)
     return LogitSignals(
         topk_ids=ids.masked_fill(~keep[:, None], 0),
