@@ -209,12 +209,6 @@ class DeviceSignals:
     hidden: torch.Tensor | None  # [B, L, H] float16
     nonfinite: torch.Tensor  # [B, L] bool: a NaN/inf logit at a real position
 
-    def arrays(self) -> dict[str, torch.Tensor]:
-        out = {"topk_ids": self.topk_ids, "topk_logits": self.topk_logits, "lse": self.lse}
-        if self.hidden is not None:
-            out["hidden"] = self.hidden
-        return out
-
 
 def _to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(x, dtype=np.int64) if not torch.is_tensor(x) else x, dtype=torch.long)
