@@ -191,6 +191,8 @@ def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
             f"max_length {cfg.max_length} exceeds the teacher's max_position_embeddings "
             f"{teacher.model.config.max_position_embeddings}"
         )
+    if cfg.compile:  # compiled on the first forward, again for each new batch shape
+        teacher.model = torch.compile(teacher.model)
     return teacher
 
 
