@@ -7,8 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/offline_kd/torch_extensions
 export HF_HUB_DISABLE_TELEMETRY = 1
 DEMO_OUT ?= runs/demo
+# make wheelhouse: the target CPython and platform (pip also takes the older manylinux tags)
+PY_VERSION ?= 3.12
+PLATFORM ?= manylinux_2_28_x86_64
 
-.PHONY: install test demo bench fidelity lint format clean
+.PHONY: install test demo bench fidelity wheelhouse lint format clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
@@ -32,6 +35,11 @@ bench: install
 # Offline vs online KD with a real teacher (~45 min on 2 CPU cores; --quick for a few minutes).
 fidelity: install
 	$(PY) benchmarks/fidelity.py
+
+# Air-gapped install: every wheel `pip install offline-kd` needs beyond the torch and triton of a CUDA
+# PyTorch image, plus offline_kd's own, into wheelhouse/ (see wheelhouse/INSTALL.md, docs/dependencies.md).
+wheelhouse: install
+	$(PY) scripts/wheelhouse.py --python-version $(PY_VERSION) --platform $(PLATFORM) --out wheelhouse
 
 lint:
 	$(PY) -m ruff check .
