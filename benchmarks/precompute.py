@@ -11,9 +11,10 @@ initialised, which does not change the cost. Bytes/token for several k come from
 at the largest k: the top-k of a sorted top-128 is its first k columns, written to separate stores
 exactly as `kd precompute` would write them.
 
-The signal extraction is timed twice against the same bare forward, interleaved over --repeats rounds
-(medians): `compute_signals` as it is, and the previous formula (an fp32 copy of the logits, a top-k,
-one logsumexp(z / T) per temperature). "extraction x bare" is (stage - bare) / bare.
+The signal extraction is timed twice against the same bare forward, interleaved batch by batch over
+--repeats rounds (medians): `compute_signals` as it is, and the previous formula (an fp32 copy of the
+logits, a top-k, one logsumexp(z / T) per temperature). "extraction x bare" is (stage - bare) / bare, in
+wall time and in this process's CPU time (the steadier of the two on a machine shared with other jobs).
 """
 
 from __future__ import annotations
@@ -73,6 +74,22 @@ def previous_signals(model, ids, attn, k, temperatures):
     return vals.numpy(), idx.numpy(), lse.numpy(), hid
 
 
+def time_interleaved(stages: dict, batches: list[tuple[int, int]], repeats: int) -> dict:
+    """Run each batch through every stage in turn (rotating the order), so that changes in the machine's load
+    hit all stages alike; per stage, the medians over rounds of the summed wall and CPU seconds."""
+    wall = {name: [0.0] * repeats for name in stages}
+    cpu = {name: [0.0] * repeats for name in stages}
+    names = list(stages)
+    for r in range(repeats):
+        for i, (s, e) in enumerate(batches):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                w, c = time.perf_counter(), time.process_time()
+                stages[name](s, e)
+                wall[name][r] += time.perf_counter() - w
+                cpu[name][r] += time.process_time() - c
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in names}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="auto", help="auto | tiny | minilm | a masked-LM directory")
@@ -119,42 +136,52 @@ def main() -> None:
         ids = torch.from_numpy(data["masked_input_ids"].astype(np.int64))
 
         t = load_teacher(teacher_dir, device="cpu", dtype=args.dtype)
+
         # 2) a bare forward on the same batches; 3) forward + top-k/lse/hidden extraction, now and before
-        stages = ("bare forward", f"forward + signals (k={kmax})", f"  previous fp32 extraction (k={kmax})")
-        rounds: dict[str, list[float]] = {name: [] for name in stages}
-        sig = {"topk_ids": [], "topk_logits": [], "lse": [], "hidden": []}
-        for r in range(args.repeats):
-            for name in stages:
-                start = time.perf_counter()
-                for s in range(0, S, args.batch_size):
-                    e = min(s + args.batch_size, S)
-                    if name == stages[0]:
-                        with torch.inference_mode():
-                            t.model(input_ids=ids[s:e], attention_mask=attn[s:e])
-                    elif name == stages[2]:
-                        previous_signals(t.model, ids[s:e], attn[s:e], kmax, [1.0, 2.0])
-                    else:
-                        out = compute_signals(t.model, ids[s:e], attn[s:e], kmax, [1.0, 2.0], hidden=True)
-                        for k in sig if r == 0 else ():
-                            sig[k].append(getattr(out, k))
-                rounds[name].append(time.perf_counter() - start)
-        timings = {name: statistics.median(v) for name, v in rounds.items()}
+        def bare(s: int, e: int) -> None:
+            with torch.inference_mode():
+                t.model(input_ids=ids[s:e], attention_mask=attn[s:e])
+
+        def signals(s: int, e: int):
+            return compute_signals(t.model, ids[s:e], attn[s:e], kmax, [1.0, 2.0], hidden=True)
+
+        def previous(s: int, e: int):
+            return previous_signals(t.model, ids[s:e], attn[s:e], kmax, [1.0, 2.0])
+
+        stages = {
+            "bare forward": bare,
+            f"forward + signals (k={kmax})": signals,
+            f"  previous fp32 extraction (k={kmax})": previous,
+        }
+        batches = [(s, min(s + args.batch_size, S)) for s in range(0, S, args.batch_size)]
+        timings = time_interleaved(stages, batches, args.repeats)
         # the timed precompute runs after the others (the first run above doubled as warm-up)
+        cpu = time.process_time()
         res = precompute(
             PrecomputeConfig(output=str(tmp / "run2.zarr"), top_k=args.top_k, hidden=True, **common)
         )
-        timings[f"kd precompute (k={args.top_k}, hidden)"] = res.loop_seconds
+        timings[f"kd precompute (k={args.top_k}, hidden)"] = (res.loop_seconds, time.process_time() - cpu)
+        sig = {"topk_ids": [], "topk_logits": [], "lse": [], "hidden": []}
+        for s, e in batches:
+            out = signals(s, e)
+            for k in sig:
+                sig[k].append(getattr(out, k))
 
         print(
             f"\nteacher: {teacher_desc}, {args.dtype}; {S} sequences x {L} ({tokens:,} real tokens), "
-            f"batch {args.batch_size}, CPU; medians of {args.repeats} interleaved round(s)"
+            f"batch {args.batch_size}, CPU; medians of {args.repeats} round(s), stages interleaved per batch"
         )
         print(f"torch threads: {torch.get_num_threads()}\n")
-        base = timings["bare forward"]
-        print(f"{'stage':<40}{'seconds':>9}{'tokens/s':>12}{'x bare':>9}{'extraction x bare':>19}")
-        for name, sec in timings.items():
-            extra = f"{(sec - base) / base:>19.2f}" if name != "bare forward" else ""
-            print(f"{name:<40}{sec:>9.2f}{tokens / sec:>12,.0f}{sec / base:>9.2f}{extra}")
+        (base, base_cpu) = timings["bare forward"]
+        print(
+            f"{'stage':<40}{'seconds':>9}{'tokens/s':>10}{'x bare':>8}{'extraction x bare':>19}{'(CPU time)':>12}"
+        )
+        for name, (sec, cpu) in timings.items():
+            extra = f"{(sec - base) / base:>19.2f}{(cpu - base_cpu) / base_cpu:>12.2f}" if sec != base else ""
+            print(f"{name:<40}{sec:>9.2f}{tokens / sec:>10,.0f}{sec / base:>8.2f}{extra}")
+        print(
+            "(kd precompute: the loop's seconds with masking and store writes; its CPU time includes setup)"
+        )
 
         # 4) bytes/token for several k, with and without hidden, from the pass at kmax
         full = store.read(0, 0, S)
