@@ -6,7 +6,7 @@ whole [N, V] block:
 * top-k: `torch.topk` on the logits as they are. bf16 -> fp32 is exact, so the stored values equal a top-k
   of the fp32-cast logits; on CPU the ids and their order among ties are the same too.
 * log-sum-exp: on CUDA (or with OFFLINE_KD_KERNELS=triton) a Triton kernel (`kernels/signals.py`); elsewhere
-  rows in chunks of at most 16 MB of fp32, with the row maximum taken from the top-1 value.
+  rows in chunks of 4 MB of fp32 per thread (at most 32 MB), with the row maximum from the top-1 value.
 
 Every row's values depend only on that row, not on the batch around it, so the same input gives
 bit-identical signals. A row holding a NaN or an infinite logit is reported in `nonfinite`; rows outside
@@ -20,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-# fp32 elements per CPU chunk: two 16 MB buffers. Each elementwise op over a chunk is one parallel region;
-# on a loaded machine their thread synchronisation costs more than cache misses (measured: chunks of 2**18
-# run 4x slower than 2**22 at a load of 10 on 2 cores, and 15% faster on an idle machine).
-CHUNK_ELEMENTS = 1 << 22
+# fp32 elements per CPU chunk and torch thread (4 MB), at most 32 MB a chunk. Each elementwise op over a
+# chunk is one parallel region, and on a busy machine the threads' synchronisation between many small ops
+# costs more than cache misses. Measured on [2048, 30522] bf16 logits at a load of 12 on 2 cores: chunks of
+# 2**18 elements ran 6x slower than 2**22 with 2 threads, while with 1 thread 2**18 was 1.5x faster.
+CHUNK_ELEMENTS_PER_THREAD = 1 << 20
+MAX_CHUNK_ELEMENTS = 1 << 23
 
 
 @dataclass
@@ -49,6 +51,12 @@ def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def chunk_rows(vocab: int) -> int:
+    """Rows per CPU chunk for rows of ``vocab`` logits (at least 2, see _chunks)."""
+    elements = min(MAX_CHUNK_ELEMENTS, CHUNK_ELEMENTS_PER_THREAD * torch.get_num_threads())
+    return max(2, elements // max(vocab, 1))
+
+
 def chunked_lse(
     logits: torch.Tensor, row_max: torch.Tensor, temperatures: Sequence[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,13 +64,13 @@ def chunked_lse(
     NaN when the row holds a -inf or NaN).
 
     ``row_max`` [N] is each row's maximum (max(x / T) = max(x) / T, so one serves every T). Rows go
-    through two fp32 buffers of at most CHUNK_ELEMENTS each, whatever N.
+    through two fp32 buffers of ``chunk_rows(V)`` rows each, whatever N.
     """
     n, v = logits.shape
     if n == 1:  # see _chunks: two copies of the row keep its summation order
         lse, shifted_min = chunked_lse(logits.expand(2, v), row_max.expand(2), temperatures)
         return lse[:1], shifted_min[:1]
-    rows = max(2, CHUNK_ELEMENTS // max(v, 1))
+    rows = chunk_rows(v)
     lse = torch.empty(n, len(temperatures), dtype=torch.float32, device=logits.device)
     shifted_min = torch.empty(n, dtype=torch.float32, device=logits.device)
     shifted = torch.empty(min(rows + 1, n), v, dtype=torch.float32, device=logits.device)

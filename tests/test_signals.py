@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from offline_kd.signals import CHUNK_ELEMENTS, extract_signals  # noqa: E402
+from offline_kd.signals import chunk_rows, extract_signals  # noqa: E402
 from offline_kd.teacher import TeacherError, check_finite, compute_signals  # noqa: E402
 
 BACKENDS = ["triton", "reference"]
@@ -98,7 +98,7 @@ def test_bit_identical_whatever_the_batch(backend, v):
 
 def test_chunk_tails_of_one_row_keep_the_order(backend):
     v = 40_000
-    rows = CHUNK_ELEMENTS // v
+    rows = chunk_rows(v)
     x, _ = make_logits(rows + 1, v, torch.bfloat16, seed=2)
     mask = torch.ones(rows + 1, dtype=torch.bool)
     full = extract_signals(x, mask, 4, [2.0])
