@@ -7,8 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/offline_kd/torch_extensions
 export HF_HUB_DISABLE_TELEMETRY = 1
 DEMO_OUT ?= runs/demo
+# make wheelhouse: the target CPython and platform (pip also takes the older manylinux tags)
+PY_VERSION ?= 3.12
+PLATFORM ?= manylinux_2_28_x86_64
 
-.PHONY: install test demo bench fidelity gpu-check lint format clean
+.PHONY: install test demo bench fidelity gpu-check wheelhouse lint format clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
@@ -38,6 +41,11 @@ fidelity: install
 GPU_CHECK_OUT ?= runs/gpu-check
 gpu-check:
 	$(PY) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+
+# Air-gapped install: every wheel `pip install offline-kd` needs beyond the torch and triton of a CUDA
+# PyTorch image, plus offline_kd's own, into wheelhouse/ (see wheelhouse/INSTALL.md, docs/dependencies.md).
+wheelhouse: install
+	$(PY) scripts/wheelhouse.py --python-version $(PY_VERSION) --platform $(PLATFORM) --out wheelhouse
 
 lint:
 	$(PY) -m ruff check .

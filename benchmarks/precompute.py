@@ -3,17 +3,24 @@
     python benchmarks/precompute.py                       # MiniLM-L6-shaped teacher if installed, else tiny
     python benchmarks/precompute.py --teacher tiny        # a tiny BERT (offline_kd.tiny)
     python benchmarks/precompute.py --teacher DIR         # any saved masked-LM directory
+    python benchmarks/precompute.py --dtype bfloat16      # a bf16 teacher: extraction vs the bare bf16 forward
 
 The MiniLM-shaped teacher is the pip-shipped all-MiniLM-L6-v2 encoder (bert-base vocabulary,
 30,522 logits, 6 layers, hidden 384) loaded into BertForMaskedLM; its MLM head is freshly
 initialised, which does not change the cost. Bytes/token for several k come from one teacher pass
 at the largest k: the top-k of a sorted top-128 is its first k columns, written to separate stores
 exactly as `kd precompute` would write them.
+
+The signal extraction is timed twice against the same bare forward, interleaved batch by batch over
+--repeats rounds (medians): `compute_signals` as it is, and the previous formula (an fp32 copy of the
+logits, a top-k, one logsumexp(z / T) per temperature). "extraction x bare" is (stage - bare) / bare, in
+wall time and in this process's CPU time (the steadier of the two on a machine shared with other jobs).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -37,6 +44,37 @@ def build_teacher(kind: str, tmp: Path) -> tuple[str, str]:
     return str(tiny_teacher(tmp / "tiny", hidden=64, layers=4)), "tiny BERT (hidden 64, 4 layers)"
 
 
+@torch.inference_mode()
+def previous_signals(model, ids, attn, k, temperatures):
+    """The extraction before the fused pass: fp32 copies of the [B, L, V] logits (for comparison)."""
+    out = model(input_ids=ids, attention_mask=attn, output_hidden_states=True, return_dict=True)
+    logits = out.logits.float()
+    real = attn.bool()
+    assert bool((torch.isfinite(logits).all(dim=-1) | ~real).all())
+    vals, idx = logits.topk(k, dim=-1, largest=True, sorted=True)
+    lse = torch.stack([torch.logsumexp(logits if t == 1.0 else logits / t, dim=-1) for t in temperatures], -1)
+    m = real.unsqueeze(-1)
+    hid = out.hidden_states[-1].float().masked_fill(~m, 0.0).to(torch.float16).numpy()
+    vals, idx, lse = vals.masked_fill(~m, 0.0), idx.masked_fill(~m, 0), lse.masked_fill(~m, 0.0)
+    return vals.numpy(), idx.numpy(), lse.numpy(), hid
+
+
+def time_interleaved(stages: dict, batches: list[tuple[int, int]], repeats: int) -> dict:
+    """Run each batch through every stage in turn (rotating the order), so that changes in the machine's load
+    hit all stages alike; per stage, the medians over rounds of the summed wall and CPU seconds."""
+    wall = {name: [0.0] * repeats for name in stages}
+    cpu = {name: [0.0] * repeats for name in stages}
+    names = list(stages)
+    for r in range(repeats):
+        for i, (s, e) in enumerate(batches):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                w, c = time.perf_counter(), time.process_time()
+                stages[name](s, e)
+                wall[name][r] += time.perf_counter() - w
+                cpu[name][r] += time.process_time() - c
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in names}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="auto", help="auto | tiny | minilm | a masked-LM directory")
@@ -47,6 +85,8 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument("--ks", default="8,32,64,128")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="teacher dtype")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the timed stages (median)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +104,7 @@ def main() -> None:
 
         common = dict(
             teacher=teacher_dir, corpus=[str(corpus)], max_length=args.max_length, temperatures=[1.0, 2.0],
-            views=1, seed=0, batch_size=args.batch_size, shard_size=32, device="cpu", dtype="float32",
+            views=1, seed=0, batch_size=args.batch_size, shard_size=32, device="cpu", dtype=args.dtype,
             progress=False,
         )  # fmt: skip
         # 1) a precompute at --top-k with hidden states (gives the masked inputs; warms up)
@@ -78,36 +118,53 @@ def main() -> None:
         attn = torch.from_numpy((np.arange(L)[None] < data["lengths"][:, None]).astype(np.int64))
         ids = torch.from_numpy(data["masked_input_ids"].astype(np.int64))
 
-        t = load_teacher(teacher_dir, device="cpu", dtype="float32")
-        # 2) a bare forward on the same batches; 3) forward + top-k/lse/hidden extraction
-        timings = {}
-        sig = {"topk_ids": [], "topk_logits": [], "lse": [], "hidden": []}
-        for name in ("bare forward", f"forward + signals (k={kmax})"):
-            start = time.perf_counter()
-            for s in range(0, S, args.batch_size):
-                e = min(s + args.batch_size, S)
-                if name == "bare forward":
-                    with torch.inference_mode():
-                        t.model(input_ids=ids[s:e], attention_mask=attn[s:e])
-                else:
-                    out = compute_signals(t.model, ids[s:e], attn[s:e], kmax, [1.0, 2.0], hidden=True)
-                    for k in sig:
-                        sig[k].append(getattr(out, k))
-            timings[name] = time.perf_counter() - start
+        t = load_teacher(teacher_dir, device="cpu", dtype=args.dtype)
+
+        # 2) a bare forward on the same batches; 3) forward + top-k/lse/hidden extraction, now and before
+        def bare(s: int, e: int) -> None:
+            with torch.inference_mode():
+                t.model(input_ids=ids[s:e], attention_mask=attn[s:e])
+
+        def signals(s: int, e: int):
+            return compute_signals(t.model, ids[s:e], attn[s:e], kmax, [1.0, 2.0], hidden=True)
+
+        def previous(s: int, e: int):
+            return previous_signals(t.model, ids[s:e], attn[s:e], kmax, [1.0, 2.0])
+
+        stages = {
+            "bare forward": bare,
+            f"forward + signals (k={kmax})": signals,
+            f"  previous fp32 extraction (k={kmax})": previous,
+        }
+        batches = [(s, min(s + args.batch_size, S)) for s in range(0, S, args.batch_size)]
+        timings = time_interleaved(stages, batches, args.repeats)
         # the timed precompute runs after the others (the first run above doubled as warm-up)
+        cpu = time.process_time()
         res = precompute(
             PrecomputeConfig(output=str(tmp / "run2.zarr"), top_k=args.top_k, hidden=True, **common)
         )
-        timings[f"kd precompute (k={args.top_k}, hidden)"] = res.loop_seconds
+        timings[f"kd precompute (k={args.top_k}, hidden)"] = (res.loop_seconds, time.process_time() - cpu)
+        sig = {"topk_ids": [], "topk_logits": [], "lse": [], "hidden": []}
+        for s, e in batches:
+            out = signals(s, e)
+            for k in sig:
+                sig[k].append(getattr(out, k))
 
         print(
-            f"\nteacher: {teacher_desc}; {S} sequences x {L} ({tokens:,} real tokens), batch {args.batch_size}, CPU"
+            f"\nteacher: {teacher_desc}, {args.dtype}; {S} sequences x {L} ({tokens:,} real tokens), "
+            f"batch {args.batch_size}, CPU; medians of {args.repeats} round(s), stages interleaved per batch"
         )
         print(f"torch threads: {torch.get_num_threads()}\n")
-        base = timings["bare forward"]
-        print(f"{'stage':<36}{'seconds':>9}{'tokens/s':>12}{'x bare':>9}")
-        for name, sec in timings.items():
-            print(f"{name:<36}{sec:>9.2f}{tokens / sec:>12,.0f}{sec / base:>9.2f}")
+        (base, base_cpu) = timings["bare forward"]
+        print(
+            f"{'stage':<40}{'seconds':>9}{'tokens/s':>10}{'x bare':>8}{'extraction x bare':>19}{'(CPU time)':>12}"
+        )
+        for name, (sec, cpu) in timings.items():
+            extra = f"{(sec - base) / base:>19.2f}{(cpu - base_cpu) / base_cpu:>12.2f}" if sec != base else ""
+            print(f"{name:<40}{sec:>9.2f}{tokens / sec:>10,.0f}{sec / base:>8.2f}{extra}")
+        print(
+            "(kd precompute: the loop's seconds with masking and store writes; its CPU time includes setup)"
+        )
 
         # 4) bytes/token for several k, with and without hidden, from the pass at kmax
         full = store.read(0, 0, S)

@@ -18,6 +18,7 @@ import torch
 from . import __version__
 from .corpus import corpus_fingerprint, prepare_corpus, token_counts
 from .distributed import local_device, rank_and_world
+from .host_signals import HostSignals
 from .inputs import check_precompute
 from .masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
 from .settings import PrecomputeConfig
@@ -27,14 +28,13 @@ from .store import (
     SignalStore,
     StoreError,
     StoreMeta,
-    array_specs,
     diff_meta,
     dtypes_for,
     estimate_bytes_per_token,
     num_shards_for,
     shard_range,
 )
-from .teacher import Teacher, TeacherError, compute_signals, load_teacher
+from .teacher import Teacher, TeacherError, load_teacher, teacher_signals
 from .teacher_head import CHECK_TOPK, reproduction_check, save_head
 
 # Seconds to sleep after each (shard, view) write, before the commit; only for crash tests.
@@ -196,6 +196,8 @@ def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
         raise TeacherError(
             f"{teacher.head_error} (precompute with --no-store-head for a top-k store without it)"
         )
+    if cfg.compile:  # compiled on the first forward, again for each new batch shape
+        teacher.model = torch.compile(teacher.model)
     return teacher
 
 
@@ -341,10 +343,12 @@ def _write_shards(
 
 
 def _write_shard(
-    store: SignalStore, output: str, shard: int, ids: np.ndarray, lengths: np.ndarray, views: list[dict]
+    store: SignalStore, output: str, shard: int, ids: np.ndarray, lengths: np.ndarray, views: list[tuple]
 ) -> int:
     """Runs on the writer thread while the teacher computes the next shard; commits last."""
     try:
+        a = shard_range(store.meta, shard)[0]
+        views = [{**out, **signals.result(a)} for out, signals in views]  # waits for the copies
         store.write_inputs(shard, ids, lengths)
         for v, out in enumerate(views):
             store.write_view(shard, v, out)
@@ -370,7 +374,7 @@ def _run_view(
     offset: int,
     view: int,
     tok: dict,
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], HostSignals]:
     """The per-view arrays of sequences ``offset + [0, n)``: mask them, then run the teacher."""
     teacher = prep.teacher
     n, L = ids.shape
@@ -378,17 +382,13 @@ def _run_view(
         ids, lengths, prep.masking, tok["special_ids"], len(teacher.tokenizer), tok["mask_token_id"],
         cfg.seed, range(offset, offset + n), view, prep.weights,
     )  # fmt: skip
-    # Buffers for the teacher's arrays, in their stored dtypes (the schema says which and how big).
-    from_teacher = [spec for spec in array_specs(meta, per_view=True) if spec.source == "teacher"]
-    out = {"masked_input_ids": masked, "mlm_mask": mlm}
-    out.update({spec.name: spec.empty(meta, n) for spec in from_teacher})
+    signals = HostSignals(meta, n, teacher.device)  # the teacher's arrays (the schema says which)
     attn = (np.arange(L)[None, :] < lengths[:, None]).astype(np.int64)
     for s in range(0, n, cfg.batch_size):
         e = min(s + cfg.batch_size, n)
-        sig = compute_signals(
+        sig = teacher_signals(
             teacher.model, torch.from_numpy(masked[s:e]), torch.from_numpy(attn[s:e]),
-            meta.top_k, meta.temperatures, meta.hidden, seq_offset=offset + s, hidden_dtype=meta.hidden_dtype,
+            meta.top_k, meta.temperatures, meta.hidden, meta.hidden_dtype, offset + s,
         )  # fmt: skip
-        for spec in from_teacher:
-            out[spec.name][s:e] = getattr(sig, spec.name)
-    return out
+        signals.put(s, sig, offset)
+    return {"masked_input_ids": masked, "mlm_mask": mlm}, signals

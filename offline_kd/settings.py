@@ -57,6 +57,7 @@ class PrecomputeConfig:
     storage_options: dict | None = setting(None, "fsspec options for the store.", cli=False)
     progress: bool = setting(True, "Show a progress bar.")
     wait_timeout: float = setting(600.0, "Seconds ranks > 0 wait for rank 0 to create the store.", cli=False)
+    compile: bool = setting(False, "torch.compile the teacher (faster on a GPU after a one-off compile).")
 
 
 @dataclass

@@ -12,6 +12,8 @@ import torch
 
 from offline_kd.errors import UsageError
 
+from .signals import extract_signals
+
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.h5", "*.msgpack")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -218,7 +220,79 @@ class Signals:
     hidden: np.ndarray | None  # [B, L, H] in its stored form (offline_kd.hidden_dtype.encode)
 
 
+@dataclass
+class DeviceSignals:
+    """The signals of one batch where the teacher ran; nothing has been copied to the host yet."""
+
+    topk_ids: torch.Tensor | None  # [B, L, K] int64 (None when top_k is 0)
+    topk_logits: torch.Tensor | None  # [B, L, K] float32
+    lse: torch.Tensor | None  # [B, L, nT] float32
+    hidden: torch.Tensor | None  # [B, L, H] in the stored dtype (offline_kd.hidden_dtype)
+    nonfinite: torch.Tensor  # [B, L] bool: a NaN/inf logit at a real position
+
+
+def _to_device(x: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x, dtype=np.int64) if not torch.is_tensor(x) else x, dtype=torch.long)
+    if device.type == "cuda":  # from pinned memory the copy does not block the host
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @torch.inference_mode()
+def teacher_signals(
+    model: torch.nn.Module,
+    input_ids: np.ndarray | torch.Tensor,
+    attention_mask: np.ndarray | torch.Tensor,
+    top_k: int,
+    temperatures: Sequence[float],
+    hidden: bool,
+    hidden_dtype: str = "float16",
+    seq_offset: int = 0,
+) -> DeviceSignals:
+    """Run the teacher and extract its signals on its device, without a host synchronisation
+    (except for float8 hidden states, whose range is checked at once).
+
+    See :func:`compute_signals` for the values; ``nonfinite`` marks the positions to reject.
+    """
+    from . import hidden_dtype as hd
+
+    device = next(model.parameters()).device
+    ids, am = _to_device(input_ids, device), _to_device(attention_mask, device)
+    out = model(input_ids=ids, attention_mask=am, output_hidden_states=hidden, return_dict=True)
+    B, L, V = out.logits.shape
+    real = am.bool()
+    # A top_k 0 store keeps no top-k and no lse, but the logits are still checked for NaN/inf.
+    sig = extract_signals(
+        out.logits.reshape(B * L, V), real.reshape(-1), max(top_k, 1), temperatures or [1.0]
+    )
+    hid = None
+    if hidden:
+        h = out.hidden_states[-1].masked_fill(~real.unsqueeze(-1), 0.0)
+        err = hd.range_error(h, hidden_dtype, seq_offset)
+        if err:
+            raise TeacherError(err)
+        hid = h.to(hd.TORCH_DTYPES[hidden_dtype])
+    keep = top_k > 0
+    return DeviceSignals(
+        topk_ids=sig.topk_ids.view(B, L, top_k) if keep else None,
+        topk_logits=sig.topk_logits.view(B, L, top_k) if keep else None,
+        lse=sig.lse.view(B, L, -1) if keep else None,
+        hidden=hid,
+        nonfinite=sig.nonfinite.view(B, L),
+    )
+
+
+def check_finite(nonfinite: np.ndarray | torch.Tensor, seq_offset: int = 0) -> None:
+    """Raise :class:`TeacherError` naming the first sequence (``seq_offset`` + row) with a NaN/inf logit."""
+    bad = np.asarray(nonfinite.cpu() if torch.is_tensor(nonfinite) else nonfinite)
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        pos = int(np.flatnonzero(bad[row])[0])
+        raise TeacherError(
+            f"teacher produced NaN/inf logits for sequence {seq_offset + row} at position {pos}"
+        )
+
+
 def compute_signals(
     model: torch.nn.Module,
     input_ids: np.ndarray | torch.Tensor,
@@ -234,43 +308,17 @@ def compute_signals(
 
     Values at padding positions (attention_mask == 0) are zero. A non-finite logit at a real
     position, or a hidden value beyond ``hidden_dtype``'s range, raises :class:`TeacherError`
-    naming the sequence (``seq_offset`` + row).
+    naming the sequence (``seq_offset`` + row). The extraction reads the logits in their own dtype with
+    fp32 accumulation (`offline_kd.signals`).
     """
     from . import hidden_dtype as hd
 
-    device = next(model.parameters()).device
-    ids = torch.as_tensor(
-        np.asarray(input_ids, dtype=np.int64) if not torch.is_tensor(input_ids) else input_ids
+    sig = teacher_signals(
+        model, input_ids, attention_mask, top_k, temperatures, hidden, hidden_dtype, seq_offset
     )
-    am = torch.as_tensor(
-        np.asarray(attention_mask) if not torch.is_tensor(attention_mask) else attention_mask
+    check_finite(sig.nonfinite, seq_offset)
+    host = {k: getattr(sig, k) for k in ("topk_ids", "topk_logits", "lse")}
+    return Signals(
+        **{k: v.cpu().numpy() if v is not None else None for k, v in host.items()},
+        hidden=hd.encode(sig.hidden, hidden_dtype) if sig.hidden is not None else None,
     )
-    ids, am = ids.to(device=device, dtype=torch.long), am.to(device=device, dtype=torch.long)
-    out = model(input_ids=ids, attention_mask=am, output_hidden_states=hidden, return_dict=True)
-    logits = out.logits.float()
-    real = am.bool()
-    finite = torch.isfinite(logits).all(dim=-1) | ~real
-    if not bool(finite.all()):
-        row = int((~finite).any(dim=1).nonzero()[0, 0])
-        pos = int((~finite[row]).nonzero()[0, 0])
-        raise TeacherError(
-            f"teacher produced NaN/inf logits for sequence {seq_offset + row} at position {pos}"
-        )
-    m = real.unsqueeze(-1)
-    sig = Signals(topk_ids=None, topk_logits=None, lse=None, hidden=None)
-    if top_k > 0:
-        vals, idx = logits.topk(top_k, dim=-1, largest=True, sorted=True)
-        lse = torch.stack(
-            [torch.logsumexp(logits if float(t) == 1.0 else logits / float(t), dim=-1) for t in temperatures],
-            dim=-1,
-        )
-        sig.topk_ids = idx.masked_fill(~m, 0).cpu().numpy()
-        sig.topk_logits = vals.masked_fill(~m, 0.0).cpu().numpy().astype(np.float32, copy=False)
-        sig.lse = lse.masked_fill(~m, 0.0).cpu().numpy().astype(np.float32, copy=False)
-    if hidden:
-        h = out.hidden_states[-1].float().masked_fill(~m, 0.0)
-        err = hd.range_error(h, hidden_dtype, seq_offset)
-        if err:
-            raise TeacherError(err)
-        sig.hidden = hd.encode(h, hidden_dtype)
-    return sig
