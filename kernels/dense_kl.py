@@ -204,8 +204,9 @@ def _row(
     KL: tl.constexpr, CE: tl.constexpr, T_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr, NUM_W: tl.constexpr,
 ):  # fmt: skip
-    # One row that counts for the KL and/or carries a label: pass 1, the per-row constants and the CE, then
-    # pass 2 (the KL sum and the gradient; without a gradient to write it runs for the KL alone) and the
+    # One row that counts for the KL and/or carries a label (a kernel body, kept whole: its helpers are
+    # inlined and splitting it further would move loads ahead of the loops, costing registers): pass 1, the
+    # per-row constants and the CE, then pass 2 (the KL sum and the gradient; without a gradient to write it runs for the KL alone) and the
     # label's one-hot term.
     m_s, lg_t, m_t, lg_p, m1, lg_1 = _pass1(s_row, t_row, V, k_t, KL, CE, T_MODE, BLOCK_V, NUM_W)
     cq, cq_lo = _two_sum(_scaled_max(m_s, k_t), lg_t)  # q = 2^(fma(s, k, -cq) - cq_lo)

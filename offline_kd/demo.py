@@ -88,7 +88,7 @@ def plot_losses(metrics_csv: Path, png: Path) -> None:
 
 def run_demo(output: str | Path, budget: str = "full", log=print) -> dict:
     from offline_kd.corpus import load_documents, write_documents
-    from offline_kd.evaluate import EvalConfig, evaluate, format_table
+    from offline_kd.evaluate import EvalConfig, evaluate
     from offline_kd.minilm import MiniLMFitConfig, fit_minilm_teacher
     from offline_kd.precompute import PrecomputeConfig, precompute
     from offline_kd.store import SignalStore
@@ -153,19 +153,25 @@ def run_demo(output: str | Path, budget: str = "full", log=print) -> dict:
         "student (distil, 3 layers)": evaluate(EvalConfig(model=str(student), teacher=str(teacher), **ev)),
     }
     timings["eval"] = time.time() - t
-    table = format_table(rows)
+    return _report(out, store, student, meta.num_sequences, result.steps, rows, timings, log)
+
+
+def _report(out, store, student, sequences, steps, rows, timings, log) -> dict:
+    """Write summary.json and print the comparison table, the retained accuracy and the timings."""
+    from offline_kd.evaluate import format_table
+
     summary = {
         "output": str(out),
         "store": str(store),
         "student": str(student),
-        "store_sequences": meta.num_sequences,
-        "train_steps": result.steps,
+        "store_sequences": sequences,
+        "train_steps": steps,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "eval": {k: v.as_dict() for k, v in rows.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     retained = rows["student (distil, 3 layers)"].accuracy / max(rows["teacher (MiniLM-L6)"].accuracy, 1e-9)
-    log("\n" + table)
+    log("\n" + format_table(rows))
     log(f"\nstudent keeps {100 * retained:.0f}% of the teacher's masked accuracy with half its layers")
     log("timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     log(f"artifacts in {out}: store.zarr, student/final (model, tokenizer, README.md model card), "
