@@ -182,7 +182,7 @@ def main() -> None:
                 f"top-{check['k']} {check['topk_agreement']:.4f}, KL(T=1) {check['kl_t1_mean']:.2e}"
             )
     print(
-        "\nkd verify --exact (recovered vs stored top-k and lse; tolerance: KL 0.01, logit error 0.05·scale):"
+        "\nkd verify --exact (recovered vs stored top-k and lse; tolerance: KL 0.01, logit error 0.1·scale):"
     )
     for name, _info, _raw, _fid, _check, exact in rows:
         if exact:

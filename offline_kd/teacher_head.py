@@ -382,8 +382,10 @@ def resolve_head(
 # --------------------------------------------------------------------------- reproduction check
 # Precompute refuses a head whose logits, from the hidden states as stored, are further from the
 # teacher's own than this (first batch, real positions; docs/store-format.md, "teacher_head").
+# Good stores measure 1e-8 (fp32 teacher, float16 hidden) to 3e-4 (bf16 teacher, float8 hidden); a
+# head that is not the teacher's is off by nats. Top-1 agreement is recorded, not gated: near-ties
+# flip it without moving the distribution.
 CHECK_MAX_KL = 0.05  # mean KL(teacher || recovered) at T = 1, nats
-CHECK_MIN_TOP1 = 0.9  # fraction of positions whose arg-max agrees
 CHECK_POSITIONS = 4096  # real positions of the first batch compared (bounds the check's cost)
 CHECK_TOPK = 64  # k of the top-k agreement when the store keeps no top-k
 
@@ -427,7 +429,7 @@ def reproduction_check(
 ) -> dict:
     """The teacher's own logits on a batch against its head (fp32) applied to the batch's last
     hidden state rounded to ``hidden_dtype``, over at most :data:`CHECK_POSITIONS` real positions.
-    Raises :class:`TeacherError` beyond :data:`CHECK_MAX_KL` / :data:`CHECK_MIN_TOP1`."""
+    Raises :class:`TeacherError` beyond :data:`CHECK_MAX_KL`."""
     from .hidden_dtype import as_stored, range_error
 
     device = next(model.parameters()).device
@@ -451,13 +453,11 @@ def reproduction_check(
     got = torch.cat([head(hidden[a : a + 512]) for a in range(0, hidden.shape[0], 512)])
     figures = compare_logits(want, got, k)
     figures.update(teacher_dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
-    figures.update(
-        hidden_dtype=hidden_dtype, tolerance={"kl_t1_mean": CHECK_MAX_KL, "top1_agreement": CHECK_MIN_TOP1}
-    )
-    if not (figures["kl_t1_mean"] <= CHECK_MAX_KL and figures["top1_agreement"] >= CHECK_MIN_TOP1):
+    figures.update(hidden_dtype=hidden_dtype, tolerance={"kl_t1_mean": CHECK_MAX_KL})
+    if not figures["kl_t1_mean"] <= CHECK_MAX_KL:
         raise TeacherError(
             f"{type(model).__name__}: its head on the {hidden_dtype} hidden states does not reproduce the "
-            f"teacher's logits (first batch: mean KL {figures['kl_t1_mean']:.3g} > {CHECK_MAX_KL} or top-1 "
-            f"agreement {figures['top1_agreement']:.3f} < {CHECK_MIN_TOP1}); precompute with --no-store-head"
+            f"teacher's logits (first batch: mean KL {figures['kl_t1_mean']:.3g} > {CHECK_MAX_KL}, top-1 "
+            f"agreement {figures['top1_agreement']:.3f}); precompute with --no-store-head"
         )
     return figures
