@@ -133,7 +133,7 @@ def run(argv: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedP
 def test_commands_are_extracted():
     kinds = [" ".join(c[:2]) for c in readme_commands()]
     assert kinds == [
-        "torchrun --nproc_per_node", "kd inspect", "kd verify", "deepspeed --num_nodes", "kd eval",
+        "torchrun --nproc_per_node", "kd inspect", "kd verify", "kd verify", "deepspeed --num_nodes", "kd eval",
         "srun --nodes", "srun --nodes",
     ]  # fmt: skip
 
@@ -145,7 +145,7 @@ def test_readme_cluster_commands_run(tmp_path, tiny_teacher, tiny_corpus):
     from offline_kd.store import SignalStore
 
     store = tmp_path / "bert-base.zarr"
-    pre, inspect, verify, train, evaluate, srun_pre, srun_train = [
+    pre, inspect, verify, verify_exact, train, evaluate, srun_pre, srun_train = [
         tiny_arguments(c, tiny_teacher, tiny_corpus, store) for c in readme_commands()
     ]
     # "Add --dry-run to the precompute command": the command srun runs, on one process.
@@ -158,6 +158,8 @@ def test_readme_cluster_commands_run(tmp_path, tiny_teacher, tiny_corpus):
     assert (tmp_path / "heldout.txt").read_text().strip()
     assert "complete" in run(inspect, tmp_path).stdout
     assert "OK" in run(verify, tmp_path).stdout
+    exact = run(verify_exact, tmp_path).stdout
+    assert "exact: " in exact and "OK" in exact
 
     run(train, tmp_path)
     final = tmp_path / "runs" / "distilbert" / "final"
