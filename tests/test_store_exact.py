@@ -247,7 +247,7 @@ def test_verify_exact_needs_hidden_states(tmp_path, tiny_teacher, tiny_corpus):
     out = tmp_path / "nohidden.zarr"
     run_tiny_precompute(tiny_teacher, tiny_corpus, out, hidden=False, views=1)
     r = CliRunner().invoke(main, ["verify", str(out), "--exact"])
-    assert r.exit_code == 1 and "Error:" in r.output and "no hidden states" in r.output
+    assert r.exit_code == 2 and "Error:" in r.output and "no hidden states" in r.output
     assert len(r.output.strip().splitlines()) == 1
 
 
