@@ -27,6 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+# The masked/unmasked row load and the guarded exponent offset are the sparse kernel's own helpers.
+from .kl import _load_row as _load_f32
+from .kl import _scaled as _scaled_max
+
 LOG2E = 1.4426950408889634
 SCALE_BLOCK = 4096
 # compile-time constants inside the kernels
@@ -40,21 +44,6 @@ def t_mode(temperature: float) -> int:
 
 
 # --------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _load_f32(row_ptr, offs, V, MASKED: tl.constexpr):
-    if MASKED:
-        return tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-    else:
-        return tl.load(row_ptr + offs).to(tl.float32)
-
-
-@triton.jit
-def _scaled_max(m, k_t):
-    # fl(m * k) as the exponent offset, 0 for lanes that have seen nothing yet (m = -inf): keeps -inf - -inf
-    # out of the exponentials, whose inputs are then -inf (giving 0) on such lanes
-    return tl.where(m > float("-inf"), m * k_t, 0.0)
-
-
 @triton.jit
 def _stats_block(
     s_row, t_row, offs, V, m_s, m_t, d_t, d_1, d_p, k_t,
