@@ -30,9 +30,9 @@ import triton.language as tl
 # The masked/unmasked row load and the guarded exponent offset are the sparse kernel's own helpers.
 from .kl import _load_row as _load_f32
 from .kl import _scaled as _scaled_max
+from .kl import scale_grad_  # noqa: F401  (the dense backend's in-place upstream scaling)
 
 LOG2E = 1.4426950408889634
-SCALE_BLOCK = 4096
 # compile-time constants inside the kernels
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -328,16 +328,6 @@ def _dense_kl_ce_kernel(
     # fmt: on
 
 
-@triton.jit
-def _scale_kernel(G_ptr, n, SCALE_ptr, BLOCK: tl.constexpr):
-    # grad *= upstream, skipped on the device when upstream == 1 (no host sync to find out)
-    g = tl.load(SCALE_ptr)
-    if g != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(G_ptr + offs, mask=offs < n)
-        tl.store(G_ptr + offs, (x.to(tl.float32) * g).to(G_ptr.dtype.element_ty), mask=offs < n)
-
-
 # ------------------------------------------------------------------------------------------- launchers
 def block_config(V: int, elem_bytes: int) -> tuple[int, int]:
     """(BLOCK_V, num_warps). Pass 1 views a block as [num_warps, E] with E = 32 threads x one 16-byte vector
@@ -401,12 +391,3 @@ def dense_kl_ce_rows(
         return
     args, kwargs = launch_args(s, t, sel, labels, coef, temperature, grad, kl_rows, ce_rows)
     _dense_kl_ce_kernel[(s.shape[0],)](*args, **kwargs)
-
-
-def scale_grad_(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
-    """grad *= upstream in place (grad contiguous); a no-op decided on the device when upstream is 1."""
-    n = grad.numel()
-    if n:
-        scale = upstream.detach().reshape(1).to(device=grad.device, dtype=torch.float32)
-        _scale_kernel[(triton.cdiv(n, SCALE_BLOCK),)](grad, n, scale, BLOCK=SCALE_BLOCK, num_warps=4)
-    return grad

@@ -36,7 +36,6 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import JITFunction
 
-from . import dense_kl
 from ._common import LOG2E, TINY, Prepared, RowStats, device_guard, logit_loss_function, temperature_power
 
 MAX_BLOCK_V = 4096
@@ -571,13 +570,30 @@ def kl_ce_forward_grad(prep: Prepared, coef: torch.Tensor, grad: torch.Tensor | 
     return RowStats(kl, ce, *(None,) * 5)
 
 
+SCALE_BLOCK = 4096
+
+
+@triton.jit
+def _scale_kernel(G_ptr, n, SCALE_ptr, BLOCK: tl.constexpr):
+    # grad *= upstream, skipped on the device when upstream == 1 (no host sync to find out)
+    g = tl.load(SCALE_ptr)
+    if g != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(G_ptr + offs, mask=offs < n)
+        tl.store(G_ptr + offs, (x.to(tl.float32) * g).to(G_ptr.dtype.element_ty), mask=offs < n)
+
+
 def scale_grad_(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
-    """grad *= upstream in place, on the gradient's device; for a contiguous gradient the dense kernels'
-    in-place scaling, which decides on the device that upstream == 1 needs nothing (no host sync)."""
+    """grad *= upstream in place, on the gradient's device. For a contiguous gradient a kernel that decides on
+    the device that upstream == 1 needs nothing (no host sync); shared with the dense backend."""
     if not grad.is_contiguous():
         return grad.mul_(upstream.to(grad.device))
-    with device_guard(grad):
-        return dense_kl.scale_grad_(grad, upstream)
+    n = grad.numel()
+    if n:
+        with device_guard(grad):
+            scale = upstream.detach().reshape(1).to(device=grad.device, dtype=torch.float32)
+            _scale_kernel[(triton.cdiv(n, SCALE_BLOCK),)](grad, n, scale, BLOCK=SCALE_BLOCK, num_warps=4)
+    return grad
 
 
 # ------------------------------------------------------------------------------------------ autograd.Function
