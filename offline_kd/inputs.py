@@ -213,12 +213,14 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainConfig:
     Returns `cfg` with the teacher resolved (``--teacher``, else the store's record) when the
     student needs it."""
     from offline_kd.ds_config import load_ds_config, resolve_ds_config
+    from offline_kd.storage import check_store_url
     from offline_kd.store import open_store
 
     resolve_ds_config(
         load_ds_config(cfg.deepspeed_config), world_size, micro_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr=cfg.lr,
     )  # fmt: skip
+    check_store_url(cfg.store, cfg.storage_options)  # filesystem installed, bucket answering
     store = open_store(cfg.store, cfg.storage_options)
     meta = store.meta
     missing = [i for i, c in enumerate(store.committed()) if not c]
