@@ -10,14 +10,6 @@ from offline_kd.config import click_options, from_click_params
 from offline_kd.settings import PrecomputeConfig, StoreAccess
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} TB"
-
-
 def _storage_options(access: dict) -> dict | None:
     """The ``--storage-option`` pairs of a command's `StoreAccess` parameters."""
     return from_click_params(StoreAccess, access).storage_options
@@ -32,9 +24,7 @@ def precompute_cmd(**kw):
     res = precompute(from_click_params(PrecomputeConfig, kw))
     if res.dry_run:
         click.echo(
-            f"dry run: {res.num_sequences:,} sequences, {res.tokens:,} token positions, "
-            f"{res.num_shards} shards; estimated store size {_human(res.estimated_bytes)} "
-            f"(uncompressed upper bound); enough free space"
+            "\n".join(["dry run (nothing written, no teacher weights loaded):"] + res.estimate.lines())
         )
         return
     click.echo(

@@ -71,7 +71,12 @@ class PrecomputeConfig:
     holdout: float = setting(0.0, "Fraction of documents held out.")
     holdout_file: str | None = setting(None, "Write held-out documents here, one per line.")
     overwrite: bool = setting(False, "Replace an existing store made with other settings.")
-    dry_run: bool = setting(False, "Estimate the store size and check free disk space; write nothing.")
+    dry_run: bool = setting(
+        False,
+        "Estimate the store size from a sample of the corpus, check free local disk space and the "
+        "store URL; load no teacher weights, write nothing.",
+    )
+    dry_run_documents: int = setting(1000, "Documents per corpus source the dry run tokenizes.")
     trust_remote_code: bool = setting(False, "Run the teacher repository's own code (off unless asked).")
     revision: str | None = setting(None, "Teacher revision (branch, tag or commit) on the hub.")
     storage_options: dict | None = storage_options_setting()
