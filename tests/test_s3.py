@@ -9,6 +9,7 @@ byte-identical to an uninterrupted local precompute with the same settings. `kd 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,14 +46,14 @@ def _wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float
     raise RuntimeError(f"moto server did not answer at {url} within {timeout}s")
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """``http://127.0.0.1:PORT`` of a moto S3 server with the bucket ``kd-test``; AWS_* credentials set."""
+@contextlib.contextmanager
+def moto_s3_server(log: Path, bucket: str = BUCKET):
+    """Run moto's S3 server on 127.0.0.1 at a free port with ``bucket`` made and AWS_* test
+    credentials in the environment; yields its endpoint URL."""
     saved = {k: os.environ.get(k) for k in AWS_ENV}
     os.environ.update(AWS_ENV)
     port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"  # a file: the server logs every request
-    with open(log, "wb") as sink:
+    with open(log, "wb") as sink:  # a file, not a pipe: the server logs every request
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=sink,
@@ -61,7 +62,7 @@ def s3_endpoint(tmp_path_factory):
     endpoint = f"http://127.0.0.1:{port}"
     try:
         _wait_for_server(endpoint, proc, log)
-        _fs(endpoint).mkdir(BUCKET)
+        _fs(endpoint).mkdir(bucket)
         yield endpoint
     finally:
         proc.terminate()
@@ -71,6 +72,13 @@ def s3_endpoint(tmp_path_factory):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """``http://127.0.0.1:PORT`` of a moto S3 server with the bucket ``kd-test``; AWS_* credentials set."""
+    with moto_s3_server(tmp_path_factory.mktemp("moto") / "server.log") as endpoint:
+        yield endpoint
 
 
 def _fs(endpoint: str):
