@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_documents, run_tiny_precompute
+from conftest import TINY_FLAGS, make_documents, run_tiny_precompute
 from offline_kd.cli.kd import main as kd
-from test_precompute import TINY_FLAGS
 
 from offline_kd.storage import StorageError, check_store_url, parse_options, redact, split_url
 from offline_kd.store import StoreError
@@ -105,14 +104,17 @@ def test_dry_run_refuses_a_local_disk_without_room(shape_only_teacher, tiny_corp
         run_tiny_precompute(shape_only_teacher, tiny_corpus, tmp_path / "dry.zarr", dry_run=True)
 
 
-def test_dry_run_names_a_missing_teacher_and_corpus(shape_only_teacher, tmp_path):
+def test_dry_run_checks_the_inputs_like_a_run(shape_only_teacher, tiny_corpus, tmp_path):
+    """The same refusals as a real run, except that a teacher without weights is fine."""
     from offline_kd.corpus import CorpusError
-    from offline_kd.teacher import TeacherError
+    from offline_kd.errors import UsageError
 
-    with pytest.raises(TeacherError, match=r"teacher '.*no_teacher': cannot read its config"):
-        run_tiny_precompute(tmp_path / "no_teacher", "c.txt", tmp_path / "d.zarr", dry_run=True)
+    with pytest.raises(UsageError, match=r"--teacher .*no_teacher: no such directory"):
+        run_tiny_precompute(tmp_path / "no_teacher", tiny_corpus, tmp_path / "d.zarr", dry_run=True)
     with pytest.raises(CorpusError, match=r"corpus file '.*missing.txt' does not exist"):
         run_tiny_precompute(shape_only_teacher, tmp_path / "missing.txt", tmp_path / "d.zarr", dry_run=True)
+    with pytest.raises(UsageError, match=r"--teacher .*: no weights"):
+        run_tiny_precompute(shape_only_teacher, tiny_corpus, tmp_path / "d.zarr")  # without --dry-run
 
 
 # ------------------------------------------------------------------------- store URLs

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_FLAGS, store_files
 from offline_kd.cli.kd import main as kd
-from test_precompute import TINY_FLAGS, store_files
 from test_train import TINY_DS, _base, _check, _free_port, _losses, run_cli
 
 BUCKET = "kd-test"
