@@ -93,14 +93,13 @@ def redact(options: dict | None) -> dict | None:
     """The options with credential values replaced by ``"***"`` (for run files and logs)."""
     if options is None:
         return None
-    return {
-        k: "***"
-        if any(w in str(k).lower() for w in SECRET_WORDS)
-        else redact(v)
-        if isinstance(v, dict)
-        else v
-        for k, v in options.items()
-    }
+    out = {}
+    for key, value in options.items():
+        if any(word in str(key).lower() for word in SECRET_WORDS):
+            out[key] = "***"
+        else:
+            out[key] = redact(value) if isinstance(value, dict) else value
+    return out
 
 
 def filesystem(url: str, options: dict | None = None):
