@@ -7,15 +7,12 @@ import json
 import click
 
 from offline_kd.config import click_options, from_click_params
-from offline_kd.settings import PrecomputeConfig
+from offline_kd.settings import PrecomputeConfig, StoreAccess
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.1f} {unit}"
-        n /= 1000
-    return f"{n:,.1f} TB"
+def _storage_options(access: dict) -> dict | None:
+    """The ``--storage-option`` pairs of a command's `StoreAccess` parameters."""
+    return from_click_params(StoreAccess, access).storage_options
 
 
 @click.command("precompute")
@@ -27,9 +24,7 @@ def precompute_cmd(**kw):
     res = precompute(from_click_params(PrecomputeConfig, kw))
     if res.dry_run:
         click.echo(
-            f"dry run: {res.num_sequences:,} sequences, {res.tokens:,} token positions, "
-            f"{res.num_shards} shards; estimated store size {_human(res.estimated_bytes)} "
-            f"(uncompressed upper bound); enough free space"
+            "\n".join(["dry run (nothing written, no teacher weights loaded):"] + res.estimate.lines())
         )
         return
     click.echo(
@@ -41,11 +36,12 @@ def precompute_cmd(**kw):
 @click.command("inspect")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect_cmd(store, as_json):
+@click_options(StoreAccess)
+def inspect_cmd(store, as_json, **access):
     """Summarise a signal store."""
     from offline_kd.verify import format_summary, inspect_store
 
-    info = inspect_store(store)
+    info = inspect_store(store, _storage_options(access))
     click.echo(json.dumps(info, indent=2) if as_json else format_summary(info))
 
 
@@ -70,14 +66,16 @@ def inspect_cmd(store, as_json):
 )
 @click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max abs difference allowed.")
 @click.option("--json", "as_json", is_flag=True)
-def verify_cmd(store, teacher, exact, sample, device, dtype, tolerance, as_json):
+@click_options(StoreAccess)
+def verify_cmd(store, teacher, exact, sample, device, dtype, tolerance, as_json, **access):
     """Decode every chunk (crc32c), check ranges and completeness; exit 1 naming what is bad."""
     from offline_kd.verify import verify_store
     from offline_kd.verify_exact import format_exact
 
     rep = verify_store(
-        store, teacher=teacher, sample=sample, device=device, dtype=dtype, tolerance=tolerance, exact=exact
-    )
+        store, teacher=teacher, sample=sample, device=device, dtype=dtype, tolerance=tolerance, exact=exact,
+        storage_options=_storage_options(access),
+    )  # fmt: skip
     if as_json:
         click.echo(json.dumps(rep.as_dict(), indent=2))
     else:

@@ -21,6 +21,7 @@ from torch import nn
 
 from offline_kd.distributed import barrier
 from offline_kd.loss import COMPONENTS
+from offline_kd.storage import redact
 from offline_kd.student import StudentBundle
 
 if TYPE_CHECKING:
@@ -79,7 +80,9 @@ def export_student(
 
 def write_run_config(out_dir: Path, cfg: TrainConfig, ds: dict) -> None:
     """The exact settings of a run: ``train_config.json`` and the resolved ``ds_config.json``."""
-    (out_dir / "train_config.json").write_text(json.dumps(cfg.as_dict(), indent=2) + "\n")
+    settings = cfg.as_dict()
+    settings["storage_options"] = redact(settings.get("storage_options"))  # credentials stay out of files
+    (out_dir / "train_config.json").write_text(json.dumps(settings, indent=2) + "\n")
     (out_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 
 

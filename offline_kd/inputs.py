@@ -125,13 +125,17 @@ def check_device(value: str | None, flag: str = "--device") -> None:
 def check_precompute(cfg: PrecomputeConfig, world_size: int) -> None:
     """Settings, device, teacher config and corpus sources of ``kd precompute``."""
     from offline_kd.corpus import check_sources
+    from offline_kd.storage import check_store_url
 
     _check_precompute_settings(cfg, world_size)
+    # The store's filesystem installed and its bucket answering; a local output under a writable directory.
+    check_store_url(cfg.output, cfg.storage_options, writing=not cfg.dry_run)
     check_device(cfg.device)
     label = f"--teacher {cfg.teacher}"
     config = check_model_source(
-        cfg.teacher, label, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
+        cfg.teacher, label, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+        need_weights=not cfg.dry_run,  # a dry run reads the config and the tokenizer only
+    )  # fmt: skip
     vocab = getattr(config, "vocab_size", None)
     if isinstance(vocab, int) and cfg.top_k > vocab:
         raise UsageError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary size {vocab}")
@@ -213,12 +217,14 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainConfig:
     Returns `cfg` with the teacher resolved (``--teacher``, else the store's record) when the
     student needs it."""
     from offline_kd.ds_config import load_ds_config, resolve_ds_config
+    from offline_kd.storage import check_store_url
     from offline_kd.store import open_store
 
     resolve_ds_config(
         load_ds_config(cfg.deepspeed_config), world_size, micro_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr=cfg.lr,
     )  # fmt: skip
+    check_store_url(cfg.store, cfg.storage_options)  # filesystem installed, bucket answering
     store = open_store(cfg.store, cfg.storage_options)
     meta = store.meta
     missing = [i for i, c in enumerate(store.committed()) if not c]

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +16,7 @@ import torch
 from . import __version__
 from .corpus import corpus_fingerprint, prepare_corpus, token_counts
 from .distributed import local_device, rank_and_world
+from .dry_run import DryRunEstimate, dry_run
 from .host_signals import HostSignals
 from .inputs import check_precompute
 from .masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
@@ -30,7 +29,6 @@ from .store import (
     StoreMeta,
     diff_meta,
     dtypes_for,
-    estimate_bytes_per_token,
     num_shards_for,
     shard_range,
 )
@@ -55,19 +53,12 @@ class PrecomputeResult:
     estimated_bytes: int | None = None
     meta: dict | None = None
     loop_seconds: float = 0.0  # time spent masking, running the teacher and writing shards
+    estimate: DryRunEstimate | None = None  # the dry run's report
 
 
 def assigned_shards(num_shards: int, rank: int, world_size: int) -> list[int]:
     """Round-robin: shard i belongs to rank i mod world_size."""
     return list(range(rank, num_shards, world_size))
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> Path:
-    return Path(url[len("file://") :] if url.startswith("file://") else url)
 
 
 def _chunk_size(cfg: PrecomputeConfig) -> int:
@@ -146,18 +137,18 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     """Run the teacher over the corpus and write (or resume) the signal store. See docs/resume.md."""
     t0 = time.monotonic()
     rank, world = rank_and_world(cfg.rank, cfg.world_size)
-    check_precompute(cfg, world)  # every input, before the teacher loads or the corpus is read
+    check_precompute(cfg, world)  # every input, the store URL included, before the teacher or the corpus
+    if cfg.dry_run:  # the teacher's config and a sample of the corpus: no weights, nothing written
+        est = dry_run(cfg)
+        return PrecomputeResult(
+            cfg.output, est.sequences, est.num_shards, [], [], False, time.monotonic() - t0, est.tokens,
+            dry_run=True, estimated_bytes=est.bytes, estimate=est,
+        )  # fmt: skip
     teacher = _load_checked_teacher(cfg)
     prep = _prepare(cfg, teacher, rank)
     S = len(prep.packed)
     if _wants_head(cfg) and rank == 0:
         prep.meta.teacher_head["check"] = _check_head(cfg, prep)
-    if cfg.dry_run:
-        est = _check_disk_space(cfg, prep.meta, S)
-        return PrecomputeResult(
-            cfg.output, S, prep.meta.num_shards, [], [], False, time.monotonic() - t0, S * cfg.max_length,
-            dry_run=True, estimated_bytes=est, meta=prep.meta.as_dict(),
-        )  # fmt: skip
 
     # Rank 0 creates (or reopens for resume) the store; the others wait for its attributes.
     if rank == 0:
@@ -221,7 +212,7 @@ def _prepare(cfg: PrecomputeConfig, teacher: Teacher, rank: int) -> _Prepared:
         text_field=cfg.text_field,
         holdout_fraction=cfg.holdout,
         holdout_file=cfg.holdout_file,
-        write_holdout=(rank == 0 and not cfg.dry_run),
+        write_holdout=(rank == 0),
     )
     masking = MaskingConfig(mlm_probability=cfg.mlm_probability, smoothing=cfg.mask_smoothing)
     weights = None
@@ -256,30 +247,6 @@ def _check_head(cfg: PrecomputeConfig, prep: _Prepared) -> dict:
         teacher.model, teacher.head.module, torch.from_numpy(masked), torch.from_numpy(attn),
         cfg.hidden_dtype, cfg.top_k or CHECK_TOPK,
     )  # fmt: skip
-
-
-def _check_disk_space(cfg: PrecomputeConfig, meta: StoreMeta, num_sequences: int) -> int:
-    """Estimated uncompressed store bytes; refuse a local output without that much free space."""
-    bpt = estimate_bytes_per_token(
-        meta.top_k,
-        meta.views,
-        len(meta.temperatures),
-        meta.hidden_size if meta.hidden else None,
-        meta.vocab_size,
-        meta.hidden_dtype,
-    )
-    est = int(bpt * num_sequences * meta.max_length)
-    if _is_local(cfg.output):
-        p = _local_path(cfg.output).absolute()
-        while not p.exists():
-            p = p.parent
-        free = shutil.disk_usage(p).free
-        if free < est:
-            raise StoreError(
-                f"not enough disk space for {cfg.output!r}: estimated {est / 1e9:.2f} GB, "
-                f"{free / 1e9:.2f} GB free at {p}"
-            )
-    return est
 
 
 def _progress_bar(cfg: PrecomputeConfig, total: int, rank: int, world: int):

@@ -17,6 +17,26 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
 
 
+def storage_options_setting(group: str | None = None):
+    """``--storage-option KEY=VALUE``: the one declaration behind every command that opens a store."""
+    return setting(
+        None,
+        "fsspec option for the store, e.g. endpoint_url=http://host:9000 or anon=true (repeatable; "
+        "dotted keys nest: client_kwargs.region_name=X). Credentials: the filesystem's environment "
+        "variables (AWS_ACCESS_KEY_ID, ...).",
+        flags=("--storage-option",),
+        metavar="KEY=VALUE",
+        group=group,
+    )
+
+
+@dataclass
+class StoreAccess:
+    """How ``kd inspect`` and ``kd verify`` reach a store."""
+
+    storage_options: dict | None = storage_options_setting()
+
+
 @dataclass
 class PrecomputeConfig:
     """The teacher pass: corpus → masked views → teacher signals → signal store."""
@@ -51,10 +71,15 @@ class PrecomputeConfig:
     holdout: float = setting(0.0, "Fraction of documents held out.")
     holdout_file: str | None = setting(None, "Write held-out documents here, one per line.")
     overwrite: bool = setting(False, "Replace an existing store made with other settings.")
-    dry_run: bool = setting(False, "Estimate the store size and check free disk space; write nothing.")
+    dry_run: bool = setting(
+        False,
+        "Estimate the store size from a sample of the corpus, check free local disk space and the "
+        "store URL; load no teacher weights, write nothing.",
+    )
+    dry_run_documents: int = setting(1000, "Documents per corpus source the dry run tokenizes.")
     trust_remote_code: bool = setting(False, "Run the teacher repository's own code (off unless asked).")
     revision: str | None = setting(None, "Teacher revision (branch, tag or commit) on the hub.")
-    storage_options: dict | None = setting(None, "fsspec options for the store.", cli=False)
+    storage_options: dict | None = storage_options_setting()
     progress: bool = setting(True, "Show a progress bar.")
     wait_timeout: float = setting(600.0, "Seconds ranks > 0 wait for rank 0 to create the store.", cli=False)
     compile: bool = setting(False, "torch.compile the teacher (faster on a GPU after a one-off compile).")
@@ -120,10 +145,7 @@ class TrainConfig:
     seed: int = setting(0, "student initialisation and data order", group=_SCHEDULE)
     num_workers: int = setting(0, "DataLoader reader processes", group=_DATA)
     buffer_chunks: int = setting(4, "store chunks per shuffle buffer", group=_DATA)
-    storage_options: dict | None = setting(
-        None, "fsspec option for the store (repeatable)", flags=("--storage-option",), metavar="KEY=VALUE",
-        group=_IO,
-    )  # fmt: skip
+    storage_options: dict | None = storage_options_setting(group=_IO)
     save_every: int = setting(0, "checkpoint every N optimizer steps (0: never)", group=_LOGS)
     keep_checkpoints: int | None = setting(None, "keep only the newest N checkpoints", group=_LOGS)
     resume: bool = setting(False, "continue from the newest complete checkpoint", group=_LOGS)

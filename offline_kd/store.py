@@ -13,6 +13,7 @@ import zarr
 import zarr.codecs as zc
 
 from offline_kd.errors import UsageError
+from offline_kd.storage import check_store_url, is_local, local_path, parse_options
 
 FORMAT = "offline_kd.signal_store"
 # 2: the teacher's MLM head in `teacher_head/`, --top-k 0 (no top-k arrays), hidden_dtype.
@@ -269,10 +270,20 @@ def diff_meta(a: dict, b: dict) -> list[str]:
 
 
 def _open_group(url: str, mode: str, storage_options: dict | None):
-    if str(url).startswith("file://") and not storage_options:
-        url = str(url)[len("file://") :]  # local store: atomic writes, no fsspec needed
-    kwargs = {"storage_options": storage_options} if storage_options else {}
-    return zarr.open_group(str(url), mode=mode, zarr_format=3, **kwargs)
+    if is_local(url) and not storage_options:
+        url = str(local_path(url))  # local store: atomic writes, no fsspec needed
+    options = parse_options(storage_options)  # --storage-option strings, typed
+    kwargs = {"storage_options": options} if options else {}
+    try:
+        return zarr.open_group(str(url), mode=mode, zarr_format=3, **kwargs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, StoreError):
+        raise
+    except (ImportError, ValueError, TypeError) as e:  # the URL's filesystem: missing, unknown, bad options
+        check_store_url(url, storage_options)
+        raise StoreError(f"cannot open store {url!r}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a backend's connection or permission error, in one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise StoreError(f"cannot open store {url!r}: {type(e).__name__}: {first}") from e
 
 
 def _create_arrays(g, meta: StoreMeta) -> None:

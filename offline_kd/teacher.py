@@ -134,6 +134,27 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def load_teacher_shape(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The teacher's model config and fast tokenizer, without its weights: ``(config, tokenizer)``."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+        tok = AutoTokenizer.from_pretrained(
+            name_or_path, revision=revision, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise TeacherError(f"teacher {name_or_path!r}: cannot read its config and tokenizer: {first}") from e
+    if not getattr(tok, "is_fast", False):
+        raise TeacherError(f"{name_or_path!r}: a fast tokenizer is required")
+    if tok.mask_token_id is None:
+        raise TeacherError(f"{name_or_path!r}: the tokenizer has no mask token")
+    return config, tok
+
+
 def load_teacher(
     name_or_path: str,
     revision: str | None = None,

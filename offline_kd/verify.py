@@ -6,12 +6,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .storage import check_store_url
 from .store import SignalStore, StoreCorruptionError, array_specs, shard_range
 
 
 def inspect_store(url: str, storage_options: dict | None = None) -> dict:
     """Summary of a store. Keys: sequences, tokens, top_k, views, vocab_size, teacher, complete,
     bytes, bytes_per_token, plus extras (max_length, temperatures, hidden, shards, ...)."""
+    check_store_url(url, storage_options)
     s = SignalStore.open(url, storage_options=storage_options)
     m = s.meta
     committed = s.committed()
@@ -190,6 +192,7 @@ def verify_store(
     """Decode every chunk (crc32c), check value ranges and completeness; optionally rerun the
     teacher (``teacher``) and recompute the logits through the stored head (``exact``) on
     ``sample`` sequences."""
+    check_store_url(url, storage_options)
     s = SignalStore.open(url, storage_options=storage_options)
     if teacher is not None:  # refused before the (long) decode of every chunk
         from .inputs import check_device, check_model_source
