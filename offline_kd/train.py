@@ -22,7 +22,7 @@ from torch import nn
 
 from offline_kd import checkpoint as ckpt
 from offline_kd.distributed import accelerator_device, init_distributed
-from offline_kd.ds_config import fill_schedule, load_ds_config, param_dtype, resolve_ds_config
+from offline_kd.ds_config import fill_schedule, load_ds_config, resolve_ds_config
 from offline_kd.errors import RunFailed, UsageError
 from offline_kd.export import export_run, write_run_config
 from offline_kd.inputs import check_train
@@ -229,14 +229,9 @@ def resume_run(
 # --------------------------------------------------------------------------------------- loop pieces
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device, float_dtype: torch.dtype | None):
-    out = {}
-    for k, v in batch.items():
-        v = v.to(device, non_blocking=True)
-        if k == "hidden" and float_dtype is not None:
-            v = v.to(float_dtype)
-        out[k] = v
-    return out
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    # Stored hidden states stay fp16 until the loss, which casts them to the student's dtype.
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def sum_over_ranks(
@@ -330,7 +325,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         write_run_config(out, cfg, ds)
     # DeepSpeed owns the optimizer, the ZeRO partitioning and the accumulation boundary.
     engine = build_engine(cfg, run, ds)
-    float_dtype = param_dtype(ds)  # stored hidden states are cast to the parameters' dtype
     # Continue at the next unseen micro-batch of the newest complete checkpoint.
     ckpt_dir = out / "checkpoints"
     layout = Layout(world, ds["train_micro_batch_size_per_gpu"], gas)
@@ -351,7 +345,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - t0
-                batch = _to_device(batch, device, float_dtype)
+                batch = _to_device(batch, device)
                 loss, parts = engine(batch)
                 # Summed over ranks every micro-batch, so a non-finite loss stops all ranks together.
                 sums = sum_over_ranks(parts, batch, world, device)
