@@ -21,7 +21,7 @@ Step times are also measured side by side (interleaved steps of exact, top-k and
 
 Run:  python benchmarks/fidelity.py            (~1 h on 2 CPU cores; the teacher fit is cached)
       python benchmarks/fidelity.py --quick    (a few minutes, weak teacher, tiny budget)
-      python benchmarks/fidelity.py --only "online KD,offline KD,offline KD, exact"
+      python benchmarks/fidelity.py --only "online KD" --only "offline KD" --only "offline KD, exact"
 Writes runs/fidelity/results.json, docs/fidelity_quality.png, docs/fidelity_loss.png and prints
 markdown tables.
 """
@@ -46,6 +46,10 @@ from _common import REPO
 SHIPPED_CORPORA = REPO / "benchmarks" / "corpora"  # xz-compressed, see its README.md
 CORPUS_FILES = ("austen.txt", "kjv_chapters.txt")
 KD_WEIGHTS = (5.0, 2.0, 1.0)  # alpha_kl, alpha_mlm, alpha_cos (DistilBERT)
+FULL_BUDGET = dict(steps=200, batch_size=16, train_docs=2200, eval_sequences=400, step_time_repeats=10,
+                   work=str(REPO / "runs" / "fidelity"))  # fmt: skip
+QUICK_BUDGET = dict(steps=30, batch_size=8, train_docs=150, eval_sequences=48, step_time_repeats=4,
+                    work=str(REPO / "runs" / "fidelity-quick"))  # fmt: skip
 
 
 @dataclass
@@ -482,33 +486,35 @@ def plots(results: dict, ctx: dict, out_dir: Path) -> None:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few minutes: weak teacher, tiny budget")
-    p.add_argument("--work", default=str(REPO / "runs" / "fidelity"))
+    p.add_argument("--work", default=None, help="default: runs/fidelity (runs/fidelity-quick with --quick)")
     p.add_argument(
         "--corpora", default=str(SHIPPED_CORPORA), help="folder of austen.txt and kjv_chapters.txt (or .xz)"
     )
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, help="default: 200 (--quick: 30)")
+    p.add_argument("--batch-size", type=int, help="default: 16 (--quick: 8)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--default-k", type=int, default=64)
     p.add_argument(
         "--store-k", type=int, default=128, help="k of the store; smaller k are its leading columns"
     )
-    p.add_argument("--train-docs", type=int, default=2200, help="Austen documents the store is built from")
-    p.add_argument("--eval-sequences", type=int, default=400)
-    p.add_argument("--teacher-dtype", default="bfloat16")
-    p.add_argument("--only", default=None, help="comma-separated student names to run")
     p.add_argument(
-        "--step-time-repeats", type=int, default=10, help="interleaved steps timed per student (0: skip)"
+        "--train-docs", type=int, help="Austen documents the store is built from (2200; --quick: 150)"
+    )
+    p.add_argument("--eval-sequences", type=int, help="default: 400 (--quick: 48)")
+    p.add_argument("--teacher-dtype", default="bfloat16")
+    p.add_argument("--only", action="append", help="run only this student (repeatable; names have commas)")
+    p.add_argument(
+        "--step-time-repeats", type=int, help="interleaved steps timed per student, 0: none (10; --quick: 4)"
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--docs-dir", default=str(REPO / "docs"))
     args = p.parse_args()
-    if args.quick:
-        args.steps, args.batch_size, args.train_docs, args.eval_sequences = 30, 8, 150, 48
-        args.step_time_repeats = min(args.step_time_repeats, 4)
-        args.work = args.work + "-quick"
+    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
+    for name, value in budget.items():  # a value given on the command line wins
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     return args
 
 
@@ -547,7 +553,7 @@ def setup(args: argparse.Namespace, log) -> dict:
 def run_students(ctx: dict, save, log) -> None:
     """Train and evaluate every wanted student not yet in results.json (saved after each)."""
     args, results = ctx["args"], ctx["results"]
-    wanted = set(args.only.split(",")) if args.only else None
+    wanted = set(args.only) if args.only else None
     for spec in students(args.default_k, args.quick):
         if (wanted and spec.name not in wanted) or spec.name in results:
             continue
@@ -582,7 +588,8 @@ def main() -> None:
         results_path.write_text(json.dumps(record, indent=1))
 
     run_students(ctx, save, log)
-    if args.step_time_repeats and not times:
+    measured = times and all(len(t["all_s"]) == args.step_time_repeats for t in times.values())
+    if args.step_time_repeats and not measured:
         log("step times: exact, top-k and online students side by side")
         names = {"offline KD", "offline KD, exact", "online KD"}
         times = step_times(
