@@ -332,9 +332,8 @@ def train_student(spec: Student, ctx: dict, log) -> dict:
         row = train_step(run, spec, ctx, batch_inputs(spec, ctx, epoch, rows))
         curve.append({"step": step + 1, **row})
         if (step + 1) % 50 == 0:
-            log(
-                f"  {spec.name}: step {step + 1} loss {row['loss']:.3f} ce {row['ce']:.3f} ({time.time() - start:.0f}s)"
-            )
+            elapsed = time.time() - start
+            log(f"  {spec.name}: step {step + 1} loss {row['loss']:.3f} ce {row['ce']:.3f} ({elapsed:.0f}s)")
     seconds = time.time() - start
     out_dir = ctx["work"] / "students" / spec.name.replace(" ", "_").replace(",", "").replace("=", "")
     run.model.eval()

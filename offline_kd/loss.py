@@ -47,14 +47,14 @@ def distillation_loss(
 
     `student_logits` [B, L, W], `student_hidden` [B, L, Hs]; `batch` as produced by
     `offline_kd.reader`: attention_mask, mlm_mask, labels [B, L], topk_ids / topk_logits [B, L, K]
-    (kl_source topk), optional lse [B, L] (at cfg.temperature) and hidden [B, L, H]. `vocab_size`: the vocabulary when
-    the logits are wider (a student whose embeddings are padded to a multiple of 64); the padding gets no
-    probability. `consume_logits`: the gradient is written over the logits in the forward (the trainer,
-    which does not read them afterwards: no second [B·L, W] buffer). `expected_upstream`: the gradient the
-    backward will bring for the total (DeepSpeed: 1 / gradient accumulation steps), folded into the
-    logits' gradient in the forward so the backward makes no further pass over it (top-k KL; the exact
-    KL scales its gradient in the backward). `teacher_head` (kl_source exact): the teacher's MLM head,
-    [c, H] → [c, V].
+    (kl_source topk), optional lse [B, L] (at cfg.temperature) and hidden [B, L, H]. `vocab_size`: the
+    vocabulary when the logits are wider (a student whose embeddings are padded to a multiple of 64); the
+    padding gets no probability. `consume_logits`: the gradient is written over the logits in the forward
+    (the trainer, which does not read them afterwards: no second [B·L, W] buffer). `expected_upstream`:
+    the gradient the backward will bring for the total (DeepSpeed: 1 / gradient accumulation steps),
+    folded into the logits' gradient in the forward so the backward makes no further pass over it (top-k
+    KL; the exact KL scales its gradient in the backward). `teacher_head` (kl_source exact): the
+    teacher's MLM head, [c, H] → [c, V].
 
     Every row goes to the kernels as one [B·L, W] view with a row mask (pad tokens count for nothing and
     get zero gradient rows): no copy of the logits, no host synchronisation to find the non-pad rows.
