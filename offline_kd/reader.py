@@ -34,10 +34,12 @@ from .hidden_dtype import to_batch as hidden_to_batch
 from .store import StoreMeta, array_specs, open_store, temperature_index
 
 
-def batch_fields(meta: StoreMeta, *, lse: bool, hidden: bool) -> list[str]:
+def batch_fields(meta: StoreMeta, *, lse: bool, hidden: bool, topk: bool = True) -> list[str]:
     """The store arrays a training batch reads: every array the store has, except ``lse`` when no
-    temperature is used and ``hidden`` when no hidden-state loss is used."""
-    unused = {name for name, wanted in (("lse", lse), ("hidden", hidden)) if not wanted}
+    temperature is used, ``hidden`` when no hidden-state loss is used and the top-k arrays when the
+    KL does not read them (the exact KL recomputes the teacher's logits from ``hidden``)."""
+    wanted = {"lse": lse, "hidden": hidden, "topk_ids": topk, "topk_logits": topk}
+    unused = {name for name, want in wanted.items() if not want}
     return [spec.name for spec in array_specs(meta) if spec.name not in unused]
 
 
@@ -112,6 +114,7 @@ class ReaderConfig:
     buffer_chunks: int = 4
     temperature: float | None = None  # pick this column of `lse`; None: no lse
     hidden: bool = True
+    topk: bool = True  # read topk_ids / topk_logits
     trim_padding: bool = True
     shuffle: bool = True
     prefetch_factor: int = 2
@@ -148,7 +151,7 @@ class StoreBatches(IterableDataset):
         self.world_size, self.rank = world_size, rank
         self.start, self.stop = start, stop
         self.group = max(1, (cfg.buffer_chunks * self.chunk) // cfg.micro_batch_size)
-        self.fields = batch_fields(meta, lse=self.t_index is not None, hidden=cfg.hidden)
+        self.fields = batch_fields(meta, lse=self.t_index is not None, hidden=cfg.hidden, topk=cfg.topk)
         self._store = None
         self._pid = None
 
@@ -221,7 +224,7 @@ class StoreBatches(IterableDataset):
             "labels": torch.where(mlm_mask, input_ids, torch.full_like(input_ids, -100)),
             "rows": torch.from_numpy(rows.astype(np.int64)),
         }
-        if "topk_ids" in d:  # absent in a --top-k 0 store
+        if "topk_ids" in d:  # not read for the exact KL, absent in a --top-k 0 store
             out["topk_ids"] = torch.from_numpy(d["topk_ids"][:, :L].astype(np.int64))
             out["topk_logits"] = torch.from_numpy(
                 np.ascontiguousarray(d["topk_logits"][:, :L], dtype=np.float32)

@@ -15,6 +15,7 @@ from offline_kd.config import setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
+KL_SOURCES = ("topk", "exact")
 
 
 def storage_options_setting(group: str | None = None):
@@ -92,8 +93,16 @@ class LossConfig:
     alpha_kl: float = setting(5.0, "weight of the distillation KL", deprecated=("--alpha-ce",))
     alpha_mlm: float = setting(2.0, "weight of the MLM cross-entropy")
     alpha_cos: float = setting(1.0, "weight of the hidden-state cosine loss")
-    temperature: float = setting(2.0, "distillation temperature (tail-aware: one of the store's)")
-    kl_tail: bool = setting(True, "tail-aware KL (the stored log-sum-exp gives the teacher's tail mass)")
+    kl_source: str = setting(
+        "topk",
+        "teacher distribution of the KL: 'topk' (stored top-k logits + log-sum-exp) or 'exact' (the full "
+        "vocabulary, recomputed from the stored hidden states through the teacher's MLM head; any T)",
+        choices=KL_SOURCES,
+    )
+    temperature: float = setting(2.0, "distillation temperature (topk + tail-aware: one of the store's)")
+    kl_tail: bool = setting(
+        True, "topk: tail-aware KL (the stored log-sum-exp gives the teacher's tail mass)"
+    )
     restrict_kl_to_mask: bool = setting(False, "KL and cosine over masked tokens only")
 
     def as_dict(self) -> dict:

@@ -22,7 +22,7 @@ from torch import nn
 
 from offline_kd import checkpoint as ckpt
 from offline_kd.distributed import accelerator_device, init_distributed
-from offline_kd.ds_config import fill_schedule, load_ds_config, param_dtype, resolve_ds_config
+from offline_kd.ds_config import fill_schedule, load_ds_config, resolve_ds_config
 from offline_kd.errors import RunFailed, UsageError
 from offline_kd.export import export_run, write_run_config
 from offline_kd.inputs import check_train
@@ -31,7 +31,7 @@ from offline_kd.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.metrics import MetricsLogger
 from offline_kd.reader import ReaderConfig, StoreReader
 from offline_kd.settings import TrainConfig
-from offline_kd.store import StoreMeta, open_store
+from offline_kd.store import SignalStore, StoreMeta, open_store
 from offline_kd.student import StudentBundle, build_student, check_compatible
 from offline_kd.train_state import Layout, TrainState, resume_state
 
@@ -61,6 +61,7 @@ class PreparedRun:
     meta: StoreMeta
     bundle: StudentBundle
     projection: nn.Module | None  # student → teacher width for the cosine loss, when they differ
+    teacher_head: nn.Module | None = None  # kl_source exact: the teacher's MLM head, fp32, on the device
 
 
 @dataclass
@@ -76,7 +77,11 @@ class EpochPlan:
 
 
 class DistillModule(nn.Module):
-    """Student (+ optional hidden projection) and the loss, as one module for DeepSpeed."""
+    """Student (+ optional hidden projection) and the loss, as one module for DeepSpeed.
+
+    The teacher's head (exact KL) is a constant of the loss, held outside the module tree: DeepSpeed
+    neither optimises, casts, partitions (ZeRO-3) nor checkpoints it, and the export never sees it.
+    """
 
     def __init__(
         self,
@@ -85,6 +90,7 @@ class DistillModule(nn.Module):
         projection: nn.Module | None = None,
         vocab_size: int | None = None,
         grad_accumulation: int = 1,
+        teacher_head: nn.Module | None = None,
     ):
         super().__init__()
         self.student = student
@@ -92,6 +98,7 @@ class DistillModule(nn.Module):
         self.loss_cfg = loss_cfg
         self.vocab_size = vocab_size  # the student's logits may be wider (padded vocabulary)
         self.grad_accumulation = grad_accumulation  # engine.backward divides the loss by it
+        object.__setattr__(self, "teacher_head", teacher_head)  # not registered as a submodule
 
     def forward(self, batch: dict[str, torch.Tensor]):
         need_hidden = self.loss_cfg.alpha_cos > 0
@@ -106,7 +113,7 @@ class DistillModule(nn.Module):
         # by the 1 / accumulation steps that engine.backward applies
         return distillation_loss(
             self.loss_cfg, out.logits, hidden, batch, self.projection, self.vocab_size, consume_logits=True,
-            expected_upstream=1.0 / self.grad_accumulation,
+            expected_upstream=1.0 / self.grad_accumulation, teacher_head=self.teacher_head,
         )  # fmt: skip
 
 
@@ -114,8 +121,12 @@ class DistillModule(nn.Module):
 
 
 def prepare_run(cfg: TrainConfig) -> PreparedRun:
-    """Open the store and build the student; refuse a student that does not fit before step 0."""
-    meta = open_store(cfg.store, cfg.storage_options).meta
+    """Open the store and build the student; refuse a student (or, for the exact KL, a teacher head)
+    that does not fit before step 0."""
+    store = open_store(cfg.store, cfg.storage_options)
+    meta = store.meta
+    exact = cfg.loss.kl_source == "exact"
+    teacher_head = exact_teacher_head(store, cfg.teacher, accelerator_device()) if exact else None
     bundle = build_student(
         cfg.student,
         teacher_path=cfg.teacher or (meta.teacher or {}).get("name_or_path"),
@@ -141,7 +152,19 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
     if need_hidden and bundle.hidden_size != int(meta.hidden_size):
         torch.manual_seed(cfg.seed)
         projection = nn.Linear(bundle.hidden_size, int(meta.hidden_size))
-    return PreparedRun(meta, bundle, projection)
+    return PreparedRun(meta, bundle, projection, teacher_head)
+
+
+def exact_teacher_head(
+    store: SignalStore, teacher: str | None = None, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The teacher's MLM head for the exact KL, fp32 on `device`, checked against the store's hidden size
+    and vocabulary: the stored one, else (a store written without one) the head of `teacher`
+    (``--teacher``, default: the teacher the store records) once its weights hash matches the store's."""
+    from offline_kd.teacher_head import resolve_head
+
+    teacher = teacher or (store.meta.teacher or {}).get("name_or_path")
+    return resolve_head(store, teacher, device=device, dtype=torch.float32)
 
 
 def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[dict, StoreReader, EpochPlan]:
@@ -154,6 +177,7 @@ def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[
         lr=cfg.lr,
     )
     gas = ds["gradient_accumulation_steps"]
+    topk = cfg.loss.kl_source == "topk"  # the exact KL reads the hidden states instead of the top-k
     reader = StoreReader(
         ReaderConfig(
             url=cfg.store,
@@ -161,8 +185,9 @@ def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[
             seed=cfg.seed,
             num_workers=cfg.num_workers,
             buffer_chunks=cfg.buffer_chunks,
-            temperature=cfg.loss.temperature if cfg.loss.kl_tail else None,
-            hidden=cfg.loss.alpha_cos > 0,
+            temperature=cfg.loss.temperature if topk and cfg.loss.kl_tail else None,
+            hidden=cfg.loss.alpha_cos > 0 or not topk,
+            topk=topk,
             storage_options=cfg.storage_options,
         ),
         world_size=world,
@@ -192,7 +217,9 @@ def build_engine(cfg: TrainConfig, run: PreparedRun, ds: dict):
     import deepspeed
 
     gas = int(ds["gradient_accumulation_steps"])
-    module = DistillModule(run.bundle.model, cfg.loss, run.projection, run.bundle.true_vocab_size, gas)
+    module = DistillModule(
+        run.bundle.model, cfg.loss, run.projection, run.bundle.true_vocab_size, gas, run.teacher_head
+    )
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds
     )
@@ -229,14 +256,10 @@ def resume_run(
 # --------------------------------------------------------------------------------------- loop pieces
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device, float_dtype: torch.dtype | None):
-    out = {}
-    for k, v in batch.items():
-        v = v.to(device, non_blocking=True)
-        if k == "hidden" and float_dtype is not None:
-            v = v.to(float_dtype)
-        out[k] = v
-    return out
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    # Stored hidden states stay as stored (fp16, or bf16): the cosine loss casts them to the student's
+    # dtype, the exact KL feeds them to the fp32 teacher head (a bf16 copy of fp16 ones would round them).
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def sum_over_ranks(
@@ -330,7 +353,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         write_run_config(out, cfg, ds)
     # DeepSpeed owns the optimizer, the ZeRO partitioning and the accumulation boundary.
     engine = build_engine(cfg, run, ds)
-    float_dtype = param_dtype(ds)  # stored hidden states are cast to the parameters' dtype
     # Continue at the next unseen micro-batch of the newest complete checkpoint.
     ckpt_dir = out / "checkpoints"
     layout = Layout(world, ds["train_micro_batch_size_per_gpu"], gas)
@@ -351,7 +373,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - t0
-                batch = _to_device(batch, device, float_dtype)
+                batch = _to_device(batch, device)
                 loss, parts = engine(batch)
                 # Summed over ranks every micro-batch, so a non-finite loss stops all ranks together.
                 sums = sum_over_ranks(parts, batch, world, device)

@@ -120,3 +120,87 @@ def test_consumed_padded_logits_give_the_same_losses_and_gradient():
     torch.testing.assert_close(g_h2, g_h)
     assert (g_wide[..., V:] == 0).all() and (g_wide[1, -2:] == 0).all()
     assert torch.equal(2 * logits.detach(), g_wide)  # the logits' storage now holds their gradient
+
+
+# ------------------------------------------------------------------------------ kl_source exact
+
+
+def _head(H=5, V=11, seed=3):
+    """A BERT-shaped MLM head (transform, activation, LayerNorm, decoder) with spread logits."""
+    torch.manual_seed(seed)
+    head = torch.nn.Sequential(
+        torch.nn.Linear(H, H), torch.nn.GELU(), torch.nn.LayerNorm(H), torch.nn.Linear(H, V)
+    )
+    with torch.no_grad():
+        head[3].weight.mul_(4.0)
+    return head.requires_grad_(False)
+
+
+@pytest.mark.parametrize("T, restrict", [(2.0, False), (1.0, True), (3.7, False)])
+def test_exact_matches_the_dense_formula_on_the_heads_logits(T, restrict):
+    """The teacher's full distribution from head(stored hidden), at any temperature (stored or not)."""
+    _, s, h, batch, _ = _batch(seed=4)
+    head = _head()
+    z = head(batch["hidden"].float())  # the teacher logits the exact KL must recompute
+    cfg = LossConfig(kl_source="exact", temperature=T, restrict_kl_to_mask=restrict)
+    total, parts = distillation_loss(cfg, s, h, batch, teacher_head=head)
+    rows = batch["mlm_mask"] if restrict else batch["attention_mask"].bool()
+    s_ref = s.detach().clone().requires_grad_(True)
+    h_ref = h.detach().clone().requires_grad_(True)
+    kl, ce, cos = _dense(z, s_ref, h_ref, batch, T, rows)
+    assert parts["kl"].item() == pytest.approx(kl.item(), rel=1e-4, abs=1e-6)
+    assert parts["mlm"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert parts["cos"].item() == pytest.approx(cos.item(), rel=1e-4)
+    ref_total = 5.0 * kl + 2.0 * ce + 1.0 * cos
+    assert total.item() == pytest.approx(ref_total.item(), rel=1e-4)
+    total.backward()
+    ref_total.backward()
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-4, atol=1e-6)
+    assert all(p.grad is None for p in head.parameters())  # the head is a constant
+
+
+def test_exact_differs_from_topk_on_the_same_teacher():
+    """With the stored top-k of the same teacher logits, the exact KL equals the tail-aware one only when
+    k covers the vocabulary; at small k the two differ (the exact KL sees every probability)."""
+    _, s, _, batch, T = _batch(seed=5)
+    head = _head()
+    z = head(batch["hidden"].float())
+    top = z.topk(3, dim=-1)
+    batch.update(topk_ids=top.indices, topk_logits=top.values, lse=torch.logsumexp(z / T, dim=-1))
+    exact = distillation_loss(LossConfig(kl_source="exact", alpha_cos=0.0), s, None, batch, teacher_head=head)
+    topk3 = distillation_loss(LossConfig(alpha_cos=0.0), s, None, batch)
+    full = z.topk(z.shape[-1], dim=-1)
+    batch.update(topk_ids=full.indices, topk_logits=full.values)
+    topk_all = distillation_loss(LossConfig(alpha_cos=0.0), s, None, batch)
+    assert exact[1]["kl"].item() == pytest.approx(topk_all[1]["kl"].item(), rel=1e-4)
+    assert not math.isclose(exact[1]["kl"].item(), topk3[1]["kl"].item(), rel_tol=1e-2)
+
+
+def test_exact_needs_the_head_and_hidden_states():
+    _, s, _, batch, T = _batch()
+    with pytest.raises(ValueError, match="hidden states and the teacher's MLM head"):
+        distillation_loss(LossConfig(kl_source="exact", alpha_cos=0.0), s, None, batch)
+
+
+def test_exact_with_the_trainers_padded_logits():
+    """The trainer's call: logits padded to 64 columns (vocab_size says which are the vocabulary) and the
+    upstream gradient DeepSpeed sends (1 / accumulation steps): same components and gradient as the plain
+    call, zero gradient on the padding columns and on pad tokens' rows."""
+    _, s, h, batch, T = _batch(seed=6)
+    head = _head()
+    cfg = LossConfig(kl_source="exact", temperature=T)
+    total, parts = distillation_loss(cfg, s, h, batch, teacher_head=head)
+    (g_s,) = torch.autograd.grad(total, (s,))
+    V = s.shape[-1]
+    wide = torch.full((*s.shape[:2], 64), 40.0)  # padding far above every logit: must get no probability
+    wide[..., :V] = s.detach()
+    wide.requires_grad_(True)
+    total2, parts2 = distillation_loss(
+        cfg, wide, h, batch, vocab_size=V, consume_logits=True, expected_upstream=0.5, teacher_head=head
+    )
+    (g_wide,) = torch.autograd.grad(total2 / 2, (wide,))
+    for name in parts:
+        assert parts2[name].item() == pytest.approx(parts[name].item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(2 * g_wide[..., :V], g_s, rtol=1e-4, atol=1e-7)
+    assert (g_wide[..., V:] == 0).all() and (g_wide[1, -2:] == 0).all()

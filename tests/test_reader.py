@@ -82,3 +82,20 @@ def test_unstored_temperature_is_refused(tiny_store):
     batch = next(StoreReader(_cfg(tiny_store, temperature=None, hidden=False)).epoch_batches(0))
     assert "lse" not in batch and "hidden" not in batch
     assert batch["topk_logits"].dtype == torch.float32
+
+
+def test_exact_kl_batches_never_read_the_top_k(tiny_store, tmp_path):
+    """The exact KL reads hidden states, masks and labels only: a store copy without its top-k arrays
+    gives the same batches."""
+    import shutil
+
+    store = tmp_path / "no_topk.zarr"
+    shutil.copytree(tiny_store, store)
+    for name in ("topk_ids", "topk_logits", "lse"):
+        shutil.rmtree(store / name)
+    cfg = dict(temperature=None, topk=False, hidden=True)
+    got = next(StoreReader(_cfg(store, **cfg)).epoch_batches(1))
+    want = next(StoreReader(_cfg(tiny_store)).epoch_batches(1))
+    assert not {"topk_ids", "topk_logits", "lse"} & set(got)
+    for key in got:
+        assert torch.equal(got[key], want[key]), key
