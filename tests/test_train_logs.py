@@ -29,8 +29,8 @@ STEP_LINE = re.compile(
 )
 
 
-def _run(args: list, launcher: list[str] | None = None) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+def _run(args: list, launcher: list[str] | None = None, **env_vars: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS} | env_vars
     cmd = (launcher or [sys.executable]) + [str(SCRIPT)] + [str(a) for a in args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -57,34 +57,25 @@ def heldout_text(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_store, heldout_text, tmp_path_factory):
-    """12 steps into a log file (no TTY), a line every 5 steps, held-out text scored every 6 steps."""
+def hub():
+    from local_hub import LocalHub
+
+    hub = LocalHub()
+    yield hub
+    hub.close()
+
+
+@pytest.fixture(scope="module")
+def run(tiny_store, heldout_text, tmp_path_factory, hub):
+    """12 steps into a log file (no TTY), a line every 5 steps, held-out text scored every 6 steps,
+    final/ pushed to a local stand-in of the hub."""
     tmp = tmp_path_factory.mktemp("logs")
     out = tmp / "run"
-    log = _run(
-        [
-            "--store",
-            tiny_store,
-            "--student",
-            "distil",
-            "--output",
-            out,
-            "--deepspeed_config",
-            _ds_with_monitors(tmp),
-            "--max-steps",
-            12,
-            "--log-every",
-            5,
-            "--eval-corpus",
-            heldout_text,
-            "--eval-every",
-            6,
-            "--license",
-            "apache-2.0",
-            "--language",
-            "en",
-        ]  # fmt: skip
-    )
+    args = ["--store", tiny_store, "--student", "distil", "--output", out, "--deepspeed_config",
+            _ds_with_monitors(tmp), "--max-steps", 12, "--log-every", 5, "--eval-corpus", heldout_text,
+            "--eval-every", 6, "--license", "apache-2.0", "--language", "en",
+            "--push-to-hub", "someone/tiny-student"]  # fmt: skip
+    log = _run(args, HF_ENDPOINT=hub.url, HF_TOKEN="hf_test", HF_HUB_OFFLINE="0")
     return tmp, out, log
 
 
@@ -152,9 +143,12 @@ def test_model_card_metadata_eval_results_and_usage(run, heldout_text, tiny_teac
     assert f"`{Path(tiny_teacher).resolve()}`" in card.text
     last = read_csv(out / "logs" / "eval.csv")[-1]
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert results == pytest.approx({k: float(last[k]) for k in ("accuracy", "masked_perplexity")}, rel=1e-5, abs=1e-6)
+    assert results == pytest.approx(
+        {k: float(last[k]) for k in ("accuracy", "masked_perplexity")}, rel=1e-5, abs=1e-6
+    )
     assert {r.dataset_name for r in card.data.eval_results} == {str(heldout_text)}
-    assert f'pipeline("fill-mask", model="{(out / "final").resolve()}")' in card.text
+    assert 'pipeline("fill-mask", model="someone/tiny-student")' in card.text
+    assert card.data.model_name == "tiny-student"
     rows = read_csv(out / "logs" / "metrics.csv")
     assert f"| {np.mean([float(r['loss']) for r in rows]):.4f} |" in card.text  # mean of the last steps
 
@@ -178,13 +172,25 @@ def test_kd_eval_updates_the_card(run, heldout_text, tmp_path):
     scored = json.loads(res.stdout)
     card = ModelCard.load(model / "README.md")
     results = {r.metric_type: r.metric_value for r in card.data.eval_results}
-    assert results == pytest.approx({k: scored[k] for k in ("accuracy", "masked_perplexity")}, rel=1e-5, abs=1e-6)
+    assert results == pytest.approx(
+        {k: scored[k] for k in ("accuracy", "masked_perplexity")}, rel=1e-5, abs=1e-6
+    )
     assert (
         card.text.count(EVAL_BEGIN) == 1
         and f"On `{extra}`" in card.text
         and str(heldout_text) not in card.text
     )
     assert card.data.license == "apache-2.0"  # the rest of the card is kept
+
+
+def test_push_to_hub_uploads_final(run, hub):
+    _, out, log = run
+    final = out / "final"
+    assert hub.files["someone/tiny-student"] == {
+        str(p.relative_to(final)): p.read_bytes() for p in final.rglob("*") if p.is_file()
+    }
+    assert ("POST", "/api/repos/create") in hub.requests and "pushed " in log
+    assert "license: apache-2.0" in hub.validated[0]["content"]  # the card's metadata, checked by the hub
 
 
 def _free_port() -> int:
