@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 from offline_kd.progress import Progress, human
@@ -102,13 +103,16 @@ class MetricsLogger:
         log_every: int = 0,
         log_every_seconds: float = 60.0,
         monitor=None,
+        monitor_x: Callable[[], int] | None = None,
     ):
         """`progress`: a bar on a TTY (plain lines otherwise, and always without it); `monitor`: a
-        DeepSpeed ``MonitorMaster`` (``engine.monitor``) that also receives every scalar when enabled."""
+        DeepSpeed ``MonitorMaster`` (``engine.monitor``) that also receives every scalar when enabled,
+        at ``monitor_x()`` (DeepSpeed's own events use the samples seen: W&B needs one rising x-axis)."""
         self.enabled = enabled
         self.tb = None
         self.monitor = monitor if monitor is not None and getattr(monitor, "enabled", False) else None
         self.history: list[dict] = []
+        self._monitor_x = monitor_x
         self.progress = Progress(
             total_steps, desc="train", unit="step", enabled=enabled, bar=progress, every=log_every,
             every_seconds=log_every_seconds, initial=start_step,
@@ -160,7 +164,8 @@ class MetricsLogger:
             for name, v in values.items():
                 self.tb.add_scalar(name, v, step)
         if self.monitor is not None:
-            self.monitor.write_events([(f"kd/{name}", v, step) for name, v in values.items()])
+            x = self._monitor_x() if self._monitor_x is not None else step
+            self.monitor.write_events([(f"kd/{name}", v, x) for name, v in values.items()])
 
     def mean_of_last(self, n: int) -> dict[str, float]:
         """The loss components averaged over the last `n` logged steps (a steadier figure than one step)."""

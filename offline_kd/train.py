@@ -403,6 +403,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         out / "logs", enabled=is_main, total_steps=plan.total_steps, start_step=state.step,
         progress=cfg.progress, tensorboard=cfg.tensorboard, log_every=cfg.log_every,
         log_every_seconds=cfg.log_every_seconds, monitor=getattr(engine, "monitor", None),
+        monitor_x=lambda: int(engine.global_samples),
     )  # fmt: skip
     logger.log_hparams({"train": redacted_settings(cfg), "deepspeed": ds})
     heldout, last_eval = held_out_eval(cfg, run, ds, rank, world), None
