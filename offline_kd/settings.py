@@ -171,7 +171,7 @@ class TrainConfig:
     log_every: int = setting(
         50, "a plain progress line every N optimizer steps (0: by time only)", group=_LOGS
     )
-    log_every_seconds: float = setting(60.0, "... and at least every S seconds", group=_LOGS)
+    log_every_seconds: float = setting(60.0, "a plain progress line at least every S seconds", group=_LOGS)
     tensorboard: bool = setting(True, "write TensorBoard events under logs/tb", group=_LOGS)
     debug_param_hash: bool = setting(False, "each rank writes a hash of its parameters", group=_LOGS)
     eval_corpus: str | None = setting(
@@ -183,10 +183,10 @@ class TrainConfig:
     eval_every: int = setting(0, "evaluate every N optimizer steps (0: once, at the end)", group=_EVAL)
     eval_max_sequences: int | None = setting(256, "score at most N held-out sequences", group=_EVAL)
     license: str | None = setting(
-        None, "model card license, e.g. apache-2.0 (default: the teacher card's)", group=_CARD
+        None, "model card license, e.g. apache-2.0; none: the local teacher card's", group=_CARD
     )
     language: list[str] | None = setting(
-        None, "model card languages, e.g. en (default: the teacher card's)", group=_CARD
+        None, "model card language, e.g. en (repeatable); none: the local teacher card's", group=_CARD
     )
     push_to_hub: str | None = setting(
         None, "upload final/ to this hub model repository (owner/name)", group=_CARD
