@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from offline_kd.store import StoreMeta
     from offline_kd.student import StudentBundle
 
+FILE_SUFFIXES = {".txt", ".text", ".json", ".jsonl", ".parquet", ".csv", ".gz", ".zst", ".zarr"}
 EVAL_BEGIN, EVAL_END = "<!-- held-out evaluation -->", "<!-- end of held-out evaluation -->"
 EVAL_METRICS = (
     ("accuracy", "masked accuracy"),
@@ -50,6 +51,8 @@ def hub_dataset(source: str) -> str | None:
         return "/".join(source.removeprefix("hf://datasets/").split("/")[:2]).split("@")[0]
     if "://" in source or Path(source).exists() or source.startswith((".", "/", "~")):
         return None
+    if Path(source.split(":")[0]).suffix.lower() in FILE_SUFFIXES:  # a file that has moved since
+        return None
     return source.split(":")[0] or None
 
 
@@ -71,6 +74,7 @@ def card_data(cfg: TrainConfig, meta: StoreMeta, heldout: dict | None, model_nam
     datasets = sorted({d for d in map(hub_dataset, sources) if d})
     inherited = _teacher_card(teacher)
     return ModelCardData(
+        # the same test as for a dataset: a hub id, not a local directory or a URL
         base_model=teacher if teacher and hub_dataset(teacher) and not Path(teacher).exists() else None,
         datasets=datasets or None,
         license=cfg.license or (inherited.license if inherited else None),
