@@ -123,6 +123,7 @@ class MetricsLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.dir / "metrics.csv"
         self._csv = _CsvLog(self.csv_path, COLUMNS, start_step)
+        self.history = read_csv(self.csv_path)  # a resumed run's card averages over the steps before it too
         self._eval_csv = _CsvLog(self.dir / "eval.csv", EVAL_COLUMNS, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
