@@ -19,6 +19,12 @@ def eval_command(as_json: bool, **params) -> None:
 
     cfg = from_click_params(EvalConfig, params)
     result = evaluate(cfg)
+    if cfg.update_card:
+        from offline_kd.model_card import update_eval
+
+        source = ", ".join(cfg.corpus)
+        card = update_eval(cfg.model, {**result.as_dict(), "source": source})
+        click.echo(f"model card updated: {card}", err=True)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2))
     else:

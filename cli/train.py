@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from offline_kd.errors import exit_on_error
+    from offline_kd.log_noise import drop_expected_deepspeed_warnings
+
+    drop_expected_deepspeed_warnings(cpu_expected=False)
 
     with exit_on_error():
         from offline_kd.train import train

@@ -86,14 +86,24 @@ def plot_losses(metrics_csv: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def run_demo(output: str | Path, budget: str = "full", log=print) -> dict:
     from offline_kd.corpus import load_documents, write_documents
     from offline_kd.evaluate import EvalConfig, evaluate
+    from offline_kd.log_noise import drop_expected_deepspeed_warnings
     from offline_kd.minilm import MiniLMFitConfig, fit_minilm_teacher
     from offline_kd.precompute import PrecomputeConfig, precompute
+    from offline_kd.progress import quiet_library_bars
     from offline_kd.store import SignalStore
     from offline_kd.train import TrainConfig, train
 
+    drop_expected_deepspeed_warnings(cpu_expected=not _has_accelerator())
+    quiet_library_bars()  # in a log file: no bars of datasets / transformers
     b = BUDGETS[budget]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +147,8 @@ def run_demo(output: str | Path, budget: str = "full", log=print) -> dict:
         TrainConfig(
             store=str(store), student="distil", output=str(out / "student"), teacher=str(teacher),
             deepspeed_config=demo_ds_config(b.micro_batch), epochs=100, max_steps=b.train_steps,
-            schedule_steps=b.train_steps, save_every=max(1, b.train_steps // 2),
+            schedule_steps=b.train_steps, save_every=max(1, b.train_steps // 2), eval_corpus=str(heldout),
+            eval_max_sequences=b.eval_sequences,
         )
     )  # fmt: skip
     timings["train"] = time.time() - t

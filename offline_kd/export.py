@@ -2,8 +2,8 @@
 
 ``final/`` holds a ``save_pretrained`` fp32 student and its tokenizer (loadable with
 ``AutoModelForMaskedLM`` and ``pipeline("fill-mask")``), the exact ``train_config.json`` and
-resolved ``ds_config.json``, and a ``README.md`` model card naming the teacher, the store, the loss
-and the last metrics. A learned hidden projection is training-only: it goes to
+resolved ``ds_config.json``, and a ``README.md`` model card (`offline_kd.model_card`); with
+``--push-to-hub REPO`` rank 0 uploads it. A learned hidden projection is training-only: it goes to
 ``DIR/projection.safetensors``, never into the exported model.
 """
 
@@ -13,6 +13,7 @@ import copy
 import hashlib
 import inspect
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,9 +21,11 @@ import torch
 from torch import nn
 
 from offline_kd.distributed import barrier
-from offline_kd.loss import COMPONENTS
+from offline_kd.model_card import CardInputs, build_card
 from offline_kd.storage import redact
 from offline_kd.student import StudentBundle
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from offline_kd.settings import TrainConfig
@@ -78,82 +81,29 @@ def export_student(
     return model, proj
 
 
+def redacted_settings(cfg: TrainConfig) -> dict:
+    """The run's settings as a dict, credentials left out."""
+    settings = cfg.as_dict()
+    settings["storage_options"] = redact(settings.get("storage_options"))
+    return settings
+
+
 def write_run_config(out_dir: Path, cfg: TrainConfig, ds: dict) -> None:
     """The exact settings of a run: ``train_config.json`` and the resolved ``ds_config.json``."""
-    settings = cfg.as_dict()
-    settings["storage_options"] = redact(settings.get("storage_options"))  # credentials stay out of files
-    (out_dir / "train_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (out_dir / "train_config.json").write_text(json.dumps(redacted_settings(cfg), indent=2) + "\n")
     (out_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 
 
-def model_card(
-    cfg: TrainConfig, meta: StoreMeta, bundle: StudentBundle, ds: dict, metrics: dict, steps: int
-) -> str:
-    """The ``README.md`` of ``final/``: teacher, store, student, loss, training and last metrics."""
-    teacher, loss = meta.teacher or {}, cfg.loss
-    if loss.kl_source == "exact":
-        kl = f"KL(T={loss.temperature}, exact: full vocabulary through the teacher's MLM head)"
-        signal = (
-            "the teacher's encoder never ran; its MLM head recomputed the full distribution from the "
-            "stored hidden states"
-        )
-    else:
-        kl = f"KL(T={loss.temperature}, top-{meta.top_k}, tail-aware={loss.kl_tail})"
-        signal = "the teacher never ran during training"
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: fill-mask",
-        "tags: [distillation, offline-kd]",
-        "---",
-        "",
-        f"# Student distilled offline from `{teacher.get('name_or_path')}`",
-        "",
-        f"Trained with `offline_kd` from a precomputed teacher signal store ({signal}), with the DistilBERT "
-        "triple loss.",
-        "",
-        "## Teacher",
-        "",
-        f"- name or path: `{teacher.get('name_or_path')}`",
-        f"- weights sha256: `{teacher.get('weights_sha256')}`",
-        f"- model type: `{teacher.get('model_type')}`, hidden size {meta.hidden_size}",
-        "",
-        "## Signal store",
-        "",
-        f"- url: `{cfg.store}`",
-        f"- sequences: {meta.num_sequences} × max length {meta.max_length}, views {meta.views}, "
-        f"top-k {meta.top_k}, temperatures {meta.temperatures}",
-        f"- corpus fingerprint: `{(meta.corpus or {}).get('fingerprint')}`",
-        f"- tokenizer sha256: `{meta.tokenizer_sha256}`",
-        "",
-        "## Student",
-        "",
-        f"- spec: `{cfg.student}` ({bundle.kind}), class `{type(bundle.model).__name__}`, "
-        f"hidden {bundle.hidden_size}",
-        f"- initialised from teacher layers: {bundle.init_layers}" if bundle.init_layers else "- random init",
-        "",
-        "## Loss",
-        "",
-        f"`{loss.alpha_kl}·{kl} + {loss.alpha_mlm}·MLM + "
-        f"{loss.alpha_cos}·cosine`, KL/cosine over {'masked' if loss.restrict_kl_to_mask else 'all non-pad'} tokens.",
-        "",
-        "## Training",
-        "",
-        f"- optimizer steps: {steps}; global batch {ds['train_batch_size']} "
-        f"(micro {ds['train_micro_batch_size_per_gpu']} × accumulation {ds['gradient_accumulation_steps']} "
-        "× ranks)",
-        f"- ZeRO stage {(ds.get('zero_optimization') or {}).get('stage', 0)}; exact settings in "
-        "`train_config.json` and `ds_config.json`",
-        "",
-        "## Final metrics (last step)",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    for k in (*COMPONENTS, "lr", "tokens_per_s"):
-        if k in metrics:
-            lines.append(f"| {k} | {metrics[k]:.6g} |")
-    return "\n".join(lines) + "\n"
+def push_to_hub(final_dir: Path, repo_id: str) -> str:
+    """Upload ``final/`` to a hub model repository (created when missing); returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    info = api.upload_folder(
+        folder_path=str(final_dir), repo_id=repo_id, repo_type="model", commit_message="offline_kd student"
+    )
+    return str(getattr(info, "commit_url", info))
 
 
 def export_run(
@@ -185,6 +135,12 @@ def export_run(
 
             save_file(proj, str(out / "projection.safetensors"))
         write_run_config(final_dir, cfg, ds)
-        (final_dir / "README.md").write_text(model_card(cfg, meta, bundle, ds, metrics, steps))
+        ref = cfg.push_to_hub or str(final_dir.resolve())
+        heldout = metrics.get("eval") and {**metrics["eval"], "source": cfg.eval_corpus}
+        name = (cfg.push_to_hub or str(out.resolve())).rstrip("/").split("/")[-1]
+        inputs = CardInputs(ref, name, steps, metrics.get("train") or {}, heldout)
+        build_card(cfg, meta, bundle, ds, inputs).save(final_dir / "README.md")
+        if cfg.push_to_hub:
+            log.info("pushed %s: %s", final_dir, push_to_hub(final_dir, cfg.push_to_hub))
     barrier()
     return final_dir

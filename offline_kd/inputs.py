@@ -234,7 +234,25 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainConfig:
             "kd precompute command to finish it)"
         )
     _check_loss_against_store(cfg, meta)
+    _check_eval_corpus(cfg)
     return _check_teacher_and_student(cfg, meta)
+
+
+def _check_eval_corpus(cfg: TrainConfig) -> None:
+    """``--eval-corpus``: a local file or store that exists, or a well-formed dataset name."""
+    from offline_kd.corpus import check_sources
+
+    if cfg.eval_every < 0:
+        raise UsageError(f"--eval-every {cfg.eval_every}: must be 0 (at the end only) or more")
+    src = cfg.eval_corpus
+    if src is None:
+        return
+    if "://" not in src and (Path(src).suffix or src.startswith((".", "/", "~"))):
+        if not Path(src).expanduser().exists():
+            raise UsageError(f"--eval-corpus {src}: no such file or store")
+        if (Path(src).expanduser() / "zarr.json").is_file():
+            return
+    check_sources([src])
 
 
 def _check_loss_against_store(cfg: TrainConfig, meta: StoreMeta) -> None:
@@ -323,6 +341,8 @@ def check_eval(cfg: EvalConfig) -> EvalConfig:
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size}: must be at least 1")
     models = {"model": check_model_source(cfg.model, f"--model {cfg.model}")}
+    if cfg.update_card and not Path(cfg.model).expanduser().is_dir():
+        raise UsageError(f"--update-card: --model {cfg.model} is no local directory to hold the card")
     if cfg.teacher is not None:
         models["teacher"] = check_model_source(cfg.teacher, f"--teacher {cfg.teacher}")
     check_sources(cfg.corpus)

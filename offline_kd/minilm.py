@@ -86,6 +86,7 @@ def fit_minilm_teacher(cfg: MiniLMFitConfig, log=print) -> Path:
     from transformers import AutoTokenizer, BertForMaskedLM, get_linear_schedule_with_warmup
 
     from offline_kd.corpus import load_documents, pack_sequences, split_holdout
+    from offline_kd.log_noise import partial_load
 
     out = Path(cfg.output) if cfg.output else CACHE_DIR / "teachers" / f"minilm-mlm-{cfg.cache_key()}"
     if (out / "fit.json").is_file():
@@ -97,9 +98,11 @@ def fit_minilm_teacher(cfg: MiniLMFitConfig, log=print) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(encoder)
     # Dropout 0 and eager attention: both several times faster on CPU, and dropout is not needed
     # for a few hundred steps of fine-tuning.
-    model = BertForMaskedLM.from_pretrained(
-        encoder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager"
-    )
+    # The encoder checkpoint has no MLM head (fitted below) and a pooler the MLM model has no use for.
+    with partial_load():
+        model = BertForMaskedLM.from_pretrained(
+            encoder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager"
+        )
 
     docs = load_documents(cfg.corpus)
     train_docs, _ = split_holdout(docs, cfg.holdout_fraction, seed=cfg.seed)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import os
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from .dry_run import DryRunEstimate, dry_run
 from .host_signals import HostSignals
 from .inputs import check_precompute
 from .masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
+from .progress import Progress, quiet_library_bars
 from .settings import PrecomputeConfig
 from .store import (
     ATTR_KEY,
@@ -144,6 +144,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             cfg.output, est.sequences, est.num_shards, [], [], False, time.monotonic() - t0, est.tokens,
             dry_run=True, estimated_bytes=est.bytes, estimate=est,
         )  # fmt: skip
+    quiet_library_bars(rank)  # no \r frames in log files, no bar from ranks above 0
     teacher = _load_checked_teacher(cfg)
     prep = _prepare(cfg, teacher, rank)
     S = len(prep.packed)
@@ -249,19 +250,10 @@ def _check_head(cfg: PrecomputeConfig, prep: _Prepared) -> dict:
     )  # fmt: skip
 
 
-def _progress_bar(cfg: PrecomputeConfig, total: int, rank: int, world: int):
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        unit="seq",
-        desc=f"precompute rank {rank}/{world}",
-        position=rank if world > 1 else None,
-        disable=False,
-        file=sys.stderr,
-    )
+def _progress_bar(cfg: PrecomputeConfig, total: int, rank: int, world: int) -> Progress:
+    """Rank 0's progress over its own shards: a bar on a TTY, else a plain line every 30 s."""
+    desc = f"precompute rank 0/{world}" if world > 1 else "precompute"
+    return Progress(total, desc=desc, unit="seq", enabled=rank == 0, bar=cfg.progress, every_seconds=30.0)
 
 
 def _write_shards(
@@ -293,10 +285,8 @@ def _write_shards(
             for v in range(meta.views):
                 views.append(_run_view(cfg, prep, meta, ids, lengths, a, v, tok))
                 tokens_done += int(lengths.sum())
-                if bar is not None:
-                    bar.update(b - a)
-                    el = max(time.monotonic() - t_start, 1e-9)
-                    bar.set_postfix(tok_s=f"{tokens_done / el:,.0f}", shard=shard)
+                el = max(time.monotonic() - t_start, 1e-9)
+                bar.update(b - a, {"tok/s": f"{tokens_done / el:,.0f}", "shard": str(shard)})
             if pending is not None:
                 written.append(pending.result())  # re-raises the writer's error
             pending = writer.submit(_write_shard, store, cfg.output, shard, ids, lengths, views)
@@ -304,8 +294,7 @@ def _write_shards(
             written.append(pending.result())
     finally:
         writer.shutdown(wait=True)  # a shard already computed still finishes and commits
-        if bar is not None:
-            bar.close()
+        bar.close()
     return written, tokens_done, time.monotonic() - t_start
 
 

@@ -81,7 +81,10 @@ class PrecomputeConfig:
     trust_remote_code: bool = setting(False, "Run the teacher repository's own code (off unless asked).")
     revision: str | None = setting(None, "Teacher revision (branch, tag or commit) on the hub.")
     storage_options: dict | None = storage_options_setting()
-    progress: bool = setting(True, "Show a progress bar.")
+    progress: bool = setting(
+        True,
+        "Rank 0 shows a progress bar on a terminal (without one, or with --no-progress: a line every 30 s).",
+    )
     wait_timeout: float = setting(600.0, "Seconds ranks > 0 wait for rank 0 to create the store.", cli=False)
     compile: bool = setting(False, "torch.compile the teacher (faster on a GPU after a one-off compile).")
 
@@ -109,12 +112,14 @@ class LossConfig:
         return asdict(self)
 
 
-_IO, _STUDENT, _SCHEDULE, _DATA, _LOGS = (
+_IO, _STUDENT, _SCHEDULE, _DATA, _LOGS, _EVAL, _CARD = (
     "inputs and outputs",
     "student",
     "schedule",
     "data",
     "checkpoints and logs",
+    "held-out evaluation",
+    "model card",
 )
 
 
@@ -158,9 +163,34 @@ class TrainConfig:
     save_every: int = setting(0, "checkpoint every N optimizer steps (0: never)", group=_LOGS)
     keep_checkpoints: int | None = setting(None, "keep only the newest N checkpoints", group=_LOGS)
     resume: bool = setting(False, "continue from the newest complete checkpoint", group=_LOGS)
-    progress: bool = setting(True, "rank 0 shows a progress bar", group=_LOGS)
+    progress: bool = setting(
+        True,
+        "rank 0 shows a progress bar on a terminal (without one, or with --no-progress: plain lines)",
+        group=_LOGS,
+    )
+    log_every: int = setting(
+        50, "a plain progress line every N optimizer steps (0: by time only)", group=_LOGS
+    )
+    log_every_seconds: float = setting(60.0, "a plain progress line at least every S seconds", group=_LOGS)
     tensorboard: bool = setting(True, "write TensorBoard events under logs/tb", group=_LOGS)
     debug_param_hash: bool = setting(False, "each rank writes a hash of its parameters", group=_LOGS)
+    eval_corpus: str | None = setting(
+        None,
+        "held-out text/jsonl/parquet file (masked accuracy, perplexity) or signal store (also agreement "
+        "with the teacher's stored top-1) scored during training and for the model card",
+        group=_EVAL,
+    )
+    eval_every: int = setting(0, "evaluate every N optimizer steps (0: once, at the end)", group=_EVAL)
+    eval_max_sequences: int | None = setting(256, "score at most N held-out sequences", group=_EVAL)
+    license: str | None = setting(
+        None, "model card license, e.g. apache-2.0; none: the local teacher card's", group=_CARD
+    )
+    language: list[str] | None = setting(
+        None, "model card language, e.g. en (repeatable); none: the local teacher card's", group=_CARD
+    )
+    push_to_hub: str | None = setting(
+        None, "upload final/ to this hub model repository (owner/name)", group=_CARD
+    )
     local_rank: int | None = setting(
         None, "set by the deepspeed launcher", flags=("--local_rank", "--local-rank"), hidden=True
     )
@@ -185,4 +215,7 @@ class EvalConfig:
     max_sequences: int | None = setting(None, "Score only the first N packed sequences.")
     device: str | None = setting(
         None, "cpu, cuda, cuda:1 ... (default: cuda:$LOCAL_RANK if available, else cpu)."
+    )
+    update_card: bool = setting(
+        False, "Record the results as the held-out evaluation of MODEL/README.md's model card."
     )

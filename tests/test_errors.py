@@ -188,6 +188,10 @@ TRAIN_CASES = {
         lambda fx: _train(fx, "--deepspeed_config", _write(fx, "list.json", "[8]")),
         "list.json: holds a JSON list, not an object",
     ),
+    "train-eval-corpus-missing": (
+        lambda fx: _train(fx, "--eval-corpus", "heldout_nope.txt"),
+        "Error: --eval-corpus heldout_nope.txt: no such file or store",
+    ),
     "teacher-missing": (
         lambda fx: _train(fx, "--teacher", "./no_such_dir"),
         "Error: --teacher ./no_such_dir: no such directory",

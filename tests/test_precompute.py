@@ -70,11 +70,16 @@ def test_two_ranks_equal_one(tmp_path, tiny_store, tiny_teacher, tiny_corpus):
         )
         for r in (1, 0)  # rank 1 first: it must wait for rank 0 to create the store
     ]
+    logs = []
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        out_text, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
+        logs.append(out_text + err)
     assert SignalStore.open(str(out)).is_complete()
     assert_same_store(out, tiny_store)
+    # Progress in a file: plain lines from rank 0 only, no bars (theirs or the libraries').
+    assert all("\r" not in log and "\x1b[" not in log for log in logs)
+    assert "/2 seq " not in logs[0] and "precompute rank 0/2 seq " in logs[1]
 
 
 def test_rank_env_and_assignment(monkeypatch):
