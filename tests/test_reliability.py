@@ -8,10 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+from conftest import run_tiny_precompute
+from test_precompute import assert_same_store, kd_cmd
 from test_train import ROOT, SCRIPT, _base, _check, _env, _losses, run_cli
+
+from offline_kd.lease import Holder, LeaseError, StoreLease
 
 # ------------------------------------------------------------------------ exact resume, dropout on
 
@@ -92,3 +97,173 @@ def test_no_unsafe_unpickling_in_the_project():
             if "weights_only=False" in text or "pickle.load" in text:
                 offenders.append(str(path.relative_to(ROOT)))
     assert not offenders
+
+
+# ------------------------------------------------------------------------ one writer per store rank
+
+
+def _lease_files(store: Path) -> list[Path]:
+    return sorted(Path(str(store) + ".leases").glob("rank*.json"))
+
+
+@pytest.mark.slow
+def test_second_writer_of_a_rank_is_refused_and_the_store_stays_intact(
+    tmp_path, tiny_store, tiny_teacher, tiny_corpus
+):
+    out = tmp_path / "shared.zarr"
+    env = dict(_env(), OFFLINE_KD_PRECOMPUTE_DELAY="0.05")
+    first = subprocess.Popen(
+        kd_cmd(tiny_teacher, tiny_corpus, out),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _lease_files(out) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        second = subprocess.run(
+            kd_cmd(tiny_teacher, tiny_corpus, out), env=env, capture_output=True, text=True, timeout=300
+        )
+        _, first_err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    errors = [line for line in second.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, second.stderr
+    assert "rank 0" in errors[0] and "being written by another process" in errors[0]
+    assert f"{out}.leases/rank0." in errors[0] and f"pid {first.pid}" in errors[0]
+    assert_same_store(out, tiny_store)
+    assert not Path(f"{out}.leases").exists()  # released on exit
+
+
+@pytest.mark.slow
+def test_a_killed_writers_lease_does_not_block_the_rerun(tmp_path, tiny_teacher):
+    """A holder on this machine whose process is gone is expired at once."""
+    store = tmp_path / "s.zarr"
+    code = (
+        "import sys, time\n"
+        "from offline_kd.lease import StoreLease\n"
+        f"StoreLease({str(store)!r}, 0).acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseError, match=rf"pid {holder.pid} on "):
+            StoreLease(str(store), 0).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    finally:
+        holder.kill()
+    assert len(_lease_files(store)) == 1  # left behind by the kill
+    with StoreLease(str(store), 0) as lease:
+        assert _lease_files(store) == [Path(lease._path(lease.generation))]
+    assert not _lease_files(store)
+
+
+def _plant_holder(store: Path, rank: int, generation: int, heartbeat: float, expiry: float) -> Path:
+    """A lease held by a process on another machine (its pid cannot be checked from here)."""
+    holder = Holder(rank, 1, "t0", "elsewhere", "elsewhere|boot|ns", 4242, "1", heartbeat, heartbeat, expiry)
+    path = Path(f"{store}.leases") / f"rank{rank}.{generation:016d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(holder.to_json())
+    return path
+
+
+def test_a_lease_from_another_machine_expires_after_its_last_heartbeat(tmp_path):
+    store = tmp_path / "s.zarr"
+    planted = _plant_holder(store, 0, 5, time.time(), expiry=1.0)
+    with pytest.raises(
+        LeaseError, match=r"pid 4242 on elsewhere.*last heartbeat .* s ago; lease file .*rank0\.0+5\.json"
+    ):
+        StoreLease(str(store), 0).acquire()
+    with StoreLease(str(store), 1):  # another rank is not affected
+        pass
+    time.sleep(1.1)  # no heartbeat: expired
+    with StoreLease(str(store), 0) as lease:
+        assert lease.generation > 5 and not planted.exists()
+
+
+def test_heartbeat_keeps_the_lease_fresh_and_a_taken_over_writer_stops(tmp_path):
+    store = tmp_path / "s.zarr"
+    lease = StoreLease(str(store), 0, expiry=0.4).acquire()
+    try:
+        path = Path(lease._path(lease.generation))
+        first = Holder.from_json(path.read_bytes())
+        time.sleep(1.0)  # two and a half expiries: only the heartbeat keeps it live
+        now = Holder.from_json(path.read_bytes())
+        assert now.heartbeat > first.heartbeat and now.is_live(time.time(), machine="another machine")
+        lease.ensure_held()
+        _plant_holder(store, 0, lease.generation + 1, time.time(), expiry=60)  # a newer writer
+        with pytest.raises(LeaseError, match="lost the lease of rank 0.*another process took it over"):
+            lease.ensure_held()
+    finally:
+        lease.release()
+
+
+# ------------------------------------------------------------------------ creation and orphans
+
+
+def test_creation_keeps_what_another_creator_wrote(tmp_path, tiny_store):
+    """Creating over a group whose arrays already exist (a concurrent creator's) empties nothing."""
+    import zarr
+
+    from offline_kd.store import ATTR_KEY, SignalStore
+
+    out = tmp_path / "c.zarr"
+    shutil.copytree(tiny_store, out)
+    meta = SignalStore.open(str(out)).meta
+    g = zarr.open_group(str(out), mode="r+")
+    attrs = dict(g.attrs)
+    g.attrs.clear()  # the other creator has not written the attributes yet
+    store = SignalStore.create(str(out), meta)
+    assert store.is_complete()
+    assert_same_store(out, tiny_store)
+    assert zarr.open_group(str(out)).attrs[ATTR_KEY] == attrs[ATTR_KEY]
+
+
+def _plant_partial(path: Path) -> Path:
+    """A zero-byte temporary file named as zarr's local store names them before the rename."""
+    partial = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"")
+    return partial
+
+
+def _kill_mid_shard(store: Path, shard: int) -> set[Path]:
+    """What a kill -9 leaves of `shard`: the inputs and view 0 written, view 1 not, no commit, and
+    temporary files of zarr's atomic writes (returned)."""
+    (store / "committed" / "c" / str(shard)).unlink()
+    planted = {_plant_partial(store / "committed" / "c" / str(shard))}
+    for array in ("masked_input_ids", "mlm_mask", "topk_ids", "topk_logits", "lse", "hidden"):
+        view1 = store / array / "c" / "1" / str(shard)
+        shard_file = view1 if view1.is_file() else next(f for f in view1.rglob("*") if f.is_file())
+        shard_file.unlink()
+        planted.add(_plant_partial(shard_file))
+    return planted
+
+
+def test_resume_removes_the_partial_files_of_a_killed_run(tmp_path, tiny_store, tiny_teacher, tiny_corpus):
+    import warnings
+
+    out = tmp_path / "orphans.zarr"
+    shutil.copytree(tiny_store, out)
+    _kill_mid_shard(out, 2)
+    other_rank = _kill_mid_shard(out, 3)
+    _plant_partial(out / "zarr.json")  # a kill while the root metadata was written
+    # rank 0 of 2 owns the even shards: it removes their partial files and the metadata's, no others
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = run_tiny_precompute(tiny_teacher, tiny_corpus, out, rank=0, world_size=2)
+    assert not [w for w in caught if "not recognized" in str(w.message)]
+    assert r.shards_written == [2]
+    assert set(out.rglob("*.partial")) == other_rank
+    r = run_tiny_precompute(tiny_teacher, tiny_corpus, out)
+    assert r.shards_written == [3] and r.complete
+    assert not list(out.rglob("*.partial"))
+    assert_same_store(out, tiny_store)
