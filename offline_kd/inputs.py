@@ -235,6 +235,8 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainConfig:
     from offline_kd.storage import check_store_url
     from offline_kd.store import open_store
 
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise UsageError(f"--output {cfg.output}: is an existing file, not a run directory")
     resolve_ds_config(
         load_ds_config(cfg.deepspeed_config), world_size, micro_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr=cfg.lr,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,10 +16,12 @@ from pathlib import Path
 
 import pytest
 from conftest import run_tiny_precompute
+from fsspec.implementations.memory import MemoryFileSystem
 from test_precompute import assert_same_store, kd_cmd
 from test_train import ROOT, SCRIPT, _base, _check, _env, _losses, run_cli
 
 from offline_kd.lease import Holder, LeaseError, StoreLease
+from offline_kd.store import SignalStore
 
 # ------------------------------------------------------------------------ exact resume, dropout on
 
@@ -213,7 +218,7 @@ def test_creation_keeps_what_another_creator_wrote(tmp_path, tiny_store):
     """Creating over a group whose arrays already exist (a concurrent creator's) empties nothing."""
     import zarr
 
-    from offline_kd.store import ATTR_KEY, SignalStore
+    from offline_kd.store import ATTR_KEY
 
     out = tmp_path / "c.zarr"
     shutil.copytree(tiny_store, out)
@@ -267,3 +272,182 @@ def test_resume_removes_the_partial_files_of_a_killed_run(tmp_path, tiny_store, 
     assert r.shards_written == [3] and r.complete
     assert not list(out.rglob("*.partial"))
     assert_same_store(out, tiny_store)
+
+
+# ------------------------------------------------------------------------ bad inputs: one line each
+
+
+class FullMemoryFileSystem(MemoryFileSystem):
+    """An in-memory filesystem whose disk holds `quota` bytes of store files (leases aside)."""
+
+    protocol = "fullmem"
+    store: dict = {}  # noqa: RUF012 - fsspec's memory filesystems keep their files per class
+    pseudo_dirs = [""]  # noqa: RUF012
+    quota = 0
+    used = 0
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        cls = type(self)
+        if ".leases/" not in path:
+            if cls.used + len(value) > cls.quota:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            cls.used += len(value)
+        return super().pipe_file(path, value, mode=mode, **kwargs)
+
+
+def _kd(*args) -> tuple[int, str]:
+    from click.testing import CliRunner
+    from offline_kd.cli.kd import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+def _precompute(teacher, corpus, out, *extra) -> tuple[int, str]:
+    return _kd(*kd_cmd(teacher, corpus, out, *extra)[3:])
+
+
+def _output_is_a_file(teacher, corpus, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    code, output = _precompute(teacher, corpus, out)
+
+    def nothing_lost():
+        assert out.read_text() == "keep me" and not Path(f"{out}.leases").exists()
+
+    return code, output, rf"Error: --output '{out}' is an existing file", nothing_lost
+
+
+def _truncated_teacher(teacher, corpus, tmp_path):
+    broken = tmp_path / "teacher"
+    shutil.copytree(teacher, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "t.zarr"
+    code, output = _precompute(broken, corpus, out)
+    return code, output, rf"Error: teacher '{broken}' cannot be loaded: .*incomplete metadata", lambda: None
+
+
+def _empty_corpus(teacher, corpus, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, output = _precompute(teacher, empty, tmp_path / "e.zarr")
+    return code, output, rf"Error: corpus file '{empty}' is empty", lambda: None
+
+
+def _max_length_4(teacher, corpus, tmp_path):
+    out = tmp_path / "m.zarr"
+    code, output = _kd(*kd_cmd(teacher, corpus, out)[3:], "--max-length", "4")
+
+    def nothing_written():
+        assert not out.exists()
+
+    return (
+        code,
+        output,
+        r"Error: --max-length 4 is too small: sequences of at most 11 real tokens",
+        nothing_written,
+    )
+
+
+def _disk_full_while_creating(teacher, corpus, tmp_path):
+    import fsspec
+
+    fsspec.register_implementation("fullmem", FullMemoryFileSystem, clobber=True)
+    FullMemoryFileSystem.store.clear()
+    FullMemoryFileSystem.quota, FullMemoryFileSystem.used = 1500, 0  # the group and an array or two
+    url = f"fullmem://{tmp_path.name}/full.zarr"
+    code, output = _precompute(teacher, corpus, url, "--views", "1", "--no-hidden")
+
+    def resumes_once_space_is_freed():
+        FullMemoryFileSystem.quota = 1 << 30
+        again, again_output = _precompute(teacher, corpus, url, "--views", "1", "--no-hidden")
+        assert again == 0 and "complete" in again_output, again_output
+        assert SignalStore.open(url).is_complete()
+
+    return (
+        code,
+        output,
+        rf"Error: disk full while creating '{url}'; free space and rerun",
+        resumes_once_space_is_freed,
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [_output_is_a_file, _truncated_teacher, _empty_corpus, _max_length_4, _disk_full_while_creating],
+    ids=["output-is-a-file", "truncated-teacher", "empty-corpus", "max-length-4", "disk-full-creating"],
+)
+def test_bad_precompute_input_is_one_error_line(case, tiny_teacher, tiny_corpus, tmp_path):
+    code, output, message, nothing_lost = case(tiny_teacher, tiny_corpus, tmp_path)
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert code == 1 and "Traceback" not in output, output
+    assert len(errors) == 1 and re.match(message, errors[0]), output
+    nothing_lost()
+
+
+def _train_store_typo(store, tmp_path):
+    out = tmp_path / "run"
+    return (
+        ["--store", tmp_path / "stroe.zarr", "--output", out],
+        r"Error: no signal store at '.*stroe\.zarr'",
+        out,
+    )
+
+
+def _train_output_is_a_file(store, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    return ["--store", store, "--output", out], rf"Error: --output '{out}' is an existing file", out
+
+
+def _train_corrupt_chunk_in_a_worker(store, tmp_path):
+    corrupt = tmp_path / "corrupt.zarr"
+    shutil.copytree(store, corrupt)
+    shard = corrupt / "topk_logits" / "c" / "0" / "1" / "0" / "0"  # view 0, shard 1
+    data = bytearray(shard.read_bytes())
+    data[40:60] = bytes(b ^ 0xFF for b in data[40:60])
+    shard.write_bytes(bytes(data))
+    args = ["--store", corrupt, "--output", tmp_path / "run", "--num-workers", 1, "--epochs", 1]
+    return (
+        args,
+        r"Error: .*'topk_logits' view 0, chunk of sequences \[\d+, \d+\) \(shard 1\) is corrupt",
+        None,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    [_train_store_typo, _train_output_is_a_file, _train_corrupt_chunk_in_a_worker],
+    ids=["store-typo", "output-is-a-file", "corrupt-chunk-num-workers-1"],
+)
+def test_bad_training_input_is_one_error_line(case, tiny_store, tmp_path):
+    args, message, out = case(tiny_store, tmp_path)
+    before = out.read_bytes() if out is not None and out.is_file() else None
+    base = [
+        "--student",
+        "distil",
+        "--deepspeed_config",
+        ROOT / "configs" / "ds_cpu_tiny.json",
+        "--no-progress",
+    ]
+    proc = run_cli(base + args)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert len(errors) == 1 and re.match(message, errors[0]), proc.stderr[-4000:]
+    if out is not None:  # refused before anything was written
+        assert out.read_bytes() == before if before is not None else not out.exists()
+
+
+def test_verify_calls_an_uncommitted_shard_unwritten_not_corrupt(tmp_path, tiny_store):
+    out = tmp_path / "unfinished.zarr"
+    shutil.copytree(tiny_store, out)
+    last = SignalStore.open(str(out)).meta.num_shards - 1
+    _kill_mid_shard(out, last)
+    code, output = _kd("verify", out)
+    assert code == 1
+    assert f"incomplete: 1 shard(s) not committed: [{last}]" in output
+    assert f"uncommitted shard(s) [{last}] are not yet written" in output
+    assert "differs" not in output and "corrupt" not in output
+    assert f"checked {last} shard(s)" in output
