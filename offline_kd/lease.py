@@ -175,9 +175,14 @@ class StoreLease:
         """Write the file only if it does not exist; False when another writer was first."""
         path = self._path(generation)
         if self.local:
-            os.makedirs(self.dir, exist_ok=True)
             tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            Path(tmp).write_bytes(data)
+            for _ in range(5):  # another rank may remove the empty folder between the two steps
+                os.makedirs(self.dir, exist_ok=True)
+                try:
+                    Path(tmp).write_bytes(data)
+                    break
+                except FileNotFoundError:
+                    continue
             try:
                 os.link(tmp, path)  # atomic, complete and exclusive: fails if `path` exists
             except FileExistsError:
