@@ -195,6 +195,9 @@ def trial_writers(fx: Fixture, rng: random.Random, out: Path) -> tuple[bool, dic
     errors = [line for line in refused[0].splitlines() if line.startswith("Error:")] if refused else []
     one_line = len(refused) == 1 and len(errors) == 1 and "being written by another process" in errors[0]
     ok = codes == [0, 1] and one_line and "Traceback" not in refused[0] and fx.identical(out)
+    if not ok:
+        tails = " || ".join(f"exit {c.code}: " + " | ".join(c.output.strip().splitlines()[-3:]) for c in children)
+        print(f"    {tails}", flush=True)
     return ok, {"both finished (no overlap)": int(codes == [0, 0])}
 
 

@@ -143,10 +143,10 @@ class StoreLease:
 
     # ------------------------------------------------------------------ files
     def _path(self, generation: int) -> str:
-        return f"{self.dir}/rank{self.rank}.{generation:016d}.json"
+        return f"{self.dir}/rank{self.rank}.{generation:06d}.json"
 
     def _display(self, generation: int) -> str:
-        return f"{self.url}/rank{self.rank}.{generation:016d}.json"
+        return f"{self.url}/rank{self.rank}.{generation:06d}.json"
 
     def _generations(self) -> list[int]:
         try:
@@ -229,7 +229,8 @@ class StoreLease:
                         f"for it to finish; a lease expires {holder.expiry:g} s after its holder's last "
                         "heartbeat, at once when its process on this machine is gone"
                     )
-            generation = max((gens[-1] + 1) if gens else 0, int(now * 1000))
+            # Every process that saw the same files tries the same name: exactly one creates it.
+            generation = gens[-1] + 1 if gens else 0
             pid = os.getpid()
             self._holder = Holder(
                 self.rank, self.world_size, uuid.uuid4().hex, socket.gethostname(), machine, pid,

@@ -174,7 +174,7 @@ def test_a_killed_writers_lease_does_not_block_the_rerun(tmp_path, tiny_teacher)
 def _plant_holder(store: Path, rank: int, generation: int, heartbeat: float, expiry: float) -> Path:
     """A lease held by a process on another machine (its pid cannot be checked from here)."""
     holder = Holder(rank, 1, "t0", "elsewhere", "elsewhere|boot|ns", 4242, "1", heartbeat, heartbeat, expiry)
-    path = Path(f"{store}.leases") / f"rank{rank}.{generation:016d}.json"
+    path = Path(f"{store}.leases") / f"rank{rank}.{generation:06d}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(holder.to_json())
     return path
@@ -192,6 +192,34 @@ def test_a_lease_from_another_machine_expires_after_its_last_heartbeat(tmp_path)
     time.sleep(1.1)  # no heartbeat: expired
     with StoreLease(str(store), 0) as lease:
         assert lease.generation > 5 and not planted.exists()
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_of_writers_starting_at_once_exactly_one_takes_the_lease(tmp_path, round_):
+    import threading
+
+    store, n = tmp_path / "s.zarr", 8
+    start, won, refused = threading.Barrier(n), [], []
+
+    def contend():
+        start.wait()
+        try:
+            won.append(StoreLease(str(store), 0, expiry=30).acquire())
+        except LeaseError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=contend) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len(won) == 1 and len(refused) == n - 1
+        assert all("being written by another process" in e for e in refused)
+        assert len(_lease_files(store)) == 1
+    finally:
+        for lease in won:
+            lease.release()
 
 
 def test_heartbeat_keeps_the_lease_fresh_and_a_taken_over_writer_stops(tmp_path):
