@@ -15,9 +15,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import run_tiny_precompute
+from conftest import assert_same_store, run_tiny_precompute
 from fsspec.implementations.memory import MemoryFileSystem
-from test_precompute import assert_same_store, kd_cmd
+from test_precompute import kd_cmd
 from test_train import ROOT, SCRIPT, _base, _check, _env, _losses, run_cli
 
 from offline_kd.lease import Holder, LeaseError, StoreLease
@@ -136,7 +136,7 @@ def test_second_writer_of_a_rank_is_refused_and_the_store_stays_intact(
     finally:
         first.kill()
     assert first.returncode == 0, first_err[-2000:]
-    assert second.returncode == 1 and "Traceback" not in second.stderr
+    assert second.returncode == 2 and "Traceback" not in second.stderr
     errors = [line for line in second.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1, second.stderr
     assert "rank 0" in errors[0] and "being written by another process" in errors[0]
@@ -343,7 +343,7 @@ def _output_is_a_file(teacher, corpus, tmp_path):
     def nothing_lost():
         assert out.read_text() == "keep me" and not Path(f"{out}.leases").exists()
 
-    return code, output, rf"Error: --output '{out}' is an existing file", nothing_lost
+    return code, output, rf"Error: --output {out}: is an existing file, not a store directory", nothing_lost
 
 
 def _truncated_teacher(teacher, corpus, tmp_path):
@@ -373,7 +373,7 @@ def _max_length_4(teacher, corpus, tmp_path):
     return (
         code,
         output,
-        r"Error: --max-length 4 is too small: sequences of at most 11 real tokens",
+        r"Error: --max-length 4: too small: sequences of at most 11 real tokens",
         nothing_written,
     )
 
@@ -409,7 +409,7 @@ def _disk_full_while_creating(teacher, corpus, tmp_path):
 def test_bad_precompute_input_is_one_error_line(case, tiny_teacher, tiny_corpus, tmp_path):
     code, output, message, nothing_lost = case(tiny_teacher, tiny_corpus, tmp_path)
     errors = [line for line in output.splitlines() if line.startswith("Error:")]
-    assert code == 1 and "Traceback" not in output, output
+    assert code == 2 and "Traceback" not in output, output
     assert len(errors) == 1 and re.match(message, errors[0]), output
     nothing_lost()
 
@@ -426,7 +426,11 @@ def _train_store_typo(store, tmp_path):
 def _train_output_is_a_file(store, tmp_path):
     out = tmp_path / "notes.txt"
     out.write_text("keep me")
-    return ["--store", store, "--output", out], rf"Error: --output '{out}' is an existing file", out
+    return (
+        ["--store", store, "--output", out],
+        rf"Error: --output {out}: is an existing file, not a run directory",
+        out,
+    )
 
 
 def _train_corrupt_chunk_in_a_worker(store, tmp_path):
