@@ -14,8 +14,9 @@ teacher, so each child starts from a clean state.
   command is rerun. Identical: every file of the store equals the reference (no `*.partial`, no
   lease left) and `kd inspect --json` equals the reference's.
 * writers: two `kd precompute` processes of the same rank on one fresh output, the second started
-  after a random delay. Identical: exactly one is refused with one `Error:` line naming the lease,
-  the other finishes, and the store equals the reference.
+  a random delay (up to a quarter of the reference run) after the first, or, in half the trials,
+  after the first took its lease. Identical: exactly one is refused with one `Error:` line naming
+  the lease, the other finishes, and the store equals the reference.
 * flip: one byte of a random chunk file of a copy of the reference is flipped. Caught: `kd verify`
   fails naming that array.
 
@@ -185,7 +186,11 @@ def trial_kill(fx: Fixture, rng: random.Random, out: Path) -> tuple[bool, dict]:
 
 def trial_writers(fx: Fixture, rng: random.Random, out: Path) -> tuple[bool, dict]:
     first = fx.run(out)
-    time.sleep(rng.uniform(0, fx.seconds / 2))
+    delay = rng.uniform(0, fx.seconds / 4)
+    if rng.random() < 0.5:  # half the trials: a random moment after the first one holds its rank
+        while not list(Path(f"{out}.leases").glob("rank0.*.json")) and first.wait(timeout=0.005) is None:
+            pass
+    time.sleep(delay)
     second = fx.run(out)
     children = [first, second]
     codes = sorted(min(c.wait(), 1) for c in children)  # 0: finished, 1: refused (exit status 2)
