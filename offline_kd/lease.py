@@ -11,7 +11,8 @@ heartbeat. A writer
    writers taking over the same expired lease, one creates the file and the other finds it and
    refuses;
 3. rewrites its file every ``expiry / 4`` seconds (the heartbeat) and checks, before each
-   commit, that no newer generation exists and that its own file is still there;
+   commit, that no newer generation exists and that its own file is still there and holds its
+   token (where a filesystem cannot create exclusively, the last of several takers' writes wins);
 4. deletes its file when it finishes, fails or is interrupted.
 
 A holder is live while its last heartbeat is younger than the expiry it recorded. A holder on
@@ -31,6 +32,9 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fsspec.implementations.local import LocalFileSystem
+
+from .storage import filesystem, is_local, local_path
 from .store import StoreError
 
 SUFFIX = ".leases"
@@ -125,15 +129,15 @@ class StoreLease:
         expiry: float = DEFAULT_EXPIRY,
         storage_options: dict | None = None,
     ):
-        from fsspec.core import url_to_fs
-
         if expiry <= 0:
             raise ValueError(f"the lease expiry must be positive, got {expiry}")
         self.url = str(url).rstrip("/") + SUFFIX
-        self.fs, self.dir = url_to_fs(self.url, **(storage_options or {}))
-        self.local = "file" in (
-            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        )
+        self.local = is_local(self.url)
+        if self.local:
+            self.fs, self.dir = LocalFileSystem(), str(local_path(self.url))
+        else:  # the store's own filesystem and --storage-option values
+            self.fs = filesystem(self.url, storage_options)
+            self.dir = self.fs._strip_protocol(self.url)
         self.rank, self.world_size, self.expiry = int(rank), int(world_size), float(expiry)
         self.generation: int | None = None
         self.lost: str | None = None
@@ -149,6 +153,7 @@ class StoreLease:
         return f"{self.url}/rank{self.rank}.{generation:06d}.json"
 
     def _generations(self) -> list[int]:
+        self.fs.invalidate_cache(self.dir)  # object stores cache listings; other writers change it
         try:
             names = self.fs.ls(self.dir, detail=False)
         except (FileNotFoundError, NotADirectoryError):
@@ -237,6 +242,8 @@ class StoreLease:
                 _process_start(pid), now, now, self.expiry,
             )  # fmt: skip
             if self._create_exclusive(generation, self._holder.to_json()):
+                if not self._is_mine(generation):
+                    continue  # a store without exclusive creation: another taker wrote it last
                 self.generation = generation
                 for old in gens:  # expired holders' files
                     self._delete(old)
@@ -268,7 +275,16 @@ class StoreLease:
                 self.lost = f"its lease file {self._display(self.generation)} was removed"
             elif gens[-1] > self.generation:
                 self.lost = f"another process took it over ({self._display(gens[-1])})"
+            elif not self._is_mine(self.generation):  # only where creation is not exclusive
+                self.lost = f"another process took it over ({self._display(self.generation)})"
         return self.lost
+
+    def _is_mine(self, generation: int) -> bool:
+        try:
+            holder = self._read(generation)
+        except LeaseError:  # unreadable: not this process's file
+            return False
+        return holder is not None and holder.token == self._holder.token
 
     def ensure_held(self) -> None:
         """Raise :class:`LeaseError` when another writer has taken this rank over."""
@@ -282,7 +298,8 @@ class StoreLease:
             self._thread.join()
             self._thread = None
         if self.generation is not None:
-            self._delete(self.generation)
+            if self._is_mine(self.generation):  # never another taker's file of the same name
+                self._delete(self.generation)
             if self.local:
                 try:
                     os.rmdir(self.dir)  # only when no other rank holds a lease
