@@ -178,21 +178,17 @@ def _check_precompute_settings(cfg: PrecomputeConfig, world_size: int) -> None:
         from offline_kd.store import StoreError
 
         raise StoreError("--overwrite with several ranks is racy: delete the store first, then run all ranks")
-    _check_store_output(cfg)
+    _check_max_length(cfg)
 
 
-def _check_store_output(cfg: PrecomputeConfig) -> None:
+def _check_max_length(cfg: PrecomputeConfig) -> None:
     from offline_kd.corpus import MIN_TOKENS
-    from offline_kd.store import local_root
 
     if cfg.max_length <= MIN_TOKENS:
         raise UsageError(
             f"--max-length {cfg.max_length}: too small: sequences of at most {MIN_TOKENS} real tokens are "
             f"dropped as degenerate, so none would be left; use at least {MIN_TOKENS + 1}"
         )
-    root = local_root(cfg.output, cfg.storage_options)
-    if root is not None and root.exists() and not root.is_dir():
-        raise UsageError(f"--output {cfg.output}: is an existing file, not a store directory")
 
 
 # ------------------------------------------------------------------------------------ train

@@ -438,7 +438,7 @@ def _output_is_a_file(teacher, corpus, tmp_path):
     def nothing_lost():
         assert out.read_text() == "keep me" and not Path(f"{out}.leases").exists()
 
-    return code, output, rf"Error: --output {out}: is an existing file, not a store directory", nothing_lost
+    return code, output, rf"Error: store '{out}' is an existing file, not a directory", nothing_lost
 
 
 def _truncated_teacher(teacher, corpus, tmp_path):
