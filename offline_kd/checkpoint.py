@@ -4,11 +4,16 @@ DeepSpeed's ``latest`` file can name a checkpoint that is half on disk (a crash 
 writes). Here each save is ``engine.save_checkpoint(dir, tag)``, then every rank writes its own
 RNG states, then a barrier, then rank 0 writes ``<dir>/<tag>/COMPLETE`` (a small JSON record).
 ``--resume`` loads the newest tag that has the marker and ignores the rest.
+
+The RNG states are written without pickle: the generator states as tensors in a safetensors file,
+the few scalars beside them as JSON in its metadata, so loading them runs no code from the run
+directory. (DeepSpeed's own files in the tag are pickles: a run directory must be trusted.)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -17,10 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from offline_kd.distributed import barrier, rank, world_size
 
+log = logging.getLogger(__name__)
+
 MARKER = "COMPLETE"
+RNG_FORMAT = "offline_kd.rng_state/1"
 _TAG_RE = re.compile(r"^step(\d+)$")
 
 
@@ -63,6 +73,54 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_file(ckpt_dir: str | Path, tag: str, rank_: int) -> Path:
+    return Path(ckpt_dir) / tag / f"rng_rank{rank_}.safetensors"
+
+
+def save_rng_state(path: str | Path, state: dict) -> None:
+    """``state`` (as from :func:`rng_state`) as tensors plus JSON metadata; no pickle."""
+    py_version, py_words, py_gauss = state["python"]
+    np_name, np_key, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    tensors = {
+        "torch": state["torch"].contiguous(),
+        "numpy.key": torch.from_numpy(np.ascontiguousarray(np_key, dtype=np.uint32).view(np.int32).copy()),
+        "python.words": torch.tensor(py_words, dtype=torch.int64),
+    }
+    for i, cuda in enumerate(state.get("cuda") or []):
+        tensors[f"cuda.{i}"] = cuda.cpu().contiguous()
+    scalars = {
+        "format": RNG_FORMAT,
+        "python": {"version": py_version, "gauss_next": py_gauss},
+        "numpy": {
+            "name": np_name,
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "cuda_devices": len(state.get("cuda") or []),
+    }
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata={"rng": json.dumps(scalars)})
+    os.replace(tmp, path)
+
+
+def load_rng_state(path: str | Path) -> dict:
+    """The state saved by :func:`save_rng_state` (tensors and JSON only: nothing is executed)."""
+    with safe_open(str(path), framework="pt") as f:
+        scalars = json.loads((f.metadata() or {}).get("rng", "{}"))
+        if scalars.get("format") != RNG_FORMAT:
+            raise ValueError(f"{path}: not an {RNG_FORMAT} file")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    py, npy = scalars["python"], scalars["numpy"]
+    np_key = tensors["numpy.key"].numpy().view(np.uint32)
+    return {
+        "python": (py["version"], tuple(int(w) for w in tensors["python.words"].tolist()), py["gauss_next"]),
+        "numpy": (npy["name"], np_key, npy["pos"], npy["has_gauss"], npy["gauss"]),
+        "torch": tensors["torch"],
+        "cuda": [tensors[f"cuda.{i}"] for i in range(scalars["cuda_devices"])] or None,
+    }
+
+
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int | None = None) -> str:
     """Save a checkpoint for `step` on every rank; rank 0 marks it complete after a barrier."""
     tag = tag_for(step)
@@ -70,7 +128,7 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     tag_dir = Path(ckpt_dir) / tag
     tag_dir.mkdir(parents=True, exist_ok=True)
     this_rank = rank()
-    torch.save(rng_state(), tag_dir / f"rng_rank{this_rank}.pt")
+    save_rng_state(rng_file(ckpt_dir, tag, this_rank), rng_state())
     barrier()
     if this_rank == 0:
         tmp = tag_dir / (MARKER + ".tmp")
@@ -101,7 +159,14 @@ def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> tuple[str, dic
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
-    rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank()}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    path = rng_file(ckpt_dir, tag, rank())
+    if path.exists():
+        set_rng_state(load_rng_state(path))
+    else:  # e.g. an older checkpoint's pickled rng_rank<r>.pt, which is never unpickled
+        log.warning(
+            "%s has no %s: the random state (dropout masks) is not restored, so the resumed run is "
+            "not an exact continuation",
+            tag,
+            path.name,
+        )
     return tag, client_state or {}

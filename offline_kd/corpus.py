@@ -31,6 +31,7 @@ TEXT_SUFFIXES = {".txt", ".text", ".md", ""}
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet", ".pq"}
 HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
+MIN_TOKENS = 11  # sequences with at most this many real tokens are dropped (DistilBERT's filter)
 
 
 class CorpusError(UsageError):
@@ -148,6 +149,8 @@ def load_documents(
     parts = []
     for src in sources:
         kind = _source_kind(src)
+        if kind != "hub" and Path(src).is_file() and Path(src).stat().st_size == 0:
+            raise CorpusError(f"corpus file {src!r} is empty")
         try:
             if kind == "hub":  # NAME or NAME:CONFIG, e.g. wikimedia/wikipedia:20231101.en
                 name, _, config = src.partition(":")
@@ -216,7 +219,7 @@ def pack_sequences(
     max_length: int = 512,
     seed: int = 0,
     shuffle: bool = True,
-    min_tokens: int = 11,
+    min_tokens: int = MIN_TOKENS,
     max_unk_fraction: float = 0.5,
     pack_batch_documents: int = 1000,
     stats: CorpusStats | None = None,

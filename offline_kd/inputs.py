@@ -178,6 +178,17 @@ def _check_precompute_settings(cfg: PrecomputeConfig, world_size: int) -> None:
         from offline_kd.store import StoreError
 
         raise StoreError("--overwrite with several ranks is racy: delete the store first, then run all ranks")
+    _check_max_length(cfg)
+
+
+def _check_max_length(cfg: PrecomputeConfig) -> None:
+    from offline_kd.corpus import MIN_TOKENS
+
+    if cfg.max_length <= MIN_TOKENS:
+        raise UsageError(
+            f"--max-length {cfg.max_length}: too small: sequences of at most {MIN_TOKENS} real tokens are "
+            f"dropped as degenerate, so none would be left; use at least {MIN_TOKENS + 1}"
+        )
 
 
 # ------------------------------------------------------------------------------------ train
@@ -220,6 +231,8 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainConfig:
     from offline_kd.storage import check_store_url
     from offline_kd.store import open_store
 
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise UsageError(f"--output {cfg.output}: is an existing file, not a run directory")
     resolve_ds_config(
         load_ds_config(cfg.deepspeed_config), world_size, micro_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr=cfg.lr,

@@ -18,6 +18,7 @@ from .distributed import local_device, rank_and_world
 from .dry_run import DryRunEstimate, dry_run
 from .host_signals import HostSignals
 from .inputs import check_precompute
+from .lease import StoreLease
 from .masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
 from .progress import Progress, quiet_library_bars
 from .settings import PrecomputeConfig
@@ -145,31 +146,39 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
             dry_run=True, estimated_bytes=est.bytes, estimate=est,
         )  # fmt: skip
     quiet_library_bars(rank)  # no \r frames in log files, no bar from ranks above 0
-    teacher = _load_checked_teacher(cfg)
-    prep = _prepare(cfg, teacher, rank)
-    S = len(prep.packed)
-    if _wants_head(cfg) and rank == 0:
-        prep.meta.teacher_head["check"] = _check_head(cfg, prep)
-
-    # Rank 0 creates (or reopens for resume) the store; the others wait for its attributes.
-    if rank == 0:
-        write_head = (lambda g: save_head(g, teacher.head)) if _wants_head(cfg) else None
-        store = SignalStore.create(
-            cfg.output, prep.meta, cfg.storage_options, overwrite=cfg.overwrite, write_head=write_head
-        )
-    else:
-        store = _wait_for_store(cfg, prep.meta, rank)
-    meta = store.meta
-    mine = assigned_shards(meta.num_shards, rank, world)
-    done = store.committed()
-    todo = [i for i in mine if not done[i]]
-    skipped = [i for i in mine if done[i]]
-    written, tokens_done, loop_seconds = _write_shards(cfg, prep, store, todo, rank, world)
-    complete = store.is_complete()
+    # One live writer per rank: a second one is refused before any expensive work.
+    with StoreLease(cfg.output, rank, world, cfg.lease_seconds, cfg.storage_options) as lease:
+        prep = _load_and_prepare(cfg, rank)
+        # Rank 0 creates (or reopens for resume) the store; the others wait for its attributes.
+        if rank == 0:
+            write_head = (lambda g: save_head(g, prep.teacher.head)) if _wants_head(cfg) else None
+            store = SignalStore.create(
+                cfg.output, prep.meta, cfg.storage_options, overwrite=cfg.overwrite, write_head=write_head
+            )
+        else:
+            store = _wait_for_store(cfg, prep.meta, rank)
+        meta = store.meta
+        mine = assigned_shards(meta.num_shards, rank, world)
+        # Only this rank writes its shards, so what a killed run left half-written there is orphaned.
+        store.remove_partial_files(mine)
+        done = store.committed()
+        todo = [i for i in mine if not done[i]]
+        skipped = [i for i in mine if done[i]]
+        written, tokens_done, loop_seconds = _write_shards(cfg, prep, store, todo, rank, world, lease)
+        complete = store.is_complete()
     return PrecomputeResult(
-        cfg.output, S, meta.num_shards, written, skipped, complete, time.monotonic() - t0,
+        cfg.output, len(prep.packed), meta.num_shards, written, skipped, complete, time.monotonic() - t0,
         tokens_done, meta=meta.as_dict(), loop_seconds=loop_seconds,
     )  # fmt: skip
+
+
+def _load_and_prepare(cfg: PrecomputeConfig, rank: int) -> _Prepared:
+    """The teacher, the packed corpus and the store's metadata (with the head check on rank 0)."""
+    teacher = _load_checked_teacher(cfg)
+    prep = _prepare(cfg, teacher, rank)
+    if _wants_head(cfg) and rank == 0:
+        prep.meta.teacher_head["check"] = _check_head(cfg, prep)
+    return prep
 
 
 def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
@@ -257,7 +266,13 @@ def _progress_bar(cfg: PrecomputeConfig, total: int, rank: int, world: int) -> P
 
 
 def _write_shards(
-    cfg: PrecomputeConfig, prep: _Prepared, store: SignalStore, todo: list[int], rank: int, world: int
+    cfg: PrecomputeConfig,
+    prep: _Prepared,
+    store: SignalStore,
+    todo: list[int],
+    rank: int,
+    world: int,
+    lease: StoreLease,
 ) -> tuple[list[int], int, float]:
     """Compute and write the shards ``todo`` in order.
 
@@ -289,7 +304,7 @@ def _write_shards(
                 bar.update(b - a, {"tok/s": f"{tokens_done / el:,.0f}", "shard": str(shard)})
             if pending is not None:
                 written.append(pending.result())  # re-raises the writer's error
-            pending = writer.submit(_write_shard, store, cfg.output, shard, ids, lengths, views)
+            pending = writer.submit(_write_shard, store, cfg.output, shard, ids, lengths, views, lease)
         if pending is not None:
             written.append(pending.result())
     finally:
@@ -299,10 +314,17 @@ def _write_shards(
 
 
 def _write_shard(
-    store: SignalStore, output: str, shard: int, ids: np.ndarray, lengths: np.ndarray, views: list[tuple]
+    store: SignalStore,
+    output: str,
+    shard: int,
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    views: list[tuple],
+    lease: StoreLease,
 ) -> int:
     """Runs on the writer thread while the teacher computes the next shard; commits last."""
     try:
+        lease.ensure_held()
         a = shard_range(store.meta, shard)[0]
         views = [{**out, **signals.result(a)} for out, signals in views]  # waits for the copies
         store.write_inputs(shard, ids, lengths)
@@ -310,6 +332,7 @@ def _write_shard(
             store.write_view(shard, v, out)
             if _DELAY:
                 time.sleep(_DELAY)  # tests: widen the window for a kill mid-shard
+        lease.ensure_held()  # a writer that lost its rank to another process does not commit
         store.mark_committed(shard)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

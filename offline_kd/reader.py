@@ -17,6 +17,12 @@ DataLoader workers each read whole *groups* of consecutive micro-batches (about 
 every chunk is decompressed once per group; a group is one DataLoader item, and the loader's
 round-robin over workers returns the groups in order. Zarr objects are opened inside each worker
 (the dataset pickles only the store URL).
+
+Reading never draws from the global random generators: the order comes from seeded NumPy
+generators and the DataLoader gets its own seeded ``torch.Generator``. So the model's random
+stream (dropout) is the same whether or not a loader was created in between, which is what
+makes a resumed run an exact continuation. A store error raised inside a worker comes back to
+the training process as the same one-line error, not wrapped in the worker's traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +37,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .hidden_dtype import to_batch as hidden_to_batch
-from .store import StoreMeta, array_specs, open_store, temperature_index
+from .store import StoreError, StoreMeta, array_specs, open_store, temperature_index
+
+
+@dataclass
+class WorkerError:
+    """A store error raised in a DataLoader worker, passed back as an item and raised again."""
+
+    error: StoreError
 
 
 def batch_fields(meta: StoreMeta, *, lse: bool, hidden: bool, topk: bool = True) -> list[str]:
@@ -248,12 +261,19 @@ class StoreBatches(IterableDataset):
             out.append(self.collate({f: v[sl] for f, v in data.items()}, rows[sl]))
         return out
 
-    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+    def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]] | WorkerError]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for i, (g0, g1) in enumerate(self.groups()):
             if i % nw == wid:
-                yield self.load_group(g0, g1)
+                try:
+                    yield self.load_group(g0, g1)
+                except StoreError as e:
+                    if info is None:
+                        raise
+                    # The loader would re-raise it wrapped in the worker's whole traceback.
+                    yield WorkerError(type(e)(str(e)))
+                    return
 
 
 class StoreReader:
@@ -303,6 +323,14 @@ class StoreReader:
         kwargs = {}
         if self.cfg.num_workers > 0:
             kwargs = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context="spawn")
-        loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers, **kwargs)
+        # Its own generator: creating the loader's iterator draws a seed, never from the global RNG.
+        generator = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([self.cfg.seed, epoch, self.rank, start]).generate_state(1)[0])
+        )
+        loader = DataLoader(
+            ds, batch_size=None, num_workers=self.cfg.num_workers, generator=generator, **kwargs
+        )
         for group in loader:
+            if isinstance(group, WorkerError):
+                raise group.error
             yield from group

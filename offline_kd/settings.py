@@ -87,6 +87,11 @@ class PrecomputeConfig:
     )
     wait_timeout: float = setting(600.0, "Seconds ranks > 0 wait for rank 0 to create the store.", cli=False)
     compile: bool = setting(False, "torch.compile the teacher (faster on a GPU after a one-off compile).")
+    lease_seconds: float = setting(
+        120.0,
+        "Seconds after its last heartbeat that a vanished writer's lease on its store rank expires "
+        "(a writer on this machine whose process is gone releases it at once).",
+    )
 
 
 @dataclass

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -269,9 +272,17 @@ def diff_meta(a: dict, b: dict) -> list[str]:
     ]
 
 
+def local_root(url: str, storage_options: dict | None = None) -> Path | None:
+    """The directory of a store on the local filesystem (None for an fsspec URL)."""
+    if storage_options or not is_local(url):
+        return None  # options given: even a file:// store goes through fsspec (see _open_group)
+    return local_path(url)
+
+
 def _open_group(url: str, mode: str, storage_options: dict | None):
-    if is_local(url) and not storage_options:
-        url = str(local_path(url))  # local store: atomic writes, no fsspec needed
+    root = local_root(url, storage_options)
+    if root is not None:
+        url = str(root)  # local store: atomic writes, no fsspec needed
     options = parse_options(storage_options)  # --storage-option strings, typed
     kwargs = {"storage_options": options} if options else {}
     try:
@@ -286,14 +297,14 @@ def _open_group(url: str, mode: str, storage_options: dict | None):
         raise StoreError(f"cannot open store {url!r}: {type(e).__name__}: {first}") from e
 
 
-def _create_arrays(g, meta: StoreMeta) -> None:
-    """Every array of the schema present for ``meta``, then the commit record."""
+def _array_layouts(meta: StoreMeta) -> dict[str, dict]:
+    """``create_array`` arguments of every array of a store with ``meta`` (the commit record last)."""
     compression_level = int(meta.compression.get("level", 1))
+    out = {}
     for spec in array_specs(meta):
         shape, chunks, shards = spec.layout(meta)
         dtype = spec.dtype_for(meta)
-        g.create_array(
-            spec.name,
+        out[spec.name] = dict(
             shape=shape,
             dtype=dtype,
             chunks=chunks,
@@ -303,8 +314,7 @@ def _create_arrays(g, meta: StoreMeta) -> None:
             fill_value=False if dtype == "bool" else 0,
         )
     # One unsharded file per shard flag, so ranks never rewrite each other's flags.
-    g.create_array(
-        "committed",
+    out["committed"] = dict(
         shape=(meta.num_shards,),
         dtype=COMMITTED_DTYPE,
         chunks=(1,),
@@ -312,15 +322,43 @@ def _create_arrays(g, meta: StoreMeta) -> None:
         compressors=[zc.Crc32cCodec()],
         fill_value=0,
     )
+    return out
+
+
+def _layout_of(array) -> dict:
+    d = array.metadata.to_dict()
+    d.pop("attributes", None)
+    return d
+
+
+def _ensure_arrays(g, meta: StoreMeta) -> None:
+    """Every array of ``meta``, created where absent; an existing one with the same layout is kept
+    as it is (never emptied: another process may have written it)."""
+    for name, layout in _array_layouts(meta).items():
+        want = _layout_of(zarr.create_array(zarr.storage.MemoryStore(), **layout))
+        try:
+            have = _layout_of(g[name])
+        except KeyError:
+            try:
+                g.create_array(name, **layout)
+                continue
+            except zarr.errors.ContainsArrayError:  # created meanwhile by another process
+                have = _layout_of(g[name])
+        if have != want:
+            # Only reached while the store has no attributes: a creation with other settings that
+            # crashed before them. No shard was written into it (writers start after the
+            # attributes), so the array holds nothing to keep.
+            g.create_array(name, overwrite=True, **layout)
 
 
 class SignalStore:
     """Reader (and writer, for precompute) of a signal store."""
 
-    def __init__(self, group, meta: StoreMeta, url: str):
+    def __init__(self, group, meta: StoreMeta, url: str, storage_options: dict | None = None):
         self.group = group
         self.meta = meta
         self.url = url
+        self._storage_options = storage_options
         self._arrays: dict = {}
 
     # ------------------------------------------------------------------ opening
@@ -341,7 +379,7 @@ class SignalStore:
                 f"{url!r}: unsupported format {d.get('format')!r} version {d.get('format_version')!r} "
                 f"(this reader handles {FORMAT!r} versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
-        return cls(g, StoreMeta.from_dict(d), str(url))
+        return cls(g, StoreMeta.from_dict(d), str(url), storage_options)
 
     @classmethod
     def create(
@@ -355,23 +393,50 @@ class SignalStore:
         """Create the store, or open an existing one made with identical settings (resume).
 
         Arrays (and the teacher head, which ``write_head(group)`` writes) come first and the root
-        attributes last, so a store whose attributes exist has all its arrays. A store with
-        different settings is refused with :class:`StoreMismatchError` listing the differing
-        keys, unless ``overwrite``.
+        attributes last, so a store whose attributes exist has all its arrays. Creation never
+        deletes: an array that already exists with the same layout is kept (a concurrent or crashed
+        creation made it). A store with different settings is refused with
+        :class:`StoreMismatchError` listing the differing keys, unless ``overwrite``, which empties
+        it first. A full disk raises :class:`StoreError`.
         """
         if not meta.compression:
             meta.compression = {"codec": "zstd", "level": 1, "checksum": "crc32c"}
+        root = local_root(url, storage_options)
+        if root is not None and root.exists() and not root.is_dir():
+            raise StoreError(f"{str(url)!r} is an existing file, not a store directory; pick another output")
+        try:
+            return cls._create(url, meta, storage_options, overwrite, write_head)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(
+                    f"disk full while creating {str(url)!r}; free space and rerun the same command "
+                    "(the store is created again where it stopped)"
+                ) from e
+            raise
+
+    @classmethod
+    def _create(
+        cls,
+        url: str,
+        meta: StoreMeta,
+        storage_options: dict | None,
+        overwrite: bool,
+        write_head: Callable[[zarr.Group], None] | None,
+    ) -> SignalStore:
         want = meta.as_dict()
-        if not overwrite:
+        remove_partial_files(url, storage_options, metadata=True)
+        if overwrite:
+            _open_group(url, "w", storage_options)  # asked for: empty whatever is there
+        else:
             existing = cls._reopen_for_resume(url, want, storage_options)
             if existing is not None:
                 return existing
-        g = _open_group(url, "w", storage_options)
-        _create_arrays(g, meta)
+        g = _open_group(url, "a", storage_options)
+        _ensure_arrays(g, meta)
         if write_head is not None:
-            write_head(g)
+            write_head(g)  # the same teacher writes the same head: rewriting it loses nothing
         g.attrs[ATTR_KEY] = want
-        return cls(g, StoreMeta.from_dict(want), str(url))
+        return cls(g, StoreMeta.from_dict(want), str(url), storage_options)
 
     @classmethod
     def _reopen_for_resume(cls, url: str, want: dict, storage_options: dict | None) -> SignalStore | None:
@@ -390,7 +455,7 @@ class SignalStore:
                     f"{url!r} was made with different settings ({details}); "
                     "use a new output path or overwrite=True (--overwrite)"
                 )
-            return cls(g, StoreMeta.from_dict(have), str(url))
+            return cls(g, StoreMeta.from_dict(have), str(url), storage_options)
         # No attributes: a creation that crashed (attributes come last) may be redone;
         # anything else is not ours to delete.
         ours = set(ARRAY_NAMES) | {"committed", HEAD_GROUP}
@@ -497,6 +562,10 @@ class SignalStore:
     def mark_committed(self, shard: int) -> None:
         self.array("committed")[shard] = 1
 
+    def remove_partial_files(self, shards: Iterable[int]) -> list[str]:
+        """Delete the partial files a killed writer left for ``shards`` (see :func:`remove_partial_files`)."""
+        return remove_partial_files(self.url, self._storage_options, shards=shards, meta=self.meta)
+
     # ------------------------------------------------------------------ sizes
     def nbytes_stored(self) -> int:
         """Bytes on disk of all signal arrays and the commit record (not the teacher head)."""
@@ -511,6 +580,64 @@ class SignalStore:
         if HEAD_GROUP not in self.group:
             return 0
         return sum(int(a.nbytes_stored()) for _, a in self.group[HEAD_GROUP].arrays())
+
+
+PARTIAL_SUFFIX = ".partial"  # zarr's local store writes `<name>.<uuid>.partial`, then renames it
+
+
+def _partial_shard(meta: StoreMeta, rel: Path) -> int | None:
+    """The shard a chunk file's partial belongs to (None for metadata or unknown paths)."""
+    parts = rel.parts
+    if len(parts) < 3 or parts[1] != "c":
+        return None
+    indices = list(parts[2:-1]) + [parts[-1].split(".", 1)[0]]
+    if parts[0] == "committed":
+        axis = 0  # one flag a chunk, one chunk a shard
+    elif parts[0] in SPECS:
+        axis = 1 if SPECS[parts[0]].per_view else 0  # shard shape is 1 along the view axis
+    else:
+        return None
+    try:
+        return int(indices[axis])
+    except (IndexError, ValueError):
+        return None
+
+
+def remove_partial_files(
+    url: str,
+    storage_options: dict | None = None,
+    *,
+    shards: Iterable[int] = (),
+    meta: StoreMeta | None = None,
+    metadata: bool = False,
+) -> list[str]:
+    """Delete the temporary files a killed writer left in a local store; return their paths.
+
+    Zarr's local store writes every file as ``<name>.<uuid>.partial`` and renames it; a
+    ``kill -9`` in between leaves the partial file. Removed: those of the chunk files of
+    ``shards`` (with ``meta``; the caller's own shards, which no other process writes) and, with
+    ``metadata``, those of ``zarr.json`` files and of the teacher head (only the creator writes them). Object stores
+    write each object whole and have none.
+    """
+    root = local_root(url, storage_options)
+    if root is None or not root.is_dir():
+        return []
+    wanted = set(shards)
+    removed = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            if not name.endswith(PARTIAL_SUFFIX):
+                continue
+            path = Path(dirpath) / name
+            rel = path.relative_to(root)
+            if name.startswith("zarr.") or rel.parts[0] == HEAD_GROUP:
+                drop = metadata  # metadata and the teacher head: written by the creator alone
+            else:
+                drop = meta is not None and _partial_shard(meta, rel) in wanted
+            if drop:
+                path.unlink(missing_ok=True)
+                removed.append(str(rel))
+    return sorted(removed)
 
 
 def open_store(url: str, storage_options: dict | None = None) -> SignalStore:

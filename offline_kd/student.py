@@ -119,11 +119,12 @@ def _teacher_layers(config) -> int:
 
 
 def load_teacher(path: str):
+    from safetensors import SafetensorError
     from transformers import AutoModelForMaskedLM
 
     try:
         model = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # missing, truncated or unreadable weights
         raise StudentError(
             f"cannot load the teacher from {path!r} (the store's recorded teacher; pass --teacher to "
             f"point at a local copy): {exc}"

@@ -167,6 +167,7 @@ def load_teacher(
 
     ``head``: also extract the MLM head (``Teacher.head``, from the fp32 weights before the model
     is cast to ``dtype``), or say why it cannot be (``Teacher.head_error``)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     if device is None:
@@ -184,6 +185,8 @@ def load_teacher(
         )
     except ValueError as e:
         raise TeacherError(f"{name_or_path!r} cannot be loaded as a masked-LM teacher: {e}") from e
+    except (OSError, SafetensorError) as e:  # a missing, truncated or unreadable weight file
+        raise TeacherError(f"teacher {name_or_path!r} cannot be loaded: {e}") from e
     missing = list(info.get("missing_keys", []))
     head_missing = [k for k in missing if not k.startswith(("bert.", "roberta.", "embeddings.", "encoder."))]
     if missing:

@@ -269,6 +269,55 @@ def test_missing_s3fs_names_the_extra(tmp_path):
         _one_error_line(proc.stderr, "s3://kd-test/x", "pip install 'offline-kd[s3]'")
 
 
+# ------------------------------------------------------------------------- the lease
+
+
+def test_the_lease_on_s3_one_taker_wins_a_second_is_refused_an_expired_one_is_taken_over(s3_endpoint):
+    """S3's conditional put (If-None-Match: *) makes creation exclusive: of takers starting at once
+    exactly one holds the lease; a holder elsewhere whose heartbeat stopped expires."""
+    import threading
+
+    from offline_kd.lease import Holder, LeaseError, StoreLease
+
+    url, options = f"s3://{BUCKET}/leased.zarr", {"endpoint_url": s3_endpoint}
+    start, won, refused = threading.Barrier(6), [], []
+
+    def contend():
+        start.wait()
+        try:
+            won.append(StoreLease(url, 0, expiry=30, storage_options=options).acquire())
+        except LeaseError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=contend) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len(won) == 1 and len(refused) == 5, refused
+        assert all(f"lease file {url}.leases/rank0.000000.json" in e for e in refused), refused
+        won[0].ensure_held()
+    finally:
+        for lease in won:
+            lease.release()
+    fs = _fs(s3_endpoint)
+    assert not fs.exists(f"{BUCKET}/leased.zarr.leases/rank0.000000.json")
+    now = time.time()
+    other = Holder(0, 1, "t0", "elsewhere", "elsewhere|boot|ns", 4242, "1", now, now, 1.0)
+    fs.pipe_file(f"{BUCKET}/leased.zarr.leases/rank0.000003.json", other.to_json())
+    with pytest.raises(LeaseError, match=r"pid 4242 on elsewhere"):
+        StoreLease(url, 0, storage_options=options).acquire()
+    time.sleep(1.1)  # no heartbeat: expired
+    with StoreLease(url, 0, storage_options=options) as lease:
+        assert lease.generation == 4
+        assert fs.ls(f"{BUCKET}/leased.zarr.leases", refresh=True) == [
+            f"{BUCKET}/leased.zarr.leases/rank0.000004.json"
+        ]
+    fs.invalidate_cache()
+    assert not fs.exists(f"{BUCKET}/leased.zarr.leases/rank0.000004.json")
+
+
 # ------------------------------------------------------------------------- dry run
 
 
