@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field
 
 from .corpus import CorpusError, pack_sequences, split_holdout
-from .corpus_source import CorpusSource, check_group_rows, parse_source
+from .corpus_source import CorpusSource, check_group_rows, load_source, parse_source
 from .settings import PrecomputeConfig
 from .storage import free_space
 from .store import StoreError, estimate_bytes_per_token, num_shards_for
@@ -180,6 +180,8 @@ def _sample_dataset(source: CorpusSource, field_name: str, n: int) -> SourceSamp
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CorpusError(f"could not read dataset {spec!r}: {first}") from e
     rows = info[split].num_examples if info and split in info else None
+    if not rows and not source.is_hub:  # a local directory: its files give the count
+        rows = len(load_source(source)[0])
     if not rows:
         raise CorpusError(f"dataset {spec!r} does not publish its row count; the dry run cannot scale")
     docs = [t for t in texts if isinstance(t, str) and t.strip()]
