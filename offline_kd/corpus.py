@@ -1,4 +1,5 @@
-"""Corpus ingestion: read documents through `datasets`, hold some out, tokenize and pack them.
+"""Corpus ingestion: read documents through `datasets` (sources: `offline_kd.corpus_source`), join
+sentence-a-row sources into documents (``--group-rows``), hold some out, tokenize and pack them.
 
 Packing scheme (documented in docs/store-format.md): documents are shuffled with a seeded
 permutation, tokenized without special tokens, and concatenated as a stream
@@ -6,8 +7,10 @@ permutation, tokenized without special tokens, and concatenated as a stream
 each piece is prefixed with ``[CLS]``; long documents therefore continue in the next sequence.
 Packing runs inside ``datasets.map(batched=True)`` over ``pack_batch_documents`` documents at a
 time, so the only padding is at the end of the last sequence of each batch (at most one
-partially filled sequence per ``pack_batch_documents`` documents, i.e. near-zero waste). The
-result is an arrow-backed ``datasets.Dataset``; nothing corpus-sized is held in RAM.
+partially filled sequence per ``pack_batch_documents`` documents, i.e. near-zero waste). Tokenizing
+and filtering run in ``--num-proc`` processes; packing runs in one over fixed batches, so the
+sequences never depend on the process count. The result is an arrow-backed ``datasets.Dataset``;
+nothing corpus-sized is held in RAM.
 
 Degenerate sequences are dropped as in DistilBERT's data preparation: sequences with at most
 ``min_tokens`` (11) real tokens, and sequences whose non-special tokens are more than
