@@ -144,11 +144,16 @@ def check_group_rows(group_rows: dict | None, sources: Sequence[str]) -> dict[st
 
 
 def load_source(source: CorpusSource, num_proc: int | None = None):
-    """The source's rows as a `datasets.Dataset` and its provenance (None for a data file)."""
+    """The source's rows as a `datasets.Dataset` and its provenance (None for a data file outside
+    the hub; a hub repository's files record the revision their URL names)."""
     import datasets
 
     if source.kind != "dataset":
-        return datasets.load_dataset(source.kind, data_files=[source.path], split="train"), None
+        ds = datasets.load_dataset(source.kind, data_files=[source.path], split="train")
+        if not source.path.startswith(HUB_PREFIX):
+            return ds, None
+        repo = "/".join(source.path[len(HUB_PREFIX) :].split("/", 2)[:2]).partition("@")[0]
+        return ds, {"source": source.spec, "name": repo, "revision": source.revision, "commit": None}
     builder = datasets.load_dataset_builder(source.path, source.config, revision=source.revision)
     builder.download_and_prepare(num_proc=num_proc if num_proc and num_proc > 1 else None)
     ds = builder.as_dataset(split=source.split)
