@@ -1,4 +1,5 @@
-"""Corpus ingestion: read documents through `datasets`, hold some out, tokenize and pack them.
+"""Corpus ingestion: read documents through `datasets` (sources: `offline_kd.corpus_source`), join
+sentence-a-row sources into documents (``--group-rows``), hold some out, tokenize and pack them.
 
 Packing scheme (documented in docs/store-format.md): documents are shuffled with a seeded
 permutation, tokenized without special tokens, and concatenated as a stream
@@ -6,8 +7,10 @@ permutation, tokenized without special tokens, and concatenated as a stream
 each piece is prefixed with ``[CLS]``; long documents therefore continue in the next sequence.
 Packing runs inside ``datasets.map(batched=True)`` over ``pack_batch_documents`` documents at a
 time, so the only padding is at the end of the last sequence of each batch (at most one
-partially filled sequence per ``pack_batch_documents`` documents, i.e. near-zero waste). The
-result is an arrow-backed ``datasets.Dataset``; nothing corpus-sized is held in RAM.
+partially filled sequence per ``pack_batch_documents`` documents, i.e. near-zero waste). Tokenizing
+and filtering run in ``--num-proc`` processes; packing runs in one over fixed batches, so the
+sequences never depend on the process count. The result is an arrow-backed ``datasets.Dataset``;
+nothing corpus-sized is held in RAM.
 
 Degenerate sequences are dropped as in DistilBERT's data preparation: sequences with at most
 ``min_tokens`` (11) real tokens, and sequences whose non-special tokens are more than
@@ -18,24 +21,25 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from offline_kd.errors import UsageError
+from offline_kd.corpus_source import (  # noqa: F401 - re-exported: the corpus API in one place
+    JSON_SUFFIXES,
+    PARQUET_SUFFIXES,
+    TEXT_SUFFIXES,
+    CorpusError,
+    CorpusSource,
+    check_group_rows,
+    check_sources,
+    load_source,
+    parse_sources,
+)
 
-TEXT_SUFFIXES = {".txt", ".text", ".md", ""}
-JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
-PARQUET_SUFFIXES = {".parquet", ".pq"}
-HUB_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
 MIN_TOKENS = 11  # sequences with at most this many real tokens are dropped (DistilBERT's filter)
-
-
-class CorpusError(UsageError):
-    """Bad corpus input: empty, undecodable, missing or of an unknown kind."""
 
 
 @dataclass
@@ -53,9 +57,11 @@ class CorpusStats:
     dropped_unk: int = 0
     num_sequences: int = 0
     filters: dict = field(default_factory=dict)
+    datasets: list[dict] = field(default_factory=list)  # provenance of the dataset sources
+    group_rows: dict = field(default_factory=dict)  # {source: rows per document}
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "sources": list(self.sources),
             "text_field": self.text_field,
             "documents": self.documents,
@@ -67,43 +73,12 @@ class CorpusStats:
             "num_sequences": self.num_sequences,
             "filters": dict(self.filters),
         }
-
-
-def _source_kind(src: str) -> str:
-    p = Path(src)
-    if p.exists():
-        if p.is_dir():
-            raise CorpusError(f"corpus source {src!r} is a directory; pass its files")
-        suffix = p.suffix.lower()
-        if suffix in JSON_SUFFIXES:
-            return "json"
-        if suffix in PARQUET_SUFFIXES:
-            return "parquet"
-        return "text"
-    if "://" in src and not src.startswith("hf://"):
-        suffix = Path(src.split("?")[0]).suffix.lower()
-        return "json" if suffix in JSON_SUFFIXES else "parquet" if suffix in PARQUET_SUFFIXES else "text"
-    suffix = Path(src.partition(":")[0]).suffix.lower()
-    if (
-        src.startswith((os.sep, ".", "~"))
-        or suffix in TEXT_SUFFIXES - {""} | JSON_SUFFIXES | PARQUET_SUFFIXES
-    ):
-        raise CorpusError(f"corpus file {src!r} does not exist")
-    if not HUB_NAME.match(src):
-        raise CorpusError(
-            f"{src!r} is neither an existing file nor a hub dataset name (NAME or ORG/NAME[:CONFIG])"
-        )
-    return "hub"
-
-
-def check_sources(sources: str | Sequence[str]) -> None:
-    """Refuse a missing corpus file or a malformed dataset name before anything is read."""
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    if not sources:
-        raise CorpusError("no corpus sources given")
-    for src in sources:
-        _source_kind(str(src))
+        # Only when used, so that a store of data files keeps the attributes it always had.
+        if self.datasets:
+            out["datasets"] = [dict(d) for d in self.datasets]
+        if self.group_rows:
+            out["group_rows"] = dict(self.group_rows)
+        return out
 
 
 def _find_bad_utf8(path: str) -> tuple[int, str] | None:
@@ -116,50 +91,55 @@ def _find_bad_utf8(path: str) -> tuple[int, str] | None:
     return None
 
 
-def _corpus_error(src: str, kind: str, e: Exception) -> CorpusError:
+def _corpus_error(source: CorpusSource, e: Exception) -> CorpusError:
     cause = e
     while cause is not None and not isinstance(cause, UnicodeDecodeError):
         cause = cause.__cause__ or cause.__context__
+    src = source.spec
     if isinstance(cause, UnicodeDecodeError):
-        where = _find_bad_utf8(src) if kind != "hub" and Path(src).is_file() else None
+        where = _find_bad_utf8(source.path) if Path(source.path).is_file() else None
         line = f" at line {where[0]}" if where else ""
         return CorpusError(f"corpus file {src!r} is not valid UTF-8{line}: {cause}")
-    return CorpusError(f"could not read corpus source {src!r}: {e}")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CorpusError(f"could not read corpus source {src!r}: {first}")
 
 
-def load_documents(
+def group_rows(documents, rows: int):
+    """Consecutive ``rows`` documents joined into one (a space between them), in order.
+
+    For sources with a sentence a row (BookCorpus): a document of many sentences gets one [SEP]
+    and is held out whole. One process, so that the groups never depend on ``--num-proc``."""
+    if rows <= 1:
+        return documents
+
+    def join(batch):
+        texts = batch["text"]
+        return {"text": [" ".join(texts[i : i + rows]) for i in range(0, len(texts), rows)]}
+
+    return documents.map(join, batched=True, batch_size=rows * max(1, 4096 // rows), desc="grouping rows")
+
+
+def load_corpus(
     sources: str | Sequence[str],
     text_field: str | None = None,
-    split: str = "train",
-    config_name: str | None = None,
+    group: dict[str, int] | None = None,
+    num_proc: int | None = None,
 ):
-    """Load documents from text files (one per line), jsonl/parquet files or a hub dataset (``NAME[:CONFIG]``).
-
-    Returns an arrow-backed ``datasets.Dataset`` with one column ``text``; blank documents are
-    dropped. Raises :class:`CorpusError` for an empty corpus or undecodable bytes.
-    """
+    """Documents of every source (blank ones dropped, rows grouped per ``group``) as one ``text``
+    Dataset, and the provenance of the dataset sources. See `offline_kd.corpus_source`."""
     import datasets
 
-    if isinstance(sources, (str, os.PathLike)):
-        sources = [sources]
-    sources = [str(s) for s in sources]
-    if not sources:
-        raise CorpusError("no corpus sources given")
+    parsed = parse_sources(sources)
     field_name = text_field or "text"
-    parts = []
-    for src in sources:
-        kind = _source_kind(src)
-        if kind != "hub" and Path(src).is_file() and Path(src).stat().st_size == 0:
-            raise CorpusError(f"corpus file {src!r} is empty")
+    parts, provenance = [], []
+    for source in parsed:
+        if source.kind != "dataset" and Path(source.path).is_file() and Path(source.path).stat().st_size == 0:
+            raise CorpusError(f"corpus file {source.spec!r} is empty")
         try:
-            if kind == "hub":  # NAME or NAME:CONFIG, e.g. wikimedia/wikipedia:20231101.en
-                name, _, config = src.partition(":")
-                ds = datasets.load_dataset(name, config or config_name, split=split)
-            else:
-                ds = datasets.load_dataset(kind, data_files=[src], split="train")
+            ds, prov = load_source(source, num_proc)
             if field_name not in ds.column_names:
                 raise CorpusError(
-                    f"corpus source {src!r} has no field {field_name!r} (columns: {ds.column_names}); "
+                    f"corpus source {source.spec!r} has no field {field_name!r} (columns: {ds.column_names}); "
                     "pass --text-field"
                 )
             ds = ds.select_columns([field_name])
@@ -167,17 +147,29 @@ def load_documents(
                 ds = ds.rename_column(field_name, "text")
             # Decoding to Python strings here also surfaces bad bytes the arrow readers let through.
             ds = ds.filter(
-                lambda b: [isinstance(t, str) and t.strip() != "" for t in b["text"]], batched=True
+                lambda b: [isinstance(t, str) and t.strip() != "" for t in b["text"]],
+                batched=True,
+                num_proc=num_proc,
             )
         except CorpusError:
             raise
-        except Exception as e:  # noqa: BLE001 - re-raised with the file named
-            raise _corpus_error(src, kind, e) from e
+        except Exception as e:  # noqa: BLE001 - re-raised with the source named
+            raise _corpus_error(source, e) from e
+        ds = group_rows(ds, (group or {}).get(source.spec, 1))
         parts.append(ds)
+        if prov is not None:
+            provenance.append(prov)
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     if len(ds) == 0:
-        raise CorpusError(f"the corpus is empty: no non-blank documents in {sources}")
-    return ds
+        raise CorpusError(f"the corpus is empty: no non-blank documents in {[s.spec for s in parsed]}")
+    return ds, provenance
+
+
+def load_documents(sources: str | Sequence[str], text_field: str | None = None):
+    """Documents from text files (one a line), jsonl/parquet files or datasets, as a ``text`` Dataset.
+
+    Blank documents are dropped. Raises :class:`CorpusError` for an empty corpus or undecodable bytes."""
+    return load_corpus(sources, text_field)[0]
 
 
 def holdout_score(text: str, seed: int) -> float:
@@ -213,6 +205,62 @@ def write_documents(documents, path: str | os.PathLike) -> int:
     return n
 
 
+def _tokenize(docs, tokenizer, num_proc: int | None):
+    """Each document's token ids (no special tokens), in a column ``ids``; per document, so the
+    result is the same for any ``num_proc``."""
+
+    def encode(batch):
+        enc = tokenizer(batch["text"], add_special_tokens=False, truncation=False, verbose=False)
+        return {"ids": enc["input_ids"]}
+
+    return docs.map(
+        encode, batched=True, remove_columns=docs.column_names, num_proc=num_proc, desc="tokenizing"
+    )
+
+
+def _packer(cls_id: int, sep_id: int, pad_id: int, max_length: int):
+    """``[CLS] doc [SEP] doc [SEP] ...`` pieces of one batch of tokenized documents (arrow in, numpy out)."""
+    piece = max_length - 1
+
+    def pack(batch):
+        ids = batch["ids"].combine_chunks() if hasattr(batch["ids"], "combine_chunks") else batch["ids"]
+        offsets = np.asarray(ids.offsets, dtype=np.int64)
+        values = np.asarray(ids.flatten(), dtype=np.int64)
+        offsets -= offsets[0]
+        ends = offsets[1:][np.diff(offsets) > 0]  # a [SEP] after each non-empty document
+        stream = np.insert(values, ends, sep_id)
+        n_seq = -(-len(stream) // piece)
+        out = np.full((n_seq, max_length), pad_id, dtype=np.int64)
+        out[:, 0] = cls_id
+        body = np.full(n_seq * piece, pad_id, dtype=np.int64)
+        body[: len(stream)] = stream
+        out[:, 1:] = body.reshape(n_seq, piece)
+        lengths = 1 + np.minimum(piece, len(stream) - piece * np.arange(n_seq, dtype=np.int64))
+        return {"input_ids": out, "length": lengths}
+
+    return pack
+
+
+def _degenerate(tokenizer, min_tokens: int, max_unk_fraction: float):
+    """Flags of the sequences DistilBERT's preparation drops: too short, or mostly [UNK]."""
+    unk_id = tokenizer.unk_token_id
+    special = np.asarray(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+
+    def flag(batch):
+        ids = np.asarray(batch["input_ids"], dtype=np.int64)
+        n = np.asarray(batch["length"], dtype=np.int64)
+        short = n <= min_tokens
+        if unk_id is None:
+            return {"_short": short, "_unk": np.zeros_like(short)}
+        is_unk = ids == unk_id
+        real = (np.arange(ids.shape[1])[None, :] < n[:, None]) & (~np.isin(ids, special) | is_unk)
+        n_real, n_unk = real.sum(1), (real & is_unk).sum(1)
+        unk = (n_real > 0) & (n_unk > max_unk_fraction * n_real)
+        return {"_short": short, "_unk": unk & ~short}
+
+    return flag
+
+
 def pack_sequences(
     documents,
     tokenizer,
@@ -223,67 +271,49 @@ def pack_sequences(
     max_unk_fraction: float = 0.5,
     pack_batch_documents: int = 1000,
     stats: CorpusStats | None = None,
+    num_proc: int | None = None,
 ):
     """Tokenize and pack documents into ``[CLS] doc [SEP] doc [SEP] ...`` sequences of ``max_length``.
 
     Returns an arrow-backed Dataset with columns ``input_ids`` (``max_length`` ints, padded with
     the pad id) and ``length`` (number of real tokens). Degenerate sequences are filtered out.
+    Tokenizing and filtering run in ``num_proc`` processes; packing runs in one, over fixed
+    batches of ``pack_batch_documents``, so the sequences are the same for any ``num_proc``.
     """
     cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
-    unk_id = tokenizer.unk_token_id
     if cls_id is None or sep_id is None or pad_id is None:
         raise ValueError("the tokenizer needs [CLS], [SEP] and [PAD] tokens for packing")
     if max_length < 4:
         raise ValueError("max_length must be at least 4")
-    piece = max_length - 1
+    num_proc = num_proc if num_proc and num_proc > 1 else None
     docs = documents.shuffle(seed=seed) if shuffle else documents
-    special = set(tokenizer.all_special_ids)
-
-    def pack(batch):
-        enc = tokenizer(batch["text"], add_special_tokens=False, truncation=False, verbose=False)
-        stream: list[int] = []
-        for ids in enc["input_ids"]:
-            if ids:
-                stream.extend(ids)
-                stream.append(sep_id)
-        out_ids, out_len = [], []
-        for start in range(0, len(stream), piece):
-            seq = [cls_id] + stream[start : start + piece]
-            n = len(seq)
-            out_ids.append(seq + [pad_id] * (max_length - n))
-            out_len.append(n)
-        return {"input_ids": out_ids, "length": out_len}
-
-    packed = docs.map(
-        pack,
+    tokenized = _tokenize(docs, tokenizer, num_proc).with_format("arrow")
+    packed = tokenized.map(
+        _packer(cls_id, sep_id, pad_id, max_length),
         batched=True,
         batch_size=pack_batch_documents,
-        remove_columns=docs.column_names,
+        remove_columns=tokenized.column_names,
         desc="packing",
+    ).with_format(None)
+    flagged = (
+        packed.with_format("numpy")
+        .map(
+            _degenerate(tokenizer, min_tokens, max_unk_fraction),
+            batched=True,
+            num_proc=num_proc,
+            desc="filtering",
+        )
+        .with_format(None)
     )
-
-    def keep(batch):
-        res = {"_short": [], "_unk": []}
-        for ids, n in zip(batch["input_ids"], batch["length"], strict=True):
-            short = n <= min_tokens
-            real = [t for t in ids[:n] if t not in special or t == unk_id]
-            unk = (
-                unk_id is not None
-                and len(real) > 0
-                and sum(t == unk_id for t in real) > max_unk_fraction * len(real)
-            )
-            res["_short"].append(short)
-            res["_unk"].append(bool(unk) and not short)
-        return res
-
-    flagged = packed.map(keep, batched=True, desc="filtering")
     flags = flagged.select_columns(["_short", "_unk"]).with_format("numpy")
     short = unk = 0
     for b in flags.iter(batch_size=65536):
         short += int(np.sum(b["_short"]))
         unk += int(np.sum(b["_unk"]))
     result = flagged.filter(
-        lambda b: [not (s or u) for s, u in zip(b["_short"], b["_unk"], strict=True)], batched=True
+        lambda b: [not (s or u) for s, u in zip(b["_short"], b["_unk"], strict=True)],
+        batched=True,
+        num_proc=num_proc,
     ).remove_columns(["_short", "_unk"])
     if stats is not None:
         stats.packed_sequences = len(packed)
@@ -323,13 +353,15 @@ def prepare_corpus(
     holdout_fraction: float = 0.0,
     holdout_file: str | None = None,
     write_holdout: bool = True,
+    group: dict[str, int] | None = None,
+    num_proc: int | None = None,
 ):
-    """load -> holdout -> pack -> filter. Returns (packed Dataset, CorpusStats)."""
+    """load -> group rows -> holdout -> pack -> filter. Returns (packed Dataset, CorpusStats)."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     sources = [str(s) for s in sources]
-    stats = CorpusStats(sources=sources, text_field=text_field or "text")
-    docs = load_documents(sources, text_field=text_field)
+    stats = CorpusStats(sources=sources, text_field=text_field or "text", group_rows=dict(group or {}))
+    docs, stats.datasets = load_corpus(sources, text_field=text_field, group=group, num_proc=num_proc)
     stats.documents = len(docs)
     kept, held = split_holdout(docs, holdout_fraction, seed)
     stats.holdout_fraction = holdout_fraction
@@ -340,7 +372,7 @@ def prepare_corpus(
             write_documents(held, holdout_file)
     if len(kept) == 0:
         raise CorpusError(f"no documents left after holding out {holdout_fraction:.0%} of {sources}")
-    packed = pack_sequences(kept, tokenizer, max_length=max_length, seed=seed, stats=stats)
+    packed = pack_sequences(kept, tokenizer, max_length=max_length, seed=seed, stats=stats, num_proc=num_proc)
     if len(packed) == 0:
         raise CorpusError(f"no sequences left after filtering degenerate ones from {sources}")
     return packed, stats

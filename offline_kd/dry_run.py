@@ -5,7 +5,8 @@ The dry run reads the teacher's config and tokenizer (no weights), tokenizes and
 ``dry_run_documents`` documents of each corpus source exactly as precompute would (hold-out,
 packing, filters) and extrapolates to the whole source by bytes: the sample's bytes against the
 file's size for text and JSON-lines files, against the text column's uncompressed size (from the
-footer) for parquet files; hub datasets by rows (their metadata gives the row count). A source smaller than the sample is packed whole. Free space is
+footer) for parquet files; datasets by rows (their metadata gives the row count). A source smaller
+than the sample is packed whole. Free space is
 checked for a local store; a remote store's free space cannot be known, and the estimate says so.
 """
 
@@ -14,9 +15,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .corpus import JSON_SUFFIXES, PARQUET_SUFFIXES, TEXT_SUFFIXES, CorpusError, pack_sequences, split_holdout
+from .corpus import CorpusError, pack_sequences, split_holdout
+from .corpus_source import CorpusSource, check_group_rows, load_source, parse_source
 from .settings import PrecomputeConfig
 from .storage import free_space
 from .store import StoreError, estimate_bytes_per_token, num_shards_for
@@ -159,45 +160,51 @@ def _sample_parquet(source: str, field_name: str, n: int) -> SourceSample:
     return SourceSample(source, docs, md.num_rows / len(texts), how)
 
 
-def _sample_hub(source: str, field_name: str, n: int) -> SourceSample:
-    """The first rows of a hub dataset ``NAME[:CONFIG[:SPLIT]]`` (streamed) and its row count."""
+def _sample_dataset(source: CorpusSource, field_name: str, n: int) -> SourceSample:
+    """The first rows of a dataset (hub or directory; streamed) and its row count."""
     import datasets
 
-    name, config, split = (source.split(":") + [None, None])[:3]
-    split = split or "train"
+    spec, split = source.spec, source.split
     try:
-        ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+        ds = datasets.load_dataset(
+            source.path, source.config, split=split, streaming=True, revision=source.revision
+        )
         texts = [row[field_name] for row in ds.take(n)]
-        info = ds.info.splits or datasets.load_dataset_builder(name, config or None).info.splits
+        info = (
+            ds.info.splits
+            or datasets.load_dataset_builder(source.path, source.config, revision=source.revision).info.splits
+        )
     except KeyError as e:
-        raise CorpusError(f"hub dataset {source!r} has no field {field_name!r}; pass --text-field") from e
+        raise CorpusError(f"dataset {spec!r} has no field {field_name!r}; pass --text-field") from e
     except Exception as e:  # noqa: BLE001 - hub, network and format errors, in one line
-        raise CorpusError(f"could not read hub dataset {source!r}: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CorpusError(f"could not read dataset {spec!r}: {first}") from e
     rows = info[split].num_examples if info and split in info else None
+    if not rows and not source.is_hub:  # a local directory: its files give the count
+        rows = len(load_source(source)[0])
     if not rows:
-        raise CorpusError(f"hub dataset {source!r} does not publish its row count; the dry run cannot scale")
+        raise CorpusError(f"dataset {spec!r} does not publish its row count; the dry run cannot scale")
     docs = [t for t in texts if isinstance(t, str) and t.strip()]
     scale = rows / len(texts) if texts and len(texts) < rows else 1.0
     how = f"first {len(texts):,} of {rows:,} rows, scaled by rows"
-    return SourceSample(source, docs, scale, "read whole" if scale == 1.0 else how)
+    return SourceSample(spec, docs, scale, "read whole" if scale == 1.0 else how)
 
 
-def sample_source(source: str, text_field: str | None, n: int) -> SourceSample:
-    """The first ``n`` documents of a corpus source (file, fsspec URL or hub dataset)."""
+def sample_source(spec: str, text_field: str | None, n: int, group_rows: int = 1) -> SourceSample:
+    """The first ``n`` documents of a corpus source (file, fsspec URL or dataset), its rows joined
+    ``group_rows`` at a time as precompute joins them (the scale is the same for groups as for rows)."""
     field_name = text_field or "text"
-    local = Path(source)
-    if local.is_dir():
-        raise CorpusError(f"corpus source {source!r} is a directory; pass its files")
-    suffix = Path(source.split("?")[0]).suffix.lower()
-    known = suffix in PARQUET_SUFFIXES | JSON_SUFFIXES | TEXT_SUFFIXES - {""}
-    is_file = local.is_file() or ("://" in source and (known or not source.startswith("hf://")))
-    if not is_file:
-        if local.suffix or source.startswith(("/", ".", "~")):
-            raise CorpusError(f"corpus file {source!r} does not exist")
-        return _sample_hub(source.removeprefix("hf://datasets/").removeprefix("hf://"), field_name, n)
-    if suffix in PARQUET_SUFFIXES:
-        return _sample_parquet(source, field_name, n)
-    return _sample_text_or_jsonl(source, "json" if suffix in JSON_SUFFIXES else "text", field_name, n)
+    source = parse_source(spec)
+    if source.kind == "dataset":
+        sample = _sample_dataset(source, field_name, n)
+    elif source.kind == "parquet":
+        sample = _sample_parquet(source.path, field_name, n)
+    else:
+        sample = _sample_text_or_jsonl(source.path, source.kind, field_name, n)
+    if group_rows > 1:
+        docs = sample.documents
+        sample.documents = [" ".join(docs[i : i + group_rows]) for i in range(0, len(docs), group_rows)]
+    return sample
 
 
 # ------------------------------------------------------------------------------------ estimate
@@ -212,7 +219,10 @@ def dry_run(cfg: PrecomputeConfig) -> DryRunEstimate:
         raise ValueError("dry_run_documents must be >= 1")
     # top_k and max_length against the config were checked with the other inputs (inputs.check_precompute)
     config, tokenizer = load_teacher_shape(cfg.teacher, cfg.revision, cfg.trust_remote_code)
-    samples = [sample_source(str(s), cfg.text_field, cfg.dry_run_documents) for s in cfg.corpus]
+    group = check_group_rows(cfg.group_rows, cfg.corpus)
+    samples = [
+        sample_source(str(s), cfg.text_field, cfg.dry_run_documents, group.get(str(s), 1)) for s in cfg.corpus
+    ]
     sequences = tokens = 0.0
     quiet = not datasets.utils.are_progress_bars_disabled()
     if quiet:

@@ -5,7 +5,7 @@ A user's input that cannot work raises `UsageError` (or one of its subclasses: `
 a reason its message explains (a non-finite loss) raises `RunFailed`. Every entry point (``kd *``,
 ``cli/train.py`` under any launcher) runs inside `exit_on_error`: one line ``Error: <message>`` on
 stderr, exit status 2 for a usage error and 1 for a failed run, no traceback. Under a launcher every
-rank raises the same error and only rank 0 prints it.
+rank raises the same error and only rank 0 prints it, except a `RankFailed` that one rank sees alone.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ class RunFailed(RuntimeError):
     exit_code = FAILED_EXIT
 
 
+class RankFailed(RunFailed):
+    """A failure one rank sees alone (it timed out waiting for rank 0): every rank prints its own."""
+
+
 def one_line(exc: BaseException) -> str:
     """The exception's message on one line (multi-line messages are joined with '; ')."""
     text = str(exc).strip() or type(exc).__name__
@@ -44,7 +48,7 @@ def one_line(exc: BaseException) -> str:
 
 def report(exc: UsageError | RunFailed) -> int:
     """Print ``Error: ...`` on rank 0 (other ranks stay silent); return the exit status."""
-    if launcher_env().rank == 0:
+    if launcher_env().rank == 0 or isinstance(exc, RankFailed):
         print(f"Error: {one_line(exc)}", file=sys.stderr, flush=True)
     else:
         time.sleep(_RANK0_GRACE_S)

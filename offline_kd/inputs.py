@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,7 +125,7 @@ def check_device(value: str | None, flag: str = "--device") -> None:
 
 def check_precompute(cfg: PrecomputeConfig, world_size: int) -> None:
     """Settings, device, teacher config and corpus sources of ``kd precompute``."""
-    from offline_kd.corpus import check_sources
+    from offline_kd.corpus import check_group_rows, check_sources
     from offline_kd.storage import check_store_url
 
     _check_precompute_settings(cfg, world_size)
@@ -145,6 +146,34 @@ def check_precompute(cfg: PrecomputeConfig, world_size: int) -> None:
             f"--max-length {cfg.max_length} exceeds the teacher's max_position_embeddings {positions}"
         )
     check_sources(cfg.corpus)
+    check_group_rows(cfg.group_rows, cfg.corpus)
+    _check_corpus_cache(cfg, world_size)
+
+
+def _check_corpus_cache(cfg: PrecomputeConfig, world_size: int) -> None:
+    """Where rank 0 prepares the corpus for every rank (`offline_kd.corpus_cache`)."""
+    from offline_kd.storage import is_local
+
+    if cfg.num_proc is not None and cfg.num_proc < 1:
+        raise UsageError(f"--num-proc {cfg.num_proc}: must be at least 1")
+    if cfg.wait_timeout <= 0:
+        raise UsageError(f"--wait-timeout {cfg.wait_timeout}: must be positive")
+    if cfg.cache_dir is None:
+        if world_size > 1 and not is_local(cfg.output):
+            raise UsageError(
+                f"--cache-dir: {world_size} ranks writing the remote store {cfg.output!r} need a directory "
+                "every rank reads (a shared filesystem) where rank 0 prepares the corpus once"
+            )
+        return
+    if "://" in cfg.cache_dir:
+        raise UsageError(
+            f"--cache-dir {cfg.cache_dir}: must be a directory on a filesystem every rank mounts"
+        )
+    existing = Path(cfg.cache_dir).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UsageError(f"--cache-dir {cfg.cache_dir}: {existing} is not a writable directory")
 
 
 def _check_precompute_settings(cfg: PrecomputeConfig, world_size: int) -> None:

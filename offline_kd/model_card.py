@@ -53,7 +53,7 @@ def hub_dataset(source: str) -> str | None:
         return None
     if Path(source.split(":")[0]).suffix.lower() in FILE_SUFFIXES:  # a file that has moved since
         return None
-    return source.split(":")[0] or None
+    return source.split(":")[0].split("@")[0] or None  # [ORG/]NAME[@REVISION][:CONFIG[:SPLIT]]
 
 
 def _teacher_card(teacher: str | None) -> ModelCardData | None:

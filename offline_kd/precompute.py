@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .corpus import corpus_fingerprint, prepare_corpus, token_counts
+from .corpus_cache import prepare_once
 from .distributed import local_device, rank_and_world
 from .dry_run import DryRunEstimate, dry_run
+from .errors import RankFailed
 from .host_signals import HostSignals
 from .inputs import check_precompute
 from .lease import StoreLease
@@ -128,9 +129,9 @@ def _wait_for_store(cfg, meta: StoreMeta, rank: int) -> SignalStore:
         except StoreError as e:
             last = str(e)
         time.sleep(0.2)
-    raise StoreError(
-        f"rank {rank}: timed out after {cfg.wait_timeout}s waiting for rank 0 to create "
-        f"{cfg.output!r} ({last})"
+    raise RankFailed(
+        f"rank {rank}: timed out after {cfg.wait_timeout:.0f} s (--wait-timeout) waiting for rank 0 to "
+        f"create {cfg.output!r} ({last})"
     )
 
 
@@ -148,7 +149,7 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     quiet_library_bars(rank)  # no \r frames in log files, no bar from ranks above 0
     # One live writer per rank: a second one is refused before any expensive work.
     with StoreLease(cfg.output, rank, world, cfg.lease_seconds, cfg.storage_options) as lease:
-        prep = _load_and_prepare(cfg, rank)
+        prep = _load_and_prepare(cfg, rank, world)
         # Rank 0 creates (or reopens for resume) the store; the others wait for its attributes.
         if rank == 0:
             write_head = (lambda g: save_head(g, prep.teacher.head)) if _wants_head(cfg) else None
@@ -172,10 +173,10 @@ def precompute(cfg: PrecomputeConfig) -> PrecomputeResult:
     )  # fmt: skip
 
 
-def _load_and_prepare(cfg: PrecomputeConfig, rank: int) -> _Prepared:
+def _load_and_prepare(cfg: PrecomputeConfig, rank: int, world: int) -> _Prepared:
     """The teacher, the packed corpus and the store's metadata (with the head check on rank 0)."""
     teacher = _load_checked_teacher(cfg)
-    prep = _prepare(cfg, teacher, rank)
+    prep = _prepare(cfg, teacher, rank, world)
     if _wants_head(cfg) and rank == 0:
         prep.meta.teacher_head["check"] = _check_head(cfg, prep)
     return prep
@@ -213,25 +214,18 @@ class _Prepared:
     meta: StoreMeta
 
 
-def _prepare(cfg: PrecomputeConfig, teacher: Teacher, rank: int) -> _Prepared:
-    packed, stats = prepare_corpus(
-        cfg.corpus,
-        teacher.tokenizer,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        text_field=cfg.text_field,
-        holdout_fraction=cfg.holdout,
-        holdout_file=cfg.holdout_file,
-        write_holdout=(rank == 0),
-    )
+def _prepare(cfg: PrecomputeConfig, teacher: Teacher, rank: int, world: int) -> _Prepared:
+    """The packed corpus (prepared once for every rank: `offline_kd.corpus_cache`), its masking and meta."""
+    corpus = prepare_once(cfg, teacher.tokenizer, teacher.tokenizer_sha256, teacher.vocab_size, rank, world)
     masking = MaskingConfig(mlm_probability=cfg.mlm_probability, smoothing=cfg.mask_smoothing)
     weights = None
     if cfg.mask_smoothing is not None:
-        weights = smoothing_weights(token_counts(packed, teacher.vocab_size), cfg.mask_smoothing)
+        weights = smoothing_weights(corpus.counts, cfg.mask_smoothing)
         weights[teacher.special_ids()] = 0.0
-    fingerprint = corpus_fingerprint(packed)
-    meta = build_meta(cfg, teacher, stats, len(packed), fingerprint, masking, weights_sha256(weights))
-    return _Prepared(teacher, packed, masking, weights, meta)
+    meta = build_meta(
+        cfg, teacher, corpus.stats, len(corpus.packed), corpus.fingerprint, masking, weights_sha256(weights)
+    )
+    return _Prepared(teacher, corpus.packed, masking, weights, meta)
 
 
 def _wants_head(cfg: PrecomputeConfig) -> bool:

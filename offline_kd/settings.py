@@ -43,9 +43,25 @@ class PrecomputeConfig:
     """The teacher pass: corpus → masked views → teacher signals → signal store."""
 
     teacher: str = setting(help="HF masked-LM name or local directory.")
-    corpus: list[str] = setting(help="Text/jsonl/parquet file or hub dataset NAME[:CONFIG] (repeatable).")
+    corpus: list[str] = setting(
+        help="Text/jsonl/parquet file, dataset directory, hub dataset [ORG/]NAME[@REVISION][:CONFIG[:SPLIT]] or "
+        "hf://datasets/ORG/NAME[@REVISION][/FILES] (repeatable)."
+    )
     output: str = setting(help="Store path or fsspec URL (e.g. s3://bucket/store.zarr).")
     text_field: str | None = setting(None, "Field holding the text in jsonl/parquet (default: text).")
+    group_rows: dict | None = setting(
+        None,
+        "Join every N consecutive rows of corpus SOURCE into one document, for sources with a sentence a "
+        "row (BookCorpus); SOURCE as given to --corpus or its dataset name (repeatable).",
+        flags=("--group-rows",),
+        metavar="SOURCE=N",
+    )
+    num_proc: int | None = setting(None, "Processes that load, tokenize and filter the corpus (default: 1).")
+    cache_dir: str | None = setting(
+        None,
+        "Directory every rank can read where rank 0 prepares the corpus once for several ranks "
+        "(default: STORE.corpus beside a local store; required for a remote store with several ranks).",
+    )
     max_length: int = setting(512, "Tokens per packed sequence.")
     top_k: int = setting(64, "Teacher logits kept per token (0: none, a store for the exact KL source only).")
     temperatures: list[float] = setting(
@@ -85,7 +101,9 @@ class PrecomputeConfig:
         True,
         "Rank 0 shows a progress bar on a terminal (without one, or with --no-progress: a line every 30 s).",
     )
-    wait_timeout: float = setting(600.0, "Seconds ranks > 0 wait for rank 0 to create the store.", cli=False)
+    wait_timeout: float = setting(
+        10800.0, "Seconds ranks > 0 wait for rank 0 to prepare the corpus and to create the store."
+    )
     compile: bool = setting(False, "torch.compile the teacher (faster on a GPU after a one-off compile).")
     lease_seconds: float = setting(
         120.0,

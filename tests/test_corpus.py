@@ -117,15 +117,101 @@ def test_holdout_split_and_file(tmp_path, tiny_corpus, tiny_docs, tok):
         split_holdout(docs, 1.0)
 
 
-def test_source_kinds_tell_files_from_hub_names(tmp_path):
-    from offline_kd.corpus import _source_kind
+def test_corpus_values_name_files_datasets_and_hub_paths(tmp_path):
+    from offline_kd.corpus_source import parse_source
 
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
-    assert _source_kind(str(tmp_path / "a.jsonl")) == "json"
-    assert _source_kind("wikimedia/wikipedia:20231101.en") == "hub"
-    assert _source_kind("bookcorpus") == "hub"
+    (tmp_path / "ds").mkdir()
+    assert parse_source(str(tmp_path / "a.jsonl")).kind == "json"
+    cases = {
+        "bookcorpus": ("bookcorpus", None, "train", None),
+        "wikimedia/wikipedia:20231101.en": ("wikimedia/wikipedia", "20231101.en", "train", None),
+        "wikimedia/wikipedia@b04c8d1:20231101.fr:train": ("wikimedia/wikipedia", "20231101.fr", "train", "b04c8d1"),
+        "org/name::validation": ("org/name", None, "validation", None),
+        "hf://datasets/org/name@v1.0:cfg": ("org/name", "cfg", "train", "v1.0"),
+        f"{tmp_path / 'ds'}:cfg:test": (str(tmp_path / "ds"), "cfg", "test", None),
+    }  # fmt: skip
+    for spec, (path, config, split, revision) in cases.items():
+        s = parse_source(spec)
+        assert (s.kind, s.path, s.config, s.split, s.revision) == (
+            "dataset",
+            path,
+            config,
+            split,
+            revision,
+        ), spec
+    files = parse_source("hf://datasets/org/name@refs%2Fconvert%2Fparquet/plain_text/train/*.parquet")
+    assert (files.kind, files.revision) == ("parquet", "refs%2Fconvert%2Fparquet")
+    assert parse_source("s3://bucket/corpus.jsonl").kind == "json"
     for missing in ("missing.txt", "data/missing.parquet", "./corpus"):
         with pytest.raises(CorpusError, match="does not exist"):
-            _source_kind(missing)
+            parse_source(missing)
     with pytest.raises(CorpusError, match="neither"):
-        _source_kind("not a name/at all")
+        parse_source("not a name/at all")
+
+
+def _dataset_directory(root, tiny_docs):
+    """A dataset directory as a hub repository holds one: two configs, splits, parquet files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for sub in ("documents", "sentences"):
+        (root / sub).mkdir(parents=True)
+    pq.write_table(pa.table({"text": tiny_docs[:40]}), root / "documents" / "train.parquet")
+    pq.write_table(pa.table({"text": tiny_docs[40:]}), root / "documents" / "test.parquet")
+    sentences = [s.strip() + "." for d in tiny_docs for s in d.split(".") if s.strip()]
+    pq.write_table(pa.table({"text": sentences}), root / "sentences" / "train.parquet")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: documents\n  default: true\n  data_files:\n"
+        "  - split: train\n    path: documents/train.parquet\n  - split: test\n    path: documents/test.parquet\n"
+        "- config_name: sentences\n  data_files:\n  - split: train\n    path: sentences/train.parquet\n---\n"
+    )
+    return sentences
+
+
+def test_dataset_directory_config_and_split_in_provenance(tmp_path, tiny_docs, tok):
+    _dataset_directory(tmp_path / "ds", tiny_docs)
+    root = str(tmp_path / "ds")
+    assert load_documents(root)["text"] == tiny_docs[:40]  # the default config's train split
+    assert load_documents(f"{root}::test")["text"] == tiny_docs[40:]
+    _, stats = prepare_corpus([f"{root}:documents:test"], tok, max_length=32)
+    assert stats.as_dict()["datasets"] == [
+        {"source": f"{root}:documents:test", "name": root, "config": "documents", "split": "test",
+         "revision": None, "commit": None}
+    ]  # fmt: skip
+    with pytest.raises(CorpusError, match="could not read corpus source .*nosuch"):
+        load_documents(f"{root}:nosuch")
+
+
+def test_group_rows_makes_documents_of_sentences(tmp_path, tiny_docs, tok):
+    from offline_kd.corpus_source import check_group_rows
+    from offline_kd.errors import UsageError
+
+    sentences = _dataset_directory(tmp_path / "ds", tiny_docs)
+    src = f"{tmp_path / 'ds'}:sentences"
+    assert check_group_rows({str(tmp_path / "ds"): "8"}, [src]) == {src: 8}  # by its path, too
+    group = check_group_rows({src: "8"}, [src])
+    held_file = tmp_path / "held.txt"
+    packed, stats = prepare_corpus(
+        [src], tok, max_length=32, holdout_fraction=0.3, holdout_file=str(held_file), group=group
+    )
+    groups = [" ".join(sentences[i : i + 8]) for i in range(0, len(sentences), 8)]
+    assert stats.documents == len(groups) and stats.as_dict()["group_rows"] == {src: 8}
+    # Held out by document: whole groups of 8 sentences.
+    held = held_file.read_text().splitlines()
+    assert held and set(held) <= set(groups) and stats.held_out_documents == len(held)
+    # One [SEP] per document, not per sentence.
+    seps = sum(int((np.asarray(r) == tok.sep_token_id).sum()) for r in packed["input_ids"])
+    assert 0 < seps <= len(groups) - len(held) < len(sentences) // 4
+    for bad, match in (({src: "0"}, "positive integer"), ({"other": "4"}, "no --corpus source")):
+        with pytest.raises(UsageError, match=match):
+            check_group_rows(bad, [src])
+
+
+def test_num_proc_gives_the_same_sequences(tiny_corpus, tok):
+    from offline_kd.corpus import corpus_fingerprint
+
+    docs = load_documents(str(tiny_corpus))
+    one = pack_sequences(docs, tok, max_length=16, seed=1, pack_batch_documents=7)
+    two = pack_sequences(docs, tok, max_length=16, seed=1, pack_batch_documents=7, num_proc=2)
+    assert len(one) > 20 and corpus_fingerprint(one) == corpus_fingerprint(two)

@@ -71,6 +71,34 @@ def test_estimate_from_a_sample_is_close_to_the_real_count(kind, big_docs, shape
     assert not (tmp_path / "dry.zarr").exists()
 
 
+def test_estimate_for_a_dataset_directory_with_grouped_rows(big_docs, shape_only_teacher, tmp_path):
+    """A dataset with a sentence a row, joined 8 at a time: sampled and scaled by rows as precompute packs it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from offline_kd.corpus import prepare_corpus
+
+    (tmp_path / "ds").mkdir()
+    sentences = [s.strip() + "." for d in big_docs for s in d.split(".") if s.strip()]
+    pq.write_table(pa.table({"text": sentences}), tmp_path / "ds" / "train.parquet")
+    source, group = str(tmp_path / "ds"), {str(tmp_path / "ds"): "8"}
+    tok = AutoTokenizer.from_pretrained(shape_only_teacher)
+    packed, _ = prepare_corpus([source], tok, max_length=32, group={source: 8})
+    real_n = len(packed)
+    r = run_tiny_precompute(
+        shape_only_teacher,
+        source,
+        tmp_path / "dry.zarr",
+        dry_run=True,
+        dry_run_documents=800,
+        group_rows=group,
+    )
+    sample = r.estimate.samples[0]
+    assert len(sample.documents) == 100 and f"first 800 of {len(sentences):,} rows" in sample.how
+    assert abs(r.num_sequences - real_n) / real_n < 0.05, (r.num_sequences, real_n)
+
+
 def test_whole_corpus_sample_is_exact_and_cli_reports_it(
     tiny_store, shape_only_teacher, tiny_corpus, tmp_path
 ):

@@ -111,6 +111,28 @@ KD_CASES = {
         lambda fx: _precompute(fx, "--rank", "2", "--world-size", "2"),
         "Error: --rank 2 is not in [0, --world-size 2)",
     ),
+    "precompute-group-rows-unknown-source": (
+        lambda fx: _precompute(fx, "--group-rows", "bookcorpus=8"),
+        "Error: --group-rows bookcorpus=8: no --corpus source is 'bookcorpus'",
+    ),
+    "precompute-group-rows-not-positive": (
+        lambda fx: _precompute(fx, "--group-rows", f"{fx.corpus}=0"),
+        "=0: the number of rows must be a positive integer",
+    ),
+    "precompute-num-proc": (
+        lambda fx: _precompute(fx, "--num-proc", "0"),
+        "Error: --num-proc 0: must be at least 1",
+    ),
+    "precompute-remote-store-ranks-without-cache-dir": (
+        lambda fx: _replace(
+            _precompute(fx, "--rank", "0", "--world-size", "2"), "--output", "memory://kd/s.zarr"
+        ),
+        "Error: --cache-dir: 2 ranks writing the remote store 'memory://kd/s.zarr' need a directory every rank",
+    ),
+    "precompute-cache-dir-url": (
+        lambda fx: _precompute(fx, "--cache-dir", "s3://bucket/cache"),
+        "Error: --cache-dir s3://bucket/cache: must be a directory on a filesystem every rank mounts",
+    ),
     "eval-model-missing": (
         lambda fx: ["eval", "--model", "./no_model", "--corpus", fx.corpus],
         "Error: --model ./no_model: no such directory",

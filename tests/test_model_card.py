@@ -14,6 +14,7 @@ from offline_kd.store import open_store
 def test_hub_dataset_ids_of_corpus_sources(tiny_corpus):
     assert hub_dataset("wikimedia/wikipedia:20231101.en") == "wikimedia/wikipedia"
     assert hub_dataset("bookcorpus:plain_text:train") == "bookcorpus"
+    assert hub_dataset("wikimedia/wikipedia@b04c8d1:20231101.en:train") == "wikimedia/wikipedia"
     assert hub_dataset("hf://datasets/owner/name@rev/data/train.parquet") == "owner/name"
     assert hub_dataset(str(tiny_corpus)) is None and hub_dataset("s3://bucket/corpus.txt") is None
 

@@ -60,26 +60,70 @@ def test_kill9_and_resume_is_byte_identical(tmp_path, tiny_store, tiny_teacher, 
 
 @pytest.mark.slow
 def test_two_ranks_equal_one(tmp_path, tiny_store, tiny_teacher, tiny_corpus):
+    """Rank 0 prepares the corpus once into the cache beside the store; rank 1 never reads the raw corpus."""
     out = tmp_path / "two.zarr"
-    procs = [
-        subprocess.Popen(
+    hf_cache = {r: tmp_path / f"hf-datasets-rank{r}" for r in (0, 1)}  # where `datasets` would cache its work
+    procs = {
+        r: subprocess.Popen(
             kd_cmd(tiny_teacher, tiny_corpus, out, "--rank", str(r), "--world-size", "2"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            env=dict(os.environ, HF_DATASETS_CACHE=str(hf_cache[r])),
         )
-        for r in (1, 0)  # rank 1 first: it must wait for rank 0 to create the store
-    ]
-    logs = []
-    for p in procs:
-        out_text, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-2000:]
-        logs.append(out_text + err)
+        for r in (1, 0)  # rank 1 first: it must wait for rank 0 to prepare the corpus and create the store
+    }
+    errs, logs = {}, {}
+    for r, p in procs.items():
+        out_text, errs[r] = p.communicate(timeout=300)
+        assert p.returncode == 0, errs[r][-2000:]
+        logs[r] = out_text + errs[r]
     assert SignalStore.open(str(out)).is_complete()
     assert_same_store(out, tiny_store)
     # Progress in a file: plain lines from rank 0 only, no bars (theirs or the libraries').
-    assert all("\r" not in log and "\x1b[" not in log for log in logs)
-    assert "/2 seq " not in logs[0] and "precompute rank 0/2 seq " in logs[1]
+    assert all("\r" not in log and "\x1b[" not in log for log in logs.values())
+    assert "/2 seq " not in logs[1] and "precompute rank 0/2 seq " in logs[0]
+    entries = list((tmp_path / "two.zarr.corpus").iterdir())
+    assert len(entries) == 1 and (entries[0] / "corpus.json").is_file(), entries
+    assert "prepared the corpus in" in errs[0] and "prepared the corpus in" not in errs[1]
+    assert "rank 1: waiting for rank 0 to prepare the corpus" in errs[1]
+    # Reading the text file, tokenizing and packing leave arrow files in rank 0's cache only.
+    assert list(hf_cache[0].rglob("*.arrow"))
+    assert not (hf_cache[1].exists() and list(hf_cache[1].rglob("*.arrow")))
+
+
+def test_rank_waits_for_the_corpus_then_stops_in_one_line(tmp_path, tiny_teacher, tiny_corpus):
+    """Under a launcher, a rank > 0 whose rank 0 never prepares the corpus says so, and why it may be."""
+    out = tmp_path / "alone.zarr"
+    env = dict(os.environ, RANK="1", WORLD_SIZE="2")
+    res = subprocess.run(
+        kd_cmd(tiny_teacher, tiny_corpus, out, "--wait-timeout", "2"), env=env, capture_output=True, text=True
+    )
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert lines[-1].startswith("Error: rank 1: rank 0 has not prepared the corpus in ")
+    assert "after 2 s" in lines[-1] and "--cache-dir" in lines[-1] and "--wait-timeout" in lines[-1]
+    assert any(line.startswith("rank 1: waiting for rank 0 to prepare the corpus") for line in lines)
+
+
+@pytest.mark.slow
+def test_rank_0_failing_to_prepare_stops_the_others(tmp_path, tiny_teacher):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine line\nbad \xff\xfe bytes\n")
+    out = tmp_path / "bad.zarr"
+    procs = {
+        r: subprocess.Popen(
+            kd_cmd(tiny_teacher, bad, out, "--rank", str(r), "--world-size", "2"),
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, RANK=str(r), WORLD_SIZE="2"),
+        )
+        for r in (1, 0)
+    }
+    errs = {r: p.communicate(timeout=300)[1] for r, p in procs.items()}
+    assert procs[0].returncode == 2 and "not valid UTF-8 at line 2" in errs[0].splitlines()[-1]
+    assert procs[1].returncode == 1
+    assert "rank 1: rank 0 failed to prepare the corpus" in errs[1] and "UTF-8" in errs[1]
 
 
 def test_rank_env_and_assignment(monkeypatch):

@@ -25,6 +25,7 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_A
 TINY_VALUES = {
     "--max-length": "32", "--top-k": "8", "--batch-size": "8", "--dtype": "float32", "--holdout": "0.2",
     "--sample": "2", "--deepspeed_config": "ds_cpu_tiny", "--nproc_per_node": "2", "--num_gpus": "2",
+    "--num-proc": "2",
 }  # fmt: skip
 DROPPED = ("--num_nodes", "--hostfile")  # one host here
 
@@ -57,17 +58,24 @@ def _env(**extra: str) -> dict:
     return dict(env, PYTHONUNBUFFERED="1", **extra)
 
 
-def tiny_arguments(args: list[str], teacher: Path, corpus: Path, store: Path) -> list[str]:
-    """The same arguments for the fixtures (see the module docstring)."""
+def tiny_arguments(args: list[str], teacher: Path, corpora: list[Path], store: Path) -> list[str]:
+    """The same arguments for the fixtures (see the module docstring): the i-th ``--corpus`` becomes
+    ``corpora[i]`` (``kd eval``'s keeps its file), ``--group-rows`` names the local stand-in."""
     out: list[str] = []
+    local: dict[str, str] = {}
     it = iter(args)
     for arg in it:
         if arg in DROPPED:
             next(it)
-        elif arg == "--corpus":
+        elif arg == "--corpus" and "eval" not in out:
+            local[next(it)] = str(corpora[len(local)])
+            out += [arg, local[list(local)[-1]]]
+        elif arg == "--group-rows":
+            name, _, _ = next(it).partition("=")
+            out += [arg, f"{local[name]}=3"]
+        elif arg == "--cache-dir":
+            out += [arg, str(store.parent / "corpus-cache")]
             next(it)
-            if "--corpus" not in out:
-                out += ["--corpus", str(corpus)]
         elif arg == "--teacher":
             out += [arg, str(teacher)]
             next(it)
@@ -139,14 +147,16 @@ def test_commands_are_extracted():
 
 
 @pytest.mark.slow
-def test_readme_cluster_commands_run(tmp_path, tiny_teacher, tiny_corpus):
+def test_readme_cluster_commands_run(tmp_path, tiny_teacher, tiny_corpus, tiny_docs):
     from offline_kd.metrics import read_csv
     from offline_kd.precompute import assigned_shards
     from offline_kd.store import SignalStore
 
     store = tmp_path / "bert-base.zarr"
+    sentences = tmp_path / "sentences.txt"  # BookCorpus's stand-in: a sentence a row
+    sentences.write_text("".join(f"{s.strip()}.\n" for d in tiny_docs for s in d.split(".") if s.strip()))
     pre, inspect, verify, verify_exact, train, evaluate, srun_pre, srun_train = [
-        tiny_arguments(c, tiny_teacher, tiny_corpus, store) for c in readme_commands()
+        tiny_arguments(c, tiny_teacher, [tiny_corpus, sentences], store) for c in readme_commands()
     ]
     # "Add --dry-run to the precompute command": the command srun runs, on one process.
     dry = run(srun_pre[srun_pre.index("kd") :] + ["--dry-run"], tmp_path)
@@ -154,6 +164,8 @@ def test_readme_cluster_commands_run(tmp_path, tiny_teacher, tiny_corpus):
 
     run(pre, tmp_path)
     meta = SignalStore.open(str(store)).meta
+    assert meta.corpus["group_rows"] == {str(sentences): 3}  # documents of 3 sentences
+    assert len(list((tmp_path / "corpus-cache").iterdir())) == 1  # prepared once, by rank 0
     assert SignalStore.open(str(store)).is_complete() and meta.max_length == 32
     assert (tmp_path / "heldout.txt").read_text().strip()
     assert "complete" in run(inspect, tmp_path).stdout

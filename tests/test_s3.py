@@ -261,12 +261,20 @@ def test_missing_s3fs_names_the_extra(tmp_path):
             "s3://kd-test/x",
         ],
         ["inspect", "s3://kd-test/x"],
+        ["verify", "s3://kd-test/x"],
     ):
         proc = subprocess.run(
             [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
         )
         assert proc.returncode == 2, proc.stderr
         _one_error_line(proc.stderr, "s3://kd-test/x", "pip install 'offline-kd[s3]'")
+    # Training, before DeepSpeed starts or the run directory is made.
+    code = "import sys; sys.modules['s3fs'] = None; from offline_kd.cli.train import main; sys.exit(main())"
+    args = ["--store", "s3://kd-test/x", "--student", "distil", "--output", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    _one_error_line(proc.stderr, "s3://kd-test/x", "pip install 'offline-kd[s3]'")
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------- the lease
