@@ -54,6 +54,15 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group through DeepSpeed, which also drops its cached clones of the group, so a
+    later `init_distributed` in this process starts clean (torch's own destroy leaves those stale)."""
+    if dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+
+
 def rank() -> int:
     """This process's rank in the initialised group (0 without one)."""
     return dist.get_rank() if dist.is_initialized() else 0

@@ -90,3 +90,23 @@ def tiny_store(tmp_path_factory, tiny_teacher, tiny_corpus) -> Path:
     out = tmp_path_factory.mktemp("store") / "tiny.zarr"
     run_tiny_precompute(tiny_teacher, tiny_corpus, out)
     return out
+
+
+# ------------------------------------------------------------------------------ in-process training
+# Launcher variables: a subprocess run clears them, an in-process run sets them (a one-process group).
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def restore_process_state():
+    """For a module of in-process train() runs (use as a module-scoped autouse fixture): afterwards the
+    process group is shut down and the launcher variables are as before."""
+    from offline_kd.distributed import shutdown_distributed
+
+    saved = {k: os.environ.get(k) for k in DIST_VARS}
+    yield
+    shutdown_distributed()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -14,29 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_tiny_precompute
+from conftest import DIST_VARS, restore_process_state, run_tiny_precompute
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cli" / "train.py"
 TINY_DS = ROOT / "configs" / "ds_cpu_tiny.json"
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "offline_kd" / "torch_extensions"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_process_state():
-    """The in-process runs set up a process group and dist env vars: undo both afterwards."""
-    saved = {k: os.environ.get(k) for k in DIST_VARS}
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+_restore_process_state = pytest.fixture(scope="module", autouse=True)(restore_process_state)
 
 
 def _cfg(store, out, ds=TINY_DS, loss: dict | None = None, **train):

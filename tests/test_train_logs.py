@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import DIST_VARS
 
 from offline_kd.metrics import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cli" / "train.py"
 TINY_DS = ROOT / "configs" / "ds_cpu_tiny.json"
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 STEP_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d train step (\d+)/(\d+) \(\d+\.\d%\) \| loss \S+ \(kl \S+, mlm \S+, cos \S+\) "
     r"\| grad_norm (\S+) \| lr \S+ \| tok/s \S+ \| epoch \d+ \| elapsed \S+ ETA \S+$"
