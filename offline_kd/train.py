@@ -376,6 +376,26 @@ def _lr(engine) -> float:
 # --------------------------------------------------------------------------------------- train
 
 
+def forward_backward(
+    engine,
+    batch: dict[str, torch.Tensor],
+    world: int,
+    state: TrainState,
+    last_saved: str | None,
+    boundary: bool,
+) -> tuple[torch.Tensor, float | None]:
+    """One micro-batch: forward, backward and DeepSpeed's step, which updates only at the accumulation
+    boundary. Returns the loss parts summed over ranks and, at the boundary, the gradient norm before the step."""
+    loss, parts = engine(batch)
+    # Summed over ranks every micro-batch, so a non-finite loss stops all ranks together.
+    sums = sum_over_ranks(parts, batch, world, batch["input_ids"].device)
+    check_finite_loss(sums, world, state, last_saved)
+    engine.backward(loss)
+    norm = grad_norm_before_step(engine) if boundary else None
+    engine.step()
+    return sums, norm
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     # Every input is checked (the teacher resolved) before the process group, a model or DeepSpeed.
     cfg = check_train(cfg, launcher_env().world_size)
@@ -418,14 +438,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 wait += time.perf_counter() - t0
-                batch = _to_device(batch, device)
-                loss, parts = engine(batch)
-                # Summed over ranks every micro-batch, so a non-finite loss stops all ranks together.
-                sums = sum_over_ranks(parts, batch, world, device)
-                check_finite_loss(sums, world, state, last_saved)
-                engine.backward(loss)
-                norm = grad_norm_before_step(engine) if (state.micro_pos + 1) % gas == 0 else None
-                engine.step()  # DeepSpeed updates only at the accumulation boundary
+                boundary = (state.micro_pos + 1) % gas == 0
+                sums, norm = forward_backward(
+                    engine, _to_device(batch, device), world, state, last_saved, boundary
+                )
                 totals += sums
                 state.micro_pos += 1
                 # Only whole optimizer steps are checked, logged and saved: a resume starts on one.
