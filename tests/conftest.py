@@ -110,3 +110,22 @@ def restore_process_state():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def kill_when(proc, ready, timeout: float = 180.0, settle: float = 0.2) -> None:
+    """SIGKILL ``proc`` ``settle`` seconds after ``ready()`` first holds (landing the kill mid-shard); it
+    must still be running then. The process is killed whatever happens."""
+    import signal
+    import time
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(settle)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import zarr
-from conftest import TINY_FLAGS, assert_same_store, run_tiny_precompute
+from conftest import TINY_FLAGS, assert_same_store, kill_when, run_tiny_precompute
 
 from offline_kd.precompute import assigned_shards, rank_and_world
 from offline_kd.store import SignalStore, StoreError
@@ -36,17 +34,7 @@ def test_kill9_and_resume_is_byte_identical(tmp_path, tiny_store, tiny_teacher, 
     out = tmp_path / "resumed.zarr"
     env = dict(os.environ, OFFLINE_KD_PRECOMPUTE_DELAY="0.15")
     proc = subprocess.Popen(kd_cmd(tiny_teacher, tiny_corpus, out), env=env, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while committed_count(out) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        time.sleep(0.2)  # land the kill in the middle of a shard
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(proc, lambda: committed_count(out) >= 2)
     s = SignalStore.open(str(out))
     done = s.committed()
     assert 2 <= done.sum() < s.meta.num_shards

@@ -206,23 +206,8 @@ def test_a_lease_from_another_machine_expires_after_its_last_heartbeat(tmp_path)
 
 @pytest.mark.parametrize("round_", range(5))
 def test_of_writers_starting_at_once_exactly_one_takes_the_lease(tmp_path, round_):
-    import threading
-
     store, n = tmp_path / "s.zarr", 8
-    start, won, refused = threading.Barrier(n), [], []
-
-    def contend():
-        start.wait()
-        try:
-            won.append(StoreLease(str(store), 0, expiry=30).acquire())
-        except LeaseError as e:
-            refused.append(str(e))
-
-    threads = [threading.Thread(target=contend) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    won, refused = _contend(str(store), n)
     try:
         assert len(won) == 1 and len(refused) == n - 1
         assert all("being written by another process" in e for e in refused)

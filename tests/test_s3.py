@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_FLAGS, store_files
+from conftest import TINY_FLAGS, kill_when, store_files
 from offline_kd.cli.kd import main as kd
 from test_train import TINY_DS, _base, _check, _free_port, _losses, run_cli
 
@@ -119,17 +118,7 @@ def resumed_s3_store(s3_endpoint, tiny_teacher, tiny_corpus):
     cmd = _precompute_cmd(tiny_teacher, tiny_corpus, url, s3_endpoint)
     env = dict(os.environ, OFFLINE_KD_PRECOMPUTE_DELAY="0.15")
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while _committed_on_s3(s3_endpoint, key) < 2 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(0.2)  # land the kill in the middle of a shard
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when(proc, lambda: _committed_on_s3(s3_endpoint, key) >= 2)
     before = _committed_on_s3(s3_endpoint, key)
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
