@@ -172,7 +172,9 @@ def step_seconds(
     head = exact_teacher_head(open_store(store_url), str(teacher_dir), device)
     loss = dict(alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, kl_tail=True)
     engines = {
-        "offline, top-k": engine_for(DistillModule(first.model, LossConfig(**loss), vocab_size=V)),
+        "offline, top-k": engine_for(
+            DistillModule(first.model, LossConfig(**loss, kl_source="topk"), vocab_size=V)
+        ),
         "offline, exact": engine_for(
             DistillModule(
                 student().model, LossConfig(**loss, kl_source="exact"), vocab_size=V, teacher_head=head

@@ -210,7 +210,7 @@ def _unstored_temperature(tiny_teacher, tmp_path):
     from offline_kd.loss import LossConfig
 
     message = "temperature 3.0 is not one of the store's temperatures"
-    return dict(loss=LossConfig(temperature=3.0)), ValueError, message
+    return dict(loss=LossConfig(temperature=3.0, kl_source="topk")), ValueError, message
 
 
 @pytest.mark.parametrize(
