@@ -247,6 +247,8 @@ def main() -> None:
          f"reader / consumption = {rw / consume:.1f}x"),
         ("precompute (teacher pass + writes), tokens/s", f"{pre.tokens / pre.seconds:,.0f}", ""),
     ]  # fmt: skip
+    if not args.workers:
+        del rows[-2]  # no second reader measurement
     print(
         f"\nTraining step ({device.type}, {torch.get_num_threads()} threads, {'bf16' if bf16 else 'fp32'}, "
         f"DeepSpeed ZeRO 0; micro-batch {args.batch}x{args.seq_len} = {tokens} real tokens, vocab {V}; "
