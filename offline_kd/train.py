@@ -397,10 +397,8 @@ def forward_backward(
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    # Every input is checked (the teacher and an "auto" KL source resolved) before the process group, a
-    # model or DeepSpeed.
-    requested = cfg.loss.kl_source
-    cfg = check_train(cfg, launcher_env().world_size)
+    # Every input is checked (the teacher, an "auto" KL source resolved) before the process group.
+    requested, cfg = cfg.loss.kl_source, check_train(cfg, launcher_env().world_size)
     # Every rank joins one process group (a local one without a launcher).
     rank, world = init_distributed(cfg.local_rank)
     device, out, is_main = accelerator_device(), Path(cfg.output), rank == 0
