@@ -22,6 +22,10 @@ Step times are also measured side by side (interleaved steps of exact, top-k and
 Run:  python benchmarks/fidelity.py            (~1 h on 2 CPU cores; the teacher fit is cached)
       python benchmarks/fidelity.py --quick    (a few minutes, weak teacher, tiny budget)
       python benchmarks/fidelity.py --only "online KD" --only "offline KD" --only "offline KD, exact"
+      The exact-vs-online run of docs/results.md (2026-11-22; 24 min on a loaded 2-core CPU), one command:
+      python benchmarks/fidelity.py --teacher-fit quick --work runs/fidelity-exact --docs-dir runs/fidelity-exact
+          --steps 60 --batch-size 8 --train-docs 300 --eval-sequences 64 --step-time-repeats 3
+          --only "offline KD" --only "online KD" --only "offline KD, exact" --only "offline KD, exact, T=1"
 Writes runs/fidelity/results.json, docs/fidelity_quality.png, docs/fidelity_loss.png and prints
 markdown tables.
 """
