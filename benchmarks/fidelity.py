@@ -22,6 +22,10 @@ Step times are also measured side by side (interleaved steps of exact, top-k and
 Run:  python benchmarks/fidelity.py            (~1 h on 2 CPU cores; the teacher fit is cached)
       python benchmarks/fidelity.py --quick    (a few minutes, weak teacher, tiny budget)
       python benchmarks/fidelity.py --only "online KD" --only "offline KD" --only "offline KD, exact"
+      The exact-vs-online run of docs/results.md (2026-11-22; 24 min on a loaded 2-core CPU), one command:
+      python benchmarks/fidelity.py --teacher-fit quick --work runs/fidelity-exact --docs-dir runs/fidelity-exact
+          --steps 60 --batch-size 8 --train-docs 300 --eval-sequences 64 --step-time-repeats 3
+          --only "offline KD" --only "online KD" --only "offline KD, exact" --only "offline KD, exact, T=1"
 Writes runs/fidelity/results.json, docs/fidelity_quality.png, docs/fidelity_loss.png and prints
 markdown tables.
 """
@@ -111,13 +115,13 @@ def corpus_dir(source: Path, work: Path) -> Path:
     return out
 
 
-def fit_teacher(corpora: Path, quick: bool, log) -> Path:
+def fit_teacher(corpora: Path, recipe: str, log) -> Path:
     from offline_kd.minilm import MiniLMFitConfig, fit_minilm_teacher
 
     corpus = [str(corpora / name) for name in CORPUS_FILES]
     # The measured-facts recipe (lr 3e-4, 6% warm-up) at a third of its compute: 600 steps of 16 x 128.
     cfg = MiniLMFitConfig(corpus=corpus, steps=600, batch_size=16)
-    if quick:
+    if recipe == "quick":
         cfg.head_steps, cfg.steps, cfg.batch_size = 20, 60, 16
     return fit_minilm_teacher(cfg, log=log)
 
@@ -501,6 +505,12 @@ def parse_args() -> argparse.Namespace:
         "--train-docs", type=int, help="Austen documents the store is built from (2200; --quick: 150)"
     )
     p.add_argument("--eval-sequences", type=int, help="default: 400 (--quick: 48)")
+    p.add_argument(
+        "--teacher-fit",
+        choices=("full", "quick"),
+        help="the teacher's MLM fit: full (100 head + 600 steps of 16 x 128) or quick (20 + 60); cached "
+        "after the first run (default: full; --quick: quick)",
+    )
     p.add_argument("--teacher-dtype", default="bfloat16")
     p.add_argument("--only", action="append", help="run only this student (repeatable; names have commas)")
     p.add_argument(
@@ -511,6 +521,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--docs-dir", default=str(REPO / "docs"))
     args = p.parse_args()
     budget = QUICK_BUDGET if args.quick else FULL_BUDGET
+    budget = {**budget, "teacher_fit": "quick" if args.quick else "full"}
     for name, value in budget.items():  # a value given on the command line wins
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -528,7 +539,7 @@ def setup(args: argparse.Namespace, log) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     corpora_dir = corpus_dir(Path(args.corpora), work)
-    teacher = fit_teacher(corpora_dir, args.quick, log)
+    teacher = fit_teacher(corpora_dir, args.teacher_fit, log)
     corpora = prepare_corpora(corpora_dir, work, args.train_docs)
     store = work / "store.zarr"
     if not (store.exists() and SignalStore.open(str(store)).is_complete()):
@@ -562,9 +573,9 @@ def run_students(ctx: dict, save, log) -> None:
         r["eval"] = evaluate_model(r["dir"], ctx)
         results[spec.name] = r
         save()
-        log(
-            f"  austen acc {100 * r['eval']['austen']['accuracy']:.2f}%  kjv acc {100 * r['eval']['kjv']['accuracy']:.2f}%"
-        )
+        e = r["eval"]
+        log(f"  {r['steps']} steps in {r['train_seconds']:.0f}s; austen acc {100 * e['austen']['accuracy']:.2f}%  "
+            f"kjv acc {100 * e['kjv']['accuracy']:.2f}%")  # fmt: skip
 
 
 def main() -> None:
@@ -596,7 +607,8 @@ def main() -> None:
         )
         save()
     plots(results, ctx, ctx["work"] if args.quick else Path(args.docs_dir))
-    print(f"\nFidelity ({'quick' if args.quick else 'full'}; {args.steps} steps x {args.batch_size} x {args.seq_len}, "
+    print(f"\nFidelity ({'quick' if args.quick else 'full'}; teacher fit {args.teacher_fit}; {args.steps} steps x "
+          f"{args.batch_size} x {args.seq_len}, "
           f"k={args.default_k} default; {time.time() - t_all:.0f}s in all)\n")  # fmt: skip
     print(markdown(results, teacher_eval, ctx))
     if times:

@@ -12,7 +12,7 @@ others' results in the report), within --budget seconds in all (default 8.5 minu
    PyTorch, peak extra memory (benchmarks/kernels.py);
 3. teacher pass: `precompute` tokens/s against a bare bf16 forward of a randomly initialised
    bert-base-shaped teacher (12 layers, hidden 768, vocabulary 30,522) at L = 512;
-4. offline vs online DeepSpeed step at bert-base shape: 6-layer student, 12-layer teacher, bf16
+4. exact vs top-k vs online DeepSpeed step at bert-base shape: 6-layer student, 12-layer teacher, bf16
    (benchmarks/train_step.py);
 5. end to end on tiny fixtures: `kd precompute` then `deepspeed cli/train.py`, checking the exported model.
 
@@ -240,7 +240,7 @@ def plan(work: Path, smoke: bool) -> list[Part]:
              kernel_bench + ["--width", "30528"], compiled),
         Part("precompute", "Teacher pass: precompute vs a bare bf16 forward, bert-base shape, L = 512", 90,
              me + ["--part", "precompute"], compiled),
-        Part("train_step", "Offline vs online DeepSpeed step, bert-base shape (6-layer student, 12-layer "
+        Part("train_step", "Exact vs top-k vs online DeepSpeed step, bert-base shape (6-layer student, 12-layer "
              "teacher), bf16", 110, step, compiled),
         Part("e2e", "End to end: kd precompute -> deepspeed cli/train.py on tiny fixtures", 120,
              me + ["--part", "e2e"], compiled),

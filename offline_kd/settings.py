@@ -15,7 +15,7 @@ from offline_kd.config import setting
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
-KL_SOURCES = ("topk", "exact")
+KL_SOURCES = ("auto", "topk", "exact")
 
 
 def storage_options_setting(group: str | None = None):
@@ -120,9 +120,10 @@ class LossConfig:
     alpha_mlm: float = setting(2.0, "weight of the MLM cross-entropy")
     alpha_cos: float = setting(1.0, "weight of the hidden-state cosine loss")
     kl_source: str = setting(
-        "topk",
-        "teacher distribution of the KL: 'topk' (stored top-k logits + log-sum-exp) or 'exact' (the full "
-        "vocabulary, recomputed from the stored hidden states through the teacher's MLM head; any T)",
+        "auto",
+        "teacher distribution of the KL: 'exact' (the full vocabulary, recomputed from the stored hidden "
+        "states through the teacher's MLM head; any T), 'topk' (stored top-k logits + log-sum-exp) or "
+        "'auto' (exact when the store holds hidden states and the teacher's head, else topk)",
         choices=KL_SOURCES,
     )
     temperature: float = setting(2.0, "distillation temperature (topk + tail-aware: one of the store's)")

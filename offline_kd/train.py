@@ -26,7 +26,7 @@ from offline_kd.ds_config import fill_schedule, load_ds_config, resolve_ds_confi
 from offline_kd.errors import RunFailed, UsageError
 from offline_kd.export import export_run, redacted_settings, write_run_config
 from offline_kd.heldout import HeldOutEval
-from offline_kd.inputs import check_train
+from offline_kd.inputs import check_train, kl_source_note
 from offline_kd.launcher import launcher_env
 from offline_kd.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.metrics import MetricsLogger
@@ -397,12 +397,14 @@ def forward_backward(
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    # Every input is checked (the teacher resolved) before the process group, a model or DeepSpeed.
-    cfg = check_train(cfg, launcher_env().world_size)
+    # Every input is checked (the teacher, an "auto" KL source resolved) before the process group.
+    requested, cfg = cfg.loss.kl_source, check_train(cfg, launcher_env().world_size)
     # Every rank joins one process group (a local one without a launcher).
     rank, world = init_distributed(cfg.local_rank)
     device, out, is_main = accelerator_device(), Path(cfg.output), rank == 0
     quiet_library_bars(rank)  # no \r frames in log files, no bar from ranks above 0
+    if is_main and requested == "auto":
+        log.info("%s", kl_source_note(cfg.loss.kl_source))
     # Refuse a store or student that cannot work before anything expensive runs.
     run = prepare_run(cfg)
     # Batch shape, "auto" values and the run's length depend on the rank count and the store.

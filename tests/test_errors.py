@@ -243,7 +243,7 @@ TRAIN_CASES = {
         "Error: --init-layers applies to the distil students only, not to --student tiny",
     ),
     "temperature-not-stored": (
-        lambda fx: _train(fx, "--temperature", "3"),
+        lambda fx: _train(fx, "--kl-source", "topk", "--temperature", "3"),
         "Error: --temperature 3.0 is not one of the store's temperatures [1.0, 2.0]",
     ),
     "cosine-without-stored-hidden-states": (

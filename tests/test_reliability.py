@@ -520,7 +520,9 @@ def _train_corrupt_chunk_in_a_worker(store, tmp_path):
     data = bytearray(shard.read_bytes())
     data[40:60] = bytes(b ^ 0xFF for b in data[40:60])
     shard.write_bytes(bytes(data))
+    # the top-k KL reads the damaged topk_logits
     args = ["--store", corrupt, "--output", tmp_path / "run", "--num-workers", 1, "--epochs", 1]
+    args += ["--kl-source", "topk"]
     return (
         args,
         r"Error: .*'topk_logits' view 0, chunk of sequences \[\d+, \d+\) \(shard 1\) is corrupt",

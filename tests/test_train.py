@@ -210,7 +210,7 @@ def _unstored_temperature(tiny_teacher, tmp_path):
     from offline_kd.loss import LossConfig
 
     message = "temperature 3.0 is not one of the store's temperatures"
-    return dict(loss=LossConfig(temperature=3.0)), ValueError, message
+    return dict(loss=LossConfig(temperature=3.0, kl_source="topk")), ValueError, message
 
 
 @pytest.mark.parametrize(
@@ -245,6 +245,7 @@ def test_width_mismatch_with_projection_trains(tiny_store, tmp_path):
 
 
 def test_corrupt_chunk_is_named(tiny_store, tmp_path):
+    from offline_kd.loss import LossConfig
     from offline_kd.store import StoreCorruptionError
     from offline_kd.train import train
 
@@ -258,7 +259,8 @@ def test_corrupt_chunk_is_named(tiny_store, tmp_path):
     with pytest.raises(
         StoreCorruptionError, match=r"topk_logits.*view 0.*chunk of sequences \[\d+, \d+\).*shard 1"
     ):
-        train(_cfg(store, tmp_path / "c", epochs=1))
+        # the top-k KL reads the damaged topk_logits
+        train(_cfg(store, tmp_path / "c", epochs=1, loss=LossConfig(kl_source="topk")))
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_store, tmp_path):
@@ -266,6 +268,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_store, 
     import zarr
 
     from offline_kd.checkpoint import latest_complete
+    from offline_kd.loss import LossConfig
     from offline_kd.reader import ReaderConfig, StoreReader
     from offline_kd.train import NonFiniteLossError, train
 
@@ -281,7 +284,8 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_store, 
     g["topk_logits"][0, row] = logits
     out = tmp_path / "n"
     with pytest.raises(NonFiniteLossError, match=r"non-finite .*step 4 .*last good checkpoint: step00000003"):
-        train(_cfg(store, out, save_every=1, epochs=1))
+        # the top-k KL reads the poisoned topk_logits
+        train(_cfg(store, out, save_every=1, epochs=1, loss=LossConfig(kl_source="topk")))
     assert latest_complete(out / "checkpoints") == "step00000003"
     assert not (out / "checkpoints" / "step00000004").exists()
     assert not (out / "final").exists()

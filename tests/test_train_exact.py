@@ -226,6 +226,31 @@ def test_exact_on_a_store_without_its_head_uses_the_recorded_teachers(tiny_teach
     assert float(_rows(out)[0]["kl"]) == pytest.approx(kl, rel=1e-3)
 
 
+@pytest.mark.parametrize(
+    "layout, expected",
+    [({}, "exact"), ({"store_head": False}, "topk"), ({"hidden": False}, "topk")],
+    ids=["hidden-and-head", "no-head", "no-hidden"],
+)
+def test_auto_kl_source_follows_the_store(tiny_teacher, tiny_corpus, tmp_path, caplog, layout, expected):
+    """The default --kl-source auto trains on the exact distribution when the store holds the hidden states
+    and the teacher's head, else on the stored top-k, and one log line says which."""
+    import logging
+
+    from offline_kd.train import train
+
+    store = tmp_path / "store.zarr"
+    run_tiny_precompute(tiny_teacher, tiny_corpus, store, **layout)
+    out = tmp_path / "run"
+    loss = {"kl_source": "auto", **({} if layout.get("hidden", True) else {"alpha_cos": 0.0})}
+    with caplog.at_level(logging.INFO, logger="offline_kd.train"):
+        assert train(_cfg(store, out, loss=loss, max_steps=1)).steps == 1
+    assert f"--kl-source auto: {expected}" in caplog.text
+    assert json.loads((out / "train_config.json").read_text())["loss"]["kl_source"] == expected
+    if expected == "exact":
+        kl, _ = _first_step_losses(store, tiny_teacher, 2.0)
+        assert float(_rows(out)[0]["kl"]) == pytest.approx(kl, rel=1e-3)
+
+
 def test_exact_trains_from_a_head_only_store(tiny_teacher, tiny_corpus, tmp_path):
     """--top-k 0 (hidden states, masks and the head only): the exact KL trains from it."""
     from offline_kd.train import train
