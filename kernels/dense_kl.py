@@ -27,10 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-# The masked/unmasked row load and the guarded exponent offset are the sparse kernel's own helpers.
+# The masked/unmasked row load, the guarded exponent offset and the row zeroing are the sparse kernel's own helpers.
 from .kl import _load_row as _load_f32
 from .kl import _scaled as _scaled_max
-from .kl import scale_grad_  # noqa: F401  (the dense backend's in-place upstream scaling)
+from .kl import (
+    _zero_row,
+    scale_grad_,  # noqa: F401  (the dense backend's in-place upstream scaling)
+)
 
 LOG2E = 1.4426950408889634
 # compile-time constants inside the kernels
@@ -280,16 +283,6 @@ def _row(
             y = tl.load(t_row + lab_safe).to(tl.float32)
         gl = _grad_terms(x, y, k_t, cq, cp, c1, aq, ap, cs, KL, CE, T_MODE)[0] - c
         tl.store(g_row + lab_safe, gl.to(g_row.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _zero_row(g_row, V, BLOCK_V: tl.constexpr):
-    v_main = (V // BLOCK_V) * BLOCK_V
-    zero = tl.zeros([BLOCK_V], dtype=g_row.dtype.element_ty)
-    for start in range(0, v_main, BLOCK_V):
-        tl.store(g_row + start + tl.arange(0, BLOCK_V), zero)
-    offs = v_main + tl.arange(0, BLOCK_V)
-    tl.store(g_row + offs, zero, mask=offs < V)
 
 
 @triton.jit

@@ -129,3 +129,16 @@ def kill_when(proc, ready, timeout: float = 180.0, settle: float = 0.2) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def save_nan_teacher(tiny_teacher: Path, directory: Path) -> Path:
+    """The tiny teacher with one NaN in its output bias (every logit of that id is NaN), saved to directory."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    m = AutoModelForMaskedLM.from_pretrained(tiny_teacher)
+    with torch.no_grad():
+        m.cls.predictions.bias[7] = float("nan")
+    m.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(directory)
+    return directory

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
-from conftest import TINY_FLAGS, assert_same_store, kill_when, run_tiny_precompute
+from conftest import TINY_FLAGS, assert_same_store, kill_when, run_tiny_precompute, save_nan_teacher
 
 from offline_kd.precompute import assigned_shards, rank_and_world
 from offline_kd.store import SignalStore, StoreError
@@ -181,14 +181,7 @@ def test_holdout_file_and_attrs(tmp_path, tiny_teacher, tiny_corpus, tiny_docs):
 
 
 def test_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_teacher, tiny_corpus):
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    d = tmp_path / "nan_teacher"
-    m = AutoModelForMaskedLM.from_pretrained(tiny_teacher)
-    with torch.no_grad():
-        m.cls.predictions.bias[7] = float("nan")
-    m.save_pretrained(d)
-    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(d)
+    d = save_nan_teacher(tiny_teacher, tmp_path / "nan_teacher")
     # With the head stored, its check on the first batch finds the NaN before the store exists.
     out = tmp_path / "nan.zarr"
     with pytest.raises(TeacherError, match=r"NaN/inf logits for sequence 0 at position 0"):
@@ -200,7 +193,11 @@ def test_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_te
     s = SignalStore.open(str(out))
     assert not s.committed().any()
     # compute_signals names the global sequence index
+    from transformers import AutoModelForMaskedLM
+
     from offline_kd.teacher import compute_signals
+
+    m = AutoModelForMaskedLM.from_pretrained(d)
 
     ids = torch.full((2, 8), 5)
     attn = torch.ones(2, 8, dtype=torch.long)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import run_tiny_precompute
+from conftest import run_tiny_precompute, save_nan_teacher
 
 from offline_kd.store import SignalStore
 from offline_kd.teacher import TeacherError
@@ -69,14 +69,7 @@ def test_cuda_pass_with_pinned_copies_matches_cpu(tmp_path, tiny_store, tiny_tea
 
 @needs_cuda
 def test_cuda_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_teacher, tiny_corpus):
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    d = tmp_path / "nan_teacher"
-    m = AutoModelForMaskedLM.from_pretrained(tiny_teacher)
-    with torch.no_grad():
-        m.cls.predictions.bias[7] = float("nan")
-    m.save_pretrained(d)
-    AutoTokenizer.from_pretrained(tiny_teacher).save_pretrained(d)
+    d = save_nan_teacher(tiny_teacher, tmp_path / "nan_teacher")
     out = tmp_path / "nan.zarr"
     with pytest.raises(TeacherError, match=r"NaN/inf logits for sequence 0 at position 0"):
         run_tiny_precompute(d, tiny_corpus, out, device="cuda", dtype="bfloat16")

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DIST_VARS
+from test_train import _base, _free_port
 
 from offline_kd.metrics import read_csv
 
@@ -193,12 +193,6 @@ def test_push_to_hub_uploads_final(run, hub):
     assert "license: apache-2.0" in hub.validated[0]["content"]  # the card's metadata, checked by the hub
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_zero3_log_once_and_score_a_held_out_store(
     tiny_store, tiny_teacher, heldout_text, tmp_path
@@ -215,23 +209,7 @@ def test_two_ranks_zero3_log_once_and_score_a_held_out_store(
     ds = _ds_with_monitors(tmp_path, zero_optimization={"stage": 3}, train_micro_batch_size_per_gpu=2)
     out = tmp_path / "z3"
     log = _run(
-        [
-            "--store",
-            tiny_store,
-            "--student",
-            "distil",
-            "--output",
-            out,
-            "--deepspeed_config",
-            ds,
-            "--max-steps",
-            3,
-            "--log-every",
-            1,
-            "--eval-corpus",
-            held,
-            "--no-progress",
-        ],  # fmt: skip
+        _base(tiny_store, out, ds) + ["--max-steps", 3, "--log-every", 1, "--eval-corpus", held],
         launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port())],
     )
     lines = [line for line in log.splitlines() if " train step " in line]
