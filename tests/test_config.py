@@ -7,11 +7,11 @@ import warnings
 
 import pytest
 from click.testing import CliRunner
+
 from offline_kd.cli.commands_eval import eval_command
 from offline_kd.cli.commands_store import precompute_cmd
 from offline_kd.cli.kd import main as kd
 from offline_kd.cli.train import build_parser, parse_config
-
 from offline_kd.config import from_click_params, options
 from offline_kd.settings import EvalConfig, LossConfig, PrecomputeConfig, TrainConfig
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import TINY_FLAGS, make_documents, run_tiny_precompute
-from offline_kd.cli.kd import main as kd
 
+from offline_kd.cli.kd import main as kd
 from offline_kd.storage import StorageError, check_store_url, parse_options, redact, split_url
 from offline_kd.store import StoreError
 

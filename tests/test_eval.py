@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from offline_kd.cli.kd import main as kd
 
+from offline_kd.cli.kd import main as kd
 from offline_kd.evaluate import EvalConfig, evaluate, masked_eval_batches
 
 

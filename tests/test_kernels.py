@@ -7,9 +7,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import offline_kd.kernels as K  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import offline_kd.kernels as K  # noqa: E402
 from offline_kd.kernels import reference  # noqa: E402
 
 BACKENDS = ["triton", "reference"]

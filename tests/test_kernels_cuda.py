@@ -3,10 +3,11 @@ runs them): the usual shapes, and one call whose logits have more than 2^31 elem
 
 from __future__ import annotations
 
-import offline_kd.kernels as K
 import pytest
 import torch
 from test_kernels import TOL, make_case
+
+import offline_kd.kernels as K
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -12,9 +12,10 @@ import textwrap
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import offline_kd.kernels as K  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import offline_kd.kernels as K  # noqa: E402
 from offline_kd.kernels import (  # noqa: E402
     dense_distillation_losses,
     dense_kl,

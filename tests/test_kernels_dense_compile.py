@@ -44,6 +44,7 @@ def _nvidia_backend() -> bool:
 
 def _launch_tensors(sdt: str, tdt: str, pad: bool, ce: bool, T: float):
     import torch
+
     from offline_kd.kernels import dense_kl
 
     n, stride = 4, (V + 63) // 64 * 64 if pad else V
@@ -113,10 +114,11 @@ def _tool(bin_dir: str, name: str, *args: str) -> str:
 def _build(case):
     """Compile one case with the signature, constants and 16-divisibility hints a launch would use."""
     import triton
-    from offline_kd.kernels import dense_kl
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import native_specialize_impl
+
+    from offline_kd.kernels import dense_kl
 
     fn = dense_kl._dense_kl_ce_kernel
     args, kw = _launch_tensors(*case[1:])

@@ -9,9 +9,10 @@ import subprocess
 import sys
 import textwrap
 
-import offline_kd.kernels as K
 import pytest
 import torch
+
+import offline_kd.kernels as K
 from offline_kd.kernels import choose_backend, reference
 
 

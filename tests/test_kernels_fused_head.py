@@ -8,10 +8,11 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import offline_kd.kernels as K  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from test_kernels import BACKENDS, dense_losses, make_case, small_chunks  # noqa: E402
+
+import offline_kd.kernels as K  # noqa: E402
 
 
 @pytest.fixture(params=BACKENDS)

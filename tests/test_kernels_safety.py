@@ -7,11 +7,12 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import offline_kd.kernels as K  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from offline_kd.kernels import _common  # noqa: E402
 from test_kernels import BACKENDS, dense_losses, make_case  # noqa: E402
+
+import offline_kd.kernels as K  # noqa: E402
+from offline_kd.kernels import _common  # noqa: E402
 
 V, N, k, T = 200, 6, 4, 2.0
 

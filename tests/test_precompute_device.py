@@ -42,6 +42,7 @@ def test_compiled_teacher_writes_the_same_signals(tmp_path, tiny_store, tiny_tea
 
 def test_compile_option_reaches_the_config(tmp_path, tiny_teacher, tiny_corpus):
     from click.testing import CliRunner
+
     from offline_kd.cli.commands_store import precompute_cmd
 
     args = [

@@ -12,8 +12,8 @@ import torch
 import zarr
 from click.testing import CliRunner
 from conftest import run_tiny_precompute
-from offline_kd.cli.kd import main
 
+from offline_kd.cli.kd import main
 from offline_kd.hidden_dtype import decode
 from offline_kd.reader import ReaderConfig, StoreReader
 from offline_kd.store import ATTR_KEY, SignalStore, StoreError

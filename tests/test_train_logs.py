@@ -156,8 +156,8 @@ def test_model_card_metadata_eval_results_and_usage(run, heldout_text, tiny_teac
 def test_kd_eval_updates_the_card(run, heldout_text, tmp_path):
     from click.testing import CliRunner
     from huggingface_hub import ModelCard
-    from offline_kd.cli.kd import main as kd
 
+    from offline_kd.cli.kd import main as kd
     from offline_kd.model_card import EVAL_BEGIN
 
     model = tmp_path / "model"

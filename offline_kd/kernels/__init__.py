@@ -1,4 +1,4 @@
-"""Loss kernels (installed as `offline_kd.kernels`).
+"""Loss kernels.
 
 Public API (see docs/kernels.md for the math):
 

@@ -8,8 +8,8 @@ Peak extra memory: CUDA, max_memory_allocated above the allocation before the ca
 mark (reset through /proc/self/clear_refs) above the RSS before the call, with glibc told to serve large
 blocks by mmap and give them back on free, so RSS follows live memory.
 
-    python benchmarks/kernels.py --head-chunk 128                  # CPU defaults, about a minute
-    python benchmarks/kernels.py --device cuda --n 16384 --dtype bf16 --width 30528 --tail
+    python benchmarks/loss_kernels.py --head-chunk 128                  # CPU defaults, about a minute
+    python benchmarks/loss_kernels.py --device cuda --n 16384 --dtype bf16 --width 30528 --tail
                                                                    # GPU, the trainer's shapes: + Triton, copy BW
 
 Logit-loss variants (KL at T + MLM CE at 1, with gradient):
