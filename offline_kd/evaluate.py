@@ -25,6 +25,7 @@ import torch
 
 from offline_kd.distributed import local_device
 from offline_kd.errors import UsageError
+from offline_kd.hub_kernels import load_kwargs as hub_kernel_kwargs
 from offline_kd.inputs import check_eval
 from offline_kd.settings import EvalConfig
 
@@ -49,11 +50,11 @@ class EvalResult:
         return {**asdict(self), "pseudo_perplexity": self.masked_perplexity}
 
 
-def _load(path: str, device: torch.device):
+def _load(path: str, device: torch.device, hub_kernels: bool = False):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForMaskedLM.from_pretrained(path).to(device).eval()
+    model = AutoModelForMaskedLM.from_pretrained(path, **hub_kernel_kwargs(hub_kernels)).to(device).eval()
     return model, tokenizer
 
 
@@ -87,10 +88,10 @@ def masked_eval_batches(cfg: EvalConfig, tokenizer):
 def evaluate(cfg: EvalConfig) -> EvalResult:
     cfg = check_eval(cfg)  # every input, and the default --max-length, before a model loads
     device = torch.device(local_device(cfg.device))
-    model, tokenizer = _load(cfg.model, device)
+    model, tokenizer = _load(cfg.model, device, cfg.hub_kernels)
     teacher = None
     if cfg.teacher:
-        teacher, teacher_tok = _load(cfg.teacher, device)
+        teacher, teacher_tok = _load(cfg.teacher, device, cfg.hub_kernels)
         if teacher_tok.get_vocab() != tokenizer.get_vocab():
             raise UsageError(
                 f"--teacher {cfg.teacher} and --model {cfg.model} use different vocabularies; "

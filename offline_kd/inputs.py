@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from offline_kd import hub_kernels
 from offline_kd.errors import UsageError
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ def check_precompute(cfg: PrecomputeConfig, world_size: int) -> None:
     from offline_kd.storage import check_store_url
 
     _check_precompute_settings(cfg, world_size)
+    hub_kernels.check(cfg.hub_kernels)
     # The store's filesystem installed and its bucket answering; a local output under a writable directory.
     check_store_url(cfg.output, cfg.storage_options, writing=not cfg.dry_run)
     check_device(cfg.device)
@@ -262,6 +264,7 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainConfig:
 
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
         raise UsageError(f"--output {cfg.output}: is an existing file, not a run directory")
+    hub_kernels.check(cfg.hub_kernels)
     resolve_ds_config(
         load_ds_config(cfg.deepspeed_config), world_size, micro_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr=cfg.lr,
@@ -400,6 +403,7 @@ def check_eval(cfg: EvalConfig) -> EvalConfig:
     from offline_kd.corpus import check_sources
 
     check_device(cfg.device)
+    hub_kernels.check(cfg.hub_kernels)
     if cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size}: must be at least 1")
     models = {"model": check_model_source(cfg.model, f"--model {cfg.model}")}

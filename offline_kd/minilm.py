@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from offline_kd.hub_kernels import load_kwargs as hub_kernel_kwargs
+
 CACHE_DIR = Path(os.environ.get("OFFLINE_KD_CACHE", Path.home() / ".cache" / "offline_kd"))
 
 
@@ -101,7 +103,11 @@ def fit_minilm_teacher(cfg: MiniLMFitConfig, log=print) -> Path:
     # The encoder checkpoint has no MLM head (fitted below) and a pooler the MLM model has no use for.
     with partial_load():
         model = BertForMaskedLM.from_pretrained(
-            encoder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager"
+            encoder,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            attn_implementation="eager",
+            **hub_kernel_kwargs(False),
         )
 
     docs = load_documents(cfg.corpus)

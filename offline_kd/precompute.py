@@ -193,6 +193,7 @@ def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
         cfg.dtype,
         cfg.trust_remote_code,
         head=_wants_head(cfg),
+        hub_kernels=cfg.hub_kernels,
     )
     if _wants_head(cfg) and teacher.head is None:
         raise TeacherError(

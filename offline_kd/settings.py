@@ -95,6 +95,11 @@ class PrecomputeConfig:
     )
     dry_run_documents: int = setting(1000, "Documents per corpus source the dry run tokenizes.")
     trust_remote_code: bool = setting(False, "Run the teacher repository's own code (off unless asked).")
+    hub_kernels: bool = setting(
+        False,
+        "Let transformers replace the teacher's layers with Hugging Face hub kernels (off: the layers its "
+        "checkpoint defines; recorded in the store).",
+    )
     revision: str | None = setting(None, "Teacher revision (branch, tag or commit) on the hub.")
     storage_options: dict | None = storage_options_setting()
     progress: bool = setting(
@@ -168,6 +173,12 @@ class TrainConfig:
     init_layers: str | None = setting(None, "teacher layers to copy, e.g. 0,2,4,7,9,11", group=_STUDENT)
     init_from_teacher: bool = setting(False, "copy teacher tensors whose shapes match", group=_STUDENT)
     hidden_projection: bool = setting(False, "learn a student→teacher width projection", group=_STUDENT)
+    hub_kernels: bool = setting(
+        False,
+        "let transformers replace the student's and teacher's layers with Hugging Face hub kernels (off: "
+        "the layers their checkpoints define)",
+        group=_STUDENT,
+    )
     loss: LossConfig = setting(factory=LossConfig, group="loss")
     epochs: int = setting(3, "epochs; epoch e replays mask view e mod views", group=_SCHEDULE)
     max_steps: int | None = setting(
@@ -235,6 +246,9 @@ class EvalConfig:
         None, "Tokens per packed sequence (default: the model's; a student trained here records its store's)."
     )
     seed: int = setting(0, "Masking seed.")
+    hub_kernels: bool = setting(
+        False, "Let transformers replace layers with Hugging Face hub kernels (off: the checkpoint's own)."
+    )
     batch_size: int = setting(16, "Sequences per forward pass.")
     max_sequences: int | None = setting(None, "Score only the first N packed sequences.")
     device: str | None = setting(

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from offline_kd.errors import UsageError
+from offline_kd.hub_kernels import load_kwargs as hub_kernel_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +119,14 @@ def _teacher_layers(config) -> int:
     raise StudentError(f"cannot tell the layer count of a {type(config).__name__}")
 
 
-def load_teacher(path: str):
+def load_teacher(path: str, hub_kernels: bool = False):
     from safetensors import SafetensorError
     from transformers import AutoModelForMaskedLM
 
     try:
-        model = AutoModelForMaskedLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForMaskedLM.from_pretrained(
+            path, dtype=torch.float32, **hub_kernel_kwargs(hub_kernels)
+        )
     except (OSError, SafetensorError) as exc:  # missing, truncated or unreadable weights
         raise StudentError(
             f"cannot load the teacher from {path!r} (the store's recorded teacher; pass --teacher to "
@@ -299,9 +302,10 @@ def _build_student(
     init_layers: str | list[int] | None = None,
     init_from_teacher: bool = False,
     seed: int = 0,
+    hub_kernels: bool = False,
 ) -> StudentBundle:
     """Build the student named by `spec` (see module docstring). `teacher_path` loads the teacher
-    and its tokenizer where the spec needs them."""
+    and its tokenizer where the spec needs them; `hub_kernels` lets transformers swap in hub kernels."""
     from transformers import AutoConfig, AutoModelForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
     torch.manual_seed(seed)
@@ -311,7 +315,7 @@ def _build_student(
     if m is not None:
         if teacher_path is None:
             raise StudentError("the distil student needs the teacher: pass --teacher")
-        teacher = load_teacher(teacher_path)
+        teacher = load_teacher(teacher_path, hub_kernels)
         n = int(m.group(1)) if m.group(1) else None
         if teacher.config.model_type == "bert":
             model, layers = distilbert_from_bert(teacher, n, layers)
@@ -336,7 +340,7 @@ def _build_student(
         bundle = StudentBundle(model, load_tokenizer(teacher_path), cfg.dim, "preset", None, teacher_path)
         if init_from_teacher:
             bundle.notes.append(
-                f"copied {copy_matching(model, load_teacher(teacher_path))} tensors from teacher"
+                f"copied {copy_matching(model, load_teacher(teacher_path, hub_kernels))} tensors from teacher"
             )
         return bundle
     if _is_hf_dir(path) or (path.is_file() and path.suffix == ".json"):
@@ -344,7 +348,9 @@ def _build_student(
         if tok_src is None:
             raise StudentError(f"{spec} has no tokenizer: pass --teacher")
         if path.is_dir() and _has_weights(path):
-            model = AutoModelForMaskedLM.from_pretrained(str(path), dtype=torch.float32)
+            model = AutoModelForMaskedLM.from_pretrained(
+                str(path), dtype=torch.float32, **hub_kernel_kwargs(hub_kernels)
+            )
             kind = "pretrained"
         else:
             if path.is_file():
@@ -362,7 +368,7 @@ def _build_student(
             if teacher_path is None:
                 raise StudentError("--init-from-teacher needs the teacher: pass --teacher")
             bundle.notes.append(
-                f"copied {copy_matching(model, load_teacher(teacher_path))} tensors from teacher"
+                f"copied {copy_matching(model, load_teacher(teacher_path, hub_kernels))} tensors from teacher"
             )
         return bundle
     raise StudentError(

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from offline_kd.errors import UsageError
+from offline_kd.hub_kernels import load_kwargs as hub_kernel_kwargs
 
 from .signals import extract_signals
 
@@ -45,6 +46,7 @@ class Teacher:
     info: dict = field(default_factory=dict)
     head: object | None = None  # offline_kd.teacher_head.HeadSpec, fp32 (load_teacher(head=True))
     head_error: str | None = None  # why the head could not be extracted
+    hub_kernels: bool = False  # transformers may have replaced layers with hub kernels (--hub-kernels)
 
     @property
     def hidden_size(self) -> int:
@@ -62,6 +64,7 @@ class Teacher:
             "model_type": getattr(cfg, "model_type", None),
             "hidden_size": int(cfg.hidden_size),
             "num_hidden_layers": int(getattr(cfg, "num_hidden_layers", 0) or 0),
+            "hub_kernels": self.hub_kernels,
         }
 
     def tokenizer_info(self) -> dict:
@@ -162,6 +165,7 @@ def load_teacher(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     head: bool = False,
+    hub_kernels: bool = False,
 ) -> Teacher:
     """Load a masked-LM teacher and its fast tokenizer; refuse a checkpoint without an MLM head.
 
@@ -182,6 +186,7 @@ def load_teacher(
             attn_implementation="sdpa",
             dtype=torch.float32,
             output_loading_info=True,
+            **hub_kernel_kwargs(hub_kernels),
         )
     except ValueError as e:
         raise TeacherError(f"{name_or_path!r} cannot be loaded as a masked-LM teacher: {e}") from e
@@ -233,6 +238,7 @@ def load_teacher(
         info={"weight_files": sorted(p.name for p in weight_files)},
         head=head_spec,
         head_error=head_error,
+        hub_kernels=hub_kernels,
     )
 
 

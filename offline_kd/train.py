@@ -140,6 +140,7 @@ def prepare_run(cfg: TrainConfig) -> PreparedRun:
         init_layers=cfg.init_layers,
         init_from_teacher=cfg.init_from_teacher,
         seed=cfg.seed,
+        hub_kernels=cfg.hub_kernels,
     )
     need_hidden = cfg.loss.alpha_cos > 0
     check_compatible(

@@ -293,6 +293,7 @@ def _teacher_check(s, rep, teacher_name, sample, device, dtype, tolerance, trust
         device=device or "cpu",
         dtype=dtype,
         trust_remote_code=trust_remote_code,
+        hub_kernels=bool((m.teacher or {}).get("hub_kernels", False)),  # as the store's teacher ran
     )
     if t.tokenizer_sha256 != m.tokenizer_sha256:
         rep.errors.append(f"teacher {teacher_name!r} has a different tokenizer than the store")

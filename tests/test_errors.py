@@ -352,3 +352,12 @@ def test_usage_error_classes():
         assert issubclass(cls, UsageError) and cls.exit_code == 2
     assert issubclass(StoreError, RuntimeError)  # callers that caught RuntimeError still do
     assert issubclass(NonFiniteLossError, RunFailed) and NonFiniteLossError.exit_code == 1
+
+
+def test_hub_kernels_asked_where_the_environment_disables_them(fx, monkeypatch):
+    from offline_kd.cli.kd import main
+
+    monkeypatch.setenv("USE_HUB_KERNELS", "0")
+    r = CliRunner().invoke(main, [str(a) for a in _precompute(fx, "--hub-kernels")])
+    assert "Error: --hub-kernels: USE_HUB_KERNELS=0 disables them" in the_error(r.stderr, r.exit_code)
+    assert not (fx.tmp / "s.zarr").exists()

@@ -203,3 +203,13 @@ def test_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_te
     attn = torch.ones(2, 8, dtype=torch.long)
     with pytest.raises(TeacherError, match="sequence 40"):
         compute_signals(m, ids, attn, 4, [1.0], hidden=False, seq_offset=40)
+
+
+def test_the_teacher_keeps_its_checkpoints_layers_and_the_store_records_it(tiny_store, tiny_teacher):
+    """transformers >= 5.25 swaps in hub kernels unless asked not to; the teacher is loaded as its
+    checkpoint defines it, and the store's provenance says so."""
+    from offline_kd.teacher import load_teacher
+
+    assert SignalStore.open(str(tiny_store)).meta.teacher["hub_kernels"] is False
+    model = load_teacher(str(tiny_teacher), device="cpu").model
+    assert getattr(model, "use_kernels", False) is False
