@@ -7,6 +7,7 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,8 +38,23 @@ from .store import (
 from .teacher import Teacher, TeacherError, load_teacher, teacher_signals
 from .teacher_head import CHECK_TOPK, reproduction_check, save_head
 
-# Seconds to sleep after each (shard, view) write, before the commit; only for crash tests.
+# Crash tests only. OFFLINE_KD_PRECOMPUTE_DELAY: seconds to sleep after each (shard, view) write, before
+# the commit (random kill moments). OFFLINE_KD_PAUSE_BEFORE_COMMIT="N[:RELEASE]": before this process's
+# N-th commit, with that shard's arrays written, create RELEASE.paused and wait
+# until the file RELEASE exists (forever without one): a kill then always lands mid-shard.
 _DELAY = float(os.environ.get("OFFLINE_KD_PRECOMPUTE_DELAY", "0") or 0)
+_PAUSE = os.environ.get("OFFLINE_KD_PAUSE_BEFORE_COMMIT", "")
+
+
+def _pause_before_commit(commits_so_far: int) -> None:
+    """The OFFLINE_KD_PAUSE_BEFORE_COMMIT test hook (see above)."""
+    count, _, release = _PAUSE.partition(":")
+    if int(count) != commits_so_far + 1:
+        return
+    if release:
+        Path(release + ".paused").touch()
+    while not (release and Path(release).exists()):
+        time.sleep(0.05)
 
 
 @dataclass
@@ -299,7 +315,9 @@ def _write_shards(
                 bar.update(b - a, {"tok/s": f"{tokens_done / el:,.0f}", "shard": str(shard)})
             if pending is not None:
                 written.append(pending.result())  # re-raises the writer's error
-            pending = writer.submit(_write_shard, store, cfg.output, shard, ids, lengths, views, lease)
+            pending = writer.submit(
+                _write_shard, store, cfg.output, shard, ids, lengths, views, lease, len(written)
+            )
         if pending is not None:
             written.append(pending.result())
     finally:
@@ -316,6 +334,7 @@ def _write_shard(
     lengths: np.ndarray,
     views: list[tuple],
     lease: StoreLease,
+    commits_so_far: int = 0,
 ) -> int:
     """Runs on the writer thread while the teacher computes the next shard; commits last."""
     try:
@@ -327,6 +346,8 @@ def _write_shard(
             store.write_view(shard, v, out)
             if _DELAY:
                 time.sleep(_DELAY)  # tests: widen the window for a kill mid-shard
+        if _PAUSE:
+            _pause_before_commit(commits_so_far)
         lease.ensure_held()  # a writer that lost its rank to another process does not commit
         store.mark_committed(shard)
     except OSError as e:

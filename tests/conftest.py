@@ -112,18 +112,31 @@ def restore_process_state():
             os.environ[k] = v
 
 
-def kill_when(proc, ready, timeout: float = 180.0, settle: float = 0.2) -> None:
-    """SIGKILL ``proc`` ``settle`` seconds after ``ready()`` first holds (landing the kill mid-shard); it
-    must still be running then. The process is killed whatever happens."""
-    import signal
+def pause_env(marker: Path, before_commit: int, env: dict | None = None) -> dict:
+    """The environment of a `kd precompute` that stops before its ``before_commit``-th commit (that shard's
+    arrays written), creates ``marker.paused`` and waits until ``marker`` exists (the
+    OFFLINE_KD_PAUSE_BEFORE_COMMIT hook of offline_kd.precompute)."""
+    return dict(env or os.environ, OFFLINE_KD_PAUSE_BEFORE_COMMIT=f"{before_commit}:{marker}")
+
+
+def wait_until(ready, proc, timeout: float = 300.0) -> None:
+    """Wait for ``ready()`` while ``proc`` runs; a process that ended or a deadline passed fails the test."""
     import time
 
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, (proc.stderr.read() if proc.stderr else "")[-2000:]
+        assert time.monotonic() < deadline, f"not ready after {timeout} s"
+        time.sleep(0.02)
+
+
+def kill_when_paused(proc, marker: Path, timeout: float = 300.0) -> None:
+    """SIGKILL a `kd precompute` started with `pause_env(marker, ...)` once it is paused mid-shard (it
+    cannot finish in between: it waits for a release that never comes). Killed whatever happens."""
+    import signal
+
     try:
-        deadline = time.monotonic() + timeout
-        while not ready() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        time.sleep(settle)
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        wait_until(lambda: Path(f"{marker}.paused").exists(), proc, timeout)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     finally:

