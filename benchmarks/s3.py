@@ -114,7 +114,7 @@ def main() -> None:
             temperatures=[1.0, 2.0], views=1, hidden=True, seed=0, batch_size=args.batch_size,
             shard_size=args.shard_size, device="cpu", dtype="float32", progress=False,
         )  # fmt: skip
-        ds = json.loads((ROOT / "configs" / "ds_cpu_tiny.json").read_text())
+        ds = json.loads((ROOT / "offline_kd" / "configs" / "ds_cpu_tiny.json").read_text())
         ds.update(train_micro_batch_size_per_gpu=args.micro_batch, gradient_accumulation_steps=1)
         with moto_s3_server(tmp / "moto.log", BUCKET) as endpoint:
             s3 = {"endpoint_url": endpoint}

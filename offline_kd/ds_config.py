@@ -17,7 +17,7 @@ import torch
 
 from offline_kd.errors import UsageError
 
-DEFAULT_CONFIG = "ds_cpu_tiny"  # a shipped config (offline_kd.configs, the repository's configs/)
+DEFAULT_CONFIG = "ds_cpu_tiny"  # a shipped config (offline_kd/configs/)
 DEFAULT_LR = 5e-4  # DistilBERT's
 FLAG = "--deepspeed_config"
 

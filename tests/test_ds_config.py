@@ -10,7 +10,7 @@ import torch
 
 from offline_kd.ds_config import fill_schedule, load_ds_config, param_dtype, resolve_ds_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "offline_kd" / "configs"
 
 
 def test_the_bundled_configs_resolve():

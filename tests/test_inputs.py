@@ -86,15 +86,15 @@ def test_eval_defaults_to_the_model_length(tiny_teacher, tiny_corpus, tmp_path):
 def test_shipped_deepspeed_configs_by_name(tmp_path, monkeypatch):
     from offline_kd.ds_config import load_ds_config
 
-    shipped = json.loads((ROOT / "configs" / "ds_distilbert.json").read_text())
+    shipped = json.loads((ROOT / "offline_kd" / "configs" / "ds_distilbert.json").read_text())
     assert load_ds_config("ds_distilbert") == shipped == load_ds_config("ds_distilbert.json")
-    assert load_ds_config(None) == json.loads((ROOT / "configs" / "ds_cpu_tiny.json").read_text())
+    assert load_ds_config(None) == json.loads((ROOT / "offline_kd" / "configs" / "ds_cpu_tiny.json").read_text())
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ds_distilbert.json").write_text('{"train_batch_size": 8}')
     assert load_ds_config("ds_distilbert.json") == {"train_batch_size": 8}  # a file wins over a name
 
 
-@pytest.mark.parametrize("value", ["ds_distilbert", str(ROOT / "configs" / "ds_distilbert.json")])
+@pytest.mark.parametrize("value", ["ds_distilbert", str(ROOT / "offline_kd" / "configs" / "ds_distilbert.json")])
 def test_shipped_config_resolves_for_eight_ranks(value):
     from offline_kd.ds_config import load_ds_config, resolve_ds_config
 

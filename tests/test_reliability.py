@@ -551,7 +551,7 @@ def test_bad_training_input_is_one_error_line(case, tiny_store, tmp_path):
         "--student",
         "distil",
         "--deepspeed_config",
-        ROOT / "configs" / "ds_cpu_tiny.json",
+        ROOT / "offline_kd" / "configs" / "ds_cpu_tiny.json",
         "--no-progress",
     ]
     proc = run_cli(base + args)

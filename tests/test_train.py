@@ -15,7 +15,7 @@ from conftest import DIST_VARS, restore_process_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cli" / "train.py"
-TINY_DS = ROOT / "configs" / "ds_cpu_tiny.json"
+TINY_DS = ROOT / "offline_kd" / "configs" / "ds_cpu_tiny.json"
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "offline_kd" / "torch_extensions"))
 LOSS_COLUMNS = ("step", "epoch", "samples", "tokens", "loss", "kl", "mlm", "cos", "lr")
 

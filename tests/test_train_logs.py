@@ -22,7 +22,7 @@ from offline_kd.metrics import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cli" / "train.py"
-TINY_DS = ROOT / "configs" / "ds_cpu_tiny.json"
+TINY_DS = ROOT / "offline_kd" / "configs" / "ds_cpu_tiny.json"
 STEP_LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d train step (\d+)/(\d+) \(\d+\.\d%\) \| loss \S+ \(kl \S+, mlm \S+, cos \S+\) "
     r"\| grad_norm (\S+) \| lr \S+ \| tok/s \S+ \| epoch \d+ \| elapsed \S+ ETA \S+$"
