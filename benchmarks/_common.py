@@ -22,7 +22,7 @@ SHARED_CORPORA = REPO.parent / "shared" / "corpora"
 def write_corpus_head(dest: Path, n_lines: int, source: Path | None = None) -> Path:
     """The first `n_lines` documents of `source` (default: the embedded sample corpus), written to `dest`."""
     if source is None:
-        from offline_kd.demo import sample_corpus
+        from offline_kd.examples.demo import sample_corpus
 
         source = sample_corpus()
     lines = Path(source).read_text(encoding="utf-8").splitlines()[:n_lines]
@@ -38,7 +38,7 @@ def minilm_teacher(out_dir: Path) -> Path:
     from transformers import AutoTokenizer, BertForMaskedLM
     from transformers.utils import logging as hf_logging
 
-    from offline_kd.minilm import minilm_encoder_dir
+    from offline_kd.examples.minilm import minilm_encoder_dir
 
     enc = minilm_encoder_dir()
     hf_logging.set_verbosity_error()  # the new head's "MISSING" report is expected here
@@ -49,8 +49,8 @@ def minilm_teacher(out_dir: Path) -> Path:
 
 
 def tiny_teacher(out_dir: Path, hidden: int = 64, layers: int = 4) -> Path:
-    """A tiny BERT teacher (offline_kd.tiny) whose vocabulary is trained on 200 pseudo-English documents."""
-    from offline_kd.tiny import build_tiny_teacher, make_documents
+    """A tiny BERT teacher (offline_kd.examples.tiny) whose vocabulary is trained on 200 pseudo-English documents."""
+    from offline_kd.examples.tiny import build_tiny_teacher, make_documents
 
     return build_tiny_teacher(out_dir, make_documents(200), hidden=hidden, layers=layers)
 

@@ -116,7 +116,7 @@ def corpus_dir(source: Path, work: Path) -> Path:
 
 
 def fit_teacher(corpora: Path, recipe: str, log) -> Path:
-    from offline_kd.minilm import MiniLMFitConfig, fit_minilm_teacher
+    from offline_kd.examples.minilm import MiniLMFitConfig, fit_minilm_teacher
 
     corpus = [str(corpora / name) for name in CORPUS_FILES]
     # The measured-facts recipe (lr 3e-4, 6% warm-up) at a third of its compute: 600 steps of 16 x 128.
@@ -128,7 +128,7 @@ def fit_teacher(corpora: Path, recipe: str, log) -> Path:
 
 def prepare_corpora(corpora: Path, work: Path, n_train_docs: int) -> dict[str, Path]:
     """Austen train docs (truncated to the budget), held-out Austen and held-out KJV files."""
-    from offline_kd.corpus import load_documents, split_holdout, write_documents
+    from offline_kd.data.corpus import load_documents, split_holdout, write_documents
 
     paths = {
         "train": work / "austen_train.txt",
@@ -146,7 +146,7 @@ def prepare_corpora(corpora: Path, work: Path, n_train_docs: int) -> dict[str, P
 
 
 def build_store(work: Path, teacher: Path, train_file: Path, args, log) -> Path:
-    from offline_kd.precompute import PrecomputeConfig, precompute
+    from offline_kd.precompute.run import PrecomputeConfig, precompute
 
     store = work / "store.zarr"
     cfg = PrecomputeConfig(
@@ -172,7 +172,7 @@ def build_store(work: Path, teacher: Path, train_file: Path, args, log) -> Path:
 
 def load_view(store_path: Path, view: int) -> dict[str, np.ndarray]:
     """The benchmark's store is small: read one whole view into memory."""
-    from offline_kd.store import SignalStore
+    from offline_kd.store.signal_store import SignalStore
 
     store = SignalStore.open(str(store_path))
     return store.read(view, 0, store.meta.num_sequences)
@@ -185,7 +185,7 @@ def load_view(store_path: Path, view: int) -> dict[str, np.ndarray]:
 def make_student(teacher: Path, random_init: bool, seed: int):
     from transformers import DistilBertForMaskedLM
 
-    from offline_kd.student import build_student
+    from offline_kd.train.student import build_student
 
     bundle = build_student(
         "distil", teacher_path=str(teacher), vocab_size=0, max_positions=0, init_layers="0,2,4"
@@ -369,7 +369,7 @@ def step_times(specs: list[Student], ctx: dict, repeats: int, warmup: int = 2) -
 
 
 def evaluate_model(model_dir: str, ctx: dict) -> dict:
-    from offline_kd.evaluate import EvalConfig, evaluate
+    from offline_kd.publish.evaluate import EvalConfig, evaluate
 
     args = ctx["args"]
     res = {}
@@ -385,7 +385,7 @@ def evaluate_model(model_dir: str, ctx: dict) -> dict:
 def bytes_per_token(k: int, ctx: dict, n_temperatures: int | None = None) -> float:
     """Stored bytes per token for a store of top-k = k with this store's other settings (k = 0 and no
     temperatures: the hidden-states-only layout the exact KL needs)."""
-    from offline_kd.store import estimate_bytes_per_token
+    from offline_kd.store.signal_store import estimate_bytes_per_token
 
     m = ctx["meta"]
     n_t = len(m.temperatures) if n_temperatures is None else n_temperatures
@@ -533,8 +533,8 @@ def setup(args: argparse.Namespace, log) -> dict:
     student."""
     from transformers import AutoModelForMaskedLM
 
-    from offline_kd.store import SignalStore
-    from offline_kd.train import exact_teacher_head
+    from offline_kd.store.signal_store import SignalStore
+    from offline_kd.train.loop import exact_teacher_head
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def bert_base_teacher(out: Path, layers: int = 12, hidden: int = 768, vocab: int
     try:
         from transformers import AutoTokenizer
 
-        from offline_kd.minilm import minilm_encoder_dir
+        from offline_kd.examples.minilm import minilm_encoder_dir
 
         tok = AutoTokenizer.from_pretrained(minilm_encoder_dir())
     except Exception:  # noqa: BLE001 - any failure: build one
@@ -95,7 +95,7 @@ def bert_base_teacher(out: Path, layers: int = 12, hidden: int = 768, vocab: int
 
 def tiny_fixtures(work: Path) -> tuple[Path, Path]:
     """(tiny teacher directory, corpus file), as the test suite builds them."""
-    from offline_kd.tiny import build_tiny_teacher, make_documents
+    from offline_kd.examples.tiny import build_tiny_teacher, make_documents
 
     docs = make_documents(400)
     corpus = work / "tiny_corpus.txt"
@@ -109,9 +109,9 @@ def run_precompute_part(work: Path, device: str, smoke: bool) -> None:
     import numpy as np
     import torch
 
-    from offline_kd.precompute import PrecomputeConfig, precompute
-    from offline_kd.store import SignalStore
-    from offline_kd.teacher import load_teacher
+    from offline_kd.precompute.run import PrecomputeConfig, precompute
+    from offline_kd.store.signal_store import SignalStore
+    from offline_kd.teacher.model import load_teacher
 
     teacher = work / ("tiny_teacher" if smoke else "bert_base")
     L, repeat, batch = (64, 1, 16) if smoke else (512, 4, 64)
@@ -174,7 +174,7 @@ def run_e2e_part(work: Path, device: str, smoke: bool) -> None:
                      "--output", str(run), "--deepspeed_config", str(ds), "--epochs", "2", "--no-progress"])  # fmt: skip
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from offline_kd.metrics import read_csv
+    from offline_kd.train.metrics import read_csv
 
     rows = read_csv(run / "logs" / "metrics.csv")
     model = AutoModelForMaskedLM.from_pretrained(run / "final")

@@ -1,7 +1,7 @@
 """Precompute benchmark: writer overhead vs a bare teacher forward, and store bytes/token vs k and hidden.
 
     python benchmarks/precompute.py                       # MiniLM-L6-shaped teacher if installed, else tiny
-    python benchmarks/precompute.py --teacher tiny        # a tiny BERT (offline_kd.tiny)
+    python benchmarks/precompute.py --teacher tiny        # a tiny BERT (offline_kd.examples.tiny)
     python benchmarks/precompute.py --teacher DIR         # any saved masked-LM directory
     python benchmarks/precompute.py --dtype bfloat16      # a bf16 teacher: extraction vs the bare bf16 forward
 
@@ -91,9 +91,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from offline_kd.precompute import PrecomputeConfig, precompute
-    from offline_kd.store import SignalStore, StoreMeta, estimate_bytes_per_token
-    from offline_kd.teacher import compute_signals, load_teacher
+    from offline_kd.precompute.run import PrecomputeConfig, precompute
+    from offline_kd.store.signal_store import SignalStore, StoreMeta, estimate_bytes_per_token
+    from offline_kd.teacher.model import compute_signals, load_teacher
 
     ks = [int(k) for k in args.ks.split(",")]
     kmax = max(ks + [args.top_k])

@@ -11,7 +11,7 @@ Rows, each run for the local disk and for S3 with the same settings, interleaved
 
 - precompute: the shard loop (masking, teacher forward, writing and committing shards) in real
   tokens/s, and the whole call (opening the store, corpus preparation included);
-- training: one-process DeepSpeed steps (`offline_kd.train.train`, CPU config) in real tokens/s,
+- training: one-process DeepSpeed steps (`offline_kd.train.loop.train`, CPU config) in real tokens/s,
   median over the steps after the first, and the share of step time spent waiting for the reader;
 - reader: the training reader alone (decompress, shuffle, collate) in real tokens/s.
 
@@ -44,7 +44,7 @@ BUCKET = "kd-bench"
 
 def precompute_once(common: dict, url: str, storage_options: dict | None) -> tuple[float, float]:
     """(shard-loop tokens/s, whole-call tokens/s) of one precompute to ``url``."""
-    from offline_kd.precompute import PrecomputeConfig, precompute
+    from offline_kd.precompute.run import PrecomputeConfig, precompute
 
     t0 = time.perf_counter()
     res = precompute(PrecomputeConfig(output=url, storage_options=storage_options, **common))
@@ -58,9 +58,9 @@ def train_once(
 ) -> tuple[float, float]:
     """Median real tokens/s of the optimizer steps after the first, and the share of their time
     spent waiting for the reader."""
-    from offline_kd.metrics import read_csv
-    from offline_kd.settings import TrainConfig
-    from offline_kd.train import train
+    from offline_kd.runtime.settings import TrainConfig
+    from offline_kd.train.loop import train
+    from offline_kd.train.metrics import read_csv
 
     cfg = TrainConfig(
         store=url, student="distil", output=str(out), deepspeed_config=ds, max_steps=steps,
@@ -74,7 +74,7 @@ def train_once(
 
 def reader_once(url: str, storage_options: dict | None, micro_batch: int) -> float:
     """Real tokens/s of one epoch of the training reader (one process, no workers)."""
-    from offline_kd.reader import ReaderConfig, StoreReader
+    from offline_kd.train.reader import ReaderConfig, StoreReader
 
     reader = StoreReader(
         ReaderConfig(url=url, micro_batch_size=micro_batch, temperature=2.0, storage_options=storage_options)
@@ -139,7 +139,7 @@ def main() -> None:
                     res.setdefault("store reader alone", []).append(
                         reader_once(where(f"store{r}.zarr"), opts, args.micro_batch)
                     )
-        from offline_kd.store import SignalStore
+        from offline_kd.store.signal_store import SignalStore
 
         meta = SignalStore.open(str(tmp / "store0.zarr")).meta
     print(

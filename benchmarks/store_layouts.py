@@ -47,8 +47,8 @@ LAYOUTS = (
 
 def build_teacher(kind: str, corpus: Path | None, tmp: Path) -> tuple[str, str]:
     if kind == "minilm":
-        from offline_kd.demo import sample_corpus
-        from offline_kd.minilm import MiniLMFitConfig, fit_minilm_teacher
+        from offline_kd.examples.demo import sample_corpus
+        from offline_kd.examples.minilm import MiniLMFitConfig, fit_minilm_teacher
 
         cfg = MiniLMFitConfig(corpus=[str(corpus or sample_corpus())], head_steps=20, steps=60, batch_size=16)
         return str(
@@ -57,7 +57,7 @@ def build_teacher(kind: str, corpus: Path | None, tmp: Path) -> tuple[str, str]:
     if kind == "bert-base-random":
         from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-        from offline_kd.minilm import minilm_encoder_dir
+        from offline_kd.examples.minilm import minilm_encoder_dir
 
         d = tmp / "bert-base-random"
         torch.manual_seed(0)
@@ -70,7 +70,7 @@ def build_teacher(kind: str, corpus: Path | None, tmp: Path) -> tuple[str, str]:
 @torch.no_grad()
 def recovered_vs_teacher(store, teacher, head, sample: int) -> dict:
     """Mean KL(teacher ‖ recovered) at T = 1, 2 and top-1 agreement over the first `sample` sequences."""
-    from offline_kd.hidden_dtype import decode
+    from offline_kd.store.hidden_dtype import decode
 
     m = store.meta
     kl = {1.0: 0.0, 2.0: 0.0}
@@ -124,11 +124,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from offline_kd.precompute import PrecomputeConfig, precompute
-    from offline_kd.store import SignalStore, estimate_bytes_per_token
-    from offline_kd.teacher import load_teacher
-    from offline_kd.teacher_head import load_head
-    from offline_kd.verify import inspect_store, verify_store
+    from offline_kd.precompute.run import PrecomputeConfig, precompute
+    from offline_kd.precompute.verify import inspect_store, verify_store
+    from offline_kd.store.signal_store import SignalStore, estimate_bytes_per_token
+    from offline_kd.teacher.head import load_head
+    from offline_kd.teacher.model import load_teacher
 
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)

@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 from _common import markdown_table
 
-from offline_kd.store import SignalStore
+from offline_kd.store.signal_store import SignalStore
 
 
 def main() -> None:

@@ -44,13 +44,13 @@ FLAGS = [
     "--no-progress",
 ]  # fmt: skip
 # Widens each shard's write window a little so that kills and overlaps land inside shards too
-# (read by offline_kd.precompute at import).
+# (read by offline_kd.precompute.run at import).
 os.environ.update(OFFLINE_KD_PRECOMPUTE_DELAY="0.02", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
 BUILD_TEACHER = """
 import sys
 from pathlib import Path
-from offline_kd.tiny import build_tiny_teacher, make_documents
+from offline_kd.examples.tiny import build_tiny_teacher, make_documents
 build_tiny_teacher(Path(sys.argv[1]), make_documents(int(sys.argv[2])))
 """
 
@@ -61,7 +61,7 @@ def preload() -> None:
     from transformers import BertForMaskedLM, BertTokenizerFast  # noqa: F401
 
     import offline_kd.cli.kd  # noqa: F401
-    import offline_kd.precompute  # noqa: F401
+    import offline_kd.precompute.run  # noqa: F401
 
 
 class Child:
@@ -118,7 +118,7 @@ class Fixture:
     """The tiny teacher, its corpus and the reference store (files and `kd inspect --json`)."""
 
     def __init__(self, work: Path, documents: int):
-        from offline_kd.tiny import make_documents
+        from offline_kd.examples.tiny import make_documents
 
         docs = make_documents(documents)
         self.work = work
@@ -161,7 +161,7 @@ def store_files(root: Path) -> dict[str, bytes]:
 
 
 def inspect_json(store: Path) -> dict:
-    from offline_kd.verify import inspect_store
+    from offline_kd.precompute.verify import inspect_store
 
     info = inspect_store(str(store))
     info.pop("url")
@@ -207,7 +207,7 @@ def trial_writers(fx: Fixture, rng: random.Random, out: Path) -> tuple[bool, dic
 
 
 def trial_flip(fx: Fixture, rng: random.Random, out: Path) -> tuple[bool, dict]:
-    from offline_kd.verify import verify_store
+    from offline_kd.precompute.verify import verify_store
 
     shutil.copytree(fx.reference, out)
     chunks = sorted(p for p in out.rglob("*") if p.is_file() and "/c/" in str(p.relative_to(out.parent)))

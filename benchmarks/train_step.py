@@ -129,7 +129,7 @@ def parse_args() -> argparse.Namespace:
 
 def build_store(tmp: Path, teacher_dir: Path, args, device: torch.device, bf16: bool):
     """A one-view top-64 store with hidden states over the first documents of the sample corpus."""
-    from offline_kd.precompute import PrecomputeConfig, precompute
+    from offline_kd.precompute.run import PrecomputeConfig, precompute
 
     corpus = write_corpus_head(tmp / "corpus.txt", args.sequences * 3)
     store_url = str(tmp / "store.zarr")
@@ -153,10 +153,10 @@ def step_seconds(
     of the teacher and student. Every engine starts from the same student weights."""
     import deepspeed
 
-    from offline_kd.loss import LossConfig
-    from offline_kd.store import open_store
-    from offline_kd.student import build_student, load_teacher
-    from offline_kd.train import DistillModule, exact_teacher_head
+    from offline_kd.store.signal_store import open_store
+    from offline_kd.train.loop import DistillModule, exact_teacher_head
+    from offline_kd.train.loss import LossConfig
+    from offline_kd.train.student import build_student, load_teacher
 
     def engine_for(module):
         params = [p for p in module.parameters() if p.requires_grad]
@@ -200,7 +200,7 @@ def step_seconds(
 
 def reader_tps(store_url: str, batch: int, workers: int) -> float:
     """Tokens/s of one reader over a whole epoch, after its first batch (worker start-up excluded)."""
-    from offline_kd.reader import ReaderConfig, StoreReader
+    from offline_kd.train.reader import ReaderConfig, StoreReader
 
     r = StoreReader(ReaderConfig(url=store_url, micro_batch_size=batch, temperature=2.0, num_workers=workers))
     it = r.epoch_batches(0)
@@ -211,8 +211,8 @@ def reader_tps(store_url: str, batch: int, workers: int) -> float:
 
 
 def main() -> None:
-    from offline_kd.distributed import init_distributed
-    from offline_kd.reader import ReaderConfig, StoreReader
+    from offline_kd.runtime.distributed import init_distributed
+    from offline_kd.train.reader import ReaderConfig, StoreReader
 
     args = parse_args()
     init_distributed()

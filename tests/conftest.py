@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny real BERT teacher (`offline_kd.tiny`, the hub is unreachable), its corpus and store."""
+"""Shared fixtures: a tiny real BERT teacher (`offline_kd.examples.tiny`, the hub is unreachable), its corpus and store."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from offline_kd.tiny import build_tiny_teacher, make_documents  # tests import these from here too
+from offline_kd.examples.tiny import build_tiny_teacher, make_documents  # tests import these from here too
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,12 +32,12 @@ def tiny_teacher(tmp_path_factory, tiny_docs) -> Path:
     return build_tiny_teacher(tmp_path_factory.mktemp("teacher"), tiny_docs)
 
 
-# --- signal store fixtures (offline_kd.store / offline_kd.precompute) ---
+# --- signal store fixtures (offline_kd.store.signal_store / offline_kd.precompute.run) ---
 
 
 def run_tiny_precompute(teacher, corpus, output, **overrides):
     """Precompute a tiny store with the settings of the `tiny_store` fixture (overridable)."""
-    from offline_kd.precompute import PrecomputeConfig, precompute
+    from offline_kd.precompute.run import PrecomputeConfig, precompute
 
     kwargs = dict(
         teacher=str(teacher),
@@ -85,7 +85,7 @@ def tiny_store(tmp_path_factory, tiny_teacher, tiny_corpus) -> Path:
     """Path of a complete signal store precomputed from `tiny_corpus` with `tiny_teacher`.
 
     max_length 32, top_k 8, views 2, temperatures [1, 2], hidden states on, 8 sequences a shard
-    (4 a chunk). Open it with `offline_kd.store.SignalStore.open(str(path))`. Treat it as read-only.
+    (4 a chunk). Open it with `offline_kd.store.signal_store.SignalStore.open(str(path))`. Treat it as read-only.
     """
     out = tmp_path_factory.mktemp("store") / "tiny.zarr"
     run_tiny_precompute(tiny_teacher, tiny_corpus, out)
@@ -100,7 +100,7 @@ DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADD
 def restore_process_state():
     """For a module of in-process train() runs (use as a module-scoped autouse fixture): afterwards the
     process group is shut down and the launcher variables are as before."""
-    from offline_kd.distributed import shutdown_distributed
+    from offline_kd.runtime.distributed import shutdown_distributed
 
     saved = {k: os.environ.get(k) for k in DIST_VARS}
     yield
@@ -115,7 +115,7 @@ def restore_process_state():
 def pause_env(marker: Path, before_commit: int, env: dict | None = None) -> dict:
     """The environment of a `kd precompute` that stops before its ``before_commit``-th commit (that shard's
     arrays written), creates ``marker.paused`` and waits until ``marker`` exists (the
-    OFFLINE_KD_PAUSE_BEFORE_COMMIT hook of offline_kd.precompute)."""
+    OFFLINE_KD_PAUSE_BEFORE_COMMIT hook of offline_kd.precompute.run)."""
     return dict(env or os.environ, OFFLINE_KD_PAUSE_BEFORE_COMMIT=f"{before_commit}:{marker}")
 
 

@@ -12,8 +12,8 @@ from offline_kd.cli.commands_eval import eval_command
 from offline_kd.cli.commands_store import precompute_cmd
 from offline_kd.cli.kd import main as kd
 from offline_kd.cli.train import build_parser, parse_config
-from offline_kd.config import from_click_params, options
-from offline_kd.settings import EvalConfig, LossConfig, PrecomputeConfig, TrainConfig
+from offline_kd.runtime.options import from_click_params, options
+from offline_kd.runtime.settings import EvalConfig, LossConfig, PrecomputeConfig, TrainConfig
 
 TRAIN_REQUIRED = dict(store="s.zarr", student="distil", output="runs/x")
 PRECOMPUTE_REQUIRED = dict(teacher="t", corpus=["c.txt"], output="s.zarr")

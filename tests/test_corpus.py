@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from offline_kd.corpus import (
+from offline_kd.data.corpus import (
     CorpusError,
     CorpusStats,
     load_documents,
@@ -118,7 +118,7 @@ def test_holdout_split_and_file(tmp_path, tiny_corpus, tiny_docs, tok):
 
 
 def test_corpus_values_name_files_datasets_and_hub_paths(tmp_path):
-    from offline_kd.corpus_source import parse_source
+    from offline_kd.data.sources import parse_source
 
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "ds").mkdir()
@@ -184,8 +184,8 @@ def test_dataset_directory_config_and_split_in_provenance(tmp_path, tiny_docs, t
 
 
 def test_group_rows_makes_documents_of_sentences(tmp_path, tiny_docs, tok):
-    from offline_kd.corpus_source import check_group_rows
-    from offline_kd.errors import UsageError
+    from offline_kd.data.sources import check_group_rows
+    from offline_kd.runtime.errors import UsageError
 
     sentences = _dataset_directory(tmp_path / "ds", tiny_docs)
     src = f"{tmp_path / 'ds'}:sentences"
@@ -209,7 +209,7 @@ def test_group_rows_makes_documents_of_sentences(tmp_path, tiny_docs, tok):
 
 
 def test_num_proc_gives_the_same_sequences(tiny_corpus, tok):
-    from offline_kd.corpus import corpus_fingerprint
+    from offline_kd.data.corpus import corpus_fingerprint
 
     docs = load_documents(str(tiny_corpus))
     one = pack_sequences(docs, tok, max_length=16, seed=1, pack_batch_documents=7)

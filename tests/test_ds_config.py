@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from offline_kd.ds_config import fill_schedule, load_ds_config, param_dtype, resolve_ds_config
+from offline_kd.train.ds_config import fill_schedule, load_ds_config, param_dtype, resolve_ds_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "offline_kd" / "configs"
 

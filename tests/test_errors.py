@@ -333,12 +333,12 @@ def test_deepspeed_module_two_ranks_print_one_line(fx):
 
 def test_usage_error_classes():
     """Every library error a user can cause is a UsageError (one line, status 2)."""
-    from offline_kd.corpus import CorpusError
-    from offline_kd.errors import RunFailed, UsageError
-    from offline_kd.store import StoreCorruptionError, StoreError, StoreMismatchError
-    from offline_kd.student import StudentError
-    from offline_kd.teacher import TeacherError
-    from offline_kd.train import NonFiniteLossError
+    from offline_kd.data.corpus import CorpusError
+    from offline_kd.runtime.errors import RunFailed, UsageError
+    from offline_kd.store.signal_store import StoreCorruptionError, StoreError, StoreMismatchError
+    from offline_kd.teacher.model import TeacherError
+    from offline_kd.train.loop import NonFiniteLossError
+    from offline_kd.train.student import StudentError
 
     user_errors = (
         CorpusError,

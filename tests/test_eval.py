@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from offline_kd.cli.kd import main as kd
-from offline_kd.evaluate import EvalConfig, evaluate, masked_eval_batches
+from offline_kd.publish.evaluate import EvalConfig, evaluate, masked_eval_batches
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """Peak memory of the loss path: beyond the gradient itself no [N, V] fp32 tensor, and, with the gradient
-written over the logits, no [N, V] tensor at all, including through `offline_kd.loss` (no copy of the
+written over the logits, no [N, V] tensor at all, including through `offline_kd.train.loss` (no copy of the
 non-pad rows).
 
 Measured in a fresh interpreter: glibc is told to serve large blocks by mmap (so freed memory leaves RSS),
@@ -115,7 +115,7 @@ def test_reference_allocates_no_fp32_copy_and_in_place_no_gradient_buffer():
 
 LOSS_CALL = PROBE + textwrap.dedent(
     """
-    from offline_kd.loss import LossConfig, distillation_loss
+    from offline_kd.train.loss import LossConfig, distillation_loss
 
     B, L, V, k, H, T = 8, 64, 30522, 32, 32, 2.0
     g = torch.Generator().manual_seed(0)
@@ -169,7 +169,7 @@ LOSS_CALL = PROBE + textwrap.dedent(
 
 @needs_proc
 def test_the_loss_call_copies_no_logits():
-    """offline_kd.loss passes the whole [B*L, V] view with a row mask: with the gradient written over the
+    """offline_kd.train.loss passes the whole [B*L, V] view with a row mask: with the gradient written over the
     logits (what the trainer does) the call allocates no [B*L, V] buffer at all; writing it into a fresh
     buffer costs exactly that one; the former select-and-scatter path cost about three."""
     m = _measure(LOSS_CALL)

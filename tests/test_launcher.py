@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from offline_kd.launcher import export_slurm_env, first_host, launcher_env
+from offline_kd.runtime.launcher import export_slurm_env, first_host, launcher_env
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM_VARS = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST",
@@ -75,7 +75,7 @@ def test_first_host_of_a_nodelist(nodelist, host):
 
 
 def test_precompute_rank_from_slurm(clean_env):
-    from offline_kd.distributed import rank_and_world
+    from offline_kd.runtime.distributed import rank_and_world
 
     _srun_task(clean_env, rank=1, ntasks=2, local=1)
     assert rank_and_world(None, None) == (1, 2)

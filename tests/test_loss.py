@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from offline_kd.loss import LossConfig, distillation_loss
+from offline_kd.train.loss import LossConfig, distillation_loss
 
 
 def _batch(B=2, L=6, V=11, H=5, K=None, seed=0):

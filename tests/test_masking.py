@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from offline_kd.masking import MaskingConfig, mask_batch, mask_sequence, smoothing_weights
+from offline_kd.data.masking import MaskingConfig, mask_batch, mask_sequence, smoothing_weights
 
 SPECIAL = [0, 1, 2, 3, 4]  # pad, unk, cls, sep, mask
 VOCAB = 100

@@ -6,9 +6,9 @@ import dataclasses
 
 from huggingface_hub import ModelCard
 
-from offline_kd.model_card import card_data, hub_dataset, update_eval
-from offline_kd.settings import TrainConfig
-from offline_kd.store import open_store
+from offline_kd.publish.model_card import card_data, hub_dataset, update_eval
+from offline_kd.runtime.settings import TrainConfig
+from offline_kd.store.signal_store import open_store
 
 
 def test_hub_dataset_ids_of_corpus_sources(tiny_corpus):

@@ -19,9 +19,9 @@ from conftest import (
     save_nan_teacher,
 )
 
-from offline_kd.precompute import assigned_shards, rank_and_world
-from offline_kd.store import SignalStore, StoreError
-from offline_kd.teacher import TeacherError
+from offline_kd.precompute.run import assigned_shards, rank_and_world
+from offline_kd.store.signal_store import SignalStore, StoreError
+from offline_kd.teacher.model import TeacherError
 
 
 def kd_cmd(teacher, corpus, out, *extra) -> list[str]:
@@ -203,7 +203,7 @@ def test_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_te
     # compute_signals names the global sequence index
     from transformers import AutoModelForMaskedLM
 
-    from offline_kd.teacher import compute_signals
+    from offline_kd.teacher.model import compute_signals
 
     m = AutoModelForMaskedLM.from_pretrained(d)
 
@@ -216,7 +216,7 @@ def test_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_te
 def test_the_teacher_keeps_its_checkpoints_layers_and_the_store_records_it(tiny_store, tiny_teacher):
     """transformers >= 5.25 swaps in hub kernels unless asked not to; the teacher is loaded as its
     checkpoint defines it, and the store's provenance says so."""
-    from offline_kd.teacher import load_teacher
+    from offline_kd.teacher.model import load_teacher
 
     assert SignalStore.open(str(tiny_store)).meta.teacher["hub_kernels"] is False
     model = load_teacher(str(tiny_teacher), device="cpu").model

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import run_tiny_precompute, save_nan_teacher
 
-from offline_kd.store import SignalStore
-from offline_kd.teacher import TeacherError
+from offline_kd.store.signal_store import SignalStore
+from offline_kd.teacher.model import TeacherError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

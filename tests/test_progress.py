@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import re
 
-from offline_kd.progress import Progress, duration
+from offline_kd.runtime.progress import Progress, duration
 
 LINE = re.compile(
     r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d train step (\d+)/20 \(\d+\.\d%\) \| loss 1\.5 \| elapsed \S+ ETA \S+$"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from offline_kd.reader import EpochOrder, ReaderConfig, StoreReader
-from offline_kd.store import SignalStore
+from offline_kd.store.signal_store import SignalStore
+from offline_kd.train.reader import EpochOrder, ReaderConfig, StoreReader
 
 
 def _cfg(store, **kw):

@@ -148,9 +148,9 @@ def test_commands_are_extracted():
 
 @pytest.mark.slow
 def test_readme_cluster_commands_run(tmp_path, tiny_teacher, tiny_corpus, tiny_docs):
-    from offline_kd.metrics import read_csv
-    from offline_kd.precompute import assigned_shards
-    from offline_kd.store import SignalStore
+    from offline_kd.precompute.run import assigned_shards
+    from offline_kd.store.signal_store import SignalStore
+    from offline_kd.train.metrics import read_csv
 
     store = tmp_path / "bert-base.zarr"
     sentences = tmp_path / "sentences.txt"  # BookCorpus's stand-in: a sentence a row

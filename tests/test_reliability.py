@@ -20,8 +20,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from test_precompute import kd_cmd
 from test_train import ROOT, SCRIPT, _base, _check, _env, _losses, run_cli
 
-from offline_kd.lease import Holder, LeaseError, StoreLease
-from offline_kd.store import SignalStore
+from offline_kd.store.lease import Holder, LeaseError, StoreLease
+from offline_kd.store.signal_store import SignalStore
 
 # ------------------------------------------------------------------------ exact resume, dropout on
 
@@ -80,7 +80,7 @@ def test_rng_state_files_hold_no_pickle(tmp_path):
     import numpy as np
     import torch
 
-    from offline_kd.checkpoint import load_rng_state, rng_state, save_rng_state, set_rng_state
+    from offline_kd.train.checkpoint import load_rng_state, rng_state, save_rng_state, set_rng_state
 
     np.random.seed(3)
     np.random.randn(1)  # leaves a cached Gaussian in NumPy's legacy state
@@ -159,7 +159,7 @@ def test_a_killed_writers_lease_does_not_block_the_rerun(tmp_path, tiny_teacher)
     store = tmp_path / "s.zarr"
     code = (
         "import sys, time\n"
-        "from offline_kd.lease import StoreLease\n"
+        "from offline_kd.store.lease import StoreLease\n"
         f"StoreLease({str(store)!r}, 0).acquire()\n"
         "print('held', flush=True)\n"
         "time.sleep(600)\n"
@@ -333,7 +333,7 @@ def test_creation_keeps_what_another_creator_wrote(tmp_path, tiny_store):
     """Creating over a group whose arrays already exist (a concurrent creator's) empties nothing."""
     import zarr
 
-    from offline_kd.store import ATTR_KEY
+    from offline_kd.store.signal_store import ATTR_KEY
 
     out = tmp_path / "c.zarr"
     shutil.copytree(tiny_store, out)

@@ -128,7 +128,7 @@ def resumed_s3_store(s3_endpoint, tiny_teacher, tiny_corpus, tmp_path_factory):
 
 @pytest.mark.slow
 def test_precompute_killed_and_resumed_on_s3_equals_uninterrupted(s3_endpoint, resumed_s3_store, tiny_store):
-    from offline_kd.store import SignalStore
+    from offline_kd.store.signal_store import SignalStore
 
     url, before, stdout = resumed_s3_store
     store = SignalStore.open(url, storage_options={"endpoint_url": s3_endpoint})
@@ -275,7 +275,7 @@ def test_the_lease_on_s3_one_taker_wins_a_second_is_refused_an_expired_one_is_ta
     exactly one holds the lease; a holder elsewhere whose heartbeat stopped expires."""
     import threading
 
-    from offline_kd.lease import Holder, LeaseError, StoreLease
+    from offline_kd.store.lease import Holder, LeaseError, StoreLease
 
     url, options = f"s3://{BUCKET}/leased.zarr", {"endpoint_url": s3_endpoint}
     start, won, refused = threading.Barrier(6), [], []
@@ -326,7 +326,7 @@ def test_dry_run_to_s3_needs_no_weights_and_writes_nothing(
 ):
     import shutil
 
-    from offline_kd.store import SignalStore
+    from offline_kd.store.signal_store import SignalStore
 
     shape_only = tmp_path / "teacher_without_weights"
     shutil.copytree(tiny_teacher, shape_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))

@@ -1,4 +1,4 @@
-"""Signal extraction (offline_kd.signals): the Triton kernel (under TRITON_INTERPRET=1 on CPU) and the chunked
+"""Signal extraction (offline_kd.teacher.signals): the Triton kernel (under TRITON_INTERPRET=1 on CPU) and the chunked
 CPU path against the fp32 formula the teacher pass used before, bit-determinism, NaN/inf rejection, memory."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from offline_kd.signals import chunk_rows, extract_signals  # noqa: E402
-from offline_kd.teacher import TeacherError, check_finite, compute_signals  # noqa: E402
+from offline_kd.teacher.model import TeacherError, check_finite, compute_signals  # noqa: E402
+from offline_kd.teacher.signals import chunk_rows, extract_signals  # noqa: E402
 
 BACKENDS = ["triton", "reference"]
 
@@ -170,7 +170,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     libc.mallopt(-1, 0)
     os.environ["OFFLINE_KD_KERNELS"] = "reference"
     import torch
-    from offline_kd.signals import extract_signals
+    from offline_kd.teacher.signals import extract_signals
 
     torch.set_num_threads(1)
     N, V = 2048, 30522

@@ -11,7 +11,7 @@ import torch
 import zarr
 from conftest import run_tiny_precompute
 
-from offline_kd.store import (
+from offline_kd.store.signal_store import (
     ARRAY_NAMES,
     SignalStore,
     StoreCorruptionError,
@@ -23,7 +23,7 @@ from offline_kd.store import (
     estimate_bytes_per_token,
     temperature_index,
 )
-from offline_kd.teacher import compute_signals, load_teacher
+from offline_kd.teacher.model import compute_signals, load_teacher
 
 
 def test_schema_and_meta(tiny_store):

@@ -14,11 +14,10 @@ from click.testing import CliRunner
 from conftest import run_tiny_precompute
 
 from offline_kd.cli.kd import main
-from offline_kd.hidden_dtype import decode
-from offline_kd.reader import ReaderConfig, StoreReader
-from offline_kd.store import ATTR_KEY, SignalStore, StoreError
-from offline_kd.teacher import TeacherError, compute_signals, load_teacher
-from offline_kd.teacher_head import (
+from offline_kd.precompute.verify import inspect_store, verify_store
+from offline_kd.store.hidden_dtype import decode
+from offline_kd.store.signal_store import ATTR_KEY, SignalStore, StoreError
+from offline_kd.teacher.head import (
     GROUP,
     extract_head,
     load_head,
@@ -26,7 +25,8 @@ from offline_kd.teacher_head import (
     resolve_head,
     save_head,
 )
-from offline_kd.verify import inspect_store, verify_store
+from offline_kd.teacher.model import TeacherError, compute_signals, load_teacher
+from offline_kd.train.reader import ReaderConfig, StoreReader
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_verify_exact_fails_on_a_perturbed_head(tiny_store, tiny_teacher, tmp_pa
 
 
 def test_verify_exact_fails_on_drifted_hidden_states_naming_the_sequence(tiny_store, tmp_path):
-    from offline_kd.verify_exact import sample_sequences
+    from offline_kd.precompute.verify_exact import sample_sequences
 
     bad = _copy(tiny_store, tmp_path)
     s = SignalStore.open(str(bad), mode="r+")
@@ -252,9 +252,9 @@ def test_verify_exact_needs_hidden_states(tmp_path, tiny_teacher, tiny_corpus):
 
 
 def test_hidden_dtypes_agree_and_the_size_estimate_follows_them():
-    from offline_kd.hidden_dtype import TORCH_DTYPES
-    from offline_kd.settings import HIDDEN_DTYPES
-    from offline_kd.store import HIDDEN_STORAGE, estimate_bytes_per_token
+    from offline_kd.runtime.settings import HIDDEN_DTYPES
+    from offline_kd.store.hidden_dtype import TORCH_DTYPES
+    from offline_kd.store.signal_store import HIDDEN_STORAGE, estimate_bytes_per_token
 
     assert set(HIDDEN_DTYPES) == set(HIDDEN_STORAGE) == set(TORCH_DTYPES)
     V, H = 30522, 768

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from offline_kd.student import (
+from offline_kd.teacher.model import tokenizer_sha256
+from offline_kd.train.student import (
     StudentError,
     build_student,
     check_compatible,
@@ -15,7 +16,6 @@ from offline_kd.student import (
     load_teacher,
     remap_fewer_layers,
 )
-from offline_kd.teacher import tokenizer_sha256
 
 LAYER_MAP = {
     "attention.self.query": "attention.q_lin",
@@ -191,8 +191,8 @@ def test_vocabulary_padded_for_training_and_trimmed_on_export(tiny_teacher, teac
     gives the trained model's logits on it."""
     from transformers import AutoModelForMaskedLM
 
-    from offline_kd.export import export_student
-    from offline_kd.student import VOCAB_MULTIPLE
+    from offline_kd.publish.export import export_student
+    from offline_kd.train.student import VOCAB_MULTIPLE
 
     V = teacher.config.vocab_size
     assert V % VOCAB_MULTIPLE  # the fixture's vocabulary needs padding, or this would test nothing

@@ -6,8 +6,7 @@ import pytest
 import torch
 import zarr
 
-from offline_kd.teacher import TeacherError, load_teacher
-from offline_kd.teacher_head import (
+from offline_kd.teacher.head import (
     GROUP,
     check_head_fits,
     extract_head,
@@ -15,6 +14,7 @@ from offline_kd.teacher_head import (
     load_head,
     save_head,
 )
+from offline_kd.teacher.model import TeacherError, load_teacher
 
 SMALL = dict(vocab_size=97, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 
@@ -126,7 +126,7 @@ def test_saved_head_is_plain_zarr_and_rebuilds_exactly(tmp_path):
 
 
 def test_a_corrupt_head_array_is_named(tmp_path):
-    from offline_kd.store import StoreCorruptionError
+    from offline_kd.store.signal_store import StoreCorruptionError
 
     spec = extract_head(_bert())
     path = tmp_path / "h.zarr"

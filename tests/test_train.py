@@ -45,7 +45,7 @@ def _check(proc: subprocess.CompletedProcess) -> None:
 
 
 def _losses(run_dir: Path) -> list[tuple]:
-    from offline_kd.metrics import read_csv
+    from offline_kd.train.metrics import read_csv
 
     return [tuple(r[c] for c in LOSS_COLUMNS) for r in read_csv(run_dir / "logs" / "metrics.csv")]
 
@@ -73,7 +73,7 @@ def full_run(tiny_store, tmp_path_factory):
 
 
 def test_loss_falls_and_outputs_are_complete(full_run, tiny_teacher):
-    from offline_kd.metrics import read_csv
+    from offline_kd.train.metrics import read_csv
 
     rows = read_csv(full_run / "logs" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 25))
@@ -109,7 +109,7 @@ def test_exported_student_fills_a_mask(full_run, tiny_teacher):
     preds = fill(f"the old house {tok.mask_token} the river .")
     assert len(preds) == 5 and all(0.0 <= p["score"] <= 1.0 for p in preds)
     # the training actually changed the student (it is not the initialisation)
-    from offline_kd.student import build_student
+    from offline_kd.train.student import build_student
 
     init = build_student("distil", teacher_path=str(tiny_teacher), vocab_size=0, max_positions=0).model
     assert not torch.equal(init.vocab_transform.weight, model.vocab_transform.weight)
@@ -163,7 +163,7 @@ _restore_process_state = pytest.fixture(scope="module", autouse=True)(restore_pr
 
 
 def _cfg(store, out, **kw):
-    from offline_kd.train import TrainConfig
+    from offline_kd.train.loop import TrainConfig
 
     base = dict(
         store=str(store), student="distil", output=str(out), deepspeed_config=str(TINY_DS), progress=False
@@ -176,7 +176,7 @@ def _cfg(store, out, **kw):
 
 
 def _bigger_vocabulary(tiny_teacher, tmp_path):
-    from offline_kd.student import StudentError
+    from offline_kd.train.student import StudentError
 
     vocab = json.loads((tiny_teacher / "config.json").read_text())["vocab_size"]
     spec = tmp_path / "bigger_vocab.json"
@@ -188,7 +188,7 @@ def _bigger_vocabulary(tiny_teacher, tmp_path):
 
 def _other_tokens(tiny_teacher, tmp_path):
     """Same vocabulary size, different tokens: both fingerprints are named."""
-    from offline_kd.student import StudentError
+    from offline_kd.train.student import StudentError
 
     tokdir = tmp_path / "other_tok"
     shutil.copytree(tiny_teacher, tokdir)
@@ -201,13 +201,13 @@ def _other_tokens(tiny_teacher, tmp_path):
 
 
 def _narrower(tiny_teacher, tmp_path):
-    from offline_kd.student import StudentError
+    from offline_kd.train.student import StudentError
 
     return dict(student="tiny-narrow"), StudentError, "hidden width mismatch: student 16 vs teacher 32"
 
 
 def _unstored_temperature(tiny_teacher, tmp_path):
-    from offline_kd.loss import LossConfig
+    from offline_kd.train.loss import LossConfig
 
     message = "temperature 3.0 is not one of the store's temperatures"
     return dict(loss=LossConfig(temperature=3.0, kl_source="topk")), ValueError, message
@@ -219,7 +219,7 @@ def _unstored_temperature(tiny_teacher, tmp_path):
     ids=["vocabulary", "tokenizer", "width", "temperature"],
 )
 def test_refused_before_step_0(tiny_store, tiny_teacher, tmp_path, case):
-    from offline_kd.train import train
+    from offline_kd.train.loop import train
 
     overrides, error, message = case(tiny_teacher, tmp_path)
     out = tmp_path / "run"
@@ -231,7 +231,7 @@ def test_refused_before_step_0(tiny_store, tiny_teacher, tmp_path, case):
 def test_width_mismatch_with_projection_trains(tiny_store, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from offline_kd.train import train
+    from offline_kd.train.loop import train
 
     out = tmp_path / "proj"
     result = train(_cfg(tiny_store, out, student="tiny-narrow", hidden_projection=True, max_steps=2))
@@ -245,9 +245,9 @@ def test_width_mismatch_with_projection_trains(tiny_store, tmp_path):
 
 
 def test_corrupt_chunk_is_named(tiny_store, tmp_path):
-    from offline_kd.loss import LossConfig
-    from offline_kd.store import StoreCorruptionError
-    from offline_kd.train import train
+    from offline_kd.store.signal_store import StoreCorruptionError
+    from offline_kd.train.loop import train
+    from offline_kd.train.loss import LossConfig
 
     store = tmp_path / "corrupt.zarr"
     shutil.copytree(tiny_store, store)
@@ -267,10 +267,10 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_store, 
     import numpy as np
     import zarr
 
-    from offline_kd.checkpoint import latest_complete
-    from offline_kd.loss import LossConfig
-    from offline_kd.reader import ReaderConfig, StoreReader
-    from offline_kd.train import NonFiniteLossError, train
+    from offline_kd.train.checkpoint import latest_complete
+    from offline_kd.train.loop import NonFiniteLossError, train
+    from offline_kd.train.loss import LossConfig
+    from offline_kd.train.reader import ReaderConfig, StoreReader
 
     store = tmp_path / "nan.zarr"
     shutil.copytree(tiny_store, store)

@@ -26,8 +26,8 @@ _restore_process_state = pytest.fixture(scope="module", autouse=True)(restore_pr
 
 
 def _cfg(store, out, ds=TINY_DS, loss: dict | None = None, **train):
-    from offline_kd.loss import LossConfig
-    from offline_kd.train import TrainConfig
+    from offline_kd.train.loop import TrainConfig
+    from offline_kd.train.loss import LossConfig
 
     return TrainConfig(
         store=str(store), student="distil", output=str(out), deepspeed_config=str(ds), progress=False,
@@ -44,7 +44,7 @@ def _ds_with(tmp_path: Path, **changes) -> Path:
 
 
 def _rows(run_dir: Path) -> list[dict]:
-    from offline_kd.metrics import read_csv
+    from offline_kd.train.metrics import read_csv
 
     return read_csv(run_dir / "logs" / "metrics.csv")
 
@@ -55,9 +55,9 @@ def _first_step_losses(store: Path, teacher: Path, T: float) -> tuple[float, flo
     import torch.nn.functional as F
     from transformers import AutoModelForMaskedLM
 
-    from offline_kd.reader import ReaderConfig, StoreReader
-    from offline_kd.store import open_store
-    from offline_kd.student import build_student
+    from offline_kd.store.signal_store import open_store
+    from offline_kd.train.reader import ReaderConfig, StoreReader
+    from offline_kd.train.student import build_student
 
     meta = open_store(str(store)).meta
     V = int(meta.vocab_size)  # the student's logits are padded to a multiple of 64 columns
@@ -82,7 +82,7 @@ def _first_step_losses(store: Path, teacher: Path, T: float) -> tuple[float, flo
 def test_exact_trains_on_the_teachers_full_distribution(tiny_store, tiny_teacher, tmp_path):
     """Step 1's logged KL is the full-vocabulary KL to head(stored hidden) at an unstored temperature;
     the loss falls; the exported student loads; the head is in neither checkpoint nor export."""
-    from offline_kd.train import train
+    from offline_kd.train.loop import train
 
     out = tmp_path / "exact"
     result = train(_cfg(tiny_store, out, loss={"temperature": 3.0}, epochs=2, save_every=12))
@@ -113,7 +113,7 @@ def test_exact_trains_on_the_teachers_full_distribution(tiny_store, tiny_teacher
 def test_exact_under_each_zero_stage(tiny_store, tmp_path, stage):
     from transformers import AutoModelForMaskedLM
 
-    from offline_kd.train import train
+    from offline_kd.train.loop import train
 
     ds = _ds_with(tmp_path, zero_optimization={"stage": stage})
     out = tmp_path / f"z{stage}"
@@ -125,8 +125,8 @@ def test_exact_under_each_zero_stage(tiny_store, tmp_path, stage):
 def test_head_is_not_a_parameter_of_the_distill_module(tiny_teacher):
     from transformers import AutoModelForMaskedLM
 
-    from offline_kd.loss import LossConfig
-    from offline_kd.train import DistillModule
+    from offline_kd.train.loop import DistillModule
+    from offline_kd.train.loss import LossConfig
 
     teacher = AutoModelForMaskedLM.from_pretrained(tiny_teacher)
     student = torch.nn.Linear(2, 2)
@@ -154,7 +154,7 @@ def _other_teacher(tiny_teacher, tiny_corpus, tmp_path):
     both hashes are named."""
     from transformers import AutoModelForMaskedLM
 
-    from offline_kd.teacher import load_teacher
+    from offline_kd.teacher.model import load_teacher
 
     store = tmp_path / "headless.zarr"
     run_tiny_precompute(tiny_teacher, tiny_corpus, store, store_head=False)
@@ -174,7 +174,7 @@ def _head_of_another_vocabulary(tiny_teacher, tiny_corpus, tmp_path):
     import zarr
     from transformers import BertConfig, BertForMaskedLM
 
-    from offline_kd.teacher_head import GROUP, extract_head, save_head
+    from offline_kd.teacher.head import GROUP, extract_head, save_head
 
     store = tmp_path / "swapped.zarr"
     run_tiny_precompute(tiny_teacher, tiny_corpus, store)
@@ -202,8 +202,8 @@ def _topk_on_a_head_only_store(tiny_teacher, tiny_corpus, tmp_path):
     ids=["no-hidden", "teacher-hash", "head-vocabulary", "topk-on-head-only"],
 )
 def test_exact_refused_before_step_0(tiny_teacher, tiny_corpus, tmp_path, case):
-    from offline_kd.errors import UsageError
-    from offline_kd.train import train
+    from offline_kd.runtime.errors import UsageError
+    from offline_kd.train.loop import train
 
     store, overrides, message = case(tiny_teacher, tiny_corpus, tmp_path)
     out = tmp_path / "run"
@@ -216,7 +216,7 @@ def test_exact_refused_before_step_0(tiny_teacher, tiny_corpus, tmp_path, case):
 def test_exact_on_a_store_without_its_head_uses_the_recorded_teachers(tiny_teacher, tiny_corpus, tmp_path):
     """A store written without a head (format 1 stores) trains with the head of the teacher it records
     (weights hash checked): the same first step as the head the store would hold."""
-    from offline_kd.train import train
+    from offline_kd.train.loop import train
 
     store = tmp_path / "headless.zarr"
     run_tiny_precompute(tiny_teacher, tiny_corpus, store, store_head=False)
@@ -236,13 +236,13 @@ def test_auto_kl_source_follows_the_store(tiny_teacher, tiny_corpus, tmp_path, c
     and the teacher's head, else on the stored top-k, and one log line says which."""
     import logging
 
-    from offline_kd.train import train
+    from offline_kd.train.loop import train
 
     store = tmp_path / "store.zarr"
     run_tiny_precompute(tiny_teacher, tiny_corpus, store, **layout)
     out = tmp_path / "run"
     loss = {"kl_source": "auto", **({} if layout.get("hidden", True) else {"alpha_cos": 0.0})}
-    with caplog.at_level(logging.INFO, logger="offline_kd.train"):
+    with caplog.at_level(logging.INFO, logger="offline_kd.train.loop"):
         assert train(_cfg(store, out, loss=loss, max_steps=1)).steps == 1
     assert f"--kl-source auto: {expected}" in caplog.text
     assert json.loads((out / "train_config.json").read_text())["loss"]["kl_source"] == expected
@@ -253,7 +253,7 @@ def test_auto_kl_source_follows_the_store(tiny_teacher, tiny_corpus, tmp_path, c
 
 def test_exact_trains_from_a_head_only_store(tiny_teacher, tiny_corpus, tmp_path):
     """--top-k 0 (hidden states, masks and the head only): the exact KL trains from it."""
-    from offline_kd.train import train
+    from offline_kd.train.loop import train
 
     store = tmp_path / "head_only.zarr"
     run_tiny_precompute(tiny_teacher, tiny_corpus, store, top_k=0)
@@ -283,9 +283,9 @@ def test_nan_in_a_recovered_logit_stops_naming_the_step(tiny_store, tmp_path):
     import numpy as np
     import zarr
 
-    from offline_kd.checkpoint import latest_complete
-    from offline_kd.reader import ReaderConfig, StoreReader
-    from offline_kd.train import NonFiniteLossError, train
+    from offline_kd.train.checkpoint import latest_complete
+    from offline_kd.train.loop import NonFiniteLossError, train
+    from offline_kd.train.reader import ReaderConfig, StoreReader
 
     store = tmp_path / "nan.zarr"
     shutil.copytree(tiny_store, store)

@@ -18,7 +18,7 @@ import torch
 from conftest import DIST_VARS
 from test_train import _base, _free_port
 
-from offline_kd.metrics import read_csv
+from offline_kd.train.metrics import read_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cli" / "train.py"
@@ -49,7 +49,7 @@ def _ds_with_monitors(tmp: Path, **overrides) -> Path:
 
 @pytest.fixture(scope="module")
 def heldout_text(tmp_path_factory) -> Path:
-    from offline_kd.tiny import make_documents
+    from offline_kd.examples.tiny import make_documents
 
     path = tmp_path_factory.mktemp("heldout") / "heldout.txt"
     path.write_text("\n".join(make_documents(72)[60:]) + "\n")
@@ -116,7 +116,7 @@ def test_deepspeed_monitors_receive_our_metrics(run):
 
 
 def test_held_out_text_is_scored_as_kd_eval_scores_the_exported_student(run, heldout_text):
-    from offline_kd.evaluate import EvalConfig, evaluate
+    from offline_kd.publish.evaluate import EvalConfig, evaluate
 
     _, out, log = run
     evals = read_csv(out / "logs" / "eval.csv")
@@ -158,7 +158,7 @@ def test_kd_eval_updates_the_card(run, heldout_text, tmp_path):
     from huggingface_hub import ModelCard
 
     from offline_kd.cli.kd import main as kd
-    from offline_kd.model_card import EVAL_BEGIN
+    from offline_kd.publish.model_card import EVAL_BEGIN
 
     model = tmp_path / "model"
     shutil.copytree(run[1] / "final", model)
@@ -202,7 +202,7 @@ def test_two_ranks_zero3_log_once_and_score_a_held_out_store(
     from conftest import run_tiny_precompute
     from transformers import AutoModelForMaskedLM
 
-    from offline_kd.store import open_store
+    from offline_kd.store.signal_store import open_store
 
     held = tmp_path / "held.zarr"
     run_tiny_precompute(tiny_teacher, heldout_text, held, views=1)

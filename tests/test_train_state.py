@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from offline_kd.train_state import Layout, TrainState, remap_for_layout, resume_state, schedule_change
+from offline_kd.train.state import Layout, TrainState, remap_for_layout, resume_state, schedule_change
 
 SCHED = {"type": "WarmupDecayLR", "params": {"total_num_steps": 24, "warmup_num_steps": 2}}
 

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from offline_kd.config import click_options, from_click_params
-from offline_kd.settings import EvalConfig
+from offline_kd.runtime.options import click_options, from_click_params
+from offline_kd.runtime.settings import EvalConfig
 
 
 @click.command("eval")
@@ -15,12 +15,12 @@ from offline_kd.settings import EvalConfig
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable dict.")
 def eval_command(as_json: bool, **params) -> None:
     """Score a masked LM on held-out text with deterministic 15% masking."""
-    from offline_kd.evaluate import evaluate, format_table
+    from offline_kd.publish.evaluate import evaluate, format_table
 
     cfg = from_click_params(EvalConfig, params)
     result = evaluate(cfg)
     if cfg.update_card:
-        from offline_kd.model_card import update_eval
+        from offline_kd.publish.model_card import update_eval
 
         source = ", ".join(cfg.corpus)
         card = update_eval(cfg.model, {**result.as_dict(), "source": source})
@@ -42,6 +42,6 @@ def eval_command(as_json: bool, **params) -> None:
 )
 def demo_command(output: str, budget: str) -> None:
     """Fit a small teacher, precompute a store, train a student with DeepSpeed, export and evaluate it."""
-    from offline_kd.demo import run_demo
+    from offline_kd.examples.demo import run_demo
 
     run_demo(output, budget=budget)

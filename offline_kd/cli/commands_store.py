@@ -6,8 +6,8 @@ import json
 
 import click
 
-from offline_kd.config import click_options, from_click_params
-from offline_kd.settings import PrecomputeConfig, StoreAccess
+from offline_kd.runtime.options import click_options, from_click_params
+from offline_kd.runtime.settings import PrecomputeConfig, StoreAccess
 
 
 def _storage_options(access: dict) -> dict | None:
@@ -19,7 +19,7 @@ def _storage_options(access: dict) -> dict | None:
 @click_options(PrecomputeConfig)
 def precompute_cmd(**kw):
     """Run the teacher once over a corpus and write a signal store (resumable)."""
-    from offline_kd.precompute import precompute
+    from offline_kd.precompute.run import precompute
 
     res = precompute(from_click_params(PrecomputeConfig, kw))
     if res.dry_run:
@@ -39,7 +39,7 @@ def precompute_cmd(**kw):
 @click_options(StoreAccess)
 def inspect_cmd(store, as_json, **access):
     """Summarise a signal store."""
-    from offline_kd.verify import format_summary, inspect_store
+    from offline_kd.precompute.verify import format_summary, inspect_store
 
     info = inspect_store(store, _storage_options(access))
     click.echo(json.dumps(info, indent=2) if as_json else format_summary(info))
@@ -69,8 +69,8 @@ def inspect_cmd(store, as_json, **access):
 @click_options(StoreAccess)
 def verify_cmd(store, teacher, exact, sample, device, dtype, tolerance, as_json, **access):
     """Decode every chunk (crc32c), check ranges and completeness; exit 1 naming what is bad."""
-    from offline_kd.verify import verify_store
-    from offline_kd.verify_exact import format_exact
+    from offline_kd.precompute.verify import verify_store
+    from offline_kd.precompute.verify_exact import format_exact
 
     rep = verify_store(
         store, teacher=teacher, sample=sample, device=device, dtype=dtype, tolerance=tolerance, exact=exact,

@@ -2,7 +2,7 @@
 
 import click
 
-from offline_kd.errors import RunFailed, UsageError, report
+from offline_kd.runtime.errors import RunFailed, UsageError, report
 
 
 class _CleanError(click.ClickException):

@@ -7,9 +7,9 @@
     srun --ntasks-per-node 8 python -m offline_kd.cli.train ...   # rank and world size from SLURM
     python -m offline_kd.cli.train ...               # one process; a local process group is set up
 
-A thin layer: parse the arguments into `offline_kd.train.TrainConfig` (its options are generated
-from the dataclass's fields by `offline_kd.config`) and call `train`. A user error prints one
-``Error: ...`` line (rank 0 only) and exits with status 2 (`offline_kd.errors`).
+A thin layer: parse the arguments into `offline_kd.train.loop.TrainConfig` (its options are generated
+from the dataclass's fields by `offline_kd.runtime.options`) and call `train`. A user error prints one
+``Error: ...`` line (rank 0 only) and exits with status 2 (`offline_kd.runtime.errors`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """Every option of `TrainConfig` (flags, defaults and help come from its fields)."""
-    from offline_kd.config import add_arguments
-    from offline_kd.settings import TrainConfig
+    from offline_kd.runtime.options import add_arguments
+    from offline_kd.runtime.settings import TrainConfig
 
     p = argparse.ArgumentParser(
         prog="offline_kd.cli.train",
@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None = None):
     """The `TrainConfig` of a command line."""
-    from offline_kd.config import from_namespace
-    from offline_kd.settings import TrainConfig
+    from offline_kd.runtime.options import from_namespace
+    from offline_kd.runtime.settings import TrainConfig
 
     return from_namespace(TrainConfig, build_parser().parse_args(argv))
 
@@ -44,13 +44,13 @@ def parse_config(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from offline_kd.errors import exit_on_error
-    from offline_kd.log_noise import drop_expected_deepspeed_warnings
+    from offline_kd.runtime.errors import exit_on_error
+    from offline_kd.runtime.log_noise import drop_expected_deepspeed_warnings
 
     drop_expected_deepspeed_warnings(cpu_expected=False)
 
     with exit_on_error():
-        from offline_kd.train import train
+        from offline_kd.train.loop import train
 
         result = train(cfg)
     import torch.distributed as dist

@@ -1,0 +1,1 @@
+"""Corpus to masked sequences: corpus sources, tokenizing and packing, the corpus prepared once for every rank, deterministic MLM masking."""

@@ -1,0 +1,1 @@
+"""The teacher pass that writes a store (`kd precompute`), its dry run, and `kd inspect` / `kd verify`."""

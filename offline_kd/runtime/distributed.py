@@ -1,0 +1,98 @@
+"""Rank, world size, device and barrier: the process-group facts every stage asks for.
+
+Launchers (``torchrun``, ``deepspeed``) describe the process group through ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``, SLURM's ``srun`` through ``SLURM_PROCID``, ``SLURM_NTASKS`` and
+``SLURM_LOCALID`` (`offline_kd.runtime.launcher`); without a launcher a run is rank 0 of 1. The teacher pass
+(`precompute`) needs no process group, only those numbers; training joins a real group
+(`init_distributed`) because DeepSpeed and the per-micro-batch loss sums need collectives.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from offline_kd.runtime.errors import UsageError
+from offline_kd.runtime.launcher import export_slurm_env, launcher_env
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for a one-process group without a launcher)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values win; else the launcher's (torchrun/deepspeed, then SLURM); else (0, 1)."""
+    env = launcher_env()
+    r = rank if rank is not None else env.rank
+    w = world_size if world_size is not None else env.world_size
+    if w < 1 or not 0 <= r < w:
+        raise UsageError(f"--rank {r} is not in [0, --world-size {w})")
+    return r, w
+
+
+def init_distributed(local_rank: int | None = None) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed; a one-process group when nothing is set."""
+    import deepspeed
+
+    export_slurm_env()  # under srun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* from SLURM's variables
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ["RANK"] = "0"
+        os.environ["WORLD_SIZE"] = "1"
+        os.environ["LOCAL_RANK"] = "0"
+    if local_rank is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown_distributed() -> None:
+    """Destroy the process group through DeepSpeed, which also drops its cached clones of the group, so a
+    later `init_distributed` in this process starts clean (torch's own destroy leaves those stale)."""
+    if dist.is_initialized():
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank in the initialised group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the initialised group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def local_device(explicit: str | None = None) -> str:
+    """An explicit device wins; else this process's GPU (``cuda:$LOCAL_RANK``) if any; else cpu."""
+    if explicit:
+        return explicit
+    if torch.cuda.is_available():
+        return f"cuda:{launcher_env().local_rank}"
+    return "cpu"
+
+
+def accelerator_device() -> torch.device:
+    """This rank's device as DeepSpeed's accelerator sees it (cpu under its CPU accelerator)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(accelerator.device_name(launcher_env().local_rank))

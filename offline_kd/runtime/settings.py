@@ -1,0 +1,259 @@
+"""Every user-facing setting, declared once: type, default and help.
+
+The command-line options of ``kd precompute``, ``kd eval`` and ``cli/train.py`` are generated from
+these dataclasses (`offline_kd.runtime.options`). They live apart from the code that uses them so that
+building a command line imports no torch: ``kd --help`` stays instant. Each stage re-exports its
+own (`offline_kd.precompute.run.PrecomputeConfig`, `offline_kd.train.loss.LossConfig`,
+`offline_kd.train.loop.TrainConfig`, `offline_kd.publish.evaluate.EvalConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from offline_kd.runtime.options import setting
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+HIDDEN_DTYPES = ("float16", "bfloat16", "float8_e4m3fn")
+KL_SOURCES = ("auto", "topk", "exact")
+
+
+def storage_options_setting(group: str | None = None):
+    """``--storage-option KEY=VALUE``: the one declaration behind every command that opens a store."""
+    return setting(
+        None,
+        "fsspec option for the store, e.g. endpoint_url=http://host:9000 or anon=true (repeatable; "
+        "dotted keys nest: client_kwargs.region_name=X). Credentials: the filesystem's environment "
+        "variables (AWS_ACCESS_KEY_ID, ...).",
+        flags=("--storage-option",),
+        metavar="KEY=VALUE",
+        group=group,
+    )
+
+
+@dataclass
+class StoreAccess:
+    """How ``kd inspect`` and ``kd verify`` reach a store."""
+
+    storage_options: dict | None = storage_options_setting()
+
+
+@dataclass
+class PrecomputeConfig:
+    """The teacher pass: corpus → masked views → teacher signals → signal store."""
+
+    teacher: str = setting(help="HF masked-LM name or local directory.")
+    corpus: list[str] = setting(
+        help="Text/jsonl/parquet file, dataset directory, hub dataset [ORG/]NAME[@REVISION][:CONFIG[:SPLIT]] or "
+        "hf://datasets/ORG/NAME[@REVISION][/FILES] (repeatable)."
+    )
+    output: str = setting(help="Store path or fsspec URL (e.g. s3://bucket/store.zarr).")
+    text_field: str | None = setting(None, "Field holding the text in jsonl/parquet (default: text).")
+    group_rows: dict | None = setting(
+        None,
+        "Join every N consecutive rows of corpus SOURCE into one document, for sources with a sentence a "
+        "row (BookCorpus); SOURCE as given to --corpus or its dataset name (repeatable).",
+        flags=("--group-rows",),
+        metavar="SOURCE=N",
+    )
+    num_proc: int | None = setting(None, "Processes that load, tokenize and filter the corpus (default: 1).")
+    cache_dir: str | None = setting(
+        None,
+        "Directory every rank can read where rank 0 prepares the corpus once for several ranks "
+        "(default: STORE.corpus beside a local store; required for a remote store with several ranks).",
+    )
+    max_length: int = setting(512, "Tokens per packed sequence.")
+    top_k: int = setting(64, "Teacher logits kept per token (0: none, a store for the exact KL source only).")
+    temperatures: list[float] = setting(
+        factory=lambda: [1.0, 2.0], help="Comma-separated temperatures to store the log-sum-exp at."
+    )
+    views: int = setting(1, "Independently masked views per sequence.")
+    hidden: bool = setting(True, "Store the last hidden state.")
+    hidden_dtype: str = setting(
+        "float16", "Stored dtype of the hidden states (docs/store-format.md).", choices=HIDDEN_DTYPES
+    )
+    store_head: bool = setting(True, "Store the teacher's MLM head with the hidden states (exact KL source).")
+    mask_smoothing: float | None = setting(None, "Rarity smoothing exponent (DistilBERT: 0.7).")
+    mlm_probability: float = setting(0.15, "Fraction of tokens masked.", cli=False)
+    seed: int = setting(0, "Packing and masking seed.")
+    batch_size: int = setting(32, "Sequences per teacher forward pass.")
+    shard_size: int = setting(256, "Sequences per shard (unit of work).")
+    chunk_size: int | None = setting(None, "Sequences per chunk (default: ~2 MB chunks).")
+    dtype: str = setting("auto", "Teacher compute dtype.", choices=DTYPES)
+    device: str | None = setting(
+        None, "Default: cuda:$LOCAL_RANK (under srun cuda:$SLURM_LOCALID) if available, else cpu."
+    )
+    rank: int | None = setting(None, "Default: $RANK, else $SLURM_PROCID, else 0.")
+    world_size: int | None = setting(None, "Default: $WORLD_SIZE, else $SLURM_NTASKS, else 1.")
+    holdout: float = setting(0.0, "Fraction of documents held out.")
+    holdout_file: str | None = setting(None, "Write held-out documents here, one per line.")
+    overwrite: bool = setting(False, "Replace an existing store made with other settings.")
+    dry_run: bool = setting(
+        False,
+        "Estimate the store size from a sample of the corpus, check free local disk space and the "
+        "store URL; load no teacher weights, write nothing.",
+    )
+    dry_run_documents: int = setting(1000, "Documents per corpus source the dry run tokenizes.")
+    trust_remote_code: bool = setting(False, "Run the teacher repository's own code (off unless asked).")
+    hub_kernels: bool = setting(
+        False,
+        "Let transformers replace the teacher's layers with Hugging Face hub kernels (off: the layers its "
+        "checkpoint defines; recorded in the store).",
+    )
+    revision: str | None = setting(None, "Teacher revision (branch, tag or commit) on the hub.")
+    storage_options: dict | None = storage_options_setting()
+    progress: bool = setting(
+        True,
+        "Rank 0 shows a progress bar on a terminal (without one, or with --no-progress: a line every 30 s).",
+    )
+    wait_timeout: float = setting(
+        10800.0, "Seconds ranks > 0 wait for rank 0 to prepare the corpus and to create the store."
+    )
+    compile: bool = setting(False, "torch.compile the teacher (faster on a GPU after a one-off compile).")
+    lease_seconds: float = setting(
+        120.0,
+        "Seconds after its last heartbeat that a vanished writer's lease on its store rank expires "
+        "(a writer on this machine whose process is gone releases it at once).",
+    )
+
+
+@dataclass
+class LossConfig:
+    """The DistilBERT triple loss ``alpha_kl·KL + alpha_mlm·MLM + alpha_cos·cosine``."""
+
+    alpha_kl: float = setting(5.0, "weight of the distillation KL", deprecated=("--alpha-ce",))
+    alpha_mlm: float = setting(2.0, "weight of the MLM cross-entropy")
+    alpha_cos: float = setting(1.0, "weight of the hidden-state cosine loss")
+    kl_source: str = setting(
+        "auto",
+        "teacher distribution of the KL: 'exact' (the full vocabulary, recomputed from the stored hidden "
+        "states through the teacher's MLM head; any T), 'topk' (stored top-k logits + log-sum-exp) or "
+        "'auto' (exact when the store holds hidden states and the teacher's head, else topk)",
+        choices=KL_SOURCES,
+    )
+    temperature: float = setting(2.0, "distillation temperature (topk + tail-aware: one of the store's)")
+    kl_tail: bool = setting(
+        True, "topk: tail-aware KL (the stored log-sum-exp gives the teacher's tail mass)"
+    )
+    restrict_kl_to_mask: bool = setting(False, "KL and cosine over masked tokens only")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+_IO, _STUDENT, _SCHEDULE, _DATA, _LOGS, _EVAL, _CARD = (
+    "inputs and outputs",
+    "student",
+    "schedule",
+    "data",
+    "checkpoints and logs",
+    "held-out evaluation",
+    "model card",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Training a student from a signal store with DeepSpeed."""
+
+    store: str = setting(help="signal store URL (local path or fsspec URL)", group=_IO)
+    student: str = setting(
+        help="'distil', 'distil-<n>l', a preset (tiny, tiny-narrow, mini, small, distilbert-base) or a HF "
+        "model directory / config.json",
+        group=_IO,
+    )
+    output: str = setting(help="run directory (checkpoints, logs, final/)", group=_IO)
+    deepspeed_config: str | dict | None = setting(
+        None,
+        "DeepSpeed JSON file, or a shipped config by name (ds_distilbert, ds_cpu_tiny); none: ds_cpu_tiny",
+        flags=("--deepspeed_config", "--deepspeed-config"),
+        group=_IO,
+    )
+    teacher: str | None = setting(None, "teacher path; none: the one the store records", group=_IO)
+    init_layers: str | None = setting(None, "teacher layers to copy, e.g. 0,2,4,7,9,11", group=_STUDENT)
+    init_from_teacher: bool = setting(False, "copy teacher tensors whose shapes match", group=_STUDENT)
+    hidden_projection: bool = setting(False, "learn a student→teacher width projection", group=_STUDENT)
+    hub_kernels: bool = setting(
+        False,
+        "let transformers replace the student's and teacher's layers with Hugging Face hub kernels (off: "
+        "the layers their checkpoints define)",
+        group=_STUDENT,
+    )
+    loss: LossConfig = setting(factory=LossConfig, group="loss")
+    epochs: int = setting(3, "epochs; epoch e replays mask view e mod views", group=_SCHEDULE)
+    max_steps: int | None = setting(
+        None, "stop after this many optimizer steps (the LR schedule is unchanged)", group=_SCHEDULE
+    )
+    schedule_steps: int | None = setting(None, "LR schedule length for 'auto' total steps", group=_SCHEDULE)
+    micro_batch_size: int | None = setting(None, "overrides train_micro_batch_size_per_gpu", group=_SCHEDULE)
+    gradient_accumulation_steps: int | None = setting(
+        None, "overrides the JSON's gradient_accumulation_steps", group=_SCHEDULE
+    )
+    lr: float | None = setting(None, "overrides the optimizer's lr", group=_SCHEDULE)
+    warmup_fraction: float = setting(0.05, "warm-up share of an 'auto' schedule", group=_SCHEDULE)
+    seed: int = setting(0, "student initialisation and data order", group=_SCHEDULE)
+    num_workers: int = setting(0, "DataLoader reader processes", group=_DATA)
+    buffer_chunks: int = setting(4, "store chunks per shuffle buffer", group=_DATA)
+    storage_options: dict | None = storage_options_setting(group=_IO)
+    save_every: int = setting(0, "checkpoint every N optimizer steps (0: never)", group=_LOGS)
+    keep_checkpoints: int | None = setting(None, "keep only the newest N checkpoints", group=_LOGS)
+    resume: bool = setting(False, "continue from the newest complete checkpoint", group=_LOGS)
+    progress: bool = setting(
+        True,
+        "rank 0 shows a progress bar on a terminal (without one, or with --no-progress: plain lines)",
+        group=_LOGS,
+    )
+    log_every: int = setting(
+        50, "a plain progress line every N optimizer steps (0: by time only)", group=_LOGS
+    )
+    log_every_seconds: float = setting(60.0, "a plain progress line at least every S seconds", group=_LOGS)
+    tensorboard: bool = setting(True, "write TensorBoard events under logs/tb", group=_LOGS)
+    debug_param_hash: bool = setting(False, "each rank writes a hash of its parameters", group=_LOGS)
+    eval_corpus: str | None = setting(
+        None,
+        "held-out text/jsonl/parquet file (masked accuracy, perplexity) or signal store (also agreement "
+        "with the teacher's stored top-1) scored during training and for the model card",
+        group=_EVAL,
+    )
+    eval_every: int = setting(0, "evaluate every N optimizer steps (0: once, at the end)", group=_EVAL)
+    eval_max_sequences: int | None = setting(256, "score at most N held-out sequences", group=_EVAL)
+    license: str | None = setting(
+        None, "model card license, e.g. apache-2.0; none: the local teacher card's", group=_CARD
+    )
+    language: list[str] | None = setting(
+        None, "model card language, e.g. en (repeatable); none: the local teacher card's", group=_CARD
+    )
+    push_to_hub: str | None = setting(
+        None, "upload final/ to this hub model repository (owner/name)", group=_CARD
+    )
+    local_rank: int | None = setting(
+        None, "set by the deepspeed launcher", flags=("--local_rank", "--local-rank"), hidden=True
+    )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalConfig:
+    """``kd eval``: deterministic masked-LM scoring of a model on held-out text."""
+
+    model: str = setting(help="Masked-LM directory (save_pretrained) to score.")
+    corpus: list[str] = setting(help="Held-out text/jsonl/parquet file(s).")
+    teacher: str | None = setting(None, "Also report top-1 agreement and KL(teacher||model) at T=1.")
+    text_field: str | None = setting(None, "Field holding the text in jsonl/parquet records.")
+    max_length: int | None = setting(
+        None, "Tokens per packed sequence (default: the model's; a student trained here records its store's)."
+    )
+    seed: int = setting(0, "Masking seed.")
+    hub_kernels: bool = setting(
+        False, "Let transformers replace layers with Hugging Face hub kernels (off: the checkpoint's own)."
+    )
+    batch_size: int = setting(16, "Sequences per forward pass.")
+    max_sequences: int | None = setting(None, "Score only the first N packed sequences.")
+    device: str | None = setting(
+        None, "cpu, cuda, cuda:1 ... (default: cuda:$LOCAL_RANK if available, else cpu)."
+    )
+    update_card: bool = setting(
+        False, "Record the results as the held-out evaluation of MODEL/README.md's model card."
+    )

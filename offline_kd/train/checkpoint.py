@@ -1,0 +1,172 @@
+"""DeepSpeed checkpoints that are only trusted once every rank has finished writing.
+
+DeepSpeed's ``latest`` file can name a checkpoint that is half on disk (a crash between ranks'
+writes). Here each save is ``engine.save_checkpoint(dir, tag)``, then every rank writes its own
+RNG states, then a barrier, then rank 0 writes ``<dir>/<tag>/COMPLETE`` (a small JSON record).
+``--resume`` loads the newest tag that has the marker and ignores the rest.
+
+The RNG states are written without pickle: the generator states as tensors in a safetensors file,
+the few scalars beside them as JSON in its metadata, so loading them runs no code from the run
+directory. (DeepSpeed's own files in the tag are pickles: a run directory must be trusted.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from offline_kd.runtime.distributed import barrier, rank, world_size
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+RNG_FORMAT = "offline_kd.rng_state/1"
+_TAG_RE = re.compile(r"^step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def complete_tags(ckpt_dir: str | Path) -> list[tuple[int, str]]:
+    """(step, tag) of the checkpoints with a completion marker, oldest first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _TAG_RE.match(p.name)
+        if m and (p / MARKER).is_file():
+            out.append((int(m.group(1)), p.name))
+    return sorted(out)
+
+
+def latest_complete(ckpt_dir: str | Path) -> str | None:
+    tags = complete_tags(ckpt_dir)
+    return tags[-1][1] if tags else None
+
+
+def rng_state() -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_file(ckpt_dir: str | Path, tag: str, rank_: int) -> Path:
+    return Path(ckpt_dir) / tag / f"rng_rank{rank_}.safetensors"
+
+
+def save_rng_state(path: str | Path, state: dict) -> None:
+    """``state`` (as from :func:`rng_state`) as tensors plus JSON metadata; no pickle."""
+    py_version, py_words, py_gauss = state["python"]
+    np_name, np_key, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    tensors = {
+        "torch": state["torch"].contiguous(),
+        "numpy.key": torch.from_numpy(np.ascontiguousarray(np_key, dtype=np.uint32).view(np.int32).copy()),
+        "python.words": torch.tensor(py_words, dtype=torch.int64),
+    }
+    for i, cuda in enumerate(state.get("cuda") or []):
+        tensors[f"cuda.{i}"] = cuda.cpu().contiguous()
+    scalars = {
+        "format": RNG_FORMAT,
+        "python": {"version": py_version, "gauss_next": py_gauss},
+        "numpy": {
+            "name": np_name,
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "cuda_devices": len(state.get("cuda") or []),
+    }
+    tmp = Path(str(path) + ".tmp")
+    save_file(tensors, str(tmp), metadata={"rng": json.dumps(scalars)})
+    os.replace(tmp, path)
+
+
+def load_rng_state(path: str | Path) -> dict:
+    """The state saved by :func:`save_rng_state` (tensors and JSON only: nothing is executed)."""
+    with safe_open(str(path), framework="pt") as f:
+        scalars = json.loads((f.metadata() or {}).get("rng", "{}"))
+        if scalars.get("format") != RNG_FORMAT:
+            raise ValueError(f"{path}: not an {RNG_FORMAT} file")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    py, npy = scalars["python"], scalars["numpy"]
+    np_key = tensors["numpy.key"].numpy().view(np.uint32)
+    return {
+        "python": (py["version"], tuple(int(w) for w in tensors["python.words"].tolist()), py["gauss_next"]),
+        "numpy": (npy["name"], np_key, npy["pos"], npy["has_gauss"], npy["gauss"]),
+        "torch": tensors["torch"],
+        "cuda": [tensors[f"cuda.{i}"] for i in range(scalars["cuda_devices"])] or None,
+    }
+
+
+def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int | None = None) -> str:
+    """Save a checkpoint for `step` on every rank; rank 0 marks it complete after a barrier."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+    tag_dir = Path(ckpt_dir) / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    this_rank = rank()
+    save_rng_state(rng_file(ckpt_dir, tag, this_rank), rng_state())
+    barrier()
+    if this_rank == 0:
+        tmp = tag_dir / (MARKER + ".tmp")
+        tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": world_size()}))
+        os.replace(tmp, tag_dir / MARKER)
+        if keep_last:
+            for _, old in complete_tags(ckpt_dir)[:-keep_last]:
+                _remove_tree(Path(ckpt_dir) / old)
+    barrier()
+    return tag
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    (path / MARKER).unlink(missing_ok=True)  # unmark first: a half-deleted tag is never "complete"
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> tuple[str, dict] | None:
+    """Load `tag` (default: newest complete) into the engine; restore this rank's RNG; return
+    (tag, client_state) or None when there is nothing to resume."""
+    tag = tag or latest_complete(ckpt_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(
+        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
+    path = rng_file(ckpt_dir, tag, rank())
+    if path.exists():
+        set_rng_state(load_rng_state(path))
+    else:  # e.g. an older checkpoint's pickled rng_rank<r>.pt, which is never unpickled
+        log.warning(
+            "%s has no %s: the random state (dropout masks) is not restored, so the resumed run is "
+            "not an exact continuation",
+            tag,
+            path.name,
+        )
+    return tag, client_state or {}

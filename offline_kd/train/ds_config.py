@@ -1,0 +1,132 @@
+"""The user's DeepSpeed JSON, resolved for one run: batch shape, ``"auto"`` values, the schedule.
+
+The JSON stays DeepSpeed's own. Training overrides only what the command line names (micro batch,
+accumulation, lr) and fills the ``"auto"`` values DeepSpeed cannot know: the learning rate, and
+the scheduler's length, warm-up and peak, which depend on the store's size and the rank count.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offline_kd.runtime.errors import UsageError
+
+DEFAULT_CONFIG = "ds_cpu_tiny"  # a shipped config (offline_kd/configs/)
+DEFAULT_LR = 5e-4  # DistilBERT's
+FLAG = "--deepspeed_config"
+
+
+def shipped_configs() -> dict[str, Any]:
+    """The DeepSpeed JSONs installed with the package, by name without ``.json``."""
+    files = resources.files("offline_kd.configs")
+    return {f.name[: -len(".json")]: f for f in files.iterdir() if f.name.endswith(".json")}
+
+
+def _config_text(value: str) -> tuple[str, str]:
+    """(note, JSON text) of a path, or of a shipped config named ``NAME`` or ``NAME.json``."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return "", path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise UsageError(f"{FLAG} {value}: is a directory, not a DeepSpeed JSON file")
+    shipped = shipped_configs()
+    name = value[: -len(".json")] if value.endswith(".json") else value
+    if name in shipped:
+        return f" (the shipped {name}.json)", shipped[name].read_text(encoding="utf-8")
+    raise UsageError(f"{FLAG} {value}: no such file (nor a shipped config: {', '.join(sorted(shipped))})")
+
+
+def load_ds_config(value: str | dict | None) -> dict:
+    """A copy of a DeepSpeed config: a dict, a JSON path or a shipped config's name (default: ds_cpu_tiny).
+
+    Raises `UsageError` naming the file for a missing file, invalid JSON or a non-object."""
+    if isinstance(value, dict):
+        return copy.deepcopy(value)
+    value = DEFAULT_CONFIG if value is None else str(value)
+    note, text = _config_text(value)
+    try:
+        ds = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{FLAG} {value}{note}: not valid JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise UsageError(f"{FLAG} {value}{note}: holds a JSON {type(ds).__name__}, not an object")
+    return ds
+
+
+def is_auto(value: Any) -> bool:
+    """True for a value the config leaves to us: missing or ``"auto"``."""
+    return value is None or value == "auto"
+
+
+def resolve_ds_config(
+    ds: dict,
+    world_size: int,
+    *,
+    micro_batch_size: int | None = None,
+    gradient_accumulation_steps: int | None = None,
+    lr: float | None = None,
+) -> dict:
+    """Fill batch sizes and "auto" optimizer values; the scheduler is `fill_schedule`'s job.
+
+    Overrides win over the JSON. Without a micro batch size, ``train_batch_size`` is split over the
+    accumulation steps and ranks; ``train_batch_size`` is then always micro × accumulation × ranks.
+    """
+    ds = copy.deepcopy(ds)
+    micro = micro_batch_size or ds.get("train_micro_batch_size_per_gpu")
+    gas = gradient_accumulation_steps or ds.get("gradient_accumulation_steps")
+    if is_auto(micro):
+        tb = ds.get("train_batch_size")
+        if is_auto(tb):
+            raise UsageError(
+                "the DeepSpeed config sets neither train_micro_batch_size_per_gpu nor train_batch_size"
+            )
+        gas = 1 if is_auto(gas) else int(gas)
+        micro = int(tb) // (gas * world_size)
+    gas = 1 if is_auto(gas) else int(gas)
+    micro = int(micro)
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = gas
+    ds["train_batch_size"] = micro * gas * world_size
+    opt = ds.get("optimizer")
+    if opt is not None:
+        params = opt.setdefault("params", {})
+        if lr is not None:
+            params["lr"] = lr
+        elif is_auto(params.get("lr")):
+            params["lr"] = DEFAULT_LR
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def fill_schedule(ds: dict, total_steps: int, warmup_fraction: float) -> dict:
+    """Fill the scheduler's "auto" length (`total_steps`), warm-up (a fraction of it) and peak (lr)."""
+    ds = copy.deepcopy(ds)
+    sched = ds.get("scheduler")
+    if sched is None:
+        return ds
+    params = sched.setdefault("params", {})
+    if "total_num_steps" in params or sched.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
+        if is_auto(params.get("total_num_steps")):
+            params["total_num_steps"] = max(int(total_steps), 1)
+    if is_auto(params.get("warmup_num_steps", 0)):
+        total = int(params.get("total_num_steps", total_steps))
+        params["warmup_num_steps"] = max(1, int(round(warmup_fraction * total)))
+    opt_lr = (ds.get("optimizer") or {}).get("params", {}).get("lr")
+    if opt_lr is not None and is_auto(params.get("warmup_max_lr", 0)):
+        params["warmup_max_lr"] = opt_lr
+    return ds
+
+
+def param_dtype(ds: dict) -> torch.dtype:
+    """The dtype DeepSpeed keeps the module's parameters in (stored hidden states are cast to it)."""
+    if (ds.get("bf16") or {}).get("enabled"):
+        return torch.bfloat16
+    if (ds.get("fp16") or {}).get("enabled"):
+        return torch.float16
+    return torch.float32

@@ -1,0 +1,479 @@
+"""Train a student from a signal store with DeepSpeed (the teacher never runs).
+
+``train(TrainConfig)`` reads top to bottom and runs the same on every rank: check every input
+(`offline_kd.runtime.inputs`); join the process group; build the student and refuse one that does not fit
+the store (`prepare_run`); resolve the DeepSpeed config
+and the reader (`plan_run`); build the engine; resume from the newest *complete* checkpoint
+(`offline_kd.train.state`); loop over epochs (view ``epoch mod views``) and micro-batches; export
+``DIR/final`` (`offline_kd.publish.export`). Every micro-batch's loss components are summed over ranks,
+which also stops every rank together on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from offline_kd.publish.export import export_run, redacted_settings, write_run_config
+from offline_kd.runtime.distributed import accelerator_device, init_distributed
+from offline_kd.runtime.errors import RunFailed, UsageError
+from offline_kd.runtime.inputs import check_train, kl_source_note
+from offline_kd.runtime.launcher import launcher_env
+from offline_kd.runtime.progress import quiet_library_bars
+from offline_kd.runtime.settings import TrainConfig
+from offline_kd.store.signal_store import SignalStore, StoreMeta, open_store
+from offline_kd.train import checkpoint as ckpt
+from offline_kd.train.ds_config import fill_schedule, load_ds_config, resolve_ds_config
+from offline_kd.train.heldout import HeldOutEval
+from offline_kd.train.loss import COMPONENTS, LossConfig, distillation_loss
+from offline_kd.train.metrics import MetricsLogger
+from offline_kd.train.reader import ReaderConfig, StoreReader
+from offline_kd.train.state import Layout, TrainState, resume_state
+from offline_kd.train.student import StudentBundle, build_student, check_compatible
+
+log = logging.getLogger(__name__)
+
+# The model card's training figures: the loss components averaged over the last steps.
+CARD_MEAN_STEPS = 50
+# Per micro-batch sums over ranks: the loss components, then real tokens and sequences.
+TOKENS, SEQUENCES = len(COMPONENTS), len(COMPONENTS) + 1
+
+
+class NonFiniteLossError(RunFailed):
+    """A loss component became NaN or infinite; the run stops without saving."""
+
+
+@dataclass
+class TrainResult:
+    output: str
+    final_dir: str | None
+    steps: int
+    metrics: dict = field(default_factory=dict)
+    resumed_from: str | None = None
+
+
+@dataclass
+class PreparedRun:
+    """What the store and the student are, once both are known to fit together."""
+
+    meta: StoreMeta
+    bundle: StudentBundle
+    projection: nn.Module | None  # student → teacher width for the cosine loss, when they differ
+    teacher_head: nn.Module | None = None  # kl_source exact: the teacher's MLM head, fp32, on the device
+
+
+@dataclass
+class EpochPlan:
+    """How many micro-batches and optimizer steps the run takes."""
+
+    micro_batches: int  # per rank per epoch: the whole optimizer steps of the rank's slice
+    steps_per_epoch: int
+    total_steps: int  # all epochs, or --max-steps when smaller
+
+
+# --------------------------------------------------------------------------------------- module
+
+
+class DistillModule(nn.Module):
+    """Student (+ optional hidden projection) and the loss, as one module for DeepSpeed.
+
+    The teacher's head (exact KL) is a constant of the loss, held outside the module tree: DeepSpeed
+    neither optimises, casts, partitions (ZeRO-3) nor checkpoints it, and the export never sees it.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        loss_cfg: LossConfig,
+        projection: nn.Module | None = None,
+        vocab_size: int | None = None,
+        grad_accumulation: int = 1,
+        teacher_head: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.student = student
+        self.projection = projection
+        self.loss_cfg = loss_cfg
+        self.vocab_size = vocab_size  # the student's logits may be wider (padded vocabulary)
+        self.grad_accumulation = grad_accumulation  # engine.backward divides the loss by it
+        object.__setattr__(self, "teacher_head", teacher_head)  # not registered as a submodule
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        need_hidden = self.loss_cfg.alpha_cos > 0
+        out = self.student(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=need_hidden,
+            return_dict=True,
+        )
+        hidden = out.hidden_states[-1] if need_hidden else None
+        # nothing reads the logits after the loss: their gradient is written over them, already scaled
+        # by the 1 / accumulation steps that engine.backward applies
+        return distillation_loss(
+            self.loss_cfg, out.logits, hidden, batch, self.projection, self.vocab_size, consume_logits=True,
+            expected_upstream=1.0 / self.grad_accumulation, teacher_head=self.teacher_head,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------- set-up
+
+
+def prepare_run(cfg: TrainConfig) -> PreparedRun:
+    """Open the store and build the student; refuse a student (or, for the exact KL, a teacher head)
+    that does not fit before step 0."""
+    store = open_store(cfg.store, cfg.storage_options)
+    meta = store.meta
+    exact = cfg.loss.kl_source == "exact"
+    teacher_head = exact_teacher_head(store, cfg.teacher, accelerator_device()) if exact else None
+    bundle = build_student(
+        cfg.student,
+        teacher_path=cfg.teacher or (meta.teacher or {}).get("name_or_path"),
+        vocab_size=int(meta.vocab_size),
+        max_positions=max(int(meta.max_length), 512),
+        pad_token_id=int(meta.pad_token_id),
+        init_layers=cfg.init_layers,
+        init_from_teacher=cfg.init_from_teacher,
+        seed=cfg.seed,
+        hub_kernels=cfg.hub_kernels,
+    )
+    need_hidden = cfg.loss.alpha_cos > 0
+    check_compatible(
+        bundle,
+        store_vocab_size=int(meta.vocab_size),
+        store_tokenizer_sha256=meta.tokenizer_sha256,
+        teacher_hidden_size=int(meta.hidden_size),
+        need_hidden=need_hidden,
+        hidden_projection=cfg.hidden_projection,
+    )
+    # The student's tokenizer records the store's sequence length: `kd eval` defaults to it.
+    bundle.tokenizer.model_max_length = int(meta.max_length)
+    projection = None
+    if need_hidden and bundle.hidden_size != int(meta.hidden_size):
+        torch.manual_seed(cfg.seed)
+        projection = nn.Linear(bundle.hidden_size, int(meta.hidden_size))
+    return PreparedRun(meta, bundle, projection, teacher_head)
+
+
+def exact_teacher_head(
+    store: SignalStore, teacher: str | None = None, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """The teacher's MLM head for the exact KL, fp32 on `device`, checked against the store's hidden size
+    and vocabulary: the stored one, else (a store written without one) the head of `teacher`
+    (``--teacher``, default: the teacher the store records) once its weights hash matches the store's."""
+    from offline_kd.teacher.head import resolve_head
+
+    teacher = teacher or (store.meta.teacher or {}).get("name_or_path")
+    return resolve_head(store, teacher, device=device, dtype=torch.float32)
+
+
+def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[dict, StoreReader, EpochPlan]:
+    """The resolved DeepSpeed config, this rank's reader and the run's length in steps."""
+    ds = resolve_ds_config(
+        load_ds_config(cfg.deepspeed_config),
+        world,
+        micro_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        lr=cfg.lr,
+    )
+    gas = ds["gradient_accumulation_steps"]
+    topk = cfg.loss.kl_source == "topk"  # the exact KL reads the hidden states instead of the top-k
+    reader = StoreReader(
+        ReaderConfig(
+            url=cfg.store,
+            micro_batch_size=ds["train_micro_batch_size_per_gpu"],
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            buffer_chunks=cfg.buffer_chunks,
+            temperature=cfg.loss.temperature if topk and cfg.loss.kl_tail else None,
+            hidden=cfg.loss.alpha_cos > 0 or not topk,
+            topk=topk,
+            storage_options=cfg.storage_options,
+        ),
+        world_size=world,
+        rank=rank,
+    )
+    steps_per_epoch = reader.micro_per_epoch // gas
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"--store {cfg.store} is too small for this batch shape: one epoch holds "
+            f"{reader.micro_per_epoch} micro-batches per rank, fewer than the {gas} accumulation steps of "
+            "one optimizer step (lower --micro-batch-size or --gradient-accumulation-steps)"
+        )
+    planned = cfg.epochs * steps_per_epoch
+    total_steps = min(planned, cfg.max_steps) if cfg.max_steps else planned
+    # An "auto" schedule spans --schedule-steps, else --max-steps, else all epochs; pass the same
+    # value when resuming (a resumed run with another schedule length is warned about).
+    ds = fill_schedule(ds, cfg.schedule_steps or total_steps, cfg.warmup_fraction)
+    if cfg.epochs > int(meta.views) and rank == 0:
+        log.warning(
+            "%d epochs over %d mask views: views repeat from epoch %d", cfg.epochs, meta.views, meta.views
+        )
+    return ds, reader, EpochPlan(steps_per_epoch * gas, steps_per_epoch, total_steps)
+
+
+def build_engine(cfg: TrainConfig, run: PreparedRun, ds: dict):
+    """The DeepSpeed engine over the student, its projection and the loss."""
+    import deepspeed
+
+    gas = int(ds["gradient_accumulation_steps"])
+    module = DistillModule(
+        run.bundle.model, cfg.loss, run.projection, run.bundle.true_vocab_size, gas, run.teacher_head
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds
+    )
+    return engine
+
+
+def resume_run(
+    cfg: TrainConfig, engine, ckpt_dir: Path, layout: Layout, scheduler: dict | None, is_main: bool
+) -> tuple[TrainState, str | None]:
+    """The state to start from: the newest complete checkpoint's with --resume, else step 0."""
+    fresh = TrainState(layout=layout, scheduler=scheduler)
+    if not cfg.resume:
+        return fresh, None
+    loaded = ckpt.load(engine, ckpt_dir)
+    if loaded is None:
+        if is_main:
+            log.info("--resume: no complete checkpoint in %s, starting fresh", ckpt_dir)
+        return fresh, None
+    tag, client = loaded
+    state, warnings = resume_state(client, layout, scheduler)
+    if is_main:
+        for warning in warnings:
+            log.warning("%s", warning)
+        log.info(
+            "resumed from %s at step %d (epoch %d, micro-batch %d)",
+            tag,
+            state.step,
+            state.epoch,
+            state.micro_pos,
+        )
+    return state, tag
+
+
+# --------------------------------------------------------------------------------------- loop pieces
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    # Stored hidden states stay as stored (fp16, or bf16): the cosine loss casts them to the student's
+    # dtype, the exact KL feeds them to the fp32 teacher head (a bf16 copy of fp16 ones would round them).
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def sum_over_ranks(
+    parts: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], world: int, device: torch.device
+) -> torch.Tensor:
+    """float64 [loss components..., tokens, sequences] of one micro-batch, summed over ranks."""
+    values = torch.stack([parts[name] for name in COMPONENTS]).double().cpu()
+    ntok = float(batch["attention_mask"].sum())
+    sums = torch.cat([values, torch.tensor([ntok, float(batch["input_ids"].shape[0])], dtype=torch.float64)])
+    if world > 1:
+        on_device = sums.to(device)
+        dist.all_reduce(on_device)
+        sums = on_device.cpu()
+    return sums
+
+
+def check_finite_loss(sums: torch.Tensor, world: int, state: TrainState, last_saved: str | None) -> None:
+    """Raise on a non-finite loss component: every rank sees the same sums and stops together."""
+    if torch.isfinite(sums[:TOKENS]).all():
+        return
+    detail = ", ".join(f"{n}={float(sums[i]) / world:.6g}" for i, n in enumerate(COMPONENTS))
+    raise NonFiniteLossError(
+        f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, micro-batch {state.micro_pos}): "
+        f"{detail}; stopping without saving; last good checkpoint: {last_saved or 'none'}"
+    )
+
+
+def _params_finite(module: nn.Module, device: torch.device, world: int) -> bool:
+    """True when every parameter (this rank's ZeRO-3 partition) is finite on every rank."""
+    local = [getattr(p, "ds_tensor", p) for p in module.parameters()]
+    local = [t for t in local if t.numel() > 0]
+    ok = torch.stack(torch._foreach_norm(local)).isfinite().all() if local else torch.tensor(True)
+    flag = ok.to(device=device, dtype=torch.int32).reshape(1)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def check_finite_params(
+    module: nn.Module, device: torch.device, world: int, state: TrainState, last_saved: str | None
+) -> None:
+    """Raise when an update left non-finite parameters (finite loss, non-finite gradients)."""
+    if _params_finite(module, device, world):
+        return
+    raise NonFiniteLossError(
+        f"non-finite parameters after the update of step {state.step} (epoch {state.epoch}): the gradients "
+        f"were not finite although the loss was; stopping without saving; last good "
+        f"checkpoint: {last_saved or 'none'}"
+    )
+
+
+def metrics_row(
+    state: TrainState, totals: torch.Tensor, parts: int, lr: float, dt: float, wait: float
+) -> dict:
+    """One optimizer step's row: loss components averaged over its `parts` micro-batch × rank sums."""
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "samples": int(totals[SEQUENCES]),
+        "tokens": int(totals[TOKENS]),
+        **{name: float(totals[i] / parts) for i, name in enumerate(COMPONENTS)},
+        "lr": lr,
+        "tokens_per_s": float(totals[TOKENS]) / max(dt, 1e-9),
+        "step_time_s": dt,
+        "reader_wait_s": wait,
+    }
+
+
+def grad_norm_before_step(engine) -> float | None:
+    """The gradient norm where DeepSpeed records none (fp32 without ZeRO clips without keeping it);
+    at the accumulation boundary the gradients are already reduced over ranks."""
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(torch._foreach_norm(grads)).norm()) if grads else None
+
+
+def grad_norm_after_step(engine, before: float | None) -> float:
+    norm = engine.get_global_grad_norm()
+    norm = before if norm is None else float(norm)
+    return float("nan") if norm is None else norm
+
+
+def held_out_eval(cfg: TrainConfig, run: PreparedRun, ds: dict, rank: int, world: int) -> HeldOutEval | None:
+    """The --eval-corpus batches of this rank, built once before step 0."""
+    if not cfg.eval_corpus:
+        return None
+    return HeldOutEval(
+        cfg.eval_corpus, run.bundle.tokenizer, max_length=int(run.meta.max_length),
+        tokenizer_sha256=run.meta.tokenizer_sha256, max_sequences=cfg.eval_max_sequences,
+        batch_size=int(ds["train_micro_batch_size_per_gpu"]), rank=rank, world=world,
+        storage_options=cfg.storage_options,
+    )  # fmt: skip
+
+
+def evaluate_held_out(
+    heldout: HeldOutEval, engine, run: PreparedRun, step: int, logger: MetricsLogger
+) -> tuple[int, dict]:
+    """Every rank scores its share of the held-out batches; rank 0 logs the result."""
+    result = heldout.run(engine, run.bundle.true_vocab_size, accelerator_device())
+    logger.log_eval(step, result)
+    return step, result
+
+
+def _lr(engine) -> float:
+    lrs = engine.get_lr()
+    return float(lrs[0]) if lrs else float("nan")
+
+
+# --------------------------------------------------------------------------------------- train
+
+
+def forward_backward(
+    engine,
+    batch: dict[str, torch.Tensor],
+    world: int,
+    state: TrainState,
+    last_saved: str | None,
+    boundary: bool,
+) -> tuple[torch.Tensor, float | None]:
+    """One micro-batch: forward, backward and DeepSpeed's step, which updates only at the accumulation
+    boundary. Returns the loss parts summed over ranks and, at the boundary, the gradient norm before the step."""
+    loss, parts = engine(batch)
+    # Summed over ranks every micro-batch, so a non-finite loss stops all ranks together.
+    sums = sum_over_ranks(parts, batch, world, batch["input_ids"].device)
+    check_finite_loss(sums, world, state, last_saved)
+    engine.backward(loss)
+    norm = grad_norm_before_step(engine) if boundary else None
+    engine.step()
+    return sums, norm
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    # Every input is checked (the teacher, an "auto" KL source resolved) before the process group.
+    requested, cfg = cfg.loss.kl_source, check_train(cfg, launcher_env().world_size)
+    # Every rank joins one process group (a local one without a launcher).
+    rank, world = init_distributed(cfg.local_rank)
+    device, out, is_main = accelerator_device(), Path(cfg.output), rank == 0
+    quiet_library_bars(rank)  # no \r frames in log files, no bar from ranks above 0
+    if is_main and requested == "auto":
+        log.info("%s", kl_source_note(cfg.loss.kl_source))
+    # Refuse a store or student that cannot work before anything expensive runs.
+    run = prepare_run(cfg)
+    # Batch shape, "auto" values and the run's length depend on the rank count and the store.
+    ds, reader, plan = plan_run(cfg, run.meta, rank, world)
+    gas = ds["gradient_accumulation_steps"]
+    # The exact settings go on disk before step 0, so even a crashed run says what it was.
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_config(out, cfg, ds)
+    # DeepSpeed owns the optimizer, the ZeRO partitioning and the accumulation boundary.
+    engine = build_engine(cfg, run, ds)
+    # Continue at the next unseen micro-batch of the newest complete checkpoint.
+    ckpt_dir = out / "checkpoints"
+    layout = Layout(world, ds["train_micro_batch_size_per_gpu"], gas)
+    state, resumed_from = resume_run(cfg, engine, ckpt_dir, layout, ds.get("scheduler"), is_main)
+    # Rank 0 alone logs; a resumed run drops the rows after its checkpoint's step and redoes them.
+    logger = MetricsLogger(
+        out / "logs", enabled=is_main, total_steps=plan.total_steps, start_step=state.step,
+        progress=cfg.progress, tensorboard=cfg.tensorboard, log_every=cfg.log_every,
+        log_every_seconds=cfg.log_every_seconds, monitor=getattr(engine, "monitor", None),
+        monitor_x=lambda: int(engine.global_samples),
+    )  # fmt: skip
+    logger.log_hparams({"train": redacted_settings(cfg), "deepspeed": ds})
+    heldout, last_eval = held_out_eval(cfg, run, ds, rank, world), None
+    last_saved, last_row = resumed_from, {}
+    engine.train()
+    try:
+        while state.step < plan.total_steps and state.epoch < cfg.epochs:
+            # An epoch's order is a pure function of (seed, epoch): start where this rank stopped.
+            batches = reader.epoch_batches(state.epoch, start=state.micro_pos, stop=plan.micro_batches)
+            totals, wait, t_step = torch.zeros(SEQUENCES + 1, dtype=torch.float64), 0.0, time.perf_counter()
+            while state.micro_pos < plan.micro_batches and state.step < plan.total_steps:
+                t0 = time.perf_counter()
+                batch = next(batches)
+                wait += time.perf_counter() - t0
+                boundary = (state.micro_pos + 1) % gas == 0
+                sums, norm = forward_backward(
+                    engine, _to_device(batch, device), world, state, last_saved, boundary
+                )
+                totals += sums
+                state.micro_pos += 1
+                # Only whole optimizer steps are checked, logged and saved: a resume starts on one.
+                if state.micro_pos % gas:
+                    continue
+                state.step += 1
+                check_finite_params(engine.module, device, world, state, last_saved)
+                dt, t_step = time.perf_counter() - t_step, time.perf_counter()
+                last_row = metrics_row(state, totals, gas * world, _lr(engine), dt, wait)
+                last_row["grad_norm"] = grad_norm_after_step(engine, norm)
+                logger.log(last_row)
+                if heldout is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+                    last_eval = evaluate_held_out(heldout, engine, run, state.step, logger)
+                totals.zero_()
+                wait = 0.0
+                if cfg.save_every and state.step % cfg.save_every == 0:
+                    client = state.to_client_state(plan.micro_batches, last_row)
+                    last_saved = ckpt.save(engine, ckpt_dir, state.step, client, cfg.keep_checkpoints)
+            if state.micro_pos >= plan.micro_batches:
+                state.next_epoch()
+        # The last step is always resumable, even between two --save-every steps.
+        if cfg.save_every and last_saved != ckpt.tag_for(state.step) and state.step > 0:
+            client = state.to_client_state(plan.micro_batches, last_row)
+            last_saved = ckpt.save(engine, ckpt_dir, state.step, client, cfg.keep_checkpoints)
+        if heldout is not None and (last_eval is None or last_eval[0] != state.step):
+            last_eval = evaluate_held_out(heldout, engine, run, state.step, logger)
+        card_metrics = {"train": logger.mean_of_last(CARD_MEAN_STEPS), "eval": last_eval and last_eval[1]}
+    finally:
+        logger.close()
+    # Gather (ZeRO-3 partitions) and write a save_pretrained student with its card.
+    final_dir = export_run(engine.module, cfg, run.meta, run.bundle, ds, card_metrics, state.step, rank)
+    return TrainResult(str(out), str(final_dir), state.step, last_row, resumed_from)
