@@ -58,12 +58,13 @@ def train_once(
 ) -> tuple[float, float]:
     """Median real tokens/s of the optimizer steps after the first, and the share of their time
     spent waiting for the reader."""
+    from offline_kd.runtime.options import from_fields
     from offline_kd.runtime.settings import TrainConfig
     from offline_kd.train.loop import train
     from offline_kd.train.metrics import read_csv
 
-    cfg = TrainConfig(
-        store=url, student="distil", output=str(out), deepspeed_config=ds, max_steps=steps,
+    cfg = from_fields(
+        TrainConfig, store=url, student="distil", output=str(out), deepspeed_config=ds, max_steps=steps,
         schedule_steps=steps, epochs=100, progress=False, tensorboard=False, storage_options=storage_options,
     )  # fmt: skip
     train(cfg)

@@ -78,7 +78,7 @@ def test_train_cli_spellings():
         + ["--local_rank=1", "--alpha-mlm", "0.5", "--restrict-kl-to-mask", "--max-steps", "7"]
     )
     assert cfg.deepspeed_config == "ds.json" and cfg.local_rank == 1 and cfg.max_steps == 7
-    assert (cfg.progress, cfg.tensorboard, cfg.loss.kl_tail) == (False, False, False)
+    assert (cfg.logs.progress, cfg.logs.tensorboard, cfg.loss.kl_tail) == (False, False, False)
     assert cfg.storage_options == {"anon": "true", "endpoint_url": "http://h:9000/?a=b"}
     assert cfg.loss == LossConfig(alpha_mlm=0.5, kl_tail=False, restrict_kl_to_mask=True)
     other = parse_config(_args(TRAIN_REQUIRED) + ["--deepspeed_config", "a.json", "--local-rank", "0"])

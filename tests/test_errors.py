@@ -331,27 +331,21 @@ def test_deepspeed_module_two_ranks_print_one_line(fx):
     assert the_error(output, proc.returncode) == f"Error: no signal store at '{fx.corpus}'"
 
 
-def test_usage_error_classes():
-    """Every library error a user can cause is a UsageError (one line, status 2)."""
+def test_error_classes_and_their_exit_codes():
+    """A user's mistake is a UsageError (one line, status 2); data gone bad or a model's outputs failing
+    is a RunFailed (one line, status 1)."""
     from offline_kd.data.corpus import CorpusError
     from offline_kd.runtime.errors import RunFailed, UsageError
     from offline_kd.store.signal_store import StoreCorruptionError, StoreError, StoreMismatchError
-    from offline_kd.teacher.model import TeacherError
+    from offline_kd.teacher.errors import TeacherError, TeacherFailed
     from offline_kd.train.loop import NonFiniteLossError
     from offline_kd.train.student import StudentError
 
-    user_errors = (
-        CorpusError,
-        StoreError,
-        StoreMismatchError,
-        StoreCorruptionError,
-        StudentError,
-        TeacherError,
-    )
-    for cls in user_errors:
+    for cls in (CorpusError, StoreError, StoreMismatchError, StudentError, TeacherError):
         assert issubclass(cls, UsageError) and cls.exit_code == 2
+    for cls in (StoreCorruptionError, TeacherFailed, NonFiniteLossError):
+        assert issubclass(cls, RunFailed) and not issubclass(cls, UsageError) and cls.exit_code == 1
     assert issubclass(StoreError, RuntimeError)  # callers that caught RuntimeError still do
-    assert issubclass(NonFiniteLossError, RunFailed) and NonFiniteLossError.exit_code == 1
 
 
 def test_hub_kernels_asked_where_the_environment_disables_them(fx, monkeypatch):

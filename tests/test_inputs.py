@@ -29,7 +29,7 @@ def test_a_local_teacher_is_recorded_by_absolute_path(tiny_teacher, monkeypatch)
 def test_training_from_another_directory_finds_the_recorded_teacher(
     tiny_store, tiny_teacher, tmp_path, monkeypatch
 ):
-    from offline_kd.runtime.inputs import check_train
+    from offline_kd.train.checks import check_train
 
     monkeypatch.chdir(tmp_path)
     assert check_train(_train_cfg(tiny_store), 1).teacher == str(tiny_teacher.resolve())
@@ -40,7 +40,7 @@ def test_training_from_another_directory_finds_the_recorded_teacher(
 
 def test_an_old_relative_record_is_found_above_the_store(tiny_store, tiny_teacher, tmp_path, monkeypatch):
     """A store made by an older version recorded ``--teacher`` as typed, relative to where it ran."""
-    from offline_kd.runtime.inputs import check_train
+    from offline_kd.train.checks import check_train
 
     project = tmp_path / "project"
     shutil.copytree(tiny_teacher, project / "models" / "teacher")
@@ -57,7 +57,8 @@ def test_an_old_relative_record_is_found_above_the_store(tiny_store, tiny_teache
 
 def test_a_student_with_its_own_tokenizer_needs_no_teacher(tiny_store, tiny_teacher, tmp_path):
     """The store's teacher is gone, but a pretrained student directory has weights and a tokenizer."""
-    from offline_kd.runtime.inputs import check_train
+    from offline_kd.train.checks import check_train
+
     from offline_kd.runtime.settings import TrainConfig
 
     store = tmp_path / "moved.zarr"
@@ -69,18 +70,18 @@ def test_a_student_with_its_own_tokenizer_needs_no_teacher(tiny_store, tiny_teac
 
 
 def test_eval_defaults_to_the_model_length(tiny_teacher, tiny_corpus, tmp_path):
+    from offline_kd.publish.checks import check_eval
     from offline_kd.publish.evaluate import EvalConfig
-    from offline_kd.runtime.inputs import check_eval
 
     base = dict(corpus=[str(tiny_corpus)])
     # no model_max_length in the tokenizer: the model's max_position_embeddings
-    assert check_eval(EvalConfig(model=str(tiny_teacher), **base)).max_length == 128
+    assert check_eval(EvalConfig(model=str(tiny_teacher), **base)) == 128
     student = tmp_path / "student"
     shutil.copytree(tiny_teacher, student)
     tok_config = json.loads((student / "tokenizer_config.json").read_text())
     (student / "tokenizer_config.json").write_text(json.dumps({**tok_config, "model_max_length": 32}))
-    assert check_eval(EvalConfig(model=str(student), **base)).max_length == 32  # what training records
-    assert check_eval(EvalConfig(model=str(student), max_length=64, **base)).max_length == 64
+    assert check_eval(EvalConfig(model=str(student), **base)) == 32  # what training records
+    assert check_eval(EvalConfig(model=str(student), max_length=64, **base)) == 64
 
 
 def test_shipped_deepspeed_configs_by_name(tmp_path, monkeypatch):

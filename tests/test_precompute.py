@@ -21,7 +21,7 @@ from conftest import (
 
 from offline_kd.precompute.run import assigned_shards, rank_and_world
 from offline_kd.store.signal_store import SignalStore, StoreError
-from offline_kd.teacher.model import TeacherError
+from offline_kd.teacher.errors import TeacherError, TeacherFailed
 
 
 def kd_cmd(teacher, corpus, out, *extra) -> list[str]:
@@ -192,11 +192,11 @@ def test_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_te
     d = save_nan_teacher(tiny_teacher, tmp_path / "nan_teacher")
     # With the head stored, its check on the first batch finds the NaN before the store exists.
     out = tmp_path / "nan.zarr"
-    with pytest.raises(TeacherError, match=r"NaN/inf logits for sequence 0 at position 0"):
+    with pytest.raises(TeacherFailed, match=r"NaN/inf logits for sequence 0 at position 0"):
         run_tiny_precompute(d, tiny_corpus, out)
     assert not out.exists()
     # Without it, the teacher pass finds it and commits nothing.
-    with pytest.raises(TeacherError, match=r"NaN/inf logits for sequence 0 at position 0"):
+    with pytest.raises(TeacherFailed, match=r"NaN/inf logits for sequence 0 at position 0"):
         run_tiny_precompute(d, tiny_corpus, out, store_head=False)
     s = SignalStore.open(str(out))
     assert not s.committed().any()
@@ -209,7 +209,7 @@ def test_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_te
 
     ids = torch.full((2, 8), 5)
     attn = torch.ones(2, 8, dtype=torch.long)
-    with pytest.raises(TeacherError, match="sequence 40"):
+    with pytest.raises(TeacherFailed, match="sequence 40"):
         compute_signals(m, ids, attn, 4, [1.0], hidden=False, seq_offset=40)
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import run_tiny_precompute, save_nan_teacher
 
 from offline_kd.store.signal_store import SignalStore
-from offline_kd.teacher.model import TeacherError
+from offline_kd.teacher.errors import TeacherFailed
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -72,6 +72,6 @@ def test_cuda_pass_with_pinned_copies_matches_cpu(tmp_path, tiny_store, tiny_tea
 def test_cuda_nan_teacher_fails_naming_sequence_and_commits_nothing(tmp_path, tiny_teacher, tiny_corpus):
     d = save_nan_teacher(tiny_teacher, tmp_path / "nan_teacher")
     out = tmp_path / "nan.zarr"
-    with pytest.raises(TeacherError, match=r"NaN/inf logits for sequence 0 at position 0"):
+    with pytest.raises(TeacherFailed, match=r"NaN/inf logits for sequence 0 at position 0"):
         run_tiny_precompute(d, tiny_corpus, out, device="cuda", dtype="bfloat16")
     assert not SignalStore.open(str(out)).committed().any()

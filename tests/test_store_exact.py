@@ -17,15 +17,15 @@ from offline_kd.cli.kd import main
 from offline_kd.precompute.verify import inspect_store, verify_store
 from offline_kd.store.hidden_dtype import decode
 from offline_kd.store.signal_store import ATTR_KEY, SignalStore, StoreError
+from offline_kd.teacher.errors import TeacherError
 from offline_kd.teacher.head import (
     GROUP,
     extract_head,
     load_head,
     reproduction_check,
-    resolve_head,
     save_head,
 )
-from offline_kd.teacher.model import TeacherError, compute_signals, load_teacher
+from offline_kd.teacher.model import compute_signals, load_teacher, resolve_head
 from offline_kd.train.reader import ReaderConfig, StoreReader
 
 

@@ -6,15 +6,15 @@ import pytest
 import torch
 import zarr
 
+from offline_kd.teacher.errors import TeacherError
 from offline_kd.teacher.head import (
     GROUP,
     check_head_fits,
     extract_head,
-    head_from_teacher,
     load_head,
     save_head,
 )
-from offline_kd.teacher.model import TeacherError, load_teacher
+from offline_kd.teacher.model import head_from_teacher, load_teacher
 
 SMALL = dict(vocab_size=97, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 

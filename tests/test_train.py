@@ -163,13 +163,14 @@ _restore_process_state = pytest.fixture(scope="module", autouse=True)(restore_pr
 
 
 def _cfg(store, out, **kw):
+    from offline_kd.runtime.options import from_fields
     from offline_kd.train.loop import TrainConfig
 
     base = dict(
         store=str(store), student="distil", output=str(out), deepspeed_config=str(TINY_DS), progress=False
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return from_fields(TrainConfig, **base)
 
 
 # Each case: (TrainConfig overrides, the exception, a pattern of its message).

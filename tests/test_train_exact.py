@@ -26,10 +26,12 @@ _restore_process_state = pytest.fixture(scope="module", autouse=True)(restore_pr
 
 
 def _cfg(store, out, ds=TINY_DS, loss: dict | None = None, **train):
+    from offline_kd.runtime.options import from_fields
     from offline_kd.train.loop import TrainConfig
     from offline_kd.train.loss import LossConfig
 
-    return TrainConfig(
+    return from_fields(
+        TrainConfig,
         store=str(store), student="distil", output=str(out), deepspeed_config=str(ds), progress=False,
         tensorboard=False, loss=LossConfig(**{"kl_source": "exact", **(loss or {})}), **train,
     )  # fmt: skip

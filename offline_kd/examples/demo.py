@@ -98,6 +98,7 @@ def run_demo(output: str | Path, budget: str = "full", log=print) -> dict:
     from offline_kd.precompute.run import PrecomputeConfig, precompute
     from offline_kd.publish.evaluate import EvalConfig, evaluate
     from offline_kd.runtime.log_noise import drop_expected_deepspeed_warnings
+    from offline_kd.runtime.options import from_fields
     from offline_kd.runtime.progress import quiet_library_bars
     from offline_kd.store.signal_store import SignalStore
     from offline_kd.train.loop import TrainConfig, train
@@ -144,8 +145,8 @@ def run_demo(output: str | Path, budget: str = "full", log=print) -> dict:
     t = time.time()
     log("[3/5] train: a DistilBERT student (half the teacher's layers) with DeepSpeed, from the store only")
     result = train(
-        TrainConfig(
-            store=str(store), student="distil", output=str(out / "student"), teacher=str(teacher),
+        from_fields(
+            TrainConfig, store=str(store), student="distil", output=str(out / "student"), teacher=str(teacher),
             deepspeed_config=demo_ds_config(b.micro_batch), epochs=100, max_steps=b.train_steps,
             schedule_steps=b.train_steps, save_every=max(1, b.train_steps // 2), eval_corpus=str(heldout),
             eval_max_sequences=b.eval_sequences,

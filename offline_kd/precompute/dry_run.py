@@ -217,7 +217,7 @@ def dry_run(cfg: PrecomputeConfig) -> DryRunEstimate:
 
     if cfg.dry_run_documents < 1:
         raise ValueError("dry_run_documents must be >= 1")
-    # top_k and max_length against the config were checked with the other inputs (inputs.check_precompute)
+    # top_k and max_length against the config were checked with the other inputs (offline_kd.precompute.checks)
     config, tokenizer = load_teacher_shape(cfg.teacher, cfg.revision, cfg.trust_remote_code)
     group = check_group_rows(cfg.group_rows, cfg.corpus)
     samples = [

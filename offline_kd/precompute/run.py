@@ -16,10 +16,10 @@ import torch
 from offline_kd import __version__
 from offline_kd.data.cache import prepare_once
 from offline_kd.data.masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
+from offline_kd.precompute.checks import check_precompute
 from offline_kd.precompute.dry_run import DryRunEstimate, dry_run
 from offline_kd.runtime.distributed import local_device, rank_and_world
 from offline_kd.runtime.errors import RankFailed
-from offline_kd.runtime.inputs import check_precompute
 from offline_kd.runtime.progress import Progress, quiet_library_bars
 from offline_kd.runtime.settings import PrecomputeConfig
 from offline_kd.store.lease import StoreLease
@@ -34,9 +34,10 @@ from offline_kd.store.signal_store import (
     num_shards_for,
     shard_range,
 )
+from offline_kd.teacher.errors import TeacherError
 from offline_kd.teacher.head import CHECK_TOPK, reproduction_check, save_head
 from offline_kd.teacher.host_signals import HostSignals
-from offline_kd.teacher.model import Teacher, TeacherError, load_teacher, teacher_signals
+from offline_kd.teacher.model import Teacher, load_teacher, teacher_signals
 
 # Crash tests only. OFFLINE_KD_PRECOMPUTE_DELAY: seconds to sleep after each (shard, view) write, before
 # the commit (random kill moments). OFFLINE_KD_PAUSE_BEFORE_COMMIT="N[:RELEASE]": before this process's
@@ -201,7 +202,7 @@ def _load_and_prepare(cfg: PrecomputeConfig, rank: int, world: int) -> _Prepared
 def _load_checked_teacher(cfg: PrecomputeConfig) -> Teacher:
     """The teacher, with its MLM head when the store keeps one (refused if the head cannot be stored).
 
-    Settings, the teacher's config and the corpus were checked before (`inputs.check_precompute`)."""
+    Settings, the teacher's config and the corpus were checked before (`offline_kd.precompute.checks`)."""
     teacher = load_teacher(
         cfg.teacher,
         cfg.revision,

@@ -195,7 +195,7 @@ def verify_store(
     check_store_url(url, storage_options)
     s = SignalStore.open(url, storage_options=storage_options)
     if teacher is not None:  # refused before the (long) decode of every chunk
-        from offline_kd.runtime.inputs import check_device, check_model_source
+        from offline_kd.runtime.checks import check_device, check_model_source
 
         check_device(device)
         label = f"--teacher {teacher}"
@@ -256,7 +256,7 @@ def _check_shard(s: SignalStore, shard: int, errors: list[str]) -> None:
 def _exact_head(s: SignalStore, teacher, device, revision, trust_remote_code):
     """The head ``--exact`` recomputes the logits with: the stored one, else ``teacher``'s."""
     from offline_kd.store.signal_store import StoreError
-    from offline_kd.teacher.head import resolve_head
+    from offline_kd.teacher.model import resolve_head
 
     if not s.meta.hidden:
         raise StoreError(f"{s.url!r} has no hidden states: --exact has nothing to recompute the logits from")

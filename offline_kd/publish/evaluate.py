@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from offline_kd.publish.checks import check_eval
 from offline_kd.runtime.distributed import local_device
 from offline_kd.runtime.errors import UsageError
 from offline_kd.runtime.hub_kernels import load_kwargs as hub_kernel_kwargs
-from offline_kd.runtime.inputs import check_eval
 from offline_kd.runtime.settings import EvalConfig
 
 
@@ -58,13 +58,13 @@ def _load(path: str, device: torch.device, hub_kernels: bool = False):
     return model, tokenizer
 
 
-def masked_eval_batches(cfg: EvalConfig, tokenizer):
+def masked_eval_batches(cfg: EvalConfig, tokenizer, max_length: int | None = None):
     """Yield (masked_ids, attention_mask, labels) batches: the deterministic evaluation inputs."""
     from offline_kd.data.corpus import load_documents, pack_sequences
     from offline_kd.data.masking import MaskingConfig, mask_batch
 
     docs = load_documents(cfg.corpus, text_field=cfg.text_field)
-    packed = pack_sequences(docs, tokenizer, max_length=cfg.max_length, seed=cfg.seed)
+    packed = pack_sequences(docs, tokenizer, max_length=max_length or cfg.max_length, seed=cfg.seed)
     n = len(packed) if cfg.max_sequences is None else min(len(packed), cfg.max_sequences)
     if n == 0:
         raise ValueError(f"no evaluation sequences could be built from {cfg.corpus}")
@@ -86,7 +86,7 @@ def masked_eval_batches(cfg: EvalConfig, tokenizer):
 
 @torch.inference_mode()
 def evaluate(cfg: EvalConfig) -> EvalResult:
-    cfg = check_eval(cfg)  # every input, and the default --max-length, before a model loads
+    max_length = check_eval(cfg)  # every input, and the default --max-length, before a model loads
     device = torch.device(local_device(cfg.device))
     model, tokenizer = _load(cfg.model, device, cfg.hub_kernels)
     teacher = None
@@ -100,7 +100,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
 
     n_seq = n_tok = top1 = top5 = agree = 0
     nll = kl = 0.0
-    for masked, attention, labels in masked_eval_batches(cfg, tokenizer):
+    for masked, attention, labels in masked_eval_batches(cfg, tokenizer, max_length):
         masked, attention, labels = masked.to(device), attention.to(device), labels.to(device)
         sel = labels != -100
         logits = model(input_ids=masked, attention_mask=attention).logits[sel].float()

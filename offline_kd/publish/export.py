@@ -118,12 +118,12 @@ def export_run(
 ) -> Path:
     """Gather the trained module on every rank; rank 0 writes ``DIR/final``; return its path.
 
-    Every rank returns once ``final/`` is written. With ``cfg.debug_param_hash`` each rank also
+    Every rank returns once ``final/`` is written. With ``cfg.logs.debug_param_hash`` each rank also
     writes a hash of its gathered parameters (equal on every rank when ZeRO kept them in sync).
     """
     out = Path(cfg.output)
     state = gathered_state_dict(module)
-    if cfg.debug_param_hash:
+    if cfg.logs.debug_param_hash:
         dbg = out / "debug"
         dbg.mkdir(parents=True, exist_ok=True)
         (dbg / f"params_rank{rank}.sha256").write_text(params_sha256(state) + "\n")
@@ -135,12 +135,12 @@ def export_run(
 
             save_file(proj, str(out / "projection.safetensors"))
         write_run_config(final_dir, cfg, ds)
-        ref = cfg.push_to_hub or str(final_dir.resolve())
-        heldout = metrics.get("eval") and {**metrics["eval"], "source": cfg.eval_corpus}
-        name = (cfg.push_to_hub or str(out.resolve())).rstrip("/").split("/")[-1]
+        ref = cfg.card.push_to_hub or str(final_dir.resolve())
+        heldout = metrics.get("eval") and {**metrics["eval"], "source": cfg.heldout.eval_corpus}
+        name = (cfg.card.push_to_hub or str(out.resolve())).rstrip("/").split("/")[-1]
         inputs = CardInputs(ref, name, steps, metrics.get("train") or {}, heldout)
         build_card(cfg, meta, bundle, ds, inputs).save(final_dir / "README.md")
-        if cfg.push_to_hub:
-            log.info("pushed %s: %s", final_dir, push_to_hub(final_dir, cfg.push_to_hub))
+        if cfg.card.push_to_hub:
+            log.info("pushed %s: %s", final_dir, push_to_hub(final_dir, cfg.card.push_to_hub))
     barrier()
     return final_dir

@@ -77,8 +77,8 @@ def card_data(cfg: TrainConfig, meta: StoreMeta, heldout: dict | None, model_nam
         # the same test as for a dataset: a hub id, not a local directory or a URL
         base_model=teacher if teacher and hub_dataset(teacher) and not Path(teacher).exists() else None,
         datasets=datasets or None,
-        license=cfg.license or (inherited.license if inherited else None),
-        language=cfg.language or (inherited.language if inherited else None),
+        license=cfg.card.license or (inherited.license if inherited else None),
+        language=cfg.card.language or (inherited.language if inherited else None),
         library_name="transformers",
         pipeline_tag="fill-mask",
         tags=["distillation", "offline-kd"],

@@ -160,6 +160,23 @@ def build(cls: type, values: dict[tuple[str, ...], Any], prefix: tuple[str, ...]
     return cls(**kwargs)
 
 
+def from_fields(cls: type, **values: Any) -> Any:
+    """`cls` from values named by their field, nested sections included, as on the command line:
+    ``from_fields(TrainConfig, store=..., save_every=5)`` sets ``TrainConfig.checkpoint.save_every``.
+    A nested section can also be passed whole (``loss=LossConfig(...)``)."""
+    paths = {opt.path[-1]: opt.path for opt in options(cls)}
+    hints = typing.get_type_hints(cls)
+    sections = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+    keyed: dict[tuple[str, ...], Any] = {}
+    whole = {k: values.pop(k) for k in list(values) if k in sections}
+    for name, value in values.items():
+        if name not in paths:
+            raise TypeError(f"{cls.__name__} has no setting {name!r}")
+        keyed[paths[name]] = value
+    built = build(cls, keyed)
+    return dataclasses.replace(built, **whole) if whole else built
+
+
 # ------------------------------------------------------------------------------------------ parsing
 
 

@@ -141,20 +141,67 @@ class LossConfig:
         return asdict(self)
 
 
-_IO, _STUDENT, _SCHEDULE, _DATA, _LOGS, _EVAL, _CARD = (
-    "inputs and outputs",
-    "student",
-    "schedule",
-    "data",
-    "checkpoints and logs",
-    "held-out evaluation",
-    "model card",
-)
+_IO, _STUDENT, _SCHEDULE = "inputs and outputs", "student", "schedule"
+
+
+@dataclass
+class DataConfig:
+    """The store reader (`offline_kd.train.reader`)."""
+
+    num_workers: int = setting(0, "DataLoader reader processes")
+    buffer_chunks: int = setting(4, "store chunks per shuffle buffer")
+
+
+@dataclass
+class CheckpointConfig:
+    """The checkpointer (`offline_kd.train.checkpoint.Checkpointer`): when it saves and what it keeps."""
+
+    save_every: int = setting(0, "checkpoint every N optimizer steps (0: never)")
+    keep_checkpoints: int | None = setting(None, "keep only the newest N checkpoints")
+    resume: bool = setting(False, "continue from the newest complete checkpoint")
+
+
+@dataclass
+class LogConfig:
+    """Rank 0's logs (`offline_kd.train.metrics.MetricsLogger`) and debugging output."""
+
+    progress: bool = setting(
+        True, "rank 0 shows a progress bar on a terminal (without one, or with --no-progress: plain lines)"
+    )
+    log_every: int = setting(50, "a plain progress line every N optimizer steps (0: by time only)")
+    log_every_seconds: float = setting(60.0, "a plain progress line at least every S seconds")
+    tensorboard: bool = setting(True, "write TensorBoard events under logs/tb")
+    debug_param_hash: bool = setting(False, "each rank writes a hash of its parameters")
+
+
+@dataclass
+class HeldOutConfig:
+    """The held-out evaluator (`offline_kd.train.heldout.HeldOutEvaluator`): what it scores and when."""
+
+    eval_corpus: str | None = setting(
+        None,
+        "held-out text/jsonl/parquet file (masked accuracy, perplexity) or signal store (also agreement "
+        "with the teacher's stored top-1) scored during training and for the model card",
+    )
+    eval_every: int = setting(0, "evaluate every N optimizer steps (0: once, at the end)")
+    eval_max_sequences: int | None = setting(256, "score at most N held-out sequences")
+
+
+@dataclass
+class CardConfig:
+    """The exported student's model card and where it is published (`offline_kd.publish.export`)."""
+
+    license: str | None = setting(None, "model card license, e.g. apache-2.0; none: the local teacher card's")
+    language: list[str] | None = setting(
+        None, "model card language, e.g. en (repeatable); none: the local teacher card's"
+    )
+    push_to_hub: str | None = setting(None, "upload final/ to this hub model repository (owner/name)")
 
 
 @dataclass
 class TrainConfig:
-    """Training a student from a signal store with DeepSpeed."""
+    """Training a student from a signal store with DeepSpeed: the run's own settings, then one section
+    per component (loss, reader, checkpointer, logs, held-out evaluator, model card)."""
 
     store: str = setting(help="signal store URL (local path or fsspec URL)", group=_IO)
     student: str = setting(
@@ -170,6 +217,7 @@ class TrainConfig:
         group=_IO,
     )
     teacher: str | None = setting(None, "teacher path; none: the one the store records", group=_IO)
+    storage_options: dict | None = storage_options_setting(group=_IO)
     init_layers: str | None = setting(None, "teacher layers to copy, e.g. 0,2,4,7,9,11", group=_STUDENT)
     init_from_teacher: bool = setting(False, "copy teacher tensors whose shapes match", group=_STUDENT)
     hidden_projection: bool = setting(False, "learn a student→teacher width projection", group=_STUDENT)
@@ -179,7 +227,6 @@ class TrainConfig:
         "the layers their checkpoints define)",
         group=_STUDENT,
     )
-    loss: LossConfig = setting(factory=LossConfig, group="loss")
     epochs: int = setting(3, "epochs; epoch e replays mask view e mod views", group=_SCHEDULE)
     max_steps: int | None = setting(
         None, "stop after this many optimizer steps (the LR schedule is unchanged)", group=_SCHEDULE
@@ -192,40 +239,12 @@ class TrainConfig:
     lr: float | None = setting(None, "overrides the optimizer's lr", group=_SCHEDULE)
     warmup_fraction: float = setting(0.05, "warm-up share of an 'auto' schedule", group=_SCHEDULE)
     seed: int = setting(0, "student initialisation and data order", group=_SCHEDULE)
-    num_workers: int = setting(0, "DataLoader reader processes", group=_DATA)
-    buffer_chunks: int = setting(4, "store chunks per shuffle buffer", group=_DATA)
-    storage_options: dict | None = storage_options_setting(group=_IO)
-    save_every: int = setting(0, "checkpoint every N optimizer steps (0: never)", group=_LOGS)
-    keep_checkpoints: int | None = setting(None, "keep only the newest N checkpoints", group=_LOGS)
-    resume: bool = setting(False, "continue from the newest complete checkpoint", group=_LOGS)
-    progress: bool = setting(
-        True,
-        "rank 0 shows a progress bar on a terminal (without one, or with --no-progress: plain lines)",
-        group=_LOGS,
-    )
-    log_every: int = setting(
-        50, "a plain progress line every N optimizer steps (0: by time only)", group=_LOGS
-    )
-    log_every_seconds: float = setting(60.0, "a plain progress line at least every S seconds", group=_LOGS)
-    tensorboard: bool = setting(True, "write TensorBoard events under logs/tb", group=_LOGS)
-    debug_param_hash: bool = setting(False, "each rank writes a hash of its parameters", group=_LOGS)
-    eval_corpus: str | None = setting(
-        None,
-        "held-out text/jsonl/parquet file (masked accuracy, perplexity) or signal store (also agreement "
-        "with the teacher's stored top-1) scored during training and for the model card",
-        group=_EVAL,
-    )
-    eval_every: int = setting(0, "evaluate every N optimizer steps (0: once, at the end)", group=_EVAL)
-    eval_max_sequences: int | None = setting(256, "score at most N held-out sequences", group=_EVAL)
-    license: str | None = setting(
-        None, "model card license, e.g. apache-2.0; none: the local teacher card's", group=_CARD
-    )
-    language: list[str] | None = setting(
-        None, "model card language, e.g. en (repeatable); none: the local teacher card's", group=_CARD
-    )
-    push_to_hub: str | None = setting(
-        None, "upload final/ to this hub model repository (owner/name)", group=_CARD
-    )
+    loss: LossConfig = setting(factory=LossConfig, group="loss")
+    data: DataConfig = setting(factory=DataConfig, group="data")
+    checkpoint: CheckpointConfig = setting(factory=CheckpointConfig, group="checkpoints")
+    logs: LogConfig = setting(factory=LogConfig, group="logs")
+    heldout: HeldOutConfig = setting(factory=HeldOutConfig, group="held-out evaluation")
+    card: CardConfig = setting(factory=CardConfig, group="model card")
     local_rank: int | None = setting(
         None, "set by the deepspeed launcher", flags=("--local_rank", "--local-rank"), hidden=True
     )

@@ -15,7 +15,7 @@ import numpy as np
 import zarr
 import zarr.codecs as zc
 
-from offline_kd.runtime.errors import UsageError
+from offline_kd.runtime.errors import RunFailed, UsageError
 from offline_kd.store.storage import check_store_url, is_local, local_path, parse_options
 
 FORMAT = "offline_kd.signal_store"
@@ -44,8 +44,8 @@ class StoreMismatchError(StoreError):
     """An existing store was made with different settings."""
 
 
-class StoreCorruptionError(StoreError):
-    """A chunk failed its checksum or could not be decoded."""
+class StoreCorruptionError(RunFailed):
+    """A chunk failed its checksum or could not be decoded: the data went bad, not the input (exit 1)."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from offline_kd.store.signal_store import HEAD_GROUP, SignalStore, StoreCorruptionError, StoreError
-from offline_kd.teacher.model import TeacherError
+from offline_kd.teacher.errors import TeacherError, TeacherFailed
 
 GROUP = HEAD_GROUP
 ATTR_KEY = "offline_kd_head"
@@ -280,7 +280,7 @@ def _sha256(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a, dtype="<f4").tobytes()).hexdigest()
 
 
-def _head_group(obj):
+def head_group(obj):
     """(the ``teacher_head`` zarr group, the store meta or None, a name for messages)."""
     if isinstance(obj, str):
         obj = SignalStore.open(obj)
@@ -304,7 +304,7 @@ def load_head(
     """Rebuild the stored head (a store URL, a :class:`~offline_kd.store.signal_store.SignalStore`, its root zarr
     group or its ``teacher_head`` group) from its arrays. Checked against the store's vocabulary and
     hidden sizes when the store is known; no gradients, eval mode."""
-    hg, meta, where = _head_group(store_or_group)
+    hg, meta, where = head_group(store_or_group)
     info = hg.attrs.asdict().get(ATTR_KEY)
     if not info or info.get("format_version") != HEAD_FORMAT_VERSION:
         raise StoreError(f"{where}: unsupported teacher head format {info and info.get('format_version')!r}")
@@ -335,48 +335,6 @@ def check_head_fits(head: MLMHead, vocab_size: int, hidden_size: int, where: str
         raise TeacherError(
             f"the teacher head takes hidden size {head.hidden_size} but {where} stores {int(hidden_size)}"
         )
-
-
-def head_from_teacher(
-    path: str, expected_weights_sha256: str, *, revision: str | None = None, trust_remote_code: bool = False
-) -> MLMHead:
-    """The head of the teacher at ``path`` (fp32, CPU), for a store without a stored head; refused
-    unless the teacher's weights hash is the store's."""
-    from offline_kd.teacher.model import load_teacher
-
-    t = load_teacher(
-        path, revision=revision, device="cpu", dtype="float32", trust_remote_code=trust_remote_code
-    )
-    if t.weights_sha256 != expected_weights_sha256:
-        raise TeacherError(
-            f"--teacher {path!r} has weights sha256 {t.weights_sha256} but the store was made with "
-            f"{expected_weights_sha256}"
-        )
-    return extract_head(t.model).module
-
-
-def resolve_head(
-    store,
-    teacher: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-) -> MLMHead:
-    """The head of ``store`` (a :class:`~offline_kd.store.signal_store.SignalStore`): the stored one, else the
-    one of ``teacher`` after checking its weights hash against the store's provenance."""
-    if GROUP in store.group:
-        return load_head(store, device=device, dtype=dtype)
-    if teacher is None:
-        _head_group(store)  # raises the "no stored head, pass --teacher" error
-    head = head_from_teacher(
-        teacher,
-        str(store.meta.teacher.get("weights_sha256")),
-        revision=revision,
-        trust_remote_code=trust_remote_code,
-    )
-    check_head_fits(head, store.meta.vocab_size, store.meta.hidden_size, repr(store.url))
-    return head.to(device=device, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- reproduction check
@@ -443,7 +401,7 @@ def reproduction_check(
     if not bool(finite.all()):
         row = int((~finite).any(dim=1).nonzero()[0, 0])
         pos = int((~finite[row]).nonzero()[0, 0])
-        raise TeacherError(f"teacher produced NaN/inf logits for sequence {row} at position {pos}")
+        raise TeacherFailed(f"teacher produced NaN/inf logits for sequence {row} at position {pos}")
     err = range_error(out.hidden_states[-1].float().masked_fill(~real[..., None], 0.0), hidden_dtype)
     if err:
         raise TeacherError(err)

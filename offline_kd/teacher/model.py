@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from offline_kd.runtime.errors import UsageError
 from offline_kd.runtime.hub_kernels import load_kwargs as hub_kernel_kwargs
+from offline_kd.teacher.errors import TeacherError, TeacherFailed
+from offline_kd.teacher.head import GROUP, MLMHead, check_head_fits, extract_head, head_group, load_head
 from offline_kd.teacher.signals import extract_signals
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.h5", "*.msgpack")
@@ -25,10 +26,6 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
-
-
-class TeacherError(UsageError):
-    """The teacher cannot be used (no MLM head, bad outputs, unsupported)."""
 
 
 @dataclass
@@ -212,8 +209,6 @@ def load_teacher(
     model.eval()
     head_spec, head_error = None, None
     if head:
-        from offline_kd.teacher.head import extract_head
-
         try:
             head_spec = extract_head(model)
         except TeacherError as e:
@@ -312,12 +307,12 @@ def teacher_signals(
 
 
 def check_finite(nonfinite: np.ndarray | torch.Tensor, seq_offset: int = 0) -> None:
-    """Raise :class:`TeacherError` naming the first sequence (``seq_offset`` + row) with a NaN/inf logit."""
+    """Raise :class:`TeacherFailed` naming the first sequence (``seq_offset`` + row) with a NaN/inf logit."""
     bad = np.asarray(nonfinite.cpu() if torch.is_tensor(nonfinite) else nonfinite)
     if bad.any():
         row = int(np.flatnonzero(bad.any(axis=1))[0])
         pos = int(np.flatnonzero(bad[row])[0])
-        raise TeacherError(
+        raise TeacherFailed(
             f"teacher produced NaN/inf logits for sequence {seq_offset + row} at position {pos}"
         )
 
@@ -351,3 +346,46 @@ def compute_signals(
         **{k: v.cpu().numpy() if v is not None else None for k, v in host.items()},
         hidden=hd.encode(sig.hidden, hidden_dtype) if sig.hidden is not None else None,
     )
+
+
+# --------------------------------------------------------------------------- the head of a store
+
+
+def head_from_teacher(
+    path: str, expected_weights_sha256: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> MLMHead:
+    """The head of the teacher at ``path`` (fp32, CPU), for a store without a stored head; refused
+    unless the teacher's weights hash is the store's."""
+    t = load_teacher(
+        path, revision=revision, device="cpu", dtype="float32", trust_remote_code=trust_remote_code
+    )
+    if t.weights_sha256 != expected_weights_sha256:
+        raise TeacherError(
+            f"--teacher {path!r} has weights sha256 {t.weights_sha256} but the store was made with "
+            f"{expected_weights_sha256}"
+        )
+    return extract_head(t.model).module
+
+
+def resolve_head(
+    store,
+    teacher: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> MLMHead:
+    """The head of ``store`` (a :class:`~offline_kd.store.signal_store.SignalStore`): the stored one, else the
+    one of ``teacher`` after checking its weights hash against the store's provenance."""
+    if GROUP in store.group:
+        return load_head(store, device=device, dtype=dtype)
+    if teacher is None:
+        head_group(store)  # raises the "no stored head, pass --teacher" error
+    head = head_from_teacher(
+        teacher,
+        str(store.meta.teacher.get("weights_sha256")),
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+    check_head_fits(head, store.meta.vocab_size, store.meta.hidden_size, repr(store.url))
+    return head.to(device=device, dtype=dtype)

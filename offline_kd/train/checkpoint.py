@@ -26,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from offline_kd.runtime.distributed import barrier, rank, world_size
+from offline_kd.runtime.settings import CheckpointConfig
+from offline_kd.train.state import TrainState, resume_state
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +172,46 @@ def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> tuple[str, dic
             path.name,
         )
     return tag, client_state or {}
+
+
+class Checkpointer:
+    """When a run saves, what it keeps and where it resumes: the loop only reports its steps.
+
+    ``save(state, ..., last_step=False)`` saves every ``save_every`` optimizer steps;
+    ``last_step=True`` saves the final step too (unless it was just saved), so a finished run is
+    always resumable. Nothing is saved with ``save_every`` 0.
+    """
+
+    def __init__(self, engine, ckpt_dir: Path, cfg: CheckpointConfig):
+        self.engine, self.dir, self.cfg = engine, Path(ckpt_dir), cfg
+        self.last_saved: str | None = None  # the newest checkpoint of this run, resumed from or saved
+
+    def resume(self, fresh: TrainState, is_main: bool) -> TrainState:
+        """With ``--resume`` the newest complete checkpoint's state (remapped to `fresh`'s layout), else
+        `fresh`."""
+        if not self.cfg.resume:
+            return fresh
+        loaded = load(self.engine, self.dir)
+        if loaded is None:
+            if is_main:
+                log.info("--resume: no complete checkpoint in %s, starting fresh", self.dir)
+            return fresh
+        self.last_saved, client = loaded
+        state, warnings = resume_state(client, fresh.layout, fresh.scheduler)
+        if is_main:
+            for warning in warnings:
+                log.warning("%s", warning)
+            log.info(
+                "resumed from %s at step %d (epoch %d, micro-batch %d)",
+                self.last_saved, state.step, state.epoch, state.micro_pos,
+            )  # fmt: skip
+        return state
+
+    def save(self, state: TrainState, micro_batches: int, row: dict, last_step: bool = False) -> None:
+        """Save `state` when its step is due (or is the last one and not yet saved)."""
+        every, step = self.cfg.save_every, state.step
+        due = every and step % every == 0 if not last_step else every and step > 0
+        if not due or self.last_saved == tag_for(step):
+            return
+        client = state.to_client_state(micro_batches, row)
+        self.last_saved = save(self.engine, self.dir, step, client, self.cfg.keep_checkpoints)

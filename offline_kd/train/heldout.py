@@ -24,7 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from offline_kd.runtime.distributed import accelerator_device
 from offline_kd.runtime.errors import UsageError
+from offline_kd.runtime.settings import HeldOutConfig
 
 # Summed over ranks: sequences, masked tokens, correct top-1, negative log-likelihood, agreeing top-1.
 _SEQ, _TOK, _TOP1, _NLL, _AGREE = range(5)
@@ -156,3 +158,36 @@ def _score(logits: torch.Tensor, batch: dict, vocab_size: int | None, device: to
         ],
         dtype=torch.float64,
     )
+
+
+class HeldOutEvaluator:
+    """Scores ``--eval-corpus`` every ``eval_every`` optimizer steps and once at the end; the loop only
+    reports its steps. Without an eval corpus it does nothing."""
+
+    def __init__(self, cfg: HeldOutConfig, tokenizer, meta, *, batch_size: int, rank: int, world: int,
+                 storage_options: dict | None = None):  # fmt: skip
+        self.cfg = cfg
+        self.last: tuple[int, dict] | None = None  # (step, result) of the newest evaluation
+        self.heldout = None
+        if cfg.eval_corpus:  # built once, before step 0: a bad corpus fails before any training
+            self.heldout = HeldOutEval(
+                cfg.eval_corpus, tokenizer, max_length=int(meta.max_length),
+                tokenizer_sha256=meta.tokenizer_sha256, max_sequences=cfg.eval_max_sequences,
+                batch_size=batch_size, rank=rank, world=world, storage_options=storage_options,
+            )  # fmt: skip
+
+    def evaluate(self, engine, step: int, logger, vocab_size: int | None, last_step: bool = False) -> None:
+        """Every rank scores its share when `step` is due (the last step: unless just scored); rank 0 logs."""
+        if self.heldout is None:
+            return
+        every = self.cfg.eval_every
+        due = (self.last is None or self.last[0] != step) if last_step else every and step % every == 0
+        if due:
+            result = self.heldout.run(engine, vocab_size, accelerator_device())
+            logger.log_eval(step, result)
+            self.last = (step, result)
+
+    @property
+    def result(self) -> dict | None:
+        """The newest evaluation's metrics, for the model card."""
+        return self.last and self.last[1]

@@ -1,19 +1,20 @@
 """Train a student from a signal store with DeepSpeed (the teacher never runs).
 
 ``train(TrainConfig)`` reads top to bottom and runs the same on every rank: check every input
-(`offline_kd.runtime.inputs`); join the process group; build the student and refuse one that does not fit
-the store (`prepare_run`); resolve the DeepSpeed config
-and the reader (`plan_run`); build the engine; resume from the newest *complete* checkpoint
-(`offline_kd.train.state`); loop over epochs (view ``epoch mod views``) and micro-batches; export
-``DIR/final`` (`offline_kd.publish.export`). Every micro-batch's loss components are summed over ranks,
-which also stops every rank together on a non-finite loss.
+(`offline_kd.train.checks`); join the process group; build the student and refuse one that does not
+fit the store (`prepare_run`); resolve the DeepSpeed config and the reader (`plan_run`); build the
+engine; resume from the newest *complete* checkpoint (`Checkpointer`); loop over epochs (view ``epoch
+mod views``), optimizer steps and each step's micro-batches (`optimizer_step`); export ``DIR/final``
+(`offline_kd.publish.export`). The checkpointer and the held-out evaluator decide themselves which
+steps they act on. Every micro-batch's loss components are summed over ranks, which also stops every
+rank together on a non-finite loss.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,18 +24,18 @@ from torch import nn
 from offline_kd.publish.export import export_run, redacted_settings, write_run_config
 from offline_kd.runtime.distributed import accelerator_device, init_distributed
 from offline_kd.runtime.errors import RunFailed, UsageError
-from offline_kd.runtime.inputs import check_train, kl_source_note
 from offline_kd.runtime.launcher import launcher_env
 from offline_kd.runtime.progress import quiet_library_bars
 from offline_kd.runtime.settings import TrainConfig
-from offline_kd.store.signal_store import SignalStore, StoreMeta, open_store
-from offline_kd.train import checkpoint as ckpt
+from offline_kd.store.signal_store import SignalStore, StoreMeta
+from offline_kd.train.checkpoint import Checkpointer
+from offline_kd.train.checks import TrainInputs, check_train, kl_source_note
 from offline_kd.train.ds_config import fill_schedule, load_ds_config, resolve_ds_config
-from offline_kd.train.heldout import HeldOutEval
+from offline_kd.train.heldout import HeldOutEvaluator
 from offline_kd.train.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.train.metrics import MetricsLogger
 from offline_kd.train.reader import ReaderConfig, StoreReader
-from offline_kd.train.state import Layout, TrainState, resume_state
+from offline_kd.train.state import Layout, TrainState
 from offline_kd.train.student import StudentBundle, build_student, check_compatible
 
 log = logging.getLogger(__name__)
@@ -124,16 +125,15 @@ class DistillModule(nn.Module):
 # --------------------------------------------------------------------------------------- set-up
 
 
-def prepare_run(cfg: TrainConfig) -> PreparedRun:
-    """Open the store and build the student; refuse a student (or, for the exact KL, a teacher head)
-    that does not fit before step 0."""
-    store = open_store(cfg.store, cfg.storage_options)
-    meta = store.meta
-    exact = cfg.loss.kl_source == "exact"
-    teacher_head = exact_teacher_head(store, cfg.teacher, accelerator_device()) if exact else None
+def prepare_run(cfg: TrainConfig, found: TrainInputs) -> PreparedRun:
+    """Build the student (and, for the exact KL, take the teacher's head); refuse a student that does
+    not fit the store before step 0."""
+    meta = found.store.meta
+    exact = found.kl_source == "exact"
+    teacher_head = exact_teacher_head(found.store, found.teacher, accelerator_device()) if exact else None
     bundle = build_student(
         cfg.student,
-        teacher_path=cfg.teacher or (meta.teacher or {}).get("name_or_path"),
+        teacher_path=found.teacher or (meta.teacher or {}).get("name_or_path"),
         vocab_size=int(meta.vocab_size),
         max_positions=max(int(meta.max_length), 512),
         pad_token_id=int(meta.pad_token_id),
@@ -166,13 +166,15 @@ def exact_teacher_head(
     """The teacher's MLM head for the exact KL, fp32 on `device`, checked against the store's hidden size
     and vocabulary: the stored one, else (a store written without one) the head of `teacher`
     (``--teacher``, default: the teacher the store records) once its weights hash matches the store's."""
-    from offline_kd.teacher.head import resolve_head
+    from offline_kd.teacher.model import resolve_head
 
     teacher = teacher or (store.meta.teacher or {}).get("name_or_path")
     return resolve_head(store, teacher, device=device, dtype=torch.float32)
 
 
-def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[dict, StoreReader, EpochPlan]:
+def plan_run(
+    cfg: TrainConfig, store: SignalStore, rank: int, world: int
+) -> tuple[dict, StoreReader, EpochPlan]:
     """The resolved DeepSpeed config, this rank's reader and the run's length in steps."""
     ds = resolve_ds_config(
         load_ds_config(cfg.deepspeed_config),
@@ -188,8 +190,8 @@ def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[
             url=cfg.store,
             micro_batch_size=ds["train_micro_batch_size_per_gpu"],
             seed=cfg.seed,
-            num_workers=cfg.num_workers,
-            buffer_chunks=cfg.buffer_chunks,
+            num_workers=cfg.data.num_workers,
+            buffer_chunks=cfg.data.buffer_chunks,
             temperature=cfg.loss.temperature if topk and cfg.loss.kl_tail else None,
             hidden=cfg.loss.alpha_cos > 0 or not topk,
             topk=topk,
@@ -197,6 +199,7 @@ def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[
         ),
         world_size=world,
         rank=rank,
+        store=store,
     )
     steps_per_epoch = reader.micro_per_epoch // gas
     if steps_per_epoch == 0:
@@ -210,10 +213,11 @@ def plan_run(cfg: TrainConfig, meta: StoreMeta, rank: int, world: int) -> tuple[
     # An "auto" schedule spans --schedule-steps, else --max-steps, else all epochs; pass the same
     # value when resuming (a resumed run with another schedule length is warned about).
     ds = fill_schedule(ds, cfg.schedule_steps or total_steps, cfg.warmup_fraction)
-    if cfg.epochs > int(meta.views) and rank == 0:
+    if cfg.epochs > int(store.meta.views) and rank == 0:
         log.warning(
-            "%d epochs over %d mask views: views repeat from epoch %d", cfg.epochs, meta.views, meta.views
-        )
+            "%d epochs over %d mask views: views repeat from epoch %d",
+            cfg.epochs, store.meta.views, store.meta.views,
+        )  # fmt: skip
     return ds, reader, EpochPlan(steps_per_epoch * gas, steps_per_epoch, total_steps)
 
 
@@ -229,33 +233,6 @@ def build_engine(cfg: TrainConfig, run: PreparedRun, ds: dict):
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds
     )
     return engine
-
-
-def resume_run(
-    cfg: TrainConfig, engine, ckpt_dir: Path, layout: Layout, scheduler: dict | None, is_main: bool
-) -> tuple[TrainState, str | None]:
-    """The state to start from: the newest complete checkpoint's with --resume, else step 0."""
-    fresh = TrainState(layout=layout, scheduler=scheduler)
-    if not cfg.resume:
-        return fresh, None
-    loaded = ckpt.load(engine, ckpt_dir)
-    if loaded is None:
-        if is_main:
-            log.info("--resume: no complete checkpoint in %s, starting fresh", ckpt_dir)
-        return fresh, None
-    tag, client = loaded
-    state, warnings = resume_state(client, layout, scheduler)
-    if is_main:
-        for warning in warnings:
-            log.warning("%s", warning)
-        log.info(
-            "resumed from %s at step %d (epoch %d, micro-batch %d)",
-            tag,
-            state.step,
-            state.epoch,
-            state.micro_pos,
-        )
-    return state, tag
 
 
 # --------------------------------------------------------------------------------------- loop pieces
@@ -348,27 +325,6 @@ def grad_norm_after_step(engine, before: float | None) -> float:
     return float("nan") if norm is None else norm
 
 
-def held_out_eval(cfg: TrainConfig, run: PreparedRun, ds: dict, rank: int, world: int) -> HeldOutEval | None:
-    """The --eval-corpus batches of this rank, built once before step 0."""
-    if not cfg.eval_corpus:
-        return None
-    return HeldOutEval(
-        cfg.eval_corpus, run.bundle.tokenizer, max_length=int(run.meta.max_length),
-        tokenizer_sha256=run.meta.tokenizer_sha256, max_sequences=cfg.eval_max_sequences,
-        batch_size=int(ds["train_micro_batch_size_per_gpu"]), rank=rank, world=world,
-        storage_options=cfg.storage_options,
-    )  # fmt: skip
-
-
-def evaluate_held_out(
-    heldout: HeldOutEval, engine, run: PreparedRun, step: int, logger: MetricsLogger
-) -> tuple[int, dict]:
-    """Every rank scores its share of the held-out batches; rank 0 logs the result."""
-    result = heldout.run(engine, run.bundle.true_vocab_size, accelerator_device())
-    logger.log_eval(step, result)
-    return step, result
-
-
 def _lr(engine) -> float:
     lrs = engine.get_lr()
     return float(lrs[0]) if lrs else float("nan")
@@ -397,19 +353,41 @@ def forward_backward(
     return sums, norm
 
 
+def optimizer_step(
+    engine, batches, gas: int, world: int, state: TrainState, last_saved: str | None
+) -> tuple[torch.Tensor, float | None, float]:
+    """The micro-batches of one optimizer step: forward and backward each, DeepSpeed stepping at the
+    boundary. Returns their loss parts and token counts summed over ranks, the gradient norm before the
+    update, and the seconds spent waiting for the reader."""
+    totals, norm, wait = torch.zeros(SEQUENCES + 1, dtype=torch.float64), None, 0.0
+    device = accelerator_device()
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        boundary = (state.micro_pos + 1) % gas == 0
+        sums, norm = forward_backward(engine, _to_device(batch, device), world, state, last_saved, boundary)
+        totals += sums
+        state.micro_pos += 1
+        if boundary:  # a resume always starts on a step boundary
+            return totals, norm, wait
+
+
 def train(cfg: TrainConfig) -> TrainResult:
-    # Every input is checked (the teacher, an "auto" KL source resolved) before the process group.
-    requested, cfg = cfg.loss.kl_source, check_train(cfg, launcher_env().world_size)
+    # Every input is checked (the store opened, an "auto" KL source resolved) before the process group.
+    found, auto_source = check_train(cfg, launcher_env().world_size), cfg.loss.kl_source == "auto"
+    # The run records what it resolved: the teacher it uses and the KL source 'auto' stood for.
+    cfg = replace(cfg, teacher=found.teacher, loss=replace(cfg.loss, kl_source=found.kl_source))
     # Every rank joins one process group (a local one without a launcher).
     rank, world = init_distributed(cfg.local_rank)
-    device, out, is_main = accelerator_device(), Path(cfg.output), rank == 0
+    out, is_main = Path(cfg.output), rank == 0
     quiet_library_bars(rank)  # no \r frames in log files, no bar from ranks above 0
-    if is_main and requested == "auto":
-        log.info("%s", kl_source_note(cfg.loss.kl_source))
-    # Refuse a store or student that cannot work before anything expensive runs.
-    run = prepare_run(cfg)
+    if is_main and auto_source:
+        log.info("%s", kl_source_note(found.kl_source))
+    # Refuse a student that cannot work with the store before anything expensive runs.
+    run = prepare_run(cfg, found)
     # Batch shape, "auto" values and the run's length depend on the rank count and the store.
-    ds, reader, plan = plan_run(cfg, run.meta, rank, world)
+    ds, reader, plan = plan_run(cfg, found.store, rank, world)
     gas = ds["gradient_accumulation_steps"]
     # The exact settings go on disk before step 0, so even a crashed run says what it was.
     if is_main:
@@ -418,60 +396,48 @@ def train(cfg: TrainConfig) -> TrainResult:
     # DeepSpeed owns the optimizer, the ZeRO partitioning and the accumulation boundary.
     engine = build_engine(cfg, run, ds)
     # Continue at the next unseen micro-batch of the newest complete checkpoint.
-    ckpt_dir = out / "checkpoints"
-    layout = Layout(world, ds["train_micro_batch_size_per_gpu"], gas)
-    state, resumed_from = resume_run(cfg, engine, ckpt_dir, layout, ds.get("scheduler"), is_main)
+    checkpointer = Checkpointer(engine, out / "checkpoints", cfg.checkpoint)
+    fresh = TrainState(
+        layout=Layout(world, ds["train_micro_batch_size_per_gpu"], gas), scheduler=ds.get("scheduler")
+    )
+    state = checkpointer.resume(fresh, is_main)
+    resumed_from = checkpointer.last_saved
     # Rank 0 alone logs; a resumed run drops the rows after its checkpoint's step and redoes them.
-    logger = MetricsLogger(
-        out / "logs", enabled=is_main, total_steps=plan.total_steps, start_step=state.step,
-        progress=cfg.progress, tensorboard=cfg.tensorboard, log_every=cfg.log_every,
-        log_every_seconds=cfg.log_every_seconds, monitor=getattr(engine, "monitor", None),
-        monitor_x=lambda: int(engine.global_samples),
-    )  # fmt: skip
+    logger = MetricsLogger(out / "logs", cfg.logs, enabled=is_main, total_steps=plan.total_steps,
+                           start_step=state.step, monitor=getattr(engine, "monitor", None),
+                           monitor_x=lambda: int(engine.global_samples))  # fmt: skip
     logger.log_hparams({"train": redacted_settings(cfg), "deepspeed": ds})
-    heldout, last_eval = held_out_eval(cfg, run, ds, rank, world), None
-    last_saved, last_row = resumed_from, {}
+    heldout = HeldOutEvaluator(cfg.heldout, run.bundle.tokenizer, run.meta, rank=rank, world=world,
+                               batch_size=int(ds["train_micro_batch_size_per_gpu"]),
+                               storage_options=cfg.storage_options)  # fmt: skip
+    vocab, last_row = run.bundle.true_vocab_size, {}
     engine.train()
     try:
         while state.step < plan.total_steps and state.epoch < cfg.epochs:
             # An epoch's order is a pure function of (seed, epoch): start where this rank stopped.
             batches = reader.epoch_batches(state.epoch, start=state.micro_pos, stop=plan.micro_batches)
-            totals, wait, t_step = torch.zeros(SEQUENCES + 1, dtype=torch.float64), 0.0, time.perf_counter()
             while state.micro_pos < plan.micro_batches and state.step < plan.total_steps:
-                t0 = time.perf_counter()
-                batch = next(batches)
-                wait += time.perf_counter() - t0
-                boundary = (state.micro_pos + 1) % gas == 0
-                sums, norm = forward_backward(
-                    engine, _to_device(batch, device), world, state, last_saved, boundary
+                t_step = time.perf_counter()
+                totals, norm, wait = optimizer_step(
+                    engine, batches, gas, world, state, checkpointer.last_saved
                 )
-                totals += sums
-                state.micro_pos += 1
-                # Only whole optimizer steps are checked, logged and saved: a resume starts on one.
-                if state.micro_pos % gas:
-                    continue
                 state.step += 1
-                check_finite_params(engine.module, device, world, state, last_saved)
-                dt, t_step = time.perf_counter() - t_step, time.perf_counter()
-                last_row = metrics_row(state, totals, gas * world, _lr(engine), dt, wait)
+                check_finite_params(
+                    engine.module, accelerator_device(), world, state, checkpointer.last_saved
+                )
+                last_row = metrics_row(
+                    state, totals, gas * world, _lr(engine), time.perf_counter() - t_step, wait
+                )
                 last_row["grad_norm"] = grad_norm_after_step(engine, norm)
                 logger.log(last_row)
-                if heldout is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
-                    last_eval = evaluate_held_out(heldout, engine, run, state.step, logger)
-                totals.zero_()
-                wait = 0.0
-                if cfg.save_every and state.step % cfg.save_every == 0:
-                    client = state.to_client_state(plan.micro_batches, last_row)
-                    last_saved = ckpt.save(engine, ckpt_dir, state.step, client, cfg.keep_checkpoints)
+                heldout.evaluate(engine, state.step, logger, vocab)
+                checkpointer.save(state, plan.micro_batches, last_row)
             if state.micro_pos >= plan.micro_batches:
                 state.next_epoch()
-        # The last step is always resumable, even between two --save-every steps.
-        if cfg.save_every and last_saved != ckpt.tag_for(state.step) and state.step > 0:
-            client = state.to_client_state(plan.micro_batches, last_row)
-            last_saved = ckpt.save(engine, ckpt_dir, state.step, client, cfg.keep_checkpoints)
-        if heldout is not None and (last_eval is None or last_eval[0] != state.step):
-            last_eval = evaluate_held_out(heldout, engine, run, state.step, logger)
-        card_metrics = {"train": logger.mean_of_last(CARD_MEAN_STEPS), "eval": last_eval and last_eval[1]}
+        # The last step is always resumable and scored, even between two --save-every / --eval-every steps.
+        checkpointer.save(state, plan.micro_batches, last_row, last_step=True)
+        heldout.evaluate(engine, state.step, logger, vocab, last_step=True)
+        card_metrics = {"train": logger.mean_of_last(CARD_MEAN_STEPS), "eval": heldout.result}
     finally:
         logger.close()
     # Gather (ZeRO-3 partitions) and write a save_pretrained student with its card.

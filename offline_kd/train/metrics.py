@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from offline_kd.runtime.progress import Progress, human
+from offline_kd.runtime.settings import LogConfig
 
 COLUMNS = (
     "step",
@@ -94,18 +95,15 @@ class MetricsLogger:
     def __init__(
         self,
         log_dir: str | Path,
+        cfg: LogConfig,
         *,
         enabled: bool,
         total_steps: int,
         start_step: int = 0,
-        progress: bool = True,
-        tensorboard: bool = True,
-        log_every: int = 0,
-        log_every_seconds: float = 60.0,
         monitor=None,
         monitor_x: Callable[[], int] | None = None,
     ):
-        """`progress`: a bar on a TTY (plain lines otherwise, and always without it); `monitor`: a
+        """`cfg.progress`: a bar on a TTY (plain lines otherwise, and always without it); `monitor`: a
         DeepSpeed ``MonitorMaster`` (``engine.monitor``) that also receives every scalar when enabled,
         at ``monitor_x()`` (DeepSpeed's own events use the samples seen: W&B needs one rising x-axis)."""
         self.enabled = enabled
@@ -114,8 +112,8 @@ class MetricsLogger:
         self.history: list[dict] = []
         self._monitor_x = monitor_x
         self.progress = Progress(
-            total_steps, desc="train", unit="step", enabled=enabled, bar=progress, every=log_every,
-            every_seconds=log_every_seconds, initial=start_step,
+            total_steps, desc="train", unit="step", enabled=enabled, bar=cfg.progress, every=cfg.log_every,
+            every_seconds=cfg.log_every_seconds, initial=start_step,
         )  # fmt: skip
         if not enabled:
             return
@@ -125,7 +123,7 @@ class MetricsLogger:
         self._csv = _CsvLog(self.csv_path, COLUMNS, start_step)
         self.history = read_csv(self.csv_path)  # a resumed run's card averages over the steps before it too
         self._eval_csv = _CsvLog(self.dir / "eval.csv", EVAL_COLUMNS, start_step)
-        if tensorboard:
+        if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_step + 1 if start_step else None)

@@ -37,7 +37,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from offline_kd.store.hidden_dtype import to_batch as hidden_to_batch
-from offline_kd.store.signal_store import StoreError, StoreMeta, array_specs, open_store, temperature_index
+from offline_kd.store.signal_store import (
+    SignalStore,
+    StoreCorruptionError,
+    StoreError,
+    StoreMeta,
+    array_specs,
+    open_store,
+    temperature_index,
+)
 
 
 @dataclass
@@ -174,6 +182,10 @@ class StoreBatches(IterableDataset):
         state["_pid"] = None
         return state
 
+    def use_store(self, store) -> None:
+        """Read through `store` (`cfg.url`, already open) in this process."""
+        self._store, self._pid = store, os.getpid()
+
     @property
     def store(self):
         if self._store is None or self._pid != os.getpid():
@@ -268,7 +280,7 @@ class StoreBatches(IterableDataset):
             if i % nw == wid:
                 try:
                     yield self.load_group(g0, g1)
-                except StoreError as e:
+                except (StoreError, StoreCorruptionError) as e:
                     if info is None:
                         raise
                     # The loader would re-raise it wrapped in the worker's whole traceback.
@@ -279,11 +291,15 @@ class StoreBatches(IterableDataset):
 class StoreReader:
     """Micro-batches for one rank across epochs, resumable at (epoch, micro-batch index)."""
 
-    def __init__(self, cfg: ReaderConfig, *, world_size: int = 1, rank: int = 0):
+    def __init__(
+        self, cfg: ReaderConfig, *, world_size: int = 1, rank: int = 0, store: SignalStore | None = None
+    ):
+        """`store`: `cfg.url` already opened (training opens it once, to check it); reader processes
+        open their own."""
         self.cfg = cfg
         self.world_size, self.rank = world_size, rank
-        store = open_store(cfg.url, cfg.storage_options)
-        self.meta = store.meta
+        self.store = store if store is not None else open_store(cfg.url, cfg.storage_options)
+        self.meta = self.store.meta
         if cfg.hidden and not self.meta.hidden:
             raise ValueError(
                 "the store has no hidden states (precompute with --hidden) but the cosine loss needs them"
@@ -303,7 +319,7 @@ class StoreReader:
 
     def dataset(self, epoch: int, start: int = 0, stop: int | None = None) -> StoreBatches:
         stop = self.micro_per_epoch if stop is None else min(stop, self.micro_per_epoch)
-        return StoreBatches(
+        batches = StoreBatches(
             self.cfg,
             self.meta,
             epoch=epoch,
@@ -312,6 +328,8 @@ class StoreReader:
             start=start,
             stop=stop,
         )
+        batches.use_store(self.store)  # reader processes drop it when pickled and open their own
+        return batches
 
     def epoch_batches(
         self, epoch: int, start: int = 0, stop: int | None = None
