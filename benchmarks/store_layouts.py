@@ -126,6 +126,7 @@ def main() -> None:
 
     from offline_kd.precompute.run import PrecomputeConfig, precompute
     from offline_kd.precompute.verify import inspect_store, verify_store
+    from offline_kd.runtime.settings import VerifyConfig
     from offline_kd.store.signal_store import SignalStore, estimate_bytes_per_token
     from offline_kd.teacher.head import load_head
     from offline_kd.teacher.model import load_teacher
@@ -159,7 +160,7 @@ def main() -> None:
             )
             exact = None
             if m.has_head and m.top_k > 0:
-                exact = verify_store(str(out), sample=args.sample, exact=True).exact
+                exact = verify_store(str(out), VerifyConfig(sample=args.sample, exact=True)).exact
             rows.append((name, info, raw, fid, m.teacher_head.get("check"), exact))
             print(f"  {name}: {time.monotonic() - t0:.0f}s", file=sys.stderr)
 

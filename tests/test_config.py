@@ -150,3 +150,26 @@ def test_click_params_that_are_not_settings_are_refused():
     params = eval_command.make_context("eval", _args(EVAL_REQUIRED)).params
     with pytest.raises(TypeError, match="as_json"):
         from_click_params(EvalConfig, params)
+
+
+def test_every_environment_variable_is_declared_once():
+    """offline_kd reads its own variables through `offline_kd.runtime.env` only: a name written as a
+    string anywhere else in the package is a second declaration."""
+    import ast
+    from pathlib import Path
+
+    from offline_kd.runtime import env
+
+    package = Path(env.__file__).resolve().parents[1]
+    declared = {v.name for v in env.ALL}
+    assert len(declared) == len(env.ALL) and all(v.help for v in env.ALL)
+    elsewhere = {
+        f"{path.relative_to(package)}: {node.value}"
+        for path in package.rglob("*.py")
+        if path.name != "env.py"
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.startswith("OFFLINE_KD_")
+    }
+    assert elsewhere == set()

@@ -6,9 +6,8 @@ import copy
 from pathlib import Path
 
 import pytest
-import torch
 
-from offline_kd.train.ds_config import fill_schedule, load_ds_config, param_dtype, resolve_ds_config
+from offline_kd.train.ds_config import fill_schedule, load_ds_config, resolve_ds_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "offline_kd" / "configs"
 
@@ -108,16 +107,3 @@ def test_a_schedule_without_length_gets_none():
 def test_no_scheduler_is_left_alone():
     ds = {"optimizer": {"params": {"lr": 1e-3}}}
     assert fill_schedule(copy.deepcopy(ds), 10, 0.05) == ds
-
-
-@pytest.mark.parametrize(
-    "ds, dtype",
-    [
-        ({}, torch.float32),
-        ({"bf16": {"enabled": True}}, torch.bfloat16),
-        ({"fp16": {"enabled": True}, "bf16": {"enabled": False}}, torch.float16),
-        ({"fp16": {"enabled": False}}, torch.float32),
-    ],
-)
-def test_param_dtype(ds, dtype):
-    assert param_dtype(ds) == dtype

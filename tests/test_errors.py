@@ -166,6 +166,7 @@ def test_kd_misuse(case, fx):
 
     make_args, expected = KD_CASES[case]
     r = CliRunner().invoke(main, [str(a) for a in make_args(fx)])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # no escaped error
     assert expected in the_error(r.stderr, r.exit_code)
     assert not (fx.tmp / "s.zarr").exists()
 

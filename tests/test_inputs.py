@@ -57,9 +57,8 @@ def test_an_old_relative_record_is_found_above_the_store(tiny_store, tiny_teache
 
 def test_a_student_with_its_own_tokenizer_needs_no_teacher(tiny_store, tiny_teacher, tmp_path):
     """The store's teacher is gone, but a pretrained student directory has weights and a tokenizer."""
-    from offline_kd.train.checks import check_train
-
     from offline_kd.runtime.settings import TrainConfig
+    from offline_kd.train.checks import check_train
 
     store = tmp_path / "moved.zarr"
     shutil.copytree(tiny_store, store)

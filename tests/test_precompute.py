@@ -17,6 +17,7 @@ from conftest import (
     pause_env,
     run_tiny_precompute,
     save_nan_teacher,
+    wait_until,
 )
 
 from offline_kd.precompute.run import assigned_shards, rank_and_world
@@ -59,19 +60,25 @@ def test_two_ranks_equal_one(tmp_path, tiny_store, tiny_teacher, tiny_corpus):
     """Rank 0 prepares the corpus once into the cache beside the store; rank 1 never reads the raw corpus."""
     out = tmp_path / "two.zarr"
     hf_cache = {r: tmp_path / f"hf-datasets-rank{r}" for r in (0, 1)}  # where `datasets` would cache its work
-    procs = {
-        r: subprocess.Popen(
+    stderr = {r: tmp_path / f"rank{r}.err" for r in (0, 1)}
+
+    def start(r: int) -> subprocess.Popen:
+        return subprocess.Popen(
             kd_cmd(tiny_teacher, tiny_corpus, out, "--rank", str(r), "--world-size", "2"),
             stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            stderr=stderr[r].open("w"),
             text=True,
             env=dict(os.environ, HF_DATASETS_CACHE=str(hf_cache[r])),
         )
-        for r in (1, 0)  # rank 1 first: it must wait for rank 0 to prepare the corpus and create the store
-    }
+
+    # Rank 1 first, and rank 0 only once rank 1 says it waits for the corpus rank 0 prepares.
+    procs = {1: start(1)}
+    wait_until(lambda: "waiting for rank 0 to prepare the corpus" in stderr[1].read_text(), procs[1])
+    procs[0] = start(0)
     errs, logs = {}, {}
     for r, p in procs.items():
-        out_text, errs[r] = p.communicate(timeout=300)
+        out_text, _ = p.communicate(timeout=300)
+        errs[r] = stderr[r].read_text()
         assert p.returncode == 0, errs[r][-2000:]
         logs[r] = out_text + errs[r]
     assert SignalStore.open(str(out)).is_complete()

@@ -15,6 +15,7 @@ from conftest import run_tiny_precompute
 
 from offline_kd.cli.kd import main
 from offline_kd.precompute.verify import inspect_store, verify_store
+from offline_kd.runtime.settings import VerifyConfig
 from offline_kd.store.hidden_dtype import decode
 from offline_kd.store.signal_store import ATTR_KEY, SignalStore, StoreError
 from offline_kd.teacher.errors import TeacherError
@@ -115,7 +116,7 @@ def test_float8_hidden_states(tmp_path, tiny_teacher, tiny_corpus):
     L = batch["hidden"].shape[1]
     assert batch["hidden"].dtype == torch.bfloat16
     assert torch.equal(batch["hidden"].float(), h[:, :L].float())  # widened exactly
-    assert verify_store(str(out), sample=4, exact=True).ok
+    assert verify_store(str(out), VerifyConfig(sample=4, exact=True)).ok
 
 
 def test_float8_refuses_hidden_states_beyond_its_range(tmp_path, tiny_teacher, tiny_corpus):
@@ -196,7 +197,7 @@ def test_format_1_store_takes_the_head_from_the_teacher(tiny_store, tiny_teacher
     with pytest.raises(TeacherError) as e:
         resolve_head(s, str(other))
     assert "\n" not in str(e.value) and s.meta.teacher["weights_sha256"] in str(e.value)
-    rep = verify_store(str(old), teacher=str(tiny_teacher), sample=4, exact=True)
+    rep = verify_store(str(old), VerifyConfig(teacher=str(tiny_teacher), sample=4, exact=True))
     assert rep.ok, rep.errors
     assert rep.exact["top1_agreement"] >= 0.99
 
@@ -238,7 +239,7 @@ def test_verify_exact_fails_on_drifted_hidden_states_naming_the_sequence(tiny_st
     rows = h[view, seq].astype(np.float32)
     rng = np.random.default_rng(0)
     h[view, seq] = (rows + rng.normal(0.0, 0.5, rows.shape) * (rows != 0)).astype(np.float16)
-    rep = verify_store(str(bad), sample=8, exact=True)
+    rep = verify_store(str(bad), VerifyConfig(sample=8, exact=True))
     assert not rep.ok
     assert len(rep.errors) == 1 and f"view {view}, sequence {seq}:" in rep.errors[0]
 

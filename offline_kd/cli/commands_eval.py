@@ -7,7 +7,7 @@ import json
 import click
 
 from offline_kd.runtime.options import click_options, from_click_params
-from offline_kd.runtime.settings import EvalConfig
+from offline_kd.runtime.settings import DemoConfig, EvalConfig
 
 
 @click.command("eval")
@@ -32,16 +32,10 @@ def eval_command(as_json: bool, **params) -> None:
 
 
 @click.command("demo")
-@click.option("--output", default="runs/demo", show_default=True, help="Directory for every artifact.")
-@click.option(
-    "--budget",
-    type=click.Choice(["full", "tiny"]),
-    default="full",
-    show_default=True,
-    help="tiny: a smoke run in about a minute (what CI runs).",
-)
-def demo_command(output: str, budget: str) -> None:
+@click_options(DemoConfig)
+def demo_command(**params) -> None:
     """Fit a small teacher, precompute a store, train a student with DeepSpeed, export and evaluate it."""
     from offline_kd.examples.demo import run_demo
 
-    run_demo(output, budget=budget)
+    cfg = from_click_params(DemoConfig, params)
+    run_demo(cfg.output, budget=cfg.budget)

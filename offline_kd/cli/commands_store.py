@@ -7,7 +7,7 @@ import json
 import click
 
 from offline_kd.runtime.options import click_options, from_click_params
-from offline_kd.runtime.settings import PrecomputeConfig, StoreAccess
+from offline_kd.runtime.settings import PrecomputeConfig, StoreAccess, VerifyConfig
 
 
 def _storage_options(access: dict) -> dict | None:
@@ -47,35 +47,14 @@ def inspect_cmd(store, as_json, **access):
 
 @click.command("verify")
 @click.argument("store")
-@click.option("--teacher", default=None, help="Rerun this teacher on sampled sequences and compare.")
-@click.option(
-    "--exact",
-    is_flag=True,
-    help="Recompute the logits of the sampled sequences from the stored hidden states through the stored "
-    "head (or --teacher's, for a store without one) and compare them with the stored top-k and lse.",
-)
-@click.option(
-    "--sample", default=8, show_default=True, type=int, help="Sequences to rerun with --teacher / --exact."
-)
-@click.option("--device", default=None)
-@click.option(
-    "--dtype",
-    default="float32",
-    show_default=True,
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-)
-@click.option("--tolerance", default=1e-3, show_default=True, type=float, help="Max abs difference allowed.")
-@click.option("--json", "as_json", is_flag=True)
-@click_options(StoreAccess)
-def verify_cmd(store, teacher, exact, sample, device, dtype, tolerance, as_json, **access):
+@click_options(VerifyConfig)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify_cmd(store, as_json, **params):
     """Decode every chunk (crc32c), check ranges and completeness; exit 1 naming what is bad."""
     from offline_kd.precompute.verify import verify_store
     from offline_kd.precompute.verify_exact import format_exact
 
-    rep = verify_store(
-        store, teacher=teacher, sample=sample, device=device, dtype=dtype, tolerance=tolerance, exact=exact,
-        storage_options=_storage_options(access),
-    )  # fmt: skip
+    rep = verify_store(store, from_click_params(VerifyConfig, params))
     if as_json:
         click.echo(json.dumps(rep.as_dict(), indent=2))
     else:

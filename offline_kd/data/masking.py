@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from offline_kd.runtime.settings import PrecomputeConfig
+
 
 @dataclass
 class MaskingConfig:
-    mlm_probability: float = 0.15
+    mlm_probability: float = PrecomputeConfig.mlm_probability
     mask_prob: float = 0.8
     random_prob: float = 0.1
     keep_prob: float = 0.1

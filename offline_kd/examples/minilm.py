@@ -12,16 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from offline_kd.data.masking import MaskingConfig
+from offline_kd.runtime import env
 from offline_kd.runtime.hub_kernels import load_kwargs as hub_kernel_kwargs
 
-CACHE_DIR = Path(os.environ.get("OFFLINE_KD_CACHE", Path.home() / ".cache" / "offline_kd"))
+CACHE_DIR = Path(env.CACHE.get()).expanduser()
 
 
 def minilm_encoder_dir() -> Path:
@@ -69,16 +70,21 @@ def _file_digest(path: str) -> str:
 def _mask_batch(
     input_ids: torch.Tensor, special: torch.Tensor, mask_id: int, vocab: int, gen: torch.Generator
 ):
-    """Dynamic 15% masking with the 80/10/10 split (fitting the teacher is ordinary online MLM)."""
+    """Dynamic masking with the store's rates, 15% and 80/10/10 (fitting the teacher is ordinary online MLM)."""
+    rates = MaskingConfig()
     labels = input_ids.clone()
-    probs = torch.full(input_ids.shape, 0.15)
+    probs = torch.full(input_ids.shape, rates.mlm_probability)
     probs[special] = 0.0
     chosen = torch.bernoulli(probs, generator=gen).bool()
     labels[~chosen] = -100
     inputs = input_ids.clone()
-    replace = torch.bernoulli(torch.full(input_ids.shape, 0.8), generator=gen).bool() & chosen
+    replace = torch.bernoulli(torch.full(input_ids.shape, rates.mask_prob), generator=gen).bool() & chosen
     inputs[replace] = mask_id
-    rand = torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=gen).bool() & chosen & ~replace
+    # of the rest, random tokens with probability random / (random + keep): 0.1 / 0.2 = 0.5
+    random_share = rates.random_prob / (rates.random_prob + rates.keep_prob)
+    rand = (
+        torch.bernoulli(torch.full(input_ids.shape, random_share), generator=gen).bool() & chosen & ~replace
+    )
     inputs[rand] = torch.randint(vocab, input_ids.shape, generator=gen)[rand]
     return inputs, labels
 

@@ -23,10 +23,11 @@ chunked PyTorch reference elsewhere. The environment variable `OFFLINE_KD_KERNEL
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
+
+from offline_kd.runtime import env
 
 from ._common import LossParts, prepare, weighted_losses
 from .dense import dense_distillation_losses, exact_distillation_losses
@@ -45,7 +46,7 @@ except Exception as e:  # pragma: no cover - exercised in a subprocess by the te
     INTERPRETED = False
 
 HAS_TRITON = TRITON_ERROR is None
-ENV_VAR = "OFFLINE_KD_KERNELS"
+ENV_VAR = env.KERNELS.name
 MODES = ("auto", "triton", "reference")
 
 __all__ = [
@@ -110,7 +111,7 @@ def backend_for_device(device_type: str) -> str:
     """'triton' or 'reference' for tensors on `device_type`, by `choose_backend` with this process's state
     (OFFLINE_KD_KERNELS, the build, Triton's import and interpreter state); warns where it falls back."""
     backend, warning = choose_backend(
-        os.environ.get(ENV_VAR, "auto"),
+        env.KERNELS.get(),
         device_type,
         rocm=torch.version.hip is not None,
         triton_error=TRITON_ERROR,

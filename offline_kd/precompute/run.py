@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from offline_kd.data.cache import prepare_once
 from offline_kd.data.masking import MaskingConfig, mask_batch, smoothing_weights, weights_sha256
 from offline_kd.precompute.checks import check_precompute
 from offline_kd.precompute.dry_run import DryRunEstimate, dry_run
+from offline_kd.runtime import env
 from offline_kd.runtime.distributed import local_device, rank_and_world
 from offline_kd.runtime.errors import RankFailed
 from offline_kd.runtime.progress import Progress, quiet_library_bars
@@ -39,16 +39,13 @@ from offline_kd.teacher.head import CHECK_TOPK, reproduction_check, save_head
 from offline_kd.teacher.host_signals import HostSignals
 from offline_kd.teacher.model import Teacher, load_teacher, teacher_signals
 
-# Crash tests only. OFFLINE_KD_PRECOMPUTE_DELAY: seconds to sleep after each (shard, view) write, before
-# the commit (random kill moments). OFFLINE_KD_PAUSE_BEFORE_COMMIT="N[:RELEASE]": before this process's
-# N-th commit, with that shard's arrays written, create RELEASE.paused and wait
-# until the file RELEASE exists (forever without one): a kill then always lands mid-shard.
-_DELAY = float(os.environ.get("OFFLINE_KD_PRECOMPUTE_DELAY", "0") or 0)
-_PAUSE = os.environ.get("OFFLINE_KD_PAUSE_BEFORE_COMMIT", "")
+# Crash tests only (offline_kd.runtime.env): widen the window before each commit, or stop there.
+_DELAY = float(env.PRECOMPUTE_DELAY.get())
+_PAUSE = env.PAUSE_BEFORE_COMMIT.get()
 
 
 def _pause_before_commit(commits_so_far: int) -> None:
-    """The OFFLINE_KD_PAUSE_BEFORE_COMMIT test hook (see above)."""
+    """The OFFLINE_KD_PAUSE_BEFORE_COMMIT test hook (`offline_kd.runtime.env.PAUSE_BEFORE_COMMIT`)."""
     count, _, release = _PAUSE.partition(":")
     if int(count) != commits_so_far + 1:
         return

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from offline_kd.runtime.settings import VerifyConfig
 from offline_kd.store.signal_store import SignalStore, StoreCorruptionError, array_specs, shard_range
 from offline_kd.store.storage import check_store_url
 
@@ -177,21 +178,13 @@ def _check_topk(m, d: dict, real: np.ndarray, bad, tol: float) -> None:
                 bad(f"lse at T={T} below the max top-k logit / T", low)
 
 
-def verify_store(
-    url: str,
-    teacher: str | None = None,
-    sample: int = 0,
-    device: str | None = None,
-    dtype: str = "float32",
-    tolerance: float = 1e-3,
-    storage_options: dict | None = None,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-    exact: bool = False,
-) -> VerifyReport:
+def verify_store(url: str, cfg: VerifyConfig | None = None) -> VerifyReport:
     """Decode every chunk (crc32c), check value ranges and completeness; optionally rerun the
-    teacher (``teacher``) and recompute the logits through the stored head (``exact``) on
-    ``sample`` sequences."""
+    teacher (``cfg.teacher``) and recompute the logits through the stored head (``cfg.exact``) on
+    ``cfg.sample`` sequences."""
+    cfg = cfg or VerifyConfig()
+    teacher, sample, device, storage_options = cfg.teacher, cfg.sample, cfg.device, cfg.storage_options
+    revision, trust_remote_code = cfg.revision, cfg.trust_remote_code
     check_store_url(url, storage_options)
     s = SignalStore.open(url, storage_options=storage_options)
     if teacher is not None:  # refused before the (long) decode of every chunk
@@ -203,7 +196,7 @@ def verify_store(
     m = s.meta
     rep = VerifyReport(url=str(url))
     # The head first: a store --exact cannot check is a usage error, raised before decoding anything.
-    head = _exact_head(s, teacher, device, revision, trust_remote_code) if exact else None
+    head = _exact_head(s, teacher, device, revision, trust_remote_code) if cfg.exact else None
     try:
         committed = s.committed()
         unreadable_record = False
@@ -225,7 +218,7 @@ def verify_store(
         _check_shard(s, shard, rep.errors)
         rep.checked_shards += 1
     if teacher is not None and sample > 0:
-        _teacher_check(s, rep, teacher, sample, device, dtype, tolerance, trust_remote_code, revision)
+        _teacher_check(s, rep, teacher, sample, device, cfg.dtype, cfg.tolerance, trust_remote_code, revision)
     if head is not None and sample > 0:
         _exact_check(s, rep, head, sample)
     return rep

@@ -90,6 +90,7 @@ def redacted_settings(cfg: TrainConfig) -> dict:
 
 def write_run_config(out_dir: Path, cfg: TrainConfig, ds: dict) -> None:
     """The exact settings of a run: ``train_config.json`` and the resolved ``ds_config.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train_config.json").write_text(json.dumps(redacted_settings(cfg), indent=2) + "\n")
     (out_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 

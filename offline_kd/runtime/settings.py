@@ -39,6 +39,36 @@ class StoreAccess:
 
 
 @dataclass
+class VerifyConfig:
+    """``kd verify``: every chunk decoded (crc32c), values and completeness checked; optionally the teacher
+    rerun (``--teacher``) or the logits recomputed through the stored head (``--exact``) on a sample."""
+
+    teacher: str | None = setting(None, "Rerun this teacher on sampled sequences and compare.")
+    exact: bool = setting(
+        False,
+        "Recompute the logits of the sampled sequences from the stored hidden states through the stored "
+        "head (or --teacher's, for a store without one) and compare them with the stored top-k and lse.",
+    )
+    sample: int = setting(8, "Sequences to rerun with --teacher / --exact.")
+    device: str | None = setting(None, "Where a rerun runs (default: cpu).")
+    dtype: str = setting("float32", "Teacher compute dtype of a rerun.", choices=DTYPES)
+    tolerance: float = setting(1e-3, "Max abs difference allowed.")
+    revision: str | None = setting(None, "Teacher revision (branch, tag or commit) on the hub.")
+    trust_remote_code: bool = setting(False, "Run the teacher repository's own code (off unless asked).")
+    storage_options: dict | None = storage_options_setting()
+
+
+@dataclass
+class DemoConfig:
+    """``kd demo``: the whole pipeline on the embedded sample corpus."""
+
+    output: str = setting("runs/demo", "Directory for every artifact.")
+    budget: str = setting(
+        "full", "tiny: a smoke run in about a minute (what CI runs).", choices=("full", "tiny")
+    )
+
+
+@dataclass
 class PrecomputeConfig:
     """The teacher pass: corpus → masked views → teacher signals → signal store."""
 

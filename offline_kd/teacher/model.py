@@ -133,6 +133,13 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def _check_tokenizer(tok, name_or_path: str) -> None:
+    if not getattr(tok, "is_fast", False):
+        raise TeacherError(f"{name_or_path!r}: a fast tokenizer is required")
+    if tok.mask_token_id is None:
+        raise TeacherError(f"{name_or_path!r}: the tokenizer has no mask token")
+
+
 def load_teacher_shape(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
     """The teacher's model config and fast tokenizer, without its weights: ``(config, tokenizer)``."""
     from transformers import AutoConfig, AutoTokenizer
@@ -147,33 +154,15 @@ def load_teacher_shape(name_or_path: str, revision: str | None = None, trust_rem
     except (OSError, ValueError) as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise TeacherError(f"teacher {name_or_path!r}: cannot read its config and tokenizer: {first}") from e
-    if not getattr(tok, "is_fast", False):
-        raise TeacherError(f"{name_or_path!r}: a fast tokenizer is required")
-    if tok.mask_token_id is None:
-        raise TeacherError(f"{name_or_path!r}: the tokenizer has no mask token")
+    _check_tokenizer(tok, name_or_path)
     return config, tok
 
 
-def load_teacher(
-    name_or_path: str,
-    revision: str | None = None,
-    device: str | torch.device | None = None,
-    dtype: str = "auto",
-    trust_remote_code: bool = False,
-    head: bool = False,
-    hub_kernels: bool = False,
-) -> Teacher:
-    """Load a masked-LM teacher and its fast tokenizer; refuse a checkpoint without an MLM head.
-
-    ``head``: also extract the MLM head (``Teacher.head``, from the fp32 weights before the model
-    is cast to ``dtype``), or say why it cannot be (``Teacher.head_error``)."""
+def _load_masked_lm(name_or_path: str, revision: str | None, trust_remote_code: bool, hub_kernels: bool):
+    """The fp32 masked-LM model; refused when it has no trained MLM head or its weights cannot be read."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForMaskedLM
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    torch_dtype = pick_dtype(dtype, device)
     try:
         model, info = AutoModelForMaskedLM.from_pretrained(
             name_or_path,
@@ -195,24 +184,51 @@ def load_teacher(
             f"{name_or_path!r} has no trained masked-LM head: {len(missing)} weights would be newly "
             f"initialised (e.g. {', '.join((head_missing or missing)[:3])}); use a *ForMaskedLM checkpoint"
         )
-    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
-    if not getattr(tok, "is_fast", False):
-        raise TeacherError(f"{name_or_path!r}: a fast tokenizer is required")
-    if tok.mask_token_id is None:
-        raise TeacherError(f"{name_or_path!r}: the tokenizer has no mask token")
+    return model.eval()
+
+
+def _weights_fingerprint(model, name_or_path: str, revision: str | None) -> tuple[str, list[Path]]:
+    """sha256 of the weight files (of the state dict where there are none to hash) and those files."""
     directory = _resolve_dir(name_or_path, revision)
     weight_files = []
     if directory is not None:
         for pat in WEIGHT_PATTERNS:
             weight_files.extend(directory.glob(pat))
-    wsha = _sha256_files(weight_files) if weight_files else state_dict_sha256(model)
-    model.eval()
-    head_spec, head_error = None, None
-    if head:
-        try:
-            head_spec = extract_head(model)
-        except TeacherError as e:
-            head_error = str(e)
+    return (_sha256_files(weight_files) if weight_files else state_dict_sha256(model)), weight_files
+
+
+def _head_of(model, wanted: bool) -> tuple[object | None, str | None]:
+    """(the fp32 head's spec, why it cannot be extracted): (None, None) unless `wanted`."""
+    if not wanted:
+        return None, None
+    try:
+        return extract_head(model), None
+    except TeacherError as e:
+        return None, str(e)
+
+
+def load_teacher(
+    name_or_path: str,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    head: bool = False,
+    hub_kernels: bool = False,
+) -> Teacher:
+    """Load a masked-LM teacher and its fast tokenizer; refuse a checkpoint without an MLM head.
+
+    ``head``: also extract the MLM head (``Teacher.head``, from the fp32 weights before the model
+    is cast to ``dtype``), or say why it cannot be (``Teacher.head_error``)."""
+    from transformers import AutoTokenizer
+
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = pick_dtype(dtype, device)
+    model = _load_masked_lm(name_or_path, revision, trust_remote_code, hub_kernels)
+    tok = AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
+    _check_tokenizer(tok, name_or_path)
+    wsha, weight_files = _weights_fingerprint(model, name_or_path, revision)
+    head_spec, head_error = _head_of(model, head)
     model.to(device=device, dtype=torch_dtype)
     vocab_size = int(model.config.vocab_size)
     if len(tok) > vocab_size:

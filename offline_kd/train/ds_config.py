@@ -13,8 +13,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from offline_kd.runtime.errors import UsageError
 
 DEFAULT_CONFIG = "ds_cpu_tiny"  # a shipped config (offline_kd/configs/)
@@ -121,12 +119,3 @@ def fill_schedule(ds: dict, total_steps: int, warmup_fraction: float) -> dict:
     if opt_lr is not None and is_auto(params.get("warmup_max_lr", 0)):
         params["warmup_max_lr"] = opt_lr
     return ds
-
-
-def param_dtype(ds: dict) -> torch.dtype:
-    """The dtype DeepSpeed keeps the module's parameters in (stored hidden states are cast to it)."""
-    if (ds.get("bf16") or {}).get("enabled"):
-        return torch.bfloat16
-    if (ds.get("fp16") or {}).get("enabled"):
-        return torch.float16
-    return torch.float32

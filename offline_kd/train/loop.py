@@ -353,14 +353,11 @@ def forward_backward(
     return sums, norm
 
 
-def optimizer_step(
-    engine, batches, gas: int, world: int, state: TrainState, last_saved: str | None
-) -> tuple[torch.Tensor, float | None, float]:
-    """The micro-batches of one optimizer step: forward and backward each, DeepSpeed stepping at the
-    boundary. Returns their loss parts and token counts summed over ranks, the gradient norm before the
-    update, and the seconds spent waiting for the reader."""
+def optimizer_step(engine, batches, gas: int, world: int, state: TrainState, last_saved: str | None) -> dict:
+    """One optimizer step: its micro-batches' forward and backward, DeepSpeed stepping at the boundary,
+    then a check that the update left finite parameters. Returns the step's metrics row."""
     totals, norm, wait = torch.zeros(SEQUENCES + 1, dtype=torch.float64), None, 0.0
-    device = accelerator_device()
+    device, t_step = accelerator_device(), time.perf_counter()
     while True:
         t0 = time.perf_counter()
         batch = next(batches)
@@ -370,7 +367,12 @@ def optimizer_step(
         totals += sums
         state.micro_pos += 1
         if boundary:  # a resume always starts on a step boundary
-            return totals, norm, wait
+            break
+    state.step += 1
+    check_finite_params(engine.module, device, world, state, last_saved)
+    row = metrics_row(state, totals, gas * world, _lr(engine), time.perf_counter() - t_step, wait)
+    row["grad_norm"] = grad_norm_after_step(engine, norm)
+    return row
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -388,18 +390,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     run = prepare_run(cfg, found)
     # Batch shape, "auto" values and the run's length depend on the rank count and the store.
     ds, reader, plan = plan_run(cfg, found.store, rank, world)
-    gas = ds["gradient_accumulation_steps"]
+    gas, micro = ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"]
     # The exact settings go on disk before step 0, so even a crashed run says what it was.
     if is_main:
-        out.mkdir(parents=True, exist_ok=True)
         write_run_config(out, cfg, ds)
     # DeepSpeed owns the optimizer, the ZeRO partitioning and the accumulation boundary.
     engine = build_engine(cfg, run, ds)
     # Continue at the next unseen micro-batch of the newest complete checkpoint.
     checkpointer = Checkpointer(engine, out / "checkpoints", cfg.checkpoint)
-    fresh = TrainState(
-        layout=Layout(world, ds["train_micro_batch_size_per_gpu"], gas), scheduler=ds.get("scheduler")
-    )
+    fresh = TrainState(layout=Layout(world, micro, gas), scheduler=ds.get("scheduler"))
     state = checkpointer.resume(fresh, is_main)
     resumed_from = checkpointer.last_saved
     # Rank 0 alone logs; a resumed run drops the rows after its checkpoint's step and redoes them.
@@ -407,39 +406,27 @@ def train(cfg: TrainConfig) -> TrainResult:
                            start_step=state.step, monitor=getattr(engine, "monitor", None),
                            monitor_x=lambda: int(engine.global_samples))  # fmt: skip
     logger.log_hparams({"train": redacted_settings(cfg), "deepspeed": ds})
-    heldout = HeldOutEvaluator(cfg.heldout, run.bundle.tokenizer, run.meta, rank=rank, world=world,
-                               batch_size=int(ds["train_micro_batch_size_per_gpu"]),
-                               storage_options=cfg.storage_options)  # fmt: skip
-    vocab, last_row = run.bundle.true_vocab_size, {}
+    heldout = HeldOutEvaluator(cfg.heldout, run.bundle.tokenizer, run.meta, batch_size=int(micro), rank=rank,
+                               world=world, storage_options=cfg.storage_options)  # fmt: skip
+    vocab, row = run.bundle.true_vocab_size, {}
     engine.train()
     try:
         while state.step < plan.total_steps and state.epoch < cfg.epochs:
             # An epoch's order is a pure function of (seed, epoch): start where this rank stopped.
             batches = reader.epoch_batches(state.epoch, start=state.micro_pos, stop=plan.micro_batches)
             while state.micro_pos < plan.micro_batches and state.step < plan.total_steps:
-                t_step = time.perf_counter()
-                totals, norm, wait = optimizer_step(
-                    engine, batches, gas, world, state, checkpointer.last_saved
-                )
-                state.step += 1
-                check_finite_params(
-                    engine.module, accelerator_device(), world, state, checkpointer.last_saved
-                )
-                last_row = metrics_row(
-                    state, totals, gas * world, _lr(engine), time.perf_counter() - t_step, wait
-                )
-                last_row["grad_norm"] = grad_norm_after_step(engine, norm)
-                logger.log(last_row)
+                row = optimizer_step(engine, batches, gas, world, state, checkpointer.last_saved)
+                logger.log(row)
                 heldout.evaluate(engine, state.step, logger, vocab)
-                checkpointer.save(state, plan.micro_batches, last_row)
+                checkpointer.save(state, plan.micro_batches, row)
             if state.micro_pos >= plan.micro_batches:
                 state.next_epoch()
         # The last step is always resumable and scored, even between two --save-every / --eval-every steps.
-        checkpointer.save(state, plan.micro_batches, last_row, last_step=True)
+        checkpointer.save(state, plan.micro_batches, row, last_step=True)
         heldout.evaluate(engine, state.step, logger, vocab, last_step=True)
         card_metrics = {"train": logger.mean_of_last(CARD_MEAN_STEPS), "eval": heldout.result}
     finally:
         logger.close()
     # Gather (ZeRO-3 partitions) and write a save_pretrained student with its card.
     final_dir = export_run(engine.module, cfg, run.meta, run.bundle, ds, card_metrics, state.step, rank)
-    return TrainResult(str(out), str(final_dir), state.step, last_row, resumed_from)
+    return TrainResult(str(out), str(final_dir), state.step, row, resumed_from)

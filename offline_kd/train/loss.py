@@ -87,18 +87,24 @@ def distillation_loss(
                 in_place=consume_logits,
                 expected_upstream=expected_upstream,
             )
-    cos = zero
-    if cfg.alpha_cos > 0:
-        if student_hidden is None or "hidden" not in batch:
-            raise ValueError("alpha_cos > 0 needs the store's hidden states (precompute with --hidden)")
-        s_h = student_hidden.reshape(-1, student_hidden.shape[-1])
-        if projection is not None:
-            s_h = projection(s_h)
-        t_h = batch["hidden"].reshape(-1, batch["hidden"].shape[-1]).to(s_h.dtype)
-        cos = cosine_loss(s_h, t_h, row_mask=row_mask)
+    cos = _hidden_cosine(student_hidden, batch, projection, row_mask) if cfg.alpha_cos > 0 else zero
     total = logit_total + cfg.alpha_cos * cos
     parts = {name: v.detach().float() for name, v in zip(COMPONENTS, (total, kl, mlm, cos), strict=True)}
     return total, parts
+
+
+def _hidden_cosine(
+    student_hidden: torch.Tensor | None, batch: dict, projection: nn.Module | None, row_mask: torch.Tensor
+) -> torch.Tensor:
+    """The cosine loss between the student's last hidden states (projected to the teacher's width) and
+    the stored ones."""
+    if student_hidden is None or "hidden" not in batch:
+        raise ValueError("alpha_cos > 0 needs the store's hidden states (precompute with --hidden)")
+    s_h = student_hidden.reshape(-1, student_hidden.shape[-1])
+    if projection is not None:
+        s_h = projection(s_h)
+    t_h = batch["hidden"].reshape(-1, batch["hidden"].shape[-1]).to(s_h.dtype)
+    return cosine_loss(s_h, t_h, row_mask=row_mask)
 
 
 def _exact_kl_mlm(cfg, logits, batch, teacher_head, row_mask, labels, vocab_size):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from offline_kd.runtime.settings import DataConfig
 from offline_kd.store.hidden_dtype import to_batch as hidden_to_batch
 from offline_kd.store.signal_store import (
     SignalStore,
@@ -74,7 +75,7 @@ class EpochOrder:
         *,
         seed: int,
         epoch: int,
-        buffer_chunks: int = 4,
+        buffer_chunks: int = DataConfig.buffer_chunks,
         world_size: int = 1,
         rank: int = 0,
         shuffle: bool = True,
@@ -131,8 +132,8 @@ class ReaderConfig:
     url: str
     micro_batch_size: int
     seed: int = 0
-    num_workers: int = 0
-    buffer_chunks: int = 4
+    num_workers: int = DataConfig.num_workers
+    buffer_chunks: int = DataConfig.buffer_chunks
     temperature: float | None = None  # pick this column of `lse`; None: no lse
     hidden: bool = True
     topk: bool = True  # read topk_ids / topk_logits

@@ -146,30 +146,33 @@ def load_tokenizer(path: str):
 # DistilBERT from BERT
 
 
-def distilbert_from_bert(teacher, n_layers: int | None = None, init_layers: list[int] | None = None):
-    """Return (DistilBertForMaskedLM, init_layers) initialised from a BertForMaskedLM teacher."""
-    from transformers import DistilBertConfig, DistilBertForMaskedLM
+# BERT encoder-layer parameter -> DistilBERT's name for it
+_BERT_TO_DISTILBERT_LAYER = {
+    "attention.self.query": "attention.q_lin",
+    "attention.self.key": "attention.k_lin",
+    "attention.self.value": "attention.v_lin",
+    "attention.output.dense": "attention.out_lin",
+    "attention.output.LayerNorm": "sa_layer_norm",
+    "intermediate.dense": "ffn.lin1",
+    "output.dense": "ffn.lin2",
+    "output.LayerNorm": "output_layer_norm",
+}
 
-    tc = teacher.config
-    n_teacher = tc.num_hidden_layers
-    if init_layers is None:
-        n_layers = n_layers or max(n_teacher // 2, 1)
-        init_layers = default_init_layers(n_teacher, n_layers)
-    elif n_layers is not None and n_layers != len(init_layers):
-        raise StudentError(f"--init-layers names {len(init_layers)} layers but the student has {n_layers}")
-    if any(i < 0 or i >= n_teacher for i in init_layers):
-        raise StudentError(f"--init-layers {init_layers} out of range for a {n_teacher}-layer teacher")
+
+def _distilbert_config(tc, n_layers: int):
+    """The DistilBERT config of a BERT teacher's shape with `n_layers` layers."""
+    from transformers import DistilBertConfig
+
     if getattr(tc, "position_embedding_type", "absolute") not in (None, "absolute"):
         raise StudentError("DistilBERT supports absolute position embeddings only")
     eps = getattr(tc, "layer_norm_eps", 1e-12)
     if abs(eps - 1e-12) > 1e-15:
         log.warning("teacher layer_norm_eps=%g; DistilBERT uses 1e-12", eps)
-    tied = bool(getattr(tc, "tie_word_embeddings", True))
-    config = DistilBertConfig(
+    return DistilBertConfig(
         vocab_size=tc.vocab_size,
         max_position_embeddings=tc.max_position_embeddings,
         sinusoidal_pos_embds=False,
-        n_layers=len(init_layers),
+        n_layers=n_layers,
         n_heads=tc.num_attention_heads,
         dim=tc.hidden_size,
         hidden_dim=tc.intermediate_size,
@@ -178,10 +181,12 @@ def distilbert_from_bert(teacher, n_layers: int | None = None, init_layers: list
         activation=tc.hidden_act,
         initializer_range=tc.initializer_range,
         pad_token_id=tc.pad_token_id,
-        tie_word_embeddings=tied,
+        tie_word_embeddings=bool(getattr(tc, "tie_word_embeddings", True)),
     )
-    student = DistilBertForMaskedLM(config)
-    t = teacher.state_dict()
+
+
+def _distilbert_state(t: dict[str, torch.Tensor], init_layers: list[int]) -> dict[str, torch.Tensor]:
+    """DistilBERT tensors from a BertForMaskedLM state dict: embeddings, the `init_layers`, the MLM head."""
     sd: dict[str, torch.Tensor] = {}
     pre = "bert.embeddings."
     sd["distilbert.embeddings.word_embeddings.weight"] = t[pre + "word_embeddings.weight"]
@@ -192,18 +197,8 @@ def distilbert_from_bert(teacher, n_layers: int | None = None, init_layers: list
     sd["distilbert.embeddings.position_embeddings.weight"] = pos
     sd["distilbert.embeddings.LayerNorm.weight"] = t[pre + "LayerNorm.weight"]
     sd["distilbert.embeddings.LayerNorm.bias"] = t[pre + "LayerNorm.bias"]
-    names = {
-        "attention.self.query": "attention.q_lin",
-        "attention.self.key": "attention.k_lin",
-        "attention.self.value": "attention.v_lin",
-        "attention.output.dense": "attention.out_lin",
-        "attention.output.LayerNorm": "sa_layer_norm",
-        "intermediate.dense": "ffn.lin1",
-        "output.dense": "ffn.lin2",
-        "output.LayerNorm": "output_layer_norm",
-    }
     for s_idx, t_idx in enumerate(init_layers):
-        for bert_name, db_name in names.items():
+        for bert_name, db_name in _BERT_TO_DISTILBERT_LAYER.items():
             for p in ("weight", "bias"):
                 sd[f"distilbert.transformer.layer.{s_idx}.{db_name}.{p}"] = t[
                     f"bert.encoder.layer.{t_idx}.{bert_name}.{p}"
@@ -215,8 +210,27 @@ def distilbert_from_bert(teacher, n_layers: int | None = None, init_layers: list
     sd["vocab_layer_norm.bias"] = t[head + "transform.LayerNorm.bias"]
     sd["vocab_projector.weight"] = t.get(head + "decoder.weight", t[pre + "word_embeddings.weight"])
     sd["vocab_projector.bias"] = t[head + "bias"] if head + "bias" in t else t[head + "decoder.bias"]
-    sd = {k: v.detach().clone() for k, v in sd.items()}
-    missing, unexpected = student.load_state_dict(sd, strict=False)
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def distilbert_from_bert(teacher, n_layers: int | None = None, init_layers: list[int] | None = None):
+    """Return (DistilBertForMaskedLM, init_layers) initialised from a BertForMaskedLM teacher."""
+    from transformers import DistilBertForMaskedLM
+
+    n_teacher = teacher.config.num_hidden_layers
+    if init_layers is None:
+        n_layers = n_layers or max(n_teacher // 2, 1)
+        init_layers = default_init_layers(n_teacher, n_layers)
+    elif n_layers is not None and n_layers != len(init_layers):
+        raise StudentError(f"--init-layers names {len(init_layers)} layers but the student has {n_layers}")
+    if any(i < 0 or i >= n_teacher for i in init_layers):
+        raise StudentError(f"--init-layers {init_layers} out of range for a {n_teacher}-layer teacher")
+    config = _distilbert_config(teacher.config, len(init_layers))
+    student = DistilBertForMaskedLM(config)
+    missing, unexpected = student.load_state_dict(
+        _distilbert_state(teacher.state_dict(), init_layers), strict=False
+    )
+    tied = config.tie_word_embeddings
     missing = [m for m in missing if not (tied and m == "vocab_projector.weight")]
     if missing or unexpected:
         raise StudentError(f"DistilBERT mapping incomplete: missing={missing} unexpected={unexpected}")
@@ -306,74 +320,89 @@ def _build_student(
 ) -> StudentBundle:
     """Build the student named by `spec` (see module docstring). `teacher_path` loads the teacher
     and its tokenizer where the spec needs them; `hub_kernels` lets transformers swap in hub kernels."""
-    from transformers import AutoConfig, AutoModelForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
-
     torch.manual_seed(seed)
     layers = parse_init_layers(init_layers)
     m = _DISTIL_RE.match(spec)
-    path = Path(spec)
     if m is not None:
-        if teacher_path is None:
-            raise StudentError("the distil student needs the teacher: pass --teacher")
-        teacher = load_teacher(teacher_path, hub_kernels)
         n = int(m.group(1)) if m.group(1) else None
-        if teacher.config.model_type == "bert":
-            model, layers = distilbert_from_bert(teacher, n, layers)
-            kind = "distil"
-        else:
-            model, layers = remap_fewer_layers(teacher, n, layers)
-            kind = "distil-remap"
-        del teacher
-        return StudentBundle(
-            model, load_tokenizer(teacher_path), model_hidden_size(model.config), kind, layers, teacher_path
-        )
+        return _distil_student(teacher_path, n, layers, hub_kernels)
     if spec in PRESETS:
         if teacher_path is None:
             raise StudentError("preset students take the teacher's tokenizer: pass --teacher")
-        cfg = DistilBertConfig(
-            vocab_size=vocab_size,
-            max_position_embeddings=max_positions,
-            pad_token_id=pad_token_id,
-            **PRESETS[spec],
+        bundle = _preset_student(spec, teacher_path, vocab_size, max_positions, pad_token_id)
+    elif _is_hf_dir(Path(spec)) or (Path(spec).is_file() and Path(spec).suffix == ".json"):
+        bundle = _hf_student(spec, teacher_path, hub_kernels)
+    else:
+        raise StudentError(
+            f"unknown student {spec!r}: use 'distil', 'distil-<n>l', a preset ({', '.join(PRESETS)}), "
+            "or a Hugging Face model directory / config.json"
         )
-        model = DistilBertForMaskedLM(cfg)
-        bundle = StudentBundle(model, load_tokenizer(teacher_path), cfg.dim, "preset", None, teacher_path)
-        if init_from_teacher:
-            bundle.notes.append(
-                f"copied {copy_matching(model, load_teacher(teacher_path, hub_kernels))} tensors from teacher"
-            )
-        return bundle
-    if _is_hf_dir(path) or (path.is_file() and path.suffix == ".json"):
-        tok_src = str(path) if path.is_dir() and (path / "tokenizer_config.json").exists() else teacher_path
-        if tok_src is None:
-            raise StudentError(f"{spec} has no tokenizer: pass --teacher")
-        if path.is_dir() and _has_weights(path):
-            model = AutoModelForMaskedLM.from_pretrained(
-                str(path), dtype=torch.float32, **hub_kernel_kwargs(hub_kernels)
-            )
-            kind = "pretrained"
+    if init_from_teacher:
+        if teacher_path is None:
+            raise StudentError("--init-from-teacher needs the teacher: pass --teacher")
+        copied = copy_matching(bundle.model, load_teacher(teacher_path, hub_kernels))
+        bundle.notes.append(f"copied {copied} tensors from teacher")
+    return bundle
+
+
+def _distil_student(
+    teacher_path: str | None, n_layers: int | None, init_layers: list[int] | None, hub_kernels: bool
+) -> StudentBundle:
+    """``distil[-<n>l]``: the teacher with fewer layers (DistilBERT for a BERT teacher), from its layers."""
+    if teacher_path is None:
+        raise StudentError("the distil student needs the teacher: pass --teacher")
+    teacher = load_teacher(teacher_path, hub_kernels)
+    if teacher.config.model_type == "bert":
+        model, layers = distilbert_from_bert(teacher, n_layers, init_layers)
+        kind = "distil"
+    else:
+        model, layers = remap_fewer_layers(teacher, n_layers, init_layers)
+        kind = "distil-remap"
+    del teacher
+    return StudentBundle(
+        model, load_tokenizer(teacher_path), model_hidden_size(model.config), kind, layers, teacher_path
+    )
+
+
+def _preset_student(
+    spec: str, teacher_path: str, vocab_size: int, max_positions: int, pad_token_id: int
+) -> StudentBundle:
+    """A randomly initialised DistilBERT of a preset's shape, with the teacher's tokenizer."""
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    cfg = DistilBertConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
+        pad_token_id=pad_token_id,
+        **PRESETS[spec],
+    )
+    model = DistilBertForMaskedLM(cfg)
+    return StudentBundle(model, load_tokenizer(teacher_path), cfg.dim, "preset", None, teacher_path)
+
+
+def _hf_student(spec: str, teacher_path: str | None, hub_kernels: bool) -> StudentBundle:
+    """A Hugging Face model directory (pretrained when it has weights) or config.json."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    path = Path(spec)
+    tok_src = str(path) if path.is_dir() and (path / "tokenizer_config.json").exists() else teacher_path
+    if tok_src is None:
+        raise StudentError(f"{spec} has no tokenizer: pass --teacher")
+    if path.is_dir() and _has_weights(path):
+        model = AutoModelForMaskedLM.from_pretrained(
+            str(path), dtype=torch.float32, **hub_kernel_kwargs(hub_kernels)
+        )
+        kind = "pretrained"
+    else:
+        if path.is_file():
+            cfg_dict = json.loads(path.read_text())
+            cfg = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
         else:
-            if path.is_file():
-                cfg_dict = json.loads(path.read_text())
-                model_type = cfg_dict.pop("model_type")
-                cfg = AutoConfig.for_model(model_type, **cfg_dict)
-            else:
-                cfg = AutoConfig.from_pretrained(str(path))
-            model = AutoModelForMaskedLM.from_config(cfg)
-            kind = "config"
-        bundle = StudentBundle(
-            model, load_tokenizer(tok_src), model_hidden_size(model.config), kind, None, teacher_path
-        )
-        if init_from_teacher:
-            if teacher_path is None:
-                raise StudentError("--init-from-teacher needs the teacher: pass --teacher")
-            bundle.notes.append(
-                f"copied {copy_matching(model, load_teacher(teacher_path, hub_kernels))} tensors from teacher"
-            )
-        return bundle
-    raise StudentError(
-        f"unknown student {spec!r}: use 'distil', 'distil-<n>l', a preset ({', '.join(PRESETS)}), "
-        "or a Hugging Face model directory / config.json"
+            cfg = AutoConfig.from_pretrained(str(path))
+        model = AutoModelForMaskedLM.from_config(cfg)
+        kind = "config"
+    return StudentBundle(
+        model, load_tokenizer(tok_src), model_hidden_size(model.config), kind, None, teacher_path
     )
 
 
