@@ -8,7 +8,9 @@ load the teacher's weights ("Loading weights" is what transformers prints when i
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +21,11 @@ from types import SimpleNamespace
 import pytest
 import zarr
 from click.testing import CliRunner
+from fsspec.implementations.memory import MemoryFileSystem
+from test_precompute import kd_cmd
+from test_train import run_cli
+
+from offline_kd.store.signal_store import SignalStore
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -356,3 +363,179 @@ def test_hub_kernels_asked_where_the_environment_disables_them(fx, monkeypatch):
     r = CliRunner().invoke(main, [str(a) for a in _precompute(fx, "--hub-kernels")])
     assert "Error: --hub-kernels: USE_HUB_KERNELS=0 disables them" in the_error(r.stderr, r.exit_code)
     assert not (fx.tmp / "s.zarr").exists()
+
+
+# ------------------------------------------------------------------------ bad inputs through the CLI, end to end
+
+
+class FullMemoryFileSystem(MemoryFileSystem):
+    """An in-memory filesystem whose disk holds `quota` bytes of store files (leases aside)."""
+
+    protocol = "fullmem"
+    store: dict = {}  # noqa: RUF012 - fsspec's memory filesystems keep their files per class
+    pseudo_dirs = [""]  # noqa: RUF012
+    quota = 0
+    used = 0
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        cls = type(self)
+        if ".leases/" not in path:
+            if cls.used + len(value) > cls.quota:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            cls.used += len(value)
+        return super().pipe_file(path, value, mode=mode, **kwargs)
+
+
+def _kd_cli(*args) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from offline_kd.cli.kd import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+def _precompute_cli(teacher, corpus, out, *extra) -> tuple[int, str]:
+    return _kd_cli(*kd_cmd(teacher, corpus, out, *extra)[3:])
+
+
+def _output_is_a_file(teacher, corpus, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    code, output = _precompute_cli(teacher, corpus, out)
+
+    def nothing_lost():
+        assert out.read_text() == "keep me" and not Path(f"{out}.leases").exists()
+
+    return code, output, rf"Error: store '{out}' is an existing file, not a directory", nothing_lost
+
+
+def _truncated_teacher(teacher, corpus, tmp_path):
+    broken = tmp_path / "teacher"
+    shutil.copytree(teacher, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    out = tmp_path / "t.zarr"
+    code, output = _precompute_cli(broken, corpus, out)
+    return code, output, rf"Error: teacher '{broken}' cannot be loaded: .*incomplete metadata", lambda: None
+
+
+def _empty_corpus(teacher, corpus, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    code, output = _precompute_cli(teacher, empty, tmp_path / "e.zarr")
+    return code, output, rf"Error: corpus file '{empty}' is empty", lambda: None
+
+
+def _max_length_4(teacher, corpus, tmp_path):
+    out = tmp_path / "m.zarr"
+    code, output = _kd_cli(*kd_cmd(teacher, corpus, out)[3:], "--max-length", "4")
+
+    def nothing_written():
+        assert not out.exists()
+
+    return (
+        code,
+        output,
+        r"Error: --max-length 4: too small: sequences of at most 11 real tokens",
+        nothing_written,
+    )
+
+
+def _disk_full_while_creating(teacher, corpus, tmp_path):
+    import fsspec
+
+    fsspec.register_implementation("fullmem", FullMemoryFileSystem, clobber=True)
+    FullMemoryFileSystem.store.clear()
+    FullMemoryFileSystem.quota, FullMemoryFileSystem.used = 1500, 0  # the group and an array or two
+    url = f"fullmem://{tmp_path.name}/full.zarr"
+    code, output = _precompute_cli(teacher, corpus, url, "--views", "1", "--no-hidden")
+
+    def resumes_once_space_is_freed():
+        FullMemoryFileSystem.quota = 1 << 30
+        again, again_output = _precompute_cli(teacher, corpus, url, "--views", "1", "--no-hidden")
+        assert again == 0 and "complete" in again_output, again_output
+        assert SignalStore.open(url).is_complete()
+
+    return (
+        code,
+        output,
+        rf"Error: disk full while creating '{url}'; free space and rerun",
+        resumes_once_space_is_freed,
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [_output_is_a_file, _truncated_teacher, _empty_corpus, _max_length_4, _disk_full_while_creating],
+    ids=["output-is-a-file", "truncated-teacher", "empty-corpus", "max-length-4", "disk-full-creating"],
+)
+def test_bad_precompute_input_is_one_error_line(case, tiny_teacher, tiny_corpus, tmp_path):
+    code, output, message, nothing_lost = case(tiny_teacher, tiny_corpus, tmp_path)
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert code == 2 and "Traceback" not in output, output
+    assert len(errors) == 1 and re.match(message, errors[0]), output
+    nothing_lost()
+
+
+def _train_store_typo(store, tmp_path):
+    out = tmp_path / "run"
+    return (
+        ["--store", tmp_path / "stroe.zarr", "--output", out],
+        r"Error: no signal store at '.*stroe\.zarr'",
+        out,
+        2,
+    )
+
+
+def _train_output_is_a_file(store, tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    return (
+        ["--store", store, "--output", out],
+        rf"Error: --output {out}: is an existing file, not a run directory",
+        out,
+        2,
+    )
+
+
+def _train_corrupt_chunk_in_a_worker(store, tmp_path):
+    corrupt = tmp_path / "corrupt.zarr"
+    shutil.copytree(store, corrupt)
+    shard = corrupt / "topk_logits" / "c" / "0" / "1" / "0" / "0"  # view 0, shard 1
+    data = bytearray(shard.read_bytes())
+    data[40:60] = bytes(b ^ 0xFF for b in data[40:60])
+    shard.write_bytes(bytes(data))
+    # the top-k KL reads the damaged topk_logits
+    args = ["--store", corrupt, "--output", tmp_path / "run", "--num-workers", 1, "--epochs", 1]
+    args += ["--kl-source", "topk"]
+    return (
+        args,
+        r"Error: .*'topk_logits' view 0, chunk of sequences \[\d+, \d+\) \(shard 1\) is corrupt",
+        None,
+        1,  # data gone bad is no user mistake: a failed run
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    [_train_store_typo, _train_output_is_a_file, _train_corrupt_chunk_in_a_worker],
+    ids=["store-typo", "output-is-a-file", "corrupt-chunk-num-workers-1"],
+)
+def test_bad_training_input_is_one_error_line(case, tiny_store, tmp_path):
+    args, message, out, status = case(tiny_store, tmp_path)
+    before = out.read_bytes() if out is not None and out.is_file() else None
+    base = [
+        "--student",
+        "distil",
+        "--deepspeed_config",
+        ROOT / "offline_kd" / "configs" / "ds_cpu_tiny.json",
+        "--no-progress",
+    ]
+    proc = run_cli(base + args)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == status and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert len(errors) == 1 and re.match(message, errors[0]), proc.stderr[-4000:]
+    if out is not None:  # refused before anything was written
+        assert out.read_bytes() == before if before is not None else not out.exists()

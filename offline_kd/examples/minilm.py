@@ -89,12 +89,71 @@ def _mask_batch(
     return inputs, labels
 
 
+def _encoder_with_head(encoder: Path):
+    """The MiniLM encoder as a BertForMaskedLM whose MLM head is new (fitted by the caller)."""
+    from transformers import BertForMaskedLM
+
+    from offline_kd.runtime.log_noise import partial_load
+
+    # Dropout 0 and eager attention: both several times faster on CPU, and dropout is not needed
+    # for a few hundred steps of fine-tuning.
+    # The encoder checkpoint has no MLM head (fitted below) and a pooler the MLM model has no use for.
+    with partial_load():
+        return BertForMaskedLM.from_pretrained(
+            encoder,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            attn_implementation="eager",
+            **hub_kernel_kwargs(False),
+        )
+
+
+def _training_rows(cfg: MiniLMFitConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, padding, never-masked) [S, L] of the packed training documents."""
+    from offline_kd.data.corpus import load_documents, pack_sequences, split_holdout
+
+    train_docs, _ = split_holdout(load_documents(cfg.corpus), cfg.holdout_fraction, seed=cfg.seed)
+    packed = pack_sequences(train_docs, tokenizer, max_length=cfg.seq_len, seed=cfg.seed)
+    ids = torch.tensor(packed["input_ids"], dtype=torch.long)
+    lengths = torch.tensor(packed["length"], dtype=torch.long)
+    pad = torch.arange(cfg.seq_len)[None, :] >= lengths[:, None]
+    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids)) | pad
+    return ids, pad, special
+
+
+def _fit_phase(model, tokenizer, rows, cfg: MiniLMFitConfig, phase: tuple, gen: torch.Generator, log) -> None:
+    """One phase (head only, then everything) of AdamW with a linear warm-up and decay."""
+    from transformers import get_linear_schedule_with_warmup
+
+    name, steps, params, lr, done_before, started = phase
+    ids, pad, special = rows
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_fraction * steps), steps)
+    total = cfg.head_steps + cfg.steps
+    for step in range(steps):
+        pick = torch.randint(len(ids), (cfg.batch_size,), generator=gen)
+        inputs, labels = _mask_batch(ids[pick], special[pick], tokenizer.mask_token_id, len(tokenizer), gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
+            hidden = model.bert(input_ids=inputs, attention_mask=(~pad[pick]).long()).last_hidden_state
+            # The LM head only on masked rows: the 30,522-wide projection dominates the step otherwise.
+            picked = labels != -100
+            loss = torch.nn.functional.cross_entropy(model.cls(hidden[picked]).float(), labels[picked])
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        done = step + 1 + done_before
+        if done % 50 == 0 or done == total:
+            log(f"teacher: {name} step {done}/{total} loss {loss.item():.3f} ({time.time() - started:.0f}s)")
+
+
 def fit_minilm_teacher(cfg: MiniLMFitConfig, log=print) -> Path:
     """Fit (or fetch from cache) a MiniLM masked-LM teacher; returns its `save_pretrained` directory."""
-    from transformers import AutoTokenizer, BertForMaskedLM, get_linear_schedule_with_warmup
-
-    from offline_kd.data.corpus import load_documents, pack_sequences, split_holdout
-    from offline_kd.runtime.log_noise import partial_load
+    from transformers import AutoTokenizer
 
     out = Path(cfg.output) if cfg.output else CACHE_DIR / "teachers" / f"minilm-mlm-{cfg.cache_key()}"
     if (out / "fit.json").is_file():
@@ -104,64 +163,20 @@ def fit_minilm_teacher(cfg: MiniLMFitConfig, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     encoder = minilm_encoder_dir()
     tokenizer = AutoTokenizer.from_pretrained(encoder)
-    # Dropout 0 and eager attention: both several times faster on CPU, and dropout is not needed
-    # for a few hundred steps of fine-tuning.
-    # The encoder checkpoint has no MLM head (fitted below) and a pooler the MLM model has no use for.
-    with partial_load():
-        model = BertForMaskedLM.from_pretrained(
-            encoder,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            attn_implementation="eager",
-            **hub_kernel_kwargs(False),
-        )
-
-    docs = load_documents(cfg.corpus)
-    train_docs, _ = split_holdout(docs, cfg.holdout_fraction, seed=cfg.seed)
-    packed = pack_sequences(train_docs, tokenizer, max_length=cfg.seq_len, seed=cfg.seed)
-    ids = torch.tensor(packed["input_ids"], dtype=torch.long)
-    lengths = torch.tensor(packed["length"], dtype=torch.long)
-    positions = torch.arange(cfg.seq_len)
-    pad = positions[None, :] >= lengths[:, None]
-    special = torch.isin(ids, torch.tensor(tokenizer.all_special_ids)) | pad
-    log(f"teacher: fitting MiniLM MLM head on {len(ids)} sequences x {cfg.seq_len} tokens")
+    model = _encoder_with_head(encoder)
+    rows = _training_rows(cfg, tokenizer)
+    log(f"teacher: fitting MiniLM MLM head on {len(rows[0])} sequences x {cfg.seq_len} tokens")
 
     gen = torch.Generator().manual_seed(cfg.seed)
     head_params = [p for n, p in model.named_parameters() if n.startswith("cls.")]
-    total = cfg.head_steps + cfg.steps
     start = time.time()
     model.train()
-    for phase, steps, params, lr in (
-        ("head", cfg.head_steps, head_params, cfg.head_lr),
-        ("full", cfg.steps, list(model.parameters()), cfg.lr),
+    for phase in (
+        ("head", cfg.head_steps, head_params, cfg.head_lr, 0, start),
+        ("full", cfg.steps, list(model.parameters()), cfg.lr, cfg.head_steps, start),
     ):
-        if steps == 0:
-            continue
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-        sched = get_linear_schedule_with_warmup(opt, math.ceil(cfg.warmup_fraction * steps), steps)
-        for step in range(steps):
-            rows = torch.randint(len(ids), (cfg.batch_size,), generator=gen)
-            inputs, labels = _mask_batch(
-                ids[rows], special[rows], tokenizer.mask_token_id, len(tokenizer), gen
-            )
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not torch.cuda.is_available()):
-                hidden = model.bert(input_ids=inputs, attention_mask=(~pad[rows]).long()).last_hidden_state
-                # The LM head only on masked rows: the 30,522-wide projection dominates the step otherwise.
-                picked = labels != -100
-                loss = torch.nn.functional.cross_entropy(model.cls(hidden[picked]).float(), labels[picked])
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            done = step + 1 + (cfg.head_steps if phase == "full" else 0)
-            if done % 50 == 0 or done == total:
-                log(
-                    f"teacher: {phase} step {done}/{total} loss {loss.item():.3f} ({time.time() - start:.0f}s)"
-                )
+        if phase[1]:
+            _fit_phase(model, tokenizer, rows, cfg, phase, gen, log)
 
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
