@@ -55,6 +55,41 @@ def tiny_teacher(out_dir: Path, hidden: int = 64, layers: int = 4) -> Path:
     return build_tiny_teacher(out_dir, make_documents(200), hidden=hidden, layers=layers)
 
 
+TEACHERS = {
+    "minilm-random-head": "MiniLM-L6-H384 (vocab 30,522) + a random MLM head (for timing only)",
+    "minilm-fitted": "MiniLM-L6-H384 + an MLM head fitted on the corpus (a quick fit)",
+    "bert-base-random": "bert-base shape (H = 768, 12 layers), random weights",
+    "tiny": "tiny BERT (hidden 64, 4 layers)",
+}
+
+
+def build_teacher(kind: str, tmp: Path, corpus: Path | None = None) -> tuple[str, str]:
+    """(directory, description) of a benchmark teacher: one of `TEACHERS`, else `kind` is a directory."""
+    if kind == "minilm-random-head":
+        return str(minilm_teacher(tmp / kind)), TEACHERS[kind]
+    if kind == "minilm-fitted":
+        import sys
+
+        from offline_kd.examples.demo import sample_corpus
+        from offline_kd.examples.minilm import MiniLMFitConfig, fit_minilm_teacher
+
+        cfg = MiniLMFitConfig(corpus=[str(corpus or sample_corpus())], head_steps=20, steps=60, batch_size=16)
+        return str(fit_minilm_teacher(cfg, log=lambda m: print(m, file=sys.stderr))), TEACHERS[kind]
+    if kind == "bert-base-random":
+        import torch
+        from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+        from offline_kd.examples.minilm import minilm_encoder_dir
+
+        torch.manual_seed(0)
+        BertForMaskedLM(BertConfig()).save_pretrained(tmp / kind)
+        AutoTokenizer.from_pretrained(minilm_encoder_dir()).save_pretrained(tmp / kind)
+        return str(tmp / kind), TEACHERS[kind]
+    if kind == "tiny":
+        return str(tiny_teacher(tmp / kind, hidden=64, layers=4)), TEACHERS[kind]
+    return kind, kind
+
+
 def sync(device) -> None:
     """Wait for queued GPU work, so a wall-clock interval covers it."""
     import torch

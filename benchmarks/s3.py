@@ -15,7 +15,7 @@ Rows, each run for the local disk and for S3 with the same settings, interleaved
   median over the steps after the first, and the share of step time spent waiting for the reader;
 - reader: the training reader alone (decompress, shuffle, collate) in real tokens/s.
 
-    python benchmarks/s3.py [--teacher auto|tiny|minilm|DIR] [--documents 200] [--max-length 128]
+    python benchmarks/s3.py [--teacher auto|tiny|minilm-random-head|DIR] [--documents 200] [--max-length 128]
                             [--steps 8] [--repeats 2] [--threads 0]
 """
 
@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from precompute import build_teacher  # noqa: E402  (the same teachers as the precompute benchmark)
+from precompute import pick_teacher  # noqa: E402  (the same teachers as the precompute benchmark)
 from test_s3 import moto_s3_server  # noqa: E402
 
 BUCKET = "kd-bench"
@@ -88,7 +88,9 @@ def reader_once(url: str, storage_options: dict | None, micro_batch: int) -> flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="auto", help="auto | tiny | minilm | a masked-LM directory")
+    ap.add_argument(
+        "--teacher", default="auto", help="auto | tiny | minilm-random-head | a masked-LM directory"
+    )
     ap.add_argument("--corpus", default=str(ROOT / "offline_kd" / "data" / "sample_corpus.txt"))
     ap.add_argument("--documents", type=int, default=200, help="first N documents of the corpus")
     ap.add_argument("--max-length", type=int, default=128)
@@ -106,7 +108,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
-        teacher_dir, teacher_desc = build_teacher(args.teacher, tmp)
+        teacher_dir, teacher_desc = pick_teacher(args.teacher, tmp)
         corpus = tmp / "corpus.txt"
         lines = Path(args.corpus).read_text(encoding="utf-8").splitlines()[: args.documents]
         corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")

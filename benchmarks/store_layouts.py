@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import write_corpus_head
+from _common import TEACHERS, build_teacher, write_corpus_head
 
 LAYOUTS = (
     ("top-k", dict(top_k=64, hidden=False)),
@@ -43,28 +43,6 @@ LAYOUTS = (
     ("hidden bf16", dict(top_k=0, hidden=True, hidden_dtype="bfloat16")),
     ("hidden fp8", dict(top_k=0, hidden=True, hidden_dtype="float8_e4m3fn")),
 )
-
-
-def build_teacher(kind: str, corpus: Path | None, tmp: Path) -> tuple[str, str]:
-    if kind == "minilm":
-        from offline_kd.examples.demo import sample_corpus
-        from offline_kd.examples.minilm import MiniLMFitConfig, fit_minilm_teacher
-
-        cfg = MiniLMFitConfig(corpus=[str(corpus or sample_corpus())], head_steps=20, steps=60, batch_size=16)
-        return str(
-            fit_minilm_teacher(cfg, log=lambda m: print(m, file=sys.stderr))
-        ), "MiniLM-L6-H384, fitted head"
-    if kind == "bert-base-random":
-        from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
-
-        from offline_kd.examples.minilm import minilm_encoder_dir
-
-        d = tmp / "bert-base-random"
-        torch.manual_seed(0)
-        BertForMaskedLM(BertConfig()).save_pretrained(d)
-        AutoTokenizer.from_pretrained(minilm_encoder_dir()).save_pretrained(d)
-        return str(d), "bert-base shape (H = 768, 12 layers), random weights"
-    return kind, kind
 
 
 @torch.no_grad()
@@ -111,7 +89,9 @@ def _topk_uniform_tail(d: dict, n: int, T: float, m, V: int) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", default="minilm", help="minilm | bert-base-random | a masked-LM directory")
+    ap.add_argument(
+        "--teacher", default="minilm-fitted", help=f"{' | '.join(TEACHERS)} | a masked-LM directory"
+    )
     ap.add_argument("--corpus", default=None, help="one document a line (default: the embedded sample)")
     ap.add_argument("--documents", type=int, default=100, help="first N documents of the corpus")
     ap.add_argument("--max-length", type=int, default=128)
@@ -134,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         corpus = write_corpus_head(tmp / "corpus.txt", args.documents, args.corpus)
-        teacher_dir, desc = build_teacher(args.teacher, args.corpus, tmp)
+        teacher_dir, desc = build_teacher(args.teacher, tmp, args.corpus)
         teacher = load_teacher(teacher_dir, device="cpu", dtype=args.dtype).model
         rows = []
         for name, layout in (layout for layout in LAYOUTS if layout[0] in wanted):
