@@ -106,3 +106,21 @@ def test_the_cycle_check_finds_a_cycle(tmp_path):
     (pkg / "sub" / "b.py").write_text("def f():\n    from ..a import x\n")
     (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
     assert cycles(import_graph(pkg)) == [["pkg.a", "pkg.sub.b"]]
+
+
+def stage_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The graph between the package's folders (its stages): one node per first-level subpackage."""
+
+    def stage(module: str) -> str:
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else parts[0]
+
+    stages: dict[str, set[str]] = {}
+    for module, deps in graph.items():
+        stages.setdefault(stage(module), set()).update(stage(d) for d in deps if stage(d) != stage(module))
+    return stages
+
+
+def test_the_stages_import_in_one_direction():
+    """Folders, not just modules: a stage that imports a stage which imports it back is one stage."""
+    assert cycles(stage_graph(import_graph(PACKAGE))) == []

@@ -191,7 +191,7 @@ def test_vocabulary_padded_for_training_and_trimmed_on_export(tiny_teacher, teac
     gives the trained model's logits on it."""
     from transformers import AutoModelForMaskedLM
 
-    from offline_kd.publish.export import export_student
+    from offline_kd.train.export import export_student
     from offline_kd.train.student import VOCAB_MULTIPLE
 
     V = teacher.config.vocab_size

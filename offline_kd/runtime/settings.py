@@ -219,7 +219,7 @@ class HeldOutConfig:
 
 @dataclass
 class CardConfig:
-    """The exported student's model card and where it is published (`offline_kd.publish.export`)."""
+    """The exported student's model card and where it is published (`offline_kd.train.export`)."""
 
     license: str | None = setting(None, "model card license, e.g. apache-2.0; none: the local teacher card's")
     language: list[str] | None = setting(

@@ -5,7 +5,7 @@
 fit the store (`prepare_run`); resolve the DeepSpeed config and the reader (`plan_run`); build the
 engine; resume from the newest *complete* checkpoint (`Checkpointer`); loop over epochs (view ``epoch
 mod views``), optimizer steps and each step's micro-batches (`optimizer_step`); export ``DIR/final``
-(`offline_kd.publish.export`). The checkpointer and the held-out evaluator decide themselves which
+(`offline_kd.train.export`). The checkpointer and the held-out evaluator decide themselves which
 steps they act on. Every micro-batch's loss components are summed over ranks, which also stops every
 rank together on a non-finite loss.
 """
@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from offline_kd.publish.export import export_run, redacted_settings, write_run_config
 from offline_kd.runtime.distributed import accelerator_device, init_distributed
 from offline_kd.runtime.errors import RunFailed, UsageError
 from offline_kd.runtime.launcher import launcher_env
@@ -31,6 +30,7 @@ from offline_kd.store.signal_store import SignalStore, StoreMeta
 from offline_kd.train.checkpoint import Checkpointer
 from offline_kd.train.checks import TrainInputs, check_train, kl_source_note
 from offline_kd.train.ds_config import fill_schedule, load_ds_config, resolve_ds_config
+from offline_kd.train.export import export_run, redacted_settings, write_run_config
 from offline_kd.train.heldout import HeldOutEvaluator
 from offline_kd.train.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.train.metrics import MetricsLogger
