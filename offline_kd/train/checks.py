@@ -57,15 +57,18 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainInputs:
     """Store, DeepSpeed config, loss settings, teacher and student of a training run."""
     from offline_kd.store.signal_store import open_store
     from offline_kd.store.storage import check_store_url
-    from offline_kd.train.ds_config import load_ds_config, resolve_ds_config
+    import torch
+
+    from offline_kd.train.ds_config import check_optimizer_buildable, load_ds_config, resolve_ds_config
 
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
         raise UsageError(f"--output {cfg.output}: is an existing file, not a run directory")
     hub_kernels.check(cfg.hub_kernels)
-    resolve_ds_config(
+    ds = resolve_ds_config(
         load_ds_config(cfg.deepspeed_config), world_size, micro_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr=cfg.lr,
     )  # fmt: skip
+    check_optimizer_buildable(ds, "cuda" if torch.cuda.is_available() else "cpu")
     check_store_url(cfg.store, cfg.storage_options)  # filesystem installed, bucket answering
     store = open_store(cfg.store, cfg.storage_options)
     missing = [i for i, c in enumerate(store.committed()) if not c]

@@ -119,3 +119,46 @@ def fill_schedule(ds: dict, total_steps: int, warmup_fraction: float) -> dict:
     if opt_lr is not None and is_auto(params.get("warmup_max_lr", 0)):
         params["warmup_max_lr"] = opt_lr
     return ds
+
+
+# DeepSpeed's own optimizers are C++/CUDA ops compiled (with ninja, and nvcc for CUDA) at the first step
+# unless the install prebuilt them; torch's AdamW ("torch_adam": true) needs neither.
+_COMPILED_OPTIMIZERS = {
+    "adam": "fused_adam",
+    "adamw": "fused_adam",
+    "lamb": "fused_lamb",
+    "lion": "fused_lion",
+}
+
+
+def check_optimizer_buildable(ds: dict, device_type: str) -> None:
+    """Refuse, before DeepSpeed starts, an optimizer DeepSpeed would have to compile where it cannot."""
+    import shutil
+
+    opt = ds.get("optimizer") or {}
+    name, params = str(opt.get("type", "")).lower(), opt.get("params") or {}
+    if name not in _COMPILED_OPTIMIZERS or (name in ("adam", "adamw") and params.get("torch_adam")):
+        return
+    offload = ((ds.get("zero_optimization") or {}).get("offload_optimizer") or {}).get("device")
+    op = (
+        _COMPILED_OPTIMIZERS[name].replace("fused_", "cpu_")
+        if offload in ("cpu", "nvme")
+        else _COMPILED_OPTIMIZERS[name]
+    )
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:  # an older DeepSpeed: nothing to tell
+        return
+    if installed_ops.get(op):
+        return
+    missing = [] if shutil.which("ninja") else ["ninja"]
+    if device_type == "cuda" and not op.startswith("cpu_"):
+        from torch.utils.cpp_extension import CUDA_HOME
+
+        missing += [] if CUDA_HOME else ["nvcc (the CUDA toolkit)"]
+    if missing:
+        raise UsageError(
+            f"{FLAG}: optimizer {opt.get('type')} runs DeepSpeed's {op} op, which this DeepSpeed did not prebuild "
+            f'and cannot compile without {" and ".join(missing)}: add "torch_adam": true (and "fused": true '
+            "on a GPU) to the optimizer's params for torch's AdamW, or install what is missing"
+        )
