@@ -346,7 +346,7 @@ def test_error_classes_and_their_exit_codes():
     from offline_kd.runtime.errors import RunFailed, UsageError
     from offline_kd.store.signal_store import StoreCorruptionError, StoreError, StoreMismatchError
     from offline_kd.teacher.errors import TeacherError, TeacherFailed
-    from offline_kd.train.loop import NonFiniteLossError
+    from offline_kd.train.ledger import NonFiniteLossError
     from offline_kd.train.student import StudentError
 
     for cls in (CorpusError, StoreError, StoreMismatchError, StudentError, TeacherError):

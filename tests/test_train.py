@@ -269,7 +269,8 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_store, 
     import zarr
 
     from offline_kd.train.checkpoint import latest_complete
-    from offline_kd.train.loop import NonFiniteLossError, train
+    from offline_kd.train.ledger import NonFiniteLossError
+    from offline_kd.train.loop import train
     from offline_kd.train.loss import LossConfig
     from offline_kd.train.reader import ReaderConfig, StoreReader
 
@@ -290,3 +291,77 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_store, 
     assert latest_complete(out / "checkpoints") == "step00000003"
     assert not (out / "checkpoints" / "step00000004").exists()
     assert not (out / "final").exists()
+
+
+# Tensor methods that read a value back to the host: on CUDA each waits for the queued GPU work.
+HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy", "nonzero"}
+
+
+def _reads_in(code_dir: str):
+    """A TorchFunctionMode that records host reads made directly by code under `code_dir` (a library's own
+    reads, e.g. DeepSpeed's inside engine.step, are attributed to the library)."""
+    import traceback
+
+    from torch.overrides import TorchFunctionMode
+
+    class Reads(TorchFunctionMode):
+        seen: list = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in HOST_READS:
+                caller = traceback.extract_stack(limit=2)[0]
+                if code_dir in caller.filename:
+                    self.seen.append(
+                        f"{caller.filename.split('offline_kd/')[-1]}:{caller.lineno} {func.__name__}"
+                    )
+            return func(*args, **(kwargs or {}))
+
+    return Reads()
+
+
+def test_an_optimizer_step_reads_nothing_back_to_the_host(tiny_store, tmp_path, monkeypatch):
+    """Between flushes the training loop leaves every loss sum, token count, gradient norm and finiteness
+    check on the device (on a GPU a read would stall the host every micro-batch). Checked on the code path
+    here; on a GPU the test below counts the synchronisations themselves."""
+    import offline_kd.train.loop as loop
+
+    probe, steps = _reads_in("/offline_kd/train/"), []
+
+    def watched(*args, **kwargs):
+        with probe:
+            loop_step(*args, **kwargs)
+        steps.append(len(probe.seen))
+
+    loop_step = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", watched)
+    result = loop.train(_cfg(tiny_store, tmp_path / "r", max_steps=3, epochs=1))
+    assert len(steps) == 3 and probe.seen == []
+    assert result.metrics["step"] == 3 and result.metrics["tokens"] > 0  # the flush read them back
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_step_synchronises_only_in_deepspeed(tiny_store, tmp_path, monkeypatch):
+    """With torch's sync debug mode on, the synchronising calls of a step come from DeepSpeed, never from
+    offline_kd's loop or loss."""
+    import warnings
+
+    import torch
+
+    import offline_kd.train.loop as loop
+
+    caught: list = []
+
+    def watched(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                loop_step(*args, **kwargs)
+            caught.extend(str(x.filename) for x in w if "synchroniz" in str(x.message))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    loop_step = loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", watched)
+    loop.train(_cfg(tiny_store, tmp_path / "r", max_steps=3, epochs=1))
+    assert [f for f in caught if "/offline_kd/" in f] == []

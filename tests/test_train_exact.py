@@ -286,7 +286,8 @@ def test_nan_in_a_recovered_logit_stops_naming_the_step(tiny_store, tmp_path):
     import zarr
 
     from offline_kd.train.checkpoint import latest_complete
-    from offline_kd.train.loop import NonFiniteLossError, train
+    from offline_kd.train.ledger import NonFiniteLossError
+    from offline_kd.train.loop import train
     from offline_kd.train.reader import ReaderConfig, StoreReader
 
     store = tmp_path / "nan.zarr"

@@ -207,11 +207,15 @@ class Checkpointer:
             )  # fmt: skip
         return state
 
+    def due(self, step: int, last_step: bool = False) -> bool:
+        """Whether `save` would write `step`: every ``save_every`` steps, and the last one unless just saved."""
+        every = self.cfg.save_every
+        if not every or self.last_saved == tag_for(step):
+            return False
+        return step > 0 if last_step else step % every == 0
+
     def save(self, state: TrainState, micro_batches: int, row: dict, last_step: bool = False) -> None:
         """Save `state` when its step is due (or is the last one and not yet saved)."""
-        every, step = self.cfg.save_every, state.step
-        due = every and step % every == 0 if not last_step else every and step > 0
-        if not due or self.last_saved == tag_for(step):
-            return
-        client = state.to_client_state(micro_batches, row)
-        self.last_saved = save(self.engine, self.dir, step, client, self.cfg.keep_checkpoints)
+        if self.due(state.step, last_step):
+            client = state.to_client_state(micro_batches, row)
+            self.last_saved = save(self.engine, self.dir, state.step, client, self.cfg.keep_checkpoints)

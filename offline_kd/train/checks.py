@@ -55,10 +55,10 @@ class TrainInputs:
 
 def check_train(cfg: TrainConfig, world_size: int) -> TrainInputs:
     """Store, DeepSpeed config, loss settings, teacher and student of a training run."""
-    from offline_kd.store.signal_store import open_store
-    from offline_kd.store.storage import check_store_url
     import torch
 
+    from offline_kd.store.signal_store import open_store
+    from offline_kd.store.storage import check_store_url
     from offline_kd.train.ds_config import check_optimizer_buildable, load_ds_config, resolve_ds_config
 
     if Path(cfg.output).exists() and not Path(cfg.output).is_dir():

@@ -176,13 +176,18 @@ class HeldOutEvaluator:
                 batch_size=batch_size, rank=rank, world=world, storage_options=storage_options,
             )  # fmt: skip
 
-    def evaluate(self, engine, step: int, logger, vocab_size: int | None, last_step: bool = False) -> None:
-        """Every rank scores its share when `step` is due (the last step: unless just scored); rank 0 logs."""
+    def due(self, step: int, last_step: bool = False) -> bool:
+        """Whether `evaluate` would score `step`: every ``eval_every`` steps, and the last one unless just
+        scored."""
         if self.heldout is None:
-            return
-        every = self.cfg.eval_every
-        due = (self.last is None or self.last[0] != step) if last_step else every and step % every == 0
-        if due:
+            return False
+        if last_step:
+            return self.last is None or self.last[0] != step
+        return bool(self.cfg.eval_every) and step % self.cfg.eval_every == 0
+
+    def evaluate(self, engine, step: int, logger, vocab_size: int | None, last_step: bool = False) -> None:
+        """Every rank scores its share when `step` is due; rank 0 logs."""
+        if self.due(step, last_step):
             result = self.heldout.run(engine, vocab_size, accelerator_device())
             logger.log_eval(step, result)
             self.last = (step, result)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from offline_kd.runtime.distributed import accelerator_device, init_distributed
-from offline_kd.runtime.errors import RunFailed, UsageError
+from offline_kd.runtime.errors import UsageError
 from offline_kd.runtime.launcher import launcher_env
 from offline_kd.runtime.progress import quiet_library_bars
 from offline_kd.runtime.settings import TrainConfig
@@ -32,6 +32,7 @@ from offline_kd.train.checks import TrainInputs, check_train, kl_source_note
 from offline_kd.train.ds_config import fill_schedule, load_ds_config, resolve_ds_config
 from offline_kd.train.export import export_run, redacted_settings, write_run_config
 from offline_kd.train.heldout import HeldOutEvaluator
+from offline_kd.train.ledger import StepLedger
 from offline_kd.train.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.train.metrics import MetricsLogger
 from offline_kd.train.reader import ReaderConfig, StoreReader
@@ -42,12 +43,8 @@ log = logging.getLogger(__name__)
 
 # The model card's training figures: the loss components averaged over the last steps.
 CARD_MEAN_STEPS = 50
-# Per micro-batch sums over ranks: the loss components, then real tokens and sequences.
-TOKENS, SEQUENCES = len(COMPONENTS), len(COMPONENTS) + 1
-
-
-class NonFiniteLossError(RunFailed):
-    """A loss component became NaN or infinite; the run stops without saving."""
+# Steps between reads of the loss sums on the host when --log-every is 0 (progress by time only).
+FLUSH_EVERY = 50
 
 
 @dataclass
@@ -238,91 +235,47 @@ def build_engine(cfg: TrainConfig, run: PreparedRun, ds: dict):
 # --------------------------------------------------------------------------------------- loop pieces
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    # Stored hidden states stay as stored (fp16, or bf16): the cosine loss casts them to the student's
-    # dtype, the exact KL feeds them to the fp32 teacher head (a bf16 copy of fp16 ones would round them).
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def sum_over_ranks(
-    parts: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], world: int, device: torch.device
+    parts: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], world: int
 ) -> torch.Tensor:
-    """float64 [loss components..., tokens, sequences] of one micro-batch, summed over ranks."""
-    values = torch.stack([parts[name] for name in COMPONENTS]).double().cpu()
-    ntok = float(batch["attention_mask"].sum())
-    sums = torch.cat([values, torch.tensor([ntok, float(batch["input_ids"].shape[0])], dtype=torch.float64)])
+    """float64 [loss components..., tokens, sequences] of one micro-batch, summed over ranks, on the device
+    (nothing is read on the host here: `StepLedger.flush` does, once per flush)."""
+    values = torch.stack([parts[name] for name in COMPONENTS]).double()
+    mask = batch["attention_mask"]
+    counts = torch.stack([mask.sum(), mask.new_full((), batch["input_ids"].shape[0])])  # no host copy
+    sums = torch.cat([values, counts.to(values.device, torch.float64)])
     if world > 1:
-        on_device = sums.to(device)
-        dist.all_reduce(on_device)
-        sums = on_device.cpu()
+        dist.all_reduce(sums)
     return sums
 
 
-def check_finite_loss(sums: torch.Tensor, world: int, state: TrainState, last_saved: str | None) -> None:
-    """Raise on a non-finite loss component: every rank sees the same sums and stops together."""
-    if torch.isfinite(sums[:TOKENS]).all():
-        return
-    detail = ", ".join(f"{n}={float(sums[i]) / world:.6g}" for i, n in enumerate(COMPONENTS))
-    raise NonFiniteLossError(
-        f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, micro-batch {state.micro_pos}): "
-        f"{detail}; stopping without saving; last good checkpoint: {last_saved or 'none'}"
-    )
-
-
-def _params_finite(module: nn.Module, device: torch.device, world: int) -> bool:
-    """True when every parameter (this rank's ZeRO-3 partition) is finite on every rank."""
+def params_finite(module: nn.Module, device: torch.device, world: int) -> torch.Tensor:
+    """int32 [1] on the device: 1 when every parameter (this rank's ZeRO-3 partition) is finite on every
+    rank, read at the next flush."""
     local = [getattr(p, "ds_tensor", p) for p in module.parameters()]
     local = [t for t in local if t.numel() > 0]
     ok = torch.stack(torch._foreach_norm(local)).isfinite().all() if local else torch.tensor(True)
     flag = ok.to(device=device, dtype=torch.int32).reshape(1)
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return flag
 
 
-def check_finite_params(
-    module: nn.Module, device: torch.device, world: int, state: TrainState, last_saved: str | None
-) -> None:
-    """Raise when an update left non-finite parameters (finite loss, non-finite gradients)."""
-    if _params_finite(module, device, world):
-        return
-    raise NonFiniteLossError(
-        f"non-finite parameters after the update of step {state.step} (epoch {state.epoch}): the gradients "
-        f"were not finite although the loss was; stopping without saving; last good "
-        f"checkpoint: {last_saved or 'none'}"
-    )
-
-
-def metrics_row(
-    state: TrainState, totals: torch.Tensor, parts: int, lr: float, dt: float, wait: float
-) -> dict:
-    """One optimizer step's row: loss components averaged over its `parts` micro-batch × rank sums."""
-    return {
-        "step": state.step,
-        "epoch": state.epoch,
-        "samples": int(totals[SEQUENCES]),
-        "tokens": int(totals[TOKENS]),
-        **{name: float(totals[i] / parts) for i, name in enumerate(COMPONENTS)},
-        "lr": lr,
-        "tokens_per_s": float(totals[TOKENS]) / max(dt, 1e-9),
-        "step_time_s": dt,
-        "reader_wait_s": wait,
-    }
-
-
-def grad_norm_before_step(engine) -> float | None:
+def grad_norm_before_step(engine) -> torch.Tensor | None:
     """The gradient norm where DeepSpeed records none (fp32 without ZeRO clips without keeping it);
-    at the accumulation boundary the gradients are already reduced over ranks."""
+    at the accumulation boundary the gradients are already reduced over ranks. Left on the device."""
     if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
         return None
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-    return float(torch.stack(torch._foreach_norm(grads)).norm()) if grads else None
+    return torch.stack(torch._foreach_norm(grads)).norm() if grads else None
 
 
-def grad_norm_after_step(engine, before: float | None) -> float:
+def grad_norm_after_step(engine, before: torch.Tensor | None) -> torch.Tensor | float | None:
+    """DeepSpeed's norm of the step's gradients, else the one taken before the step; read at the flush."""
     norm = engine.get_global_grad_norm()
-    norm = before if norm is None else float(norm)
-    return float("nan") if norm is None else norm
+    if norm is None:
+        return before
+    return norm.detach().clone() if torch.is_tensor(norm) else norm
 
 
 def _lr(engine) -> float:
@@ -334,45 +287,70 @@ def _lr(engine) -> float:
 
 
 def forward_backward(
-    engine,
-    batch: dict[str, torch.Tensor],
-    world: int,
-    state: TrainState,
-    last_saved: str | None,
-    boundary: bool,
-) -> tuple[torch.Tensor, float | None]:
+    engine, batch: dict[str, torch.Tensor], world: int, boundary: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One micro-batch: forward, backward and DeepSpeed's step, which updates only at the accumulation
-    boundary. Returns the loss parts summed over ranks and, at the boundary, the gradient norm before the step."""
+    boundary. Returns the loss parts summed over ranks and, at the boundary, the gradient norm before the
+    step, both left on the device."""
     loss, parts = engine(batch)
-    # Summed over ranks every micro-batch, so a non-finite loss stops all ranks together.
-    sums = sum_over_ranks(parts, batch, world, batch["input_ids"].device)
-    check_finite_loss(sums, world, state, last_saved)
+    sums = sum_over_ranks(parts, batch, world)
     engine.backward(loss)
     norm = grad_norm_before_step(engine) if boundary else None
     engine.step()
     return sums, norm
 
 
-def optimizer_step(engine, batches, gas: int, world: int, state: TrainState, last_saved: str | None) -> dict:
+def optimizer_step(engine, batches, gas: int, world: int, state: TrainState, ledger: StepLedger) -> None:
     """One optimizer step: its micro-batches' forward and backward, DeepSpeed stepping at the boundary,
-    then a check that the update left finite parameters. Returns the step's metrics row."""
-    totals, norm, wait = torch.zeros(SEQUENCES + 1, dtype=torch.float64), None, 0.0
-    device, t_step = accelerator_device(), time.perf_counter()
+    then the check that the update left finite parameters. What they compute stays on the device, in
+    `ledger`, until the loop flushes it: the host never waits for the accelerator here."""
+    norm, wait, t_step = None, 0.0, time.perf_counter()
     while True:
         t0 = time.perf_counter()
-        batch = next(batches)
+        batch = next(batches)  # already on the device (`DevicePrefetch`)
         wait += time.perf_counter() - t0
         boundary = (state.micro_pos + 1) % gas == 0
-        sums, norm = forward_backward(engine, _to_device(batch, device), world, state, last_saved, boundary)
-        totals += sums
+        sums, norm = forward_backward(engine, batch, world, boundary)
+        ledger.add_micro_batch(sums, state.micro_pos)
         state.micro_pos += 1
         if boundary:  # a resume always starts on a step boundary
             break
     state.step += 1
-    check_finite_params(engine.module, device, world, state, last_saved)
-    row = metrics_row(state, totals, gas * world, _lr(engine), time.perf_counter() - t_step, wait)
-    row["grad_norm"] = grad_norm_after_step(engine, norm)
+    ledger.end_step(
+        state.step, state.epoch, params_finite(engine.module, accelerator_device(), world), lr=_lr(engine),
+        step_time_s=time.perf_counter() - t_step, reader_wait_s=wait, grad_norm=grad_norm_after_step(engine, norm),
+    )  # fmt: skip
+
+
+def flush_steps(ledger: StepLedger, logger: MetricsLogger, last_saved: str | None, row: dict) -> dict:
+    """The recorded steps read back to the host (one sync), checked and logged; returns the newest row."""
+    for row in ledger.flush(last_saved):  # noqa: B020 - the newest row is the one returned
+        logger.log(row)
     return row
+
+
+class DevicePrefetch:
+    """Micro-batches copied to the device one ahead: the copy of the next (from pinned memory, without
+    blocking the host) overlaps the current one's compute."""
+
+    def __init__(self, batches, device: torch.device):
+        self.batches, self.device = iter(batches), device
+        self.next = self._fetch()
+
+    def _fetch(self):
+        batch = next(self.batches, None)
+        # Stored hidden states stay as stored (fp16, or bf16): the cosine loss casts them to the student's
+        # dtype, the exact KL feeds them to the fp32 teacher head (a bf16 copy of fp16 ones would round them).
+        return None if batch is None else {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.next is None:
+            raise StopIteration
+        batch, self.next = self.next, self._fetch()
+        return batch
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -408,19 +386,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     logger.log_hparams({"train": redacted_settings(cfg), "deepspeed": ds})
     heldout = HeldOutEvaluator(cfg.heldout, run.bundle.tokenizer, run.meta, batch_size=int(micro), rank=rank,
                                world=world, storage_options=cfg.storage_options)  # fmt: skip
+    # Loss sums stay on the device until a flush: every --log-every steps and before a save or an eval.
+    ledger, flush_every = StepLedger(world), cfg.logs.log_every or FLUSH_EVERY
     vocab, row = run.bundle.true_vocab_size, {}
     engine.train()
     try:
         while state.step < plan.total_steps and state.epoch < cfg.epochs:
             # An epoch's order is a pure function of (seed, epoch): start where this rank stopped.
             batches = reader.epoch_batches(state.epoch, start=state.micro_pos, stop=plan.micro_batches)
+            batches = DevicePrefetch(batches, accelerator_device())
             while state.micro_pos < plan.micro_batches and state.step < plan.total_steps:
-                row = optimizer_step(engine, batches, gas, world, state, checkpointer.last_saved)
-                logger.log(row)
+                optimizer_step(engine, batches, gas, world, state, ledger)
+                # A checkpoint or an evaluation only ever follows steps read back and found finite.
+                if state.step % flush_every == 0 or checkpointer.due(state.step) or heldout.due(state.step):
+                    row = flush_steps(ledger, logger, checkpointer.last_saved, row)
                 heldout.evaluate(engine, state.step, logger, vocab)
                 checkpointer.save(state, plan.micro_batches, row)
             if state.micro_pos >= plan.micro_batches:
                 state.next_epoch()
+        row = flush_steps(ledger, logger, checkpointer.last_saved, row)
         # The last step is always resumable and scored, even between two --save-every / --eval-every steps.
         checkpointer.save(state, plan.micro_batches, row, last_step=True)
         heldout.evaluate(engine, state.step, logger, vocab, last_step=True)

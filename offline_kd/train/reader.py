@@ -346,9 +346,11 @@ class StoreReader:
         generator = torch.Generator().manual_seed(
             int(np.random.SeedSequence([self.cfg.seed, epoch, self.rank, start]).generate_state(1)[0])
         )
+        # Pinned host memory on a CUDA host: the trainer's copies to the device then do not block the host.
         loader = DataLoader(
-            ds, batch_size=None, num_workers=self.cfg.num_workers, generator=generator, **kwargs
-        )
+            ds, batch_size=None, num_workers=self.cfg.num_workers, generator=generator,
+            pin_memory=torch.cuda.is_available(), **kwargs,
+        )  # fmt: skip
         for group in loader:
             if isinstance(group, WorkerError):
                 raise group.error
