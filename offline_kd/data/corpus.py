@@ -261,6 +261,31 @@ def _degenerate(tokenizer, min_tokens: int, max_unk_fraction: float):
     return flag
 
 
+def _drop_degenerate(packed, tokenizer, min_tokens: int, max_unk_fraction: float, num_proc: int | None):
+    """(the packed sequences without the degenerate ones, how many were too short, how many mostly unknown)."""
+    flagged = (
+        packed.with_format("numpy")
+        .map(
+            _degenerate(tokenizer, min_tokens, max_unk_fraction),
+            batched=True,
+            num_proc=num_proc,
+            desc="filtering",
+        )
+        .with_format(None)
+    )
+    flags = flagged.select_columns(["_short", "_unk"]).with_format("numpy")
+    short = unk = 0
+    for b in flags.iter(batch_size=65536):
+        short += int(np.sum(b["_short"]))
+        unk += int(np.sum(b["_unk"]))
+    result = flagged.filter(
+        lambda b: [not (s or u) for s, u in zip(b["_short"], b["_unk"], strict=True)],
+        batched=True,
+        num_proc=num_proc,
+    ).remove_columns(["_short", "_unk"])
+    return result, short, unk
+
+
 def pack_sequences(
     documents,
     tokenizer,
@@ -295,26 +320,7 @@ def pack_sequences(
         remove_columns=tokenized.column_names,
         desc="packing",
     ).with_format(None)
-    flagged = (
-        packed.with_format("numpy")
-        .map(
-            _degenerate(tokenizer, min_tokens, max_unk_fraction),
-            batched=True,
-            num_proc=num_proc,
-            desc="filtering",
-        )
-        .with_format(None)
-    )
-    flags = flagged.select_columns(["_short", "_unk"]).with_format("numpy")
-    short = unk = 0
-    for b in flags.iter(batch_size=65536):
-        short += int(np.sum(b["_short"]))
-        unk += int(np.sum(b["_unk"]))
-    result = flagged.filter(
-        lambda b: [not (s or u) for s, u in zip(b["_short"], b["_unk"], strict=True)],
-        batched=True,
-        num_proc=num_proc,
-    ).remove_columns(["_short", "_unk"])
+    result, short, unk = _drop_degenerate(packed, tokenizer, min_tokens, max_unk_fraction, num_proc)
     if stats is not None:
         stats.packed_sequences = len(packed)
         stats.dropped_short = short

@@ -185,6 +185,7 @@ class Checkpointer:
     def __init__(self, engine, ckpt_dir: Path, cfg: CheckpointConfig):
         self.engine, self.dir, self.cfg = engine, Path(ckpt_dir), cfg
         self.last_saved: str | None = None  # the newest checkpoint of this run, resumed from or saved
+        self.resumed_from: str | None = None
 
     def resume(self, fresh: TrainState, is_main: bool) -> TrainState:
         """With ``--resume`` the newest complete checkpoint's state (remapped to `fresh`'s layout), else
@@ -197,6 +198,7 @@ class Checkpointer:
                 log.info("--resume: no complete checkpoint in %s, starting fresh", self.dir)
             return fresh
         self.last_saved, client = loaded
+        self.resumed_from = self.last_saved
         state, warnings = resume_state(client, fresh.layout, fresh.scheduler)
         if is_main:
             for warning in warnings:

@@ -378,7 +378,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     checkpointer = Checkpointer(engine, out / "checkpoints", cfg.checkpoint)
     fresh = TrainState(layout=Layout(world, micro, gas), scheduler=ds.get("scheduler"))
     state = checkpointer.resume(fresh, is_main)
-    resumed_from = checkpointer.last_saved
     # Rank 0 alone logs; a resumed run drops the rows after its checkpoint's step and redoes them.
     logger = MetricsLogger(out / "logs", cfg.logs, enabled=is_main, total_steps=plan.total_steps,
                            start_step=state.step, monitor=getattr(engine, "monitor", None),
@@ -413,4 +412,4 @@ def train(cfg: TrainConfig) -> TrainResult:
         logger.close()
     # Gather (ZeRO-3 partitions) and write a save_pretrained student with its card.
     final_dir = export_run(engine.module, cfg, run.meta, run.bundle, ds, card_metrics, state.step, rank)
-    return TrainResult(str(out), str(final_dir), state.step, row, resumed_from)
+    return TrainResult(str(out), str(final_dir), state.step, row, checkpointer.resumed_from)
