@@ -15,7 +15,7 @@ PLATFORM ?= manylinux_2_28_x86_64
 CONSTRAINTS ?= constraints.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install test test-latest constraints demo bench fidelity gpu-check wheelhouse lint format clean
+.PHONY: install test test-latest constraints demo bench fidelity gpu-check gpu-wheels wheelhouse lint format clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
@@ -68,6 +68,13 @@ gpu-check:
 # PyTorch image, plus offline_kd's own, into wheelhouse/ (see wheelhouse/INSTALL.md, docs/dependencies.md).
 wheelhouse: install
 	$(PY) scripts/wheelhouse.py --python-version $(PY_VERSION) --platform $(PLATFORM) --out wheelhouse
+
+# What a bare CUDA machine with torch, triton and transformers lacks (zarr, numcodecs, datasets, a pure-Python
+# deepspeed, ...) and offline_kd's own wheel, under 64 MiB so it travels with the checkout; there:
+#   pip install --no-index --find-links .gpu-wheels offline-kd && make gpu-check
+gpu-wheels: install
+	$(PY) scripts/wheelhouse.py --python-version $(PY_VERSION) --platform $(PLATFORM) --image hf --max-mb 56 \
+		--out .gpu-wheels
 
 lint:
 	$(PY) -m ruff check .

@@ -31,7 +31,17 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROVIDED = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")  # comes with a CUDA PyTorch image
+# What an image already holds, by --image: "torch" (any CUDA PyTorch image: torch, triton and CUDA's libraries),
+# "hf" (such an image with transformers and tokenizers installed, as GPU machines for ML usually have: what
+# make gpu-wheels collects for, small enough to carry to a machine with no package index).
+IMAGES = {
+    "torch": r"^(torch|triton|nvidia-.*|cuda-.*)$",
+    "hf": r"^(torch|triton|nvidia-.*|cuda-.*|transformers|tokenizers|huggingface-hub|hf-xet|safetensors|numpy"
+    r"|regex|pyyaml|requests|urllib3|idna|certifi|charset-normalizer|packaging|filelock|fsspec|tqdm|typer|click"
+    r"|typing-extensions|jinja2|markupsafe|networkx|sympy|mpmath|setuptools|kernels|shellingham|rich"
+    r"|markdown-it-py|mdurl|pygments|annotated-doc)$",
+}
+
 LEGACY_MANYLINUX = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
 MAX_SOURCE_BUILDS = 5
 
@@ -116,7 +126,7 @@ def placeholder_wheel(name: str, version: str, directory: Path) -> None:
         z.writestr(f"{dist}.dist-info/RECORD", "")
 
 
-def check_offline(out: Path, provided: list[dict], targs: list[str]) -> list[str]:
+def check_offline(out: Path, provided: list[dict], targs: list[str], image: re.Pattern) -> list[str]:
     """Resolve offline-kd from the wheelhouse alone (no index, no pip config); return what would install."""
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "image"
@@ -132,7 +142,7 @@ def check_offline(out: Path, provided: list[dict], targs: list[str]) -> list[str
         )  # fmt: skip
         checked(proc, "the offline check (pip install --dry-run --no-index, no pip configuration)")
         items = json.loads(report.read_text())["install"]
-    return sorted(i["metadata"]["name"] for i in items if not PROVIDED.match(i["metadata"]["name"].lower()))
+    return sorted(i["metadata"]["name"] for i in items if not image.match(i["metadata"]["name"].lower()))
 
 
 def write_install_notes(out: Path, python_version: str, platform: str, provided: list[dict]) -> Path:
@@ -170,7 +180,13 @@ def main() -> None:
     ap.add_argument("--python-version", default="3.12", help="target CPython, e.g. 3.12")
     ap.add_argument("--platform", default="manylinux_2_28_x86_64", help="target platform tag")
     ap.add_argument("--out", default=str(ROOT / "wheelhouse"), help="output directory")
+    ap.add_argument(
+        "--image", choices=sorted(IMAGES), default="torch",
+        help="what the host already has: torch (a CUDA PyTorch image) or hf (one with transformers too)",
+    )  # fmt: skip
+    ap.add_argument("--max-mb", type=float, default=None, help="refuse a wheelhouse larger than this (MB)")
     args = ap.parse_args()
+    image = re.compile(IMAGES[args.image])
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     targs = target_args(args.python_version, args.platform)
@@ -178,17 +194,20 @@ def main() -> None:
     print(f"building offline_kd and resolving for CPython {args.python_version} on {args.platform}")
     own = build_own_wheel(out)
     items = resolve(own, out, targs)
-    provided = [i for i in items if PROVIDED.match(i["metadata"]["name"].lower())]
+    provided = [i for i in items if image.match(i["metadata"]["name"].lower())]
     pins = [
         f"{i['metadata']['name']}=={i['metadata']['version']}"
         for i in items
         if i not in provided and not i["download_info"]["url"].startswith(out.as_uri())  # built here
     ]
-    print(f"downloading {len(pins)} wheels; {len(provided)} packages left to the image (torch, triton, CUDA)")
+    print(f"downloading {len(pins)} wheels; {len(provided)} packages left to the image ({args.image})")
     download(pins, out, targs)
-    would_install = check_offline(out, provided, targs)
+    would_install = check_offline(out, provided, targs, image)
     notes = write_install_notes(out, args.python_version, args.platform, provided)
     wheels = list(out.glob("*.whl"))
+    size_mb = sum(w.stat().st_size for w in wheels) / 2**20
+    if args.max_mb is not None and size_mb > args.max_mb:
+        raise SystemExit(f"Error: the wheelhouse holds {size_mb:,.1f} MiB, over --max-mb {args.max_mb:g}")
     print(
         f"offline check passed: {len(would_install)} packages resolve from {out} alone\n"
         f"{len(wheels)} wheels, {sum(w.stat().st_size for w in wheels) / 1e6:,.0f} MB; see {notes}\n"

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_store, run_tiny_precompute
+from conftest import assert_same_store, run_tiny_precompute, wait_until
 from test_train import ROOT, SCRIPT, _base, _check, _env, _losses, run_cli
 
 from offline_kd.store.signal_store import SignalStore
@@ -66,6 +66,57 @@ def test_resume_after_kill_is_bit_exact_with_dropout(tiny_store, dropout_teacher
     a, b = _final_weights(full), _final_weights(killed)
     assert a.keys() == b.keys()
     assert all(a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()) for k in a)
+
+
+def _stop_args(teacher) -> list:
+    return ["--teacher", teacher, "--epochs", 1, "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_store, dropout_teacher, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _check(run_cli(_base(tiny_store, out) + _stop_args(dropout_teacher)))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_a_stop_signal_saves_the_step_and_the_resumed_run_is_bit_exact(
+    tiny_store, dropout_teacher, uninterrupted, tmp_path, signame
+):
+    """What a scheduler sends before it kills a job (and Ctrl-C): the run finishes its step, saves it, says
+    how to resume in one line and exits 128 + the signal; resuming gives the uninterrupted run's losses and
+    weights."""
+    stopped, release = tmp_path / "stopped", tmp_path / "release"
+    cmd = [sys.executable, str(SCRIPT)] + [
+        str(a) for a in _base(tiny_store, stopped) + _stop_args(dropout_teacher)
+    ]
+    env = dict(_env(), OFFLINE_KD_PAUSE_AFTER_STEP=f"3:{release}")  # waits after step 3 for the signal
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: Path(f"{release}.paused").exists(), proc)
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + getattr(signal, signame), err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        f"Error: stopped by {signame} after step 3; checkpoint step00000003 saved: rerun the same command "
+        "with --resume to continue"
+    ], err[-3000:]
+    assert "Traceback" not in err and not (stopped / "final").exists()
+    assert (stopped / "checkpoints" / "step00000003" / "COMPLETE").exists()
+    if signame != "SIGTERM":
+        return  # the same handler and save: one resume checks what follows
+    resumed = run_cli(_base(tiny_store, stopped) + _stop_args(dropout_teacher) + ["--resume"])
+    _check(resumed)
+    assert "resumed from step00000003" in resumed.stderr
+    assert _losses(stopped) == _losses(uninterrupted)
+    a, b = _final_weights(uninterrupted), _final_weights(stopped)
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
 def test_rng_state_files_hold_no_pickle(tmp_path):

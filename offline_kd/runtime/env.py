@@ -42,4 +42,10 @@ PAUSE_BEFORE_COMMIT = EnvVar(
     "Crash tests only: N[:RELEASE]: before its N-th commit (that shard's arrays written) kd precompute "
     "creates RELEASE.paused and waits until the file RELEASE exists (forever without one).",
 )
-ALL = (KERNELS, CACHE, PRECOMPUTE_DELAY, PAUSE_BEFORE_COMMIT)
+PAUSE_AFTER_STEP = EnvVar(
+    "OFFLINE_KD_PAUSE_AFTER_STEP",
+    "",
+    "Preemption tests only: N:RELEASE: after optimizer step N training creates RELEASE.paused and waits until "
+    "the file RELEASE exists or a stop signal arrives.",
+)
+ALL = (KERNELS, CACHE, PRECOMPUTE_DELAY, PAUSE_BEFORE_COMMIT, PAUSE_AFTER_STEP)

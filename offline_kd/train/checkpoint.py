@@ -216,8 +216,14 @@ class Checkpointer:
             return False
         return step > 0 if last_step else step % every == 0
 
-    def save(self, state: TrainState, micro_batches: int, row: dict, last_step: bool = False) -> None:
-        """Save `state` when its step is due (or is the last one and not yet saved)."""
-        if self.due(state.step, last_step):
-            client = state.to_client_state(micro_batches, row)
-            self.last_saved = save(self.engine, self.dir, state.step, client, self.cfg.keep_checkpoints)
+    def save(
+        self, state: TrainState, micro_batches: int, row: dict, last_step: bool = False, force: bool = False
+    ) -> bool:
+        """Save `state` when its step is due, or is the last one, or when `force`d (a stop or a timed save),
+        unless this step is saved already. Returns whether it saved."""
+        forced = force and state.step > 0 and self.last_saved != tag_for(state.step)
+        if not (forced or self.due(state.step, last_step)):
+            return False
+        client = state.to_client_state(micro_batches, row)
+        self.last_saved = save(self.engine, self.dir, state.step, client, self.cfg.keep_checkpoints)
+        return True

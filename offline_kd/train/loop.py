@@ -13,6 +13,7 @@ rank together on a non-finite loss.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from offline_kd.train.heldout import HeldOutEvaluator
 from offline_kd.train.ledger import StepLedger
 from offline_kd.train.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.train.metrics import MetricsLogger
+from offline_kd.train.preemption import Preempted, StopAndSaveRequests
 from offline_kd.train.reader import ReaderConfig, StoreReader
 from offline_kd.train.state import Layout, TrainState
 from offline_kd.train.student import StudentBundle, build_student, check_compatible
@@ -329,6 +331,43 @@ def flush_steps(ledger: StepLedger, logger: MetricsLogger, last_saved: str | Non
     return row
 
 
+@dataclass
+class AfterStep:
+    """What acts on a finished step, each part deciding itself whether the step is its: the stop and
+    timed-save requests, the ledger's flush into the logs, the held-out evaluator and the checkpointer."""
+
+    ledger: StepLedger
+    logger: MetricsLogger
+    heldout: HeldOutEvaluator
+    checkpointer: Checkpointer
+    requests: StopAndSaveRequests
+    flush_every: int
+    vocab: int | None
+    row: dict = field(default_factory=dict)  # the newest step's metrics, once read back
+
+    def __call__(self, engine, state: TrainState, micro_batches: int, is_main: bool) -> None:
+        signum, timed_save = self.requests.agree(state.step, is_main)
+        due = self.checkpointer.due(state.step) or self.heldout.due(state.step)
+        # A checkpoint or an evaluation only ever follows steps read back and found finite.
+        if signum or timed_save or due or state.step % self.flush_every == 0:
+            self.row = flush_steps(self.ledger, self.logger, self.checkpointer.last_saved, self.row)
+        self.heldout.evaluate(engine, state.step, self.logger, self.vocab)
+        if self.checkpointer.save(state, micro_batches, self.row, force=bool(signum) or timed_save):
+            self.requests.saved()
+        if signum:
+            raise Preempted(
+                f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint "
+                f"{self.checkpointer.last_saved} saved: rerun the same command with --resume to continue",
+                signum,
+            )
+
+    def finish(self, engine, state: TrainState, micro_batches: int) -> None:
+        """The last step is always read back, resumable and scored, whatever the cadences."""
+        self.row = flush_steps(self.ledger, self.logger, self.checkpointer.last_saved, self.row)
+        self.checkpointer.save(state, micro_batches, self.row, last_step=True)
+        self.heldout.evaluate(engine, state.step, self.logger, self.vocab, last_step=True)
+
+
 class DevicePrefetch:
     """Micro-batches copied to the device one ahead: the copy of the next (from pinned memory, without
     blocking the host) overlaps the current one's compute."""
@@ -386,30 +425,25 @@ def train(cfg: TrainConfig) -> TrainResult:
     heldout = HeldOutEvaluator(cfg.heldout, run.bundle.tokenizer, run.meta, batch_size=int(micro), rank=rank,
                                world=world, storage_options=cfg.storage_options)  # fmt: skip
     # Loss sums stay on the device until a flush: every --log-every steps and before a save or an eval.
-    ledger, flush_every = StepLedger(world), cfg.logs.log_every or FLUSH_EVERY
-    vocab, row = run.bundle.true_vocab_size, {}
+    after = AfterStep(StepLedger(world), logger, heldout, checkpointer,
+                      StopAndSaveRequests(world, cfg.checkpoint.save_every_minutes),
+                      cfg.logs.log_every or FLUSH_EVERY, run.bundle.true_vocab_size)  # fmt: skip
     engine.train()
     try:
-        while state.step < plan.total_steps and state.epoch < cfg.epochs:
-            # An epoch's order is a pure function of (seed, epoch): start where this rank stopped.
-            batches = reader.epoch_batches(state.epoch, start=state.micro_pos, stop=plan.micro_batches)
-            batches = DevicePrefetch(batches, accelerator_device())
-            while state.micro_pos < plan.micro_batches and state.step < plan.total_steps:
-                optimizer_step(engine, batches, gas, world, state, ledger)
-                # A checkpoint or an evaluation only ever follows steps read back and found finite.
-                if state.step % flush_every == 0 or checkpointer.due(state.step) or heldout.due(state.step):
-                    row = flush_steps(ledger, logger, checkpointer.last_saved, row)
-                heldout.evaluate(engine, state.step, logger, vocab)
-                checkpointer.save(state, plan.micro_batches, row)
-            if state.micro_pos >= plan.micro_batches:
-                state.next_epoch()
-        row = flush_steps(ledger, logger, checkpointer.last_saved, row)
-        # The last step is always resumable and scored, even between two --save-every / --eval-every steps.
-        checkpointer.save(state, plan.micro_batches, row, last_step=True)
-        heldout.evaluate(engine, state.step, logger, vocab, last_step=True)
+        with after.requests:  # SIGTERM, SIGINT, SIGUSR1: a checkpoint after the current step, then stop
+            while state.step < plan.total_steps and state.epoch < cfg.epochs:
+                # An epoch's order is a pure function of (seed, epoch): start where this rank stopped.
+                batches = reader.epoch_batches(state.epoch, start=state.micro_pos, stop=plan.micro_batches)
+                batches = DevicePrefetch(batches, accelerator_device())
+                while state.micro_pos < plan.micro_batches and state.step < plan.total_steps:
+                    optimizer_step(engine, batches, gas, world, state, after.ledger)
+                    after(engine, state, plan.micro_batches, is_main)
+                if state.micro_pos >= plan.micro_batches:
+                    state.next_epoch()
+            after.finish(engine, state, plan.micro_batches)
         card_metrics = {"train": logger.mean_of_last(CARD_MEAN_STEPS), "eval": heldout.result}
     finally:
         logger.close()
     # Gather (ZeRO-3 partitions) and write a save_pretrained student with its card.
     final_dir = export_run(engine.module, cfg, run.meta, run.bundle, ds, card_metrics, state.step, rank)
-    return TrainResult(str(out), str(final_dir), state.step, row, checkpointer.resumed_from)
+    return TrainResult(str(out), str(final_dir), state.step, after.row, checkpointer.resumed_from)
