@@ -70,10 +70,12 @@ wheelhouse: install
 	$(PY) scripts/wheelhouse.py --python-version $(PY_VERSION) --platform $(PLATFORM) --out wheelhouse
 
 # What a bare CUDA machine with torch, triton and transformers lacks (zarr, numcodecs, datasets, a pure-Python
-# deepspeed, ...) and offline_kd's own wheel, under 64 MiB so it travels with the checkout; there:
+# deepspeed, ...) and offline_kd's own wheel, into .gpu-wheels/; there:
 #   pip install --no-index --find-links .gpu-wheels offline-kd && make gpu-check
+# (about 119 MB for cp312 today, 55 MB of it pyarrow, which datasets >= 4 requires: more than one device
+# call carries; the kernel parts of make gpu-check need none of it)
 gpu-wheels: install
-	$(PY) scripts/wheelhouse.py --python-version $(PY_VERSION) --platform $(PLATFORM) --image hf --max-mb 56 \
+	$(PY) scripts/wheelhouse.py --python-version $(PY_VERSION) --platform $(PLATFORM) --image hf \
 		--out .gpu-wheels
 
 lint:
