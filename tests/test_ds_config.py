@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from offline_kd.ds_config import fill_schedule, load_ds_config, param_dtype, resolve_ds_config
+from offline_kd.errors import UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "offline_kd" / "configs"
 
@@ -121,3 +122,16 @@ def test_no_scheduler_is_left_alone():
 )
 def test_param_dtype(ds, dtype):
     assert param_dtype(ds) == dtype
+
+
+def test_fp16_is_refused_in_one_line_naming_bf16():
+    """The losses write their gradient in the forward, before DeepSpeed's fp16 loss scale could protect it:
+    fp16 training is refused while the config is resolved (before DeepSpeed starts)."""
+    ds = load_ds_config(None)
+    ds["fp16"] = {"enabled": True}
+    with pytest.raises(UsageError, match="bf16") as err:
+        resolve_ds_config(ds, world_size=1)
+    assert "\n" not in str(err.value) and "fp16" in str(err.value)
+    ds["fp16"] = {"enabled": False}
+    ds["bf16"] = {"enabled": True}
+    assert resolve_ds_config(ds, world_size=1)["bf16"]["enabled"] is True
