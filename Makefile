@@ -47,7 +47,8 @@ constraints:
 demo: install
 	kd demo --output $(DEMO_OUT)
 
-# Component benchmarks (a few minutes on CPU); each prints a table.
+# Component benchmarks (a few minutes on CPU); each prints a table. loss_kernels.py: every loss kernel
+# (sparse top-k, dense teacher and exact, cosine, fused head; --tables picks some).
 bench: install
 	$(PY) benchmarks/loss_kernels.py
 	$(PY) benchmarks/precompute.py
