@@ -78,3 +78,17 @@ def test_kernels_compile_for_sm90_as_the_runtime_specialises_them(tmp_path):
                 assert k["load_bits"] in ([128], []) and k["store_bits"] in ([128], []), (case, k)
         else:
             assert "s_stride" not in fused["hinted"] and fused["load_bits"] == [16], fused
+
+
+def test_the_installed_triton_is_in_the_supported_range():
+    """pyproject.toml allows the Triton versions the kernels are compiled and checked under (3.6 to 3.9)."""
+    import re
+
+    import triton
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    spec = re.search(r'"triton([<>=!~][^;"]*)', text).group(1)
+    assert Version(triton.__version__) in SpecifierSet(spec), (triton.__version__, spec)
+    assert Version("3.6.0") in SpecifierSet(spec) and Version("3.9.0") in SpecifierSet(spec)
