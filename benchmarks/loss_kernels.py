@@ -335,7 +335,7 @@ def _table(title: str, rows: list[dict], copy_gbps: float | None) -> str:
     return f"### {title}\n\n" + markdown_table(header, cells)
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=512, help="rows (tokens)")
     ap.add_argument("--v", type=int, default=30522, help="vocabulary size")
@@ -362,8 +362,29 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--exact-chunk", type=int, default=None, help="rows per chunk of exact mode (default: its own)"
     )
-    args = ap.parse_args(argv)
+    return ap
 
+
+def _tables(args, variants: list[str]) -> dict[str, tuple[list[str], str]]:
+    """{table: (variants, title)} for the tables --tables names, in its order."""
+    plain = [v for v in variants if not v.endswith("-inplace")]
+    head = f"LM head [n={args.n}, H={args.hidden}, V={args.v}] + KL + CE, fused chunk={args.head_chunk or 'default'}, fwd + bwd"
+    dense = f"dense teacher, KL at T + CE at 1, exact chunk={args.exact_chunk or 'default'}, fwd + bwd"
+    tables = {
+        "logits": (variants, "KL at T + CE at 1, forward + backward"),
+        "cosine": (plain, f"cosine_loss [n={args.n}, H={args.hidden}], forward + backward"),
+        "head": (plain + ["fused"], head),
+        "dense": (["naive", "dense", "naive-head", "exact"], dense),
+    }
+    return {t: tables[t] for t in (x.strip() for x in args.tables.split(",")) if t}
+
+
+def main(argv=None) -> None:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    unknown = sorted({t.strip() for t in args.tables.split(",") if t.strip()} - set(TABLES))
+    if unknown:
+        ap.error(f"--tables: unknown {', '.join(unknown)} (choose from {', '.join(TABLES)})")
     mmap_large_blocks()
     import torch
 
@@ -384,21 +405,7 @@ def main(argv=None) -> None:
     floor_kb = 2 * args.v * {"fp32": 4, "bf16": 2, "fp16": 2}[args.dtype] / 1000
     print(f"# floor traffic: {floor_kb:.0f} KB/token (logits read once + gradient written once)\n")
 
-    plain = [v for v in variants if not v.endswith("-inplace")]
-    wanted = [t.strip() for t in args.tables.split(",") if t.strip()]
-    unknown = sorted(set(wanted) - set(TABLES))
-    if unknown:
-        ap.error(f"--tables: unknown {', '.join(unknown)} (choose from {', '.join(TABLES)})")
-    head = f"LM head [n={args.n}, H={args.hidden}, V={args.v}] + KL + CE, fused chunk={args.head_chunk or 'default'}, fwd + bwd"
-    dense = f"dense teacher, KL at T + CE at 1, exact chunk={args.exact_chunk or 'default'}, fwd + bwd"
-    tables = {
-        "logits": (variants, "KL at T + CE at 1, forward + backward"),
-        "cosine": (plain, f"cosine_loss [n={args.n}, H={args.hidden}], forward + backward"),
-        "head": (plain + ["fused"], head),
-        "dense": (["naive", "dense", "naive-head", "exact"], dense),
-    }
-    for kernel in wanted:
-        vs, title = tables[kernel]
+    for kernel, (vs, title) in _tables(args, variants).items():
         steps, floor = _build(torch, K, args, kernel, vs)
         rows = _measure(torch, steps, floor, args)
         del steps
