@@ -7,15 +7,15 @@ backend protocol of `_common.py`); the autograd Functions are built in `_common.
 One program per row. The phases of a row that counts (selected for the KL or carrying a label):
 
 1. statistics, one pass over the V logits: the row max and the sums of exponentials at T and at 1. A block
-   is viewed as [NUM_W, E] (warp w reads its own E contiguous logits), so each warp keeps its own running
-   max with shuffles only (no shared memory, no barrier per block); the sums stay per lane and are combined
-   once per row. One max serves both temperatures (max(s/T) = max(s)/T). Exponentials are `exp2` with
+   is loaded flat and viewed as [R, NUM_W, L] (warp w holds its own L-logit slices), so each warp keeps its
+   own running max with shuffles only (no shared memory, no barrier per block, under Triton 3.6 and 3.9);
+   the sums stay per lane and are combined once per row. One max serves both temperatures (max(s/T) = max(s)/T). Exponentials are `exp2` with
    log2(e)/T folded into one fused multiply-add against the scaled max (one SFU instruction each); the
    T = 1 sum reuses the KL's exponential at T = 1, squares it at T = 2 and squares it twice at T = 4;
    other temperatures take a second exponential.
 2. the top-k ids and the label are gathered: the KL of the row, the teacher mass m and 1/q_tail.
 3. (gradient) one more pass writing the dense part of the gradient, then, after a barrier, the k top-k
-   entries and the label entry.
+   entries and the label entry (only when it is not among them: one store per entry).
 
 Every loop is an unmasked body over whole blocks plus one masked tail block, so when the row stride is a
 multiple of 16 elements (a vocabulary padded to a multiple of 64) loads and stores are 128-bit vectors.
@@ -61,7 +61,11 @@ def _stats_block(
     s_row, offs, V, m_w, d_t, d_1, k_t, CE: tl.constexpr, POW: tl.constexpr, MASKED: tl.constexpr
 ):
     # One [R, NUM_W, L] block: per-warp running max m_w ([NUM_W]), per-lane sums d_t (at T) and d_1 (at 1)
-    # relative to 2^fl(m_w k). Rescaled with the same rounded offsets as the exponentials.
+    # relative to 2^fl(m_w k). Rescaled with the same rounded offsets as the exponentials. The block is loaded
+    # flat (offs is 1-D) and reshaped: a flat load gets the same layout from Triton 3.6 and 3.9 (each thread's
+    # vectors, then 32 lanes, then the warps), whose reshape is exactly [R, NUM_W, L] with a warp per middle
+    # index. Loading through a 3-D pointer tensor instead let Triton 3.6 spread the warps over R too, and
+    # every per-warp max then went through shared memory (3 barriers, 32 shared stores per trip).
     s = tl.reshape(load_row(s_row, offs, V, MASKED), d_t.shape)
     m_new = tl.maximum(m_w, tl.max(tl.max(s, 0), 1))  # in-thread over R first, then across the warp's lanes
     mk_new = scaled(m_new, k_t)
@@ -93,7 +97,7 @@ def _row_stats(
     """(M, lg_t, lg_1): the row max of s and, in log2 units, log2 sum 2^(s k - fl(M k)) at k = log2(e)/T
     and (with the CE) at k = log2(e).
 
-    A block is viewed as [R, NUM_W, L]: warp w reads, for each r, the L logits at r*NUM_W*L + w*L (L = 32
+    A block is viewed as [R, NUM_W, L]: warp w holds, for each r, the L logits at r*NUM_W*L + w*L (L = 32
     lanes times the vector width), so the maxima need shuffles within a warp only (no shared memory, no
     barrier per block) whatever the row alignment; the sums stay per lane and are combined once per row."""
     R: tl.constexpr = BLOCK_V // (NUM_W * L)
