@@ -15,7 +15,7 @@ PLATFORM ?= manylinux_2_28_x86_64
 CONSTRAINTS ?= constraints.txt
 LATEST_VENV ?= .venv-latest
 
-.PHONY: install test test-latest constraints demo bench fidelity gpu-check gpu-wheels wheelhouse lint format clean
+.PHONY: install test test-latest constraints demo bench kernel-report kernel-report-triton36 fidelity gpu-check gpu-wheels wheelhouse lint format clean
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
@@ -47,11 +47,27 @@ constraints:
 demo: install
 	kd demo --output $(DEMO_OUT)
 
-# Component benchmarks (a few minutes on CPU); each prints a table.
+# Component benchmarks (a few minutes on CPU); each prints a table. loss_kernels.py: every loss kernel
+# (sparse top-k, dense teacher and exact, cosine, fused head; --tables picks some).
 bench: install
 	$(PY) benchmarks/loss_kernels.py
 	$(PY) benchmarks/precompute.py
 	$(PY) benchmarks/train_step.py
+
+# The loss kernels compiled for sm_90 (no GPU needed): SASS per logit, barriers, shared stores, registers, load
+# widths, under the installed Triton (make test checks it) and, in its own venv, under the Triton of CUDA
+# PyTorch images (pyproject.toml allows 3.6 to 3.9; the two compile the kernels differently).
+TRITON_OTHER ?= 3.6.0
+TRITON_OTHER_VENV ?= .venv-triton36
+kernel-report:
+	$(PY) benchmarks/kernel_report.py
+
+kernel-report-triton36:
+	test -x $(TRITON_OTHER_VENV)/bin/python || $(PY) -m venv --system-site-packages $(TRITON_OTHER_VENV)
+	$(TRITON_OTHER_VENV)/bin/python -m pip install -q triton==$(TRITON_OTHER)
+	$(TRITON_OTHER_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(TRITON_OTHER_VENV)/bin/python benchmarks/kernel_report.py
+	$(TRITON_OTHER_VENV)/bin/python -m pytest -q tests/test_kernels_compile.py tests/test_kernels_dense_compile.py
 
 # Offline vs online KD with a real teacher (~45 min on 2 CPU cores; --quick for a few minutes).
 fidelity: install
@@ -87,4 +103,4 @@ format:
 	$(PY) -m ruff check --fix .
 
 clean:
-	rm -rf runs build *.egg-info .pytest_cache $(LATEST_VENV)
+	rm -rf runs build *.egg-info .pytest_cache $(LATEST_VENV) $(TRITON_OTHER_VENV)

@@ -223,7 +223,7 @@ def plan(work: Path, smoke: bool) -> list[Part]:
     me = [PY, str(Path(__file__).resolve()), "--work", str(work)] + (["--smoke"] if smoke else [])
     n, repeats = ("256", "1") if smoke else ("16384", "5")
     kernel_bench = [PY, str(ROOT / "benchmarks" / "loss_kernels.py"), "--n", n, "--v", "30522", "--dtype", "bf16",
-                    "--tail", "--repeats", repeats]  # fmt: skip
+                    "--tail", "--repeats", repeats, "--tables", "logits,cosine,head"]  # fmt: skip
     if not smoke:
         kernel_bench += ["--device", "cuda"]
     step = [PY, str(ROOT / "benchmarks" / "train_step.py"), "--repeats", repeats, "--workers", "0"]

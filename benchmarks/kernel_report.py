@@ -194,8 +194,10 @@ def compile_launch(launch: Launch):
     backend = make_backend(target)
     kwargs = dict(launch.kwargs)
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    # the compile options the runtime adds from its knobs; which exist depends on the Triton version
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, knob):
+            kwargs[knob] = getattr(knobs.compilation, knob)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, spec, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, options)
@@ -217,11 +219,19 @@ def _width(ins: str) -> int:
 
 @dataclass
 class Loop:
+    """One SASS loop body: what one trip of one thread executes."""
+
     n: int  # instructions in the body
-    ldg: list[int] = field(default_factory=list)  # widths of the global loads
+    ldg: list[int] = field(default_factory=list)  # widths of the global loads (bits)
     stg: list[int] = field(default_factory=list)
     ex2: int = 0
-    bar: int = 0
+    bar: int = 0  # barriers (BAR.SYNC): a round trip through shared memory
+    sts: int = 0  # shared-memory stores
+    lds: int = 0  # shared-memory loads
+
+    @property
+    def load_bytes(self) -> float:
+        return sum(self.ldg) / 8
 
 
 def sass_loops(sass: str) -> list[Loop]:
@@ -238,19 +248,23 @@ def sass_loops(sass: str) -> list[Loop]:
             m = re.search(r"BRA\s+`\(\.(L_x_\d+)\)", line)
             if m and m.group(1) in label_at:
                 ins = body[label_at[m.group(1)] :]
+                count = lambda pat, ins=ins: sum(bool(re.search(pat, x)) for x in ins)
                 loop = Loop(
                     n=len(ins),
                     ldg=[_width(x) for x in ins if re.search(r"\bLDG", x)],
                     stg=[_width(x) for x in ins if re.search(r"\bSTG", x)],
-                    ex2=sum(bool(re.search(r"MUFU\.EX2", x)) for x in ins),
-                    bar=sum(bool(re.search(r"\bBAR\b", x)) for x in ins),
+                    ex2=count(r"MUFU\.EX2"),
+                    bar=count(r"\bBAR\b"),
+                    sts=count(r"\bSTS\b"),
+                    lds=count(r"\bLDS\b"),
                 )
                 if loop.ldg or loop.stg:
                     loops.append(loop)
     return loops
 
 
-def _tool(name: str, *args: str) -> str:
+def tool(name: str, *args: str) -> str:
+    """stdout of one of the CUDA tools the Triton wheel ships (nvdisasm, cuobjdump)."""
     import triton
 
     exe = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
@@ -274,8 +288,8 @@ def analyse(launch: Launch, elem_bytes: int) -> KernelFigures:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        sass = _tool("nvdisasm", f.name)
-        res = _tool("cuobjdump", "-res-usage", f.name)
+        sass = tool("nvdisasm", f.name)
+        res = tool("cuobjdump", "-res-usage", f.name)
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", res)
     return KernelFigures(
         entry=launch.entry,
@@ -331,6 +345,9 @@ def summary(fig: KernelFigures, row_bytes: int) -> dict:
         ex2_per_elem=max((lp.ex2 / elems(lp, fig) for lp in stats + grads), default=0.0),
         load_bits=sorted({w for lp in stats + grads for w in lp.ldg}),
         store_bits=sorted({w for lp in grads for w in lp.stg}), reads=reads, writes=writes, dram_bytes=dram,
+        # per trip of the busiest loop: barriers and shared-memory stores (0 = no shared-memory round trip)
+        loop_bar=max((lp.bar for lp in stats + grads), default=0),
+        loop_sts=max((lp.sts for lp in stats + grads), default=0),
     )  # fmt: skip
 
 
@@ -341,15 +358,16 @@ def row_for(fig: KernelFigures, row_bytes: int) -> str:
     return (
         f"| {fig.entry} | `{fig.kernel}` | {_per_elem(stats, fig)} | {_per_elem(grads, fig)} | "
         f"{sm['ex2_per_elem']:.2f} | {_widths([w for lp in stats + grads for w in lp.ldg])} | "
-        f"{_widths([w for lp in grads for w in lp.stg])} | {fig.regs} | {fig.spill_bytes} | "
-        f"{sm['reads']}/{sm['writes']} | {sm['dram_bytes'] / 1000:.0f} |"
+        f"{_widths([w for lp in grads for w in lp.stg])} | {sm['loop_bar']} / {sm['loop_sts']} | {fig.regs} | "
+        f"{fig.spill_bytes} | {sm['reads']}/{sm['writes']} | {sm['dram_bytes'] / 1000:.0f} |"
     )
 
 
 HEADER = (
     "| entry point | kernel | SASS instr / elem, statistics loop | SASS instr / elem, gradient loop | "
-    "EX2 / elem (max) | load bits | store bits | regs | spill B | row reads / writes | DRAM KB / token |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "EX2 / elem (max) | load bits | store bits | barriers / shared stores per trip (max) | regs | spill B | "
+    "row reads / writes | DRAM KB / token |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -373,8 +391,14 @@ def figures(kernels, case: Case, sass_dir: str | None = None) -> list[tuple[Kern
     return out
 
 
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
 def report(kernels, cases: list[Case], sass_dir: str | None = None) -> str:
-    parts = []
+    parts = [f"Triton {triton_version()}, sm_90"]
     for case in cases:
         rows = [row_for(fig, nbytes) for fig, nbytes in figures(kernels, case, sass_dir)]
         parts.append(f"### {case.title()}\n\n" + "\n".join([HEADER, *rows]))
@@ -405,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         for case in cases:
             figs = [summary(fig, nbytes) for fig, nbytes in figures(kernels, case, args.sass)]
-            print(json.dumps({"case": asdict(case), "kernels": figs}))
+            print(json.dumps({"triton": triton_version(), "case": asdict(case), "kernels": figs}))
     else:
         print(report(kernels, cases, args.sass))
 

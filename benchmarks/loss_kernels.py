@@ -1,4 +1,5 @@
-"""Benchmark the distillation-loss kernels against eager dense PyTorch, side by side in one process.
+"""Benchmark the distillation-loss kernels (sparse top-k, dense teacher, exact, cosine, fused head) against eager
+PyTorch, side by side in one process.
 
 For each table, every variant is first run once for its peak memory, then all variants are timed interleaved
 (round-robin, median of --repeats forward + backward passes), so background load hits them alike. Each
@@ -8,9 +9,12 @@ Peak extra memory: CUDA, max_memory_allocated above the allocation before the ca
 mark (reset through /proc/self/clear_refs) above the RSS before the call, with glibc told to serve large
 blocks by mmap and give them back on free, so RSS follows live memory.
 
-    python benchmarks/loss_kernels.py --head-chunk 128                  # CPU defaults, about a minute
+    python benchmarks/loss_kernels.py --head-chunk 128                  # CPU defaults, a few minutes
+    python benchmarks/loss_kernels.py --tables dense --exact-chunk 64   # the dense-teacher table only
     python benchmarks/loss_kernels.py --device cuda --n 16384 --dtype bf16 --width 30528 --tail
                                                                    # GPU, the trainer's shapes: + Triton, copy BW
+
+Tables (--tables, comma-separated; default all): logits, cosine, head, dense.
 
 Logit-loss variants (KL at T + MLM CE at 1, with gradient):
   naive              log_softmax over the full vocabulary in fp32 + gather + KL, F.cross_entropy in fp32
@@ -23,6 +27,11 @@ With --width > --v the logits are padded to that many columns (a student vocabul
 64) and the kernels get vocab_size=--v. LM-head table: the same after `hidden @ W.T + b` (logits
 materialised), plus
   fused              fused_linear_distillation_losses: chunked matmul + losses, logits never materialised
+Dense-teacher table (the teacher's full distribution; Triton on CUDA, the chunked reference elsewhere):
+  naive              fp32 log_softmax / softmax over [N, V] and F.cross_entropy, autograd
+  dense              dense_distillation_losses
+  naive-head         teacher logits = head(hidden) for all rows, then naive (the baseline of `exact`)
+  exact              exact_distillation_losses: the teacher head per chunk of --exact-chunk rows
 """
 
 from __future__ import annotations
@@ -44,7 +53,11 @@ BACKEND_OF = {
     "triton-inplace": "triton",
     "fused": "auto",
     "naive": "auto",
+    "dense": "auto",
+    "naive-head": "auto",
+    "exact": "auto",
 }
+TABLES = ("logits", "cosine", "head", "dense")
 
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -91,7 +104,7 @@ def _naive_logit_losses(torch, s, ids, tz, lse, labels, T, tail):
 
 def _logit_step(torch, K, args, s0, ids, tz, lse, labels):
     """make(variant) -> (prepare(rows) -> inputs, run(inputs) -> gradient) for the logit-loss table."""
-    T, V = args.T, args.v
+    T, V = args.temperature, args.v
     padded = s0.shape[1] > V
 
     def make(variant):
@@ -127,7 +140,7 @@ def _head_step(torch, K, args, ids, tz, lse, labels, dtype, device):
     h0 = torch.randn(args.n, args.hidden, generator=g).to(device=device, dtype=dtype)
     w0 = (torch.randn(args.v, args.hidden, generator=g) / args.hidden**0.5).to(device=device, dtype=dtype)
     b0 = torch.zeros(args.v, device=device, dtype=dtype)
-    T = args.T
+    T = args.temperature
 
     def make(variant):
         def prepare(rows=slice(None)):
@@ -179,13 +192,61 @@ def _cosine_step(torch, K, args, dtype, device):
     return make, 3 * args.n * args.hidden * s0.element_size()  # read s and t, write the gradient
 
 
+def _dense_step(torch, K, args, dtype, device):
+    """The dense-teacher table: a BERT MLM head as the teacher's, its logits for `dense`, per chunk for
+    `exact`; returns make(variant) and the floor bytes (read s and t once, write the gradient once)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=args.v, hidden_size=args.hidden, num_hidden_layers=1, num_attention_heads=12)
+    head = BertForMaskedLM(cfg).cls.eval().to(device)
+    hidden = torch.randn(args.n, args.hidden, device=device).half()
+    with torch.no_grad():
+        teacher = head(hidden.float())
+    s0 = (0.6 * teacher + torch.randn_like(teacher)).to(dtype)
+    labels = torch.randint(0, args.v, (args.n,), device=device)
+    labels[torch.rand(args.n, device=device) > 0.15] = -100
+    T, w = args.temperature, (5.0, 2.0)
+
+    def naive(s, t, lab):
+        x = s.float()
+        lp = torch.log_softmax(t.float() / T, -1)
+        kl = (lp.exp() * (lp - torch.log_softmax(x / T, -1))).sum(-1).mean() * T * T
+        (w[0] * kl + w[1] * torch.nn.functional.cross_entropy(x, lab)).backward()
+
+    def make(variant):
+        def prepare(rows=slice(None)):
+            return s0[rows].detach().clone().requires_grad_(True), rows
+
+        def run(inputs):
+            s, rows = inputs
+            t, h, lab = teacher[rows], hidden[rows], labels[rows]
+            if variant == "naive":
+                naive(s, t, lab)
+            elif variant == "naive-head":
+                with torch.no_grad():
+                    t = head(h.float())
+                naive(s, t, lab)
+            elif variant == "dense":
+                K.dense_distillation_losses(s, t, T, None, lab, w).total.backward()
+            else:
+                K.exact_distillation_losses(
+                    s, h, head, T, None, lab, w, chunk_rows=args.exact_chunk
+                ).total.backward()
+            return s.grad
+
+        return prepare, run
+
+    return make, (2 * s0.element_size() + teacher.element_size()) * s0.numel()
+
+
 def _build(torch, K, args, kernel: str, variants: list[str]):
     """{variant: (prepare, run)} and the floor bytes (0 where no bandwidth figure applies)."""
     device = torch.device(args.device)
     dtype = getattr(torch, DTYPES[args.dtype])
     if kernel in ("logits", "head"):
         s0, ids, tz, lse, labels = _make_inputs(
-            torch, args.n, args.v, args.k, dtype, device, args.T, args.width
+            torch, args.n, args.v, args.k, dtype, device, args.temperature, args.width
         )
     if kernel == "logits":
         make = _logit_step(torch, K, args, s0, ids, tz, lse, labels)
@@ -193,6 +254,8 @@ def _build(torch, K, args, kernel: str, variants: list[str]):
     elif kernel == "head":
         del s0
         make, floor = _head_step(torch, K, args, ids, tz, lse, labels, dtype, device), 0  # matmul-bound
+    elif kernel == "dense":
+        make, floor = _dense_step(torch, K, args, dtype, device)
     else:
         make, floor = _cosine_step(torch, K, args, dtype, device)
 
@@ -251,13 +314,15 @@ def _copy_bandwidth(torch, args) -> float:
 
 
 def _table(title: str, rows: list[dict], copy_gbps: float | None) -> str:
-    naive = next((r for r in rows if r["variant"] == "naive"), None)
+    """Markdown: each variant against its naive baseline (`naive`; `naive-head` for the exact mode)."""
+    by = {r["variant"]: r for r in rows}
     header = ["variant", "fwd+bwd ms", "GB/s (floor bytes)", "peak extra MiB"]
     header += ["speed-up vs naive", "memory / naive"]
     if copy_gbps:
         header.append("% of copy BW")
     cells = []
     for r in rows:
+        naive = by.get("naive-head" if r["variant"] in ("naive-head", "exact") else "naive")
         tr = f"{naive['ms'] / r['ms']:.2f}x" if naive else "-"
         mr = f"{r['peak_mb'] / naive['peak_mb']:.2f}x" if naive and naive["peak_mb"] > 0 else "-"
         bw = f"{r['gbps']:.3g}" if r["gbps"] else "-"
@@ -270,7 +335,7 @@ def _table(title: str, rows: list[dict], copy_gbps: float | None) -> str:
     return f"### {title}\n\n" + markdown_table(header, cells)
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=512, help="rows (tokens)")
     ap.add_argument("--v", type=int, default=30522, help="vocabulary size")
@@ -278,7 +343,7 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=32, help="teacher top-k")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--T", type=float, default=2.0)
+    ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--tail", action="store_true", help="tail-aware variant (teacher lse given)")
     ap.add_argument("--hidden", type=int, default=768, help="hidden size (cosine loss and LM head)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -288,12 +353,38 @@ def main(argv=None) -> None:
         default=None,
         help="torch CPU threads (default 1 on CPU: steadier ratios on a shared machine; 0: torch's default)",
     )
-    ap.add_argument("--skip-head", action="store_true", help="skip the LM-head table")
+    ap.add_argument(
+        "--tables", default=",".join(TABLES), help=f"which tables, comma-separated: {', '.join(TABLES)}"
+    )
     ap.add_argument(
         "--head-chunk", type=int, default=None, help="rows per chunk of the fused LM head (default: its own)"
     )
-    args = ap.parse_args(argv)
+    ap.add_argument(
+        "--exact-chunk", type=int, default=None, help="rows per chunk of exact mode (default: its own)"
+    )
+    return ap
 
+
+def _tables(args, variants: list[str]) -> dict[str, tuple[list[str], str]]:
+    """{table: (variants, title)} for the tables --tables names, in its order."""
+    plain = [v for v in variants if not v.endswith("-inplace")]
+    head = f"LM head [n={args.n}, H={args.hidden}, V={args.v}] + KL + CE, fused chunk={args.head_chunk or 'default'}, fwd + bwd"
+    dense = f"dense teacher, KL at T + CE at 1, exact chunk={args.exact_chunk or 'default'}, fwd + bwd"
+    tables = {
+        "logits": (variants, "KL at T + CE at 1, forward + backward"),
+        "cosine": (plain, f"cosine_loss [n={args.n}, H={args.hidden}], forward + backward"),
+        "head": (plain + ["fused"], head),
+        "dense": (["naive", "dense", "naive-head", "exact"], dense),
+    }
+    return {t: tables[t] for t in (x.strip() for x in args.tables.split(",")) if t}
+
+
+def main(argv=None) -> None:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    unknown = sorted({t.strip() for t in args.tables.split(",") if t.strip()} - set(TABLES))
+    if unknown:
+        ap.error(f"--tables: unknown {', '.join(unknown)} (choose from {', '.join(TABLES)})")
     mmap_large_blocks()
     import torch
 
@@ -306,7 +397,7 @@ def main(argv=None) -> None:
     variants = ["naive", "reference", "reference-inplace"] + (["triton", "triton-inplace"] if cuda else [])
     copy_gbps = _copy_bandwidth(torch, args) if cuda else None
     print(
-        f"# device={args.device} n={args.n} V={args.v} width={args.width or args.v} k={args.k} dtype={args.dtype} T={args.T} "
+        f"# device={args.device} n={args.n} V={args.v} width={args.width or args.v} k={args.k} dtype={args.dtype} T={args.temperature} "
         f"tail={args.tail} hidden={args.hidden} repeats={args.repeats} threads={torch.get_num_threads()}"
     )
     if copy_gbps:
@@ -314,15 +405,7 @@ def main(argv=None) -> None:
     floor_kb = 2 * args.v * {"fp32": 4, "bf16": 2, "fp16": 2}[args.dtype] / 1000
     print(f"# floor traffic: {floor_kb:.0f} KB/token (logits read once + gradient written once)\n")
 
-    plain = [v for v in variants if not v.endswith("-inplace")]
-    tables = [
-        ("logits", variants, "KL at T + CE at 1, forward + backward"),
-        ("cosine", plain, f"cosine_loss [n={args.n}, H={args.hidden}], forward + backward"),
-    ]
-    if not args.skip_head:
-        title = f"LM head [n={args.n}, H={args.hidden}, V={args.v}] + KL + CE, fused chunk={args.head_chunk or 'default'}, fwd + bwd"
-        tables.append(("head", plain + ["fused"], title))
-    for kernel, vs, title in tables:
+    for kernel, (vs, title) in _tables(args, variants).items():
         steps, floor = _build(torch, K, args, kernel, vs)
         rows = _measure(torch, steps, floor, args)
         del steps

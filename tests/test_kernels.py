@@ -145,12 +145,12 @@ def test_kl_ce_sweep_small_vocab(backend, monkeypatch, dtype, k, T, tail):
 
 @pytest.mark.parametrize("tail", [False, True], ids=["renorm", "tail"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sparse_kl_loss_matches_dense(backend, monkeypatch, dtype, tail):
+def test_kl_without_labels_matches_dense(backend, monkeypatch, dtype, tail):
     V, N, k, T = 517, 7, 8, 2.0
     small_chunks(monkeypatch, V)
     student, ids, tz, lse, mask, _ = make_case(N, V, k, dtype, T, seed=3)
     s = student.clone().requires_grad_(True)
-    kl = K.sparse_kl_loss(s, ids, tz, T, row_mask=mask, teacher_lse=lse if tail else None)
+    kl, _ = K.distillation_logit_losses(s, ids, tz, T, row_mask=mask, teacher_lse=lse if tail else None)
     (g,) = torch.autograd.grad(kl * 2.5, s)
     sf = student.float().requires_grad_(True)
     kl_d, _ = dense_losses(sf, ids, tz, T, mask, lse if tail else None)
@@ -429,10 +429,10 @@ def test_dispatch_calls_the_chosen_backend(monkeypatch):
     monkeypatch.setattr(kl_mod, "kl_ce_forward", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
     student, ids, tz, lse, mask, labels = make_case(3, 50, 4, torch.float32, 1.0)
     monkeypatch.setenv(K.ENV_VAR, "reference")
-    K.sparse_kl_loss(student, ids, tz, 1.0)
+    K.distillation_logit_losses(student, ids, tz, 1.0)
     assert calls == []
     monkeypatch.setenv(K.ENV_VAR, "triton")
-    K.sparse_kl_loss(student, ids, tz, 1.0)
+    K.distillation_logit_losses(student, ids, tz, 1.0)
     assert calls == [1]
 
 
@@ -440,13 +440,13 @@ def test_bad_inputs_raise():
     s = torch.randn(4, 10)
     ids = torch.randint(0, 10, (4, 3))
     with pytest.raises(ValueError):
-        K.sparse_kl_loss(s, ids, torch.randn(4, 2), 2.0)
+        K.distillation_logit_losses(s, ids, torch.randn(4, 2), 2.0)
     with pytest.raises(ValueError):
-        K.sparse_kl_loss(s, ids, torch.randn(4, 3), 0.0)
+        K.distillation_logit_losses(s, ids, torch.randn(4, 3), 0.0)
     with pytest.raises(ValueError):
-        K.sparse_kl_loss(s, ids, torch.randn(4, 3), 1.0, row_mask=torch.ones(5, dtype=torch.bool))
+        K.distillation_logit_losses(s, ids, torch.randn(4, 3), 1.0, row_mask=torch.ones(5, dtype=torch.bool))
     with pytest.raises(TypeError):
-        K.sparse_kl_loss(s, ids.float(), torch.randn(4, 3), 1.0)
+        K.distillation_logit_losses(s, ids.float(), torch.randn(4, 3), 1.0)
 
 
 def test_reference_chunk_is_bounded():

@@ -10,14 +10,19 @@ PTX loads/stores by width, exponentials, and SASS instructions per logit in each
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
+
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_report.py"
 
 # (name, student dtype, teacher dtype, row stride padded to a multiple of 64, labels, temperature)
 CASES = [
@@ -56,30 +61,25 @@ def _launch_tensors(sdt: str, tdt: str, pad: bool, ce: bool, T: float):
     return dense_kl.launch_args(s, t, torch.ones(n, dtype=torch.int8), lab, torch.ones(2), T, g, rows, rows)
 
 
-def _load_bytes(ins: str) -> int:
-    m = re.search(r"LDG\S*?\.(128|64|U16|S16|U8|S8)\b", ins)
-    return {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}[m.group(1)] if m else 4
+@functools.cache
+def _report():
+    """benchmarks/kernel_report.py, the one SASS parser (imported in the compile subprocess only: it unsets
+    TRITON_INTERPRET for the process that imports it)."""
+    spec = importlib.util.spec_from_file_location("kernel_report", REPORT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kernel_report"] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _loops(sass: str) -> list[dict]:
-    """The SASS loops in code order (a branch back to a label; the body runs from the label to it):
-    instruction count, SFU exponentials, global loads (count, 128-bit count, bytes), stores, barriers."""
-    body, label_at, loops = [], {}, []
-    for line in sass.splitlines():
-        if m := re.match(r"^\.(L_x_\d+):", line):
-            label_at[m.group(1)] = len(body)
-        elif re.match(r"\s*/\*[0-9a-f]{4,}\*/", line):
-            body.append(line)
-            m = re.search(r"BRA\s+`\(\.(L_x_\d+)\)", line)
-            if m and m.group(1) in label_at:
-                ins = body[label_at[m.group(1)] :]
-                n = lambda pat, ins=ins: sum(bool(re.search(pat, x)) for x in ins)
-                loads = [x for x in ins if re.search(r"\bLDG", x)]
-                loops.append(
-                    dict(n=len(ins), ex2=n(r"MUFU\.EX2"), ldg=len(loads), ldg128=n(r"LDG\S*\.128"),
-                         load_bytes=sum(map(_load_bytes, loads)), stg=n(r"\bSTG"), bar=n(r"\bBAR"))
-                )  # fmt: skip
-    return [lp for lp in loops if lp["ldg"] or lp["stg"]]
+    """kernel_report's SASS loops that touch global memory, as dicts: instruction count, SFU exponentials,
+    global loads (count, 128-bit count, bytes), stores, barriers, shared-memory stores."""
+    return [
+        dict(n=lp.n, ex2=lp.ex2, ldg=len(lp.ldg), ldg128=lp.ldg.count(128), load_bytes=lp.load_bytes,
+             stg=len(lp.stg), bar=lp.bar, sts=lp.sts)
+        for lp in _report().sass_loops(sass)
+    ]  # fmt: skip
 
 
 # the row specialisations in the kernel's code order, and whether each reads the teacher row
@@ -103,12 +103,6 @@ def _label(loops: list[dict], ce: bool, s_bytes: int, t_bytes: int) -> list[dict
 
 def _bytes(dtype: str) -> int:
     return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
-
-
-def _tool(bin_dir: str, name: str, *args: str) -> str:
-    return subprocess.run(
-        [os.path.join(bin_dir, name), *args], capture_output=True, text=True, check=True
-    ).stdout
 
 
 def _build(case):
@@ -141,9 +135,7 @@ def _build(case):
 
 def compile_dense() -> list[dict]:
     """Compile every case for sm_90; one dict of PTX / SASS figures per case."""
-    import triton
-
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    tool = _report().tool
     results = []
     for case in CASES:
         compiled, hinted, per_thread = _build(case)
@@ -151,10 +143,9 @@ def compile_dense() -> list[dict]:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
-            sass = _tool(bin_dir, "nvdisasm", f.name)
+            sass = tool("nvdisasm", f.name)
             res = re.search(
-                r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
-                _tool(bin_dir, "cuobjdump", "-res-usage", f.name),
+                r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", tool("cuobjdump", "-res-usage", f.name)
             )
         count = lambda pat, ptx=ptx: len(re.findall(pat, ptx))
         results.append(
@@ -195,8 +186,8 @@ def test_dense_kernel_compiles_for_sm90_with_vector_loads(tmp_path):
         assert stats and grads, r
         if "pad" in name:  # row strides multiples of 16: every load and store of the main loops is 128-bit
             assert set(r["hinted"]) >= {"s_stride", "t_stride", "g_stride"}, r
-            for lp in stats + grads:  # and the per-warp maxima need no barrier
-                assert lp["ldg"] == lp["ldg128"] > 0 and lp["bar"] == 0, r
+            for lp in stats + grads:  # and the per-warp maxima need no barrier, no shared-memory round trip
+                assert lp["ldg"] == lp["ldg128"] > 0 and lp["bar"] == 0 and lp["sts"] == 0, r
             assert r["ptx_st_v4"] > 0, r
     # V = 30,522 (row strides not multiples of 16): the runtime cannot prove 16-byte alignment
     assert figures["bf16-fp32t-V30522-ce-T2"]["ptx_ld_v4"] == 0
@@ -205,15 +196,15 @@ def test_dense_kernel_compiles_for_sm90_with_vector_loads(tmp_path):
 def table(results: list[dict]) -> str:
     """Markdown: per case and loop, SASS instructions per logit, exponentials, load widths, barriers."""
     rows = [
-        "| case | regs | rows | pass | SASS / logit | ex2 / logit | loads (128-bit) | barriers |",
-        "|---" * 8 + "|",
+        "| case | regs | rows | pass | SASS / logit | ex2 / logit | loads (128-bit) | barriers | shared stores |",
+        "|---" * 9 + "|",
     ]
     for r in results:
         for lp in r["loops"]:
             if lp["elems"]:
                 rows.append(
                     f"| {r['name']} | {r['regs']} | {lp['rows']} | {lp['pass_']} | {lp['per_elem']:.2f} | "
-                    f"{lp['ex2'] / lp['elems']:.2f} | {lp['ldg']} ({lp['ldg128']}) | {lp['bar']} |"
+                    f"{lp['ex2'] / lp['elems']:.2f} | {lp['ldg']} ({lp['ldg128']}) | {lp['bar']} | {lp['sts']} |"
                 )
     return "\n".join(rows)
 

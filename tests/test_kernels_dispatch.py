@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import offline_kd.kernels as K
-from offline_kd.kernels import choose_backend, reference
+from offline_kd.kernels import choose_backend, dispatch, reference
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_choose_backend_refuses_bad_modes_and_a_missing_triton():
 
 def test_backend_for_warns_on_the_gpu_fallbacks(monkeypatch):
     """backend_for applies the rule with this process's state; the warning reaches the caller."""
-    monkeypatch.setattr(K, "TRITON_ERROR", "RuntimeError: boom")
+    monkeypatch.setattr(dispatch, "TRITON_ERROR", "RuntimeError: boom")
     monkeypatch.setenv(K.ENV_VAR, "auto")
     with pytest.warns(RuntimeWarning, match="Triton cannot be imported"):
         assert K.backend_for_device("cuda") == "reference"

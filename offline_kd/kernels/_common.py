@@ -27,7 +27,6 @@ writes outside the row. See docs/kernels.md for the math.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
@@ -35,24 +34,21 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from .dense import LossParts  # the (total, kl, mlm) of every weighted loss in the package
 from .grad_in_forward import GradInForward
 
-# q_tail is clamped to at least this (fp32 normal range; log(TINY) ~ -69).
-TINY = 1e-30
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+
+class LossParts(NamedTuple):
+    """What every weighted loss of the package returns (sparse, dense, exact, fused head)."""
+
+    total: torch.Tensor  # w_kl·kl + w_mlm·mlm, fp32 0-dim, differentiable w.r.t. the student logits
+    kl: torch.Tensor  # T²·mean KL over the selected rows, detached
+    mlm: torch.Tensor  # mean CE at T = 1 over the labelled rows, detached
 
 
 def temperature_power(temperature: float) -> int:
     """T when the T = 1 exponential is that at T raised to a small power (T = 1: the same one, 2: its square,
     4: its square squared; POW * log2(e)/T is then exactly log2(e) in fp32), else 0 (a second exponential)."""
     return int(temperature) if temperature in (1.0, 2.0, 4.0) else 0
-
-
-def device_guard(t: torch.Tensor):
-    """Launch on the tensor's device, whatever the current device is."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._common import cosine_rows_mask, device_guard
+from ._common import cosine_rows_mask
+from .triton_helpers import device_guard
 
 EPS = 1e-12
 

@@ -16,26 +16,20 @@ Math, memory and dtypes: docs/kernels-dense.md.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import dense_reference
+from ._common import LossParts
+from .dispatch import backend_for
 from .grad_in_forward import GradInForward
 
 # Teacher logits per exact-mode chunk: 2^24 (64 MiB in fp32, 549 rows at V = 30,522), at least 64 rows so the
 # head's matmuls stay efficient.
 EXACT_CHUNK_ELEMS = 1 << 24
-
-
-class LossParts(NamedTuple):
-    total: torch.Tensor  # w_kl·kl + w_mlm·mlm, fp32 0-dim, differentiable w.r.t. the student logits
-    kl: torch.Tensor  # T²·mean KL over the selected rows, detached
-    mlm: torch.Tensor  # mean CE at T = 1 over the labelled rows, detached
 
 
 @dataclass
@@ -100,8 +94,6 @@ def _width_ok(width: int, inp: _Inputs, vocab_size: int | None) -> bool:
 
 def _backend(s: torch.Tensor):
     """(rows function, in-place upstream scaling) of the backend that `backend_for` picks for s."""
-    from . import backend_for
-
     if backend_for(s) == "triton":
         from . import dense_kl
 
@@ -128,16 +120,14 @@ def _losses(
             grad[:, V:].zero_()  # padding columns: outside the softmax
         kl_rows = torch.empty(N, device=dev, dtype=torch.float32)
         ce_rows = torch.empty_like(kl_rows) if inp.labels is not None else None
-        guard = torch.cuda.device(dev) if s.is_cuda else contextlib.nullcontext()
-        with guard:
-            for start in range(0, N, chunk):
-                sl = slice(start, min(N, start + chunk))
-                rows_fn(
-                    s[sl, :V], teacher_chunks(sl.start, sl.stop)[:, :V], inp.sel[sl],
-                    inp.labels[sl] if ce_rows is not None else None, coef, T,
-                    grad[sl, :V] if grad is not None else None, kl_rows[sl],
-                    ce_rows[sl] if ce_rows is not None else None,
-                )  # fmt: skip
+        for start in range(0, N, chunk):  # the Triton launcher runs under its own device guard
+            sl = slice(start, min(N, start + chunk))
+            rows_fn(
+                s[sl, :V], teacher_chunks(sl.start, sl.stop)[:, :V], inp.sel[sl],
+                inp.labels[sl] if ce_rows is not None else None, coef, T,
+                grad[sl, :V] if grad is not None else None, kl_rows[sl],
+                ce_rows[sl] if ce_rows is not None else None,
+            )  # fmt: skip
         kl = kl_rows.sum() * (T * T) / n_sel
         mlm = ce_rows.sum() / n_lab if ce_rows is not None else torch.zeros((), device=dev)
         return w_kl * kl + w_mlm * mlm, (kl, mlm), grad

@@ -27,18 +27,18 @@ import torch
 import triton
 import triton.language as tl
 
-# The masked/unmasked row load, the guarded exponent offset and the row zeroing are the sparse kernel's own helpers.
-from .kl import _load_row as _load_f32
-from .kl import _scaled as _scaled_max
-from .kl import (
-    _zero_row,
-    scale_grad_,  # noqa: F401  (the dense backend's in-place upstream scaling)
+from .constants import LOG2E
+from .triton_helpers import (
+    LN2_C,
+    LOG2E_C,
+    device_guard,
+    load_row,
+    rescale,
+    scale_grad_,  # noqa: F401  (the dense backend's in-place upstream scaling, looked up as dense_kl.scale_grad_)
+    scaled,
+    two_sum,
+    zero_row,
 )
-
-LOG2E = 1.4426950408889634
-# compile-time constants inside the kernels
-_LOG2E = tl.constexpr(LOG2E)
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 def t_mode(temperature: float) -> int:
@@ -56,24 +56,24 @@ def _stats_block(
     # is a warp shuffle reduction (no shared memory, no barrier), and per-lane sums d_* ([warps, E]).
     # Exponentials are exp2(fma(x, k, -fl(m k))) against the scaled max, rescaled with the same rounded
     # values, so the sums stay consistent with it.
-    s = _load_f32(s_row, offs, V, MASKED)
+    s = load_row(s_row, offs, V, MASKED)
     m_new = tl.maximum(m_s, tl.max(s, 1))
-    mk_new = _scaled_max(m_new, k_t)
+    mk_new = scaled(m_new, k_t)
     e = tl.exp2(tl.fma(s, k_t, -mk_new[:, None]))
-    alpha = tl.exp2(m_s * k_t - mk_new)[:, None]
+    alpha = rescale(m_s, k_t, mk_new)[:, None]
     d_t = d_t * alpha + e
     if CE:
         if T_MODE == 2:  # exp(s - m) = exp((s - m)/2)^2: a multiply instead of a second exponential
             d_1 = d_1 * (alpha * alpha) + e * e
         elif T_MODE == 0:
-            m1_new = _scaled_max(m_new, _LOG2E)
-            d_1 = d_1 * tl.exp2(m_s * _LOG2E - m1_new)[:, None]
-            d_1 += tl.exp2(tl.fma(s, _LOG2E, -m1_new[:, None]))
+            m1_new = scaled(m_new, LOG2E_C)
+            d_1 = d_1 * rescale(m_s, LOG2E_C, m1_new)[:, None]
+            d_1 += tl.exp2(tl.fma(s, LOG2E_C, -m1_new[:, None]))
     if KL:
-        t = _load_f32(t_row, offs, V, MASKED)
+        t = load_row(t_row, offs, V, MASKED)
         mt_new = tl.maximum(m_t, tl.max(t, 1))
-        mtk_new = _scaled_max(mt_new, k_t)
-        d_p = d_p * tl.exp2(m_t * k_t - mtk_new)[:, None] + tl.exp2(tl.fma(t, k_t, -mtk_new[:, None]))
+        mtk_new = scaled(mt_new, k_t)
+        d_p = d_p * rescale(m_t, k_t, mtk_new)[:, None] + tl.exp2(tl.fma(t, k_t, -mtk_new[:, None]))
         m_t = mt_new
     return m_new, m_t, d_t, d_1, d_p
 
@@ -82,17 +82,7 @@ def _stats_block(
 def _combine(m, k_t, sums):
     # the row's max M of the per-warp maxima m, and sum_w 2^(fl(m_w k) - fl(M k)) * sums_w
     mx = tl.max(m, 0)
-    w = tl.where(m > float("-inf"), tl.exp2(m * k_t - mx * k_t), 0.0)
-    return mx, tl.sum(tl.sum(sums, 1) * w, 0)
-
-
-@triton.jit
-def _two_sum(a, b):
-    # a + b = hi + lo exactly (Knuth's TwoSum), hi = fl(a + b): an exponent offset like fl(m k) + log2(sum)
-    # would round log2(sum) away when |m k| is huge (-1e9 fills); lo carries it into a scalar factor
-    hi = a + b
-    bb = hi - a
-    return hi, (a - (hi - bb)) + (b - bb)
+    return mx, tl.sum(tl.sum(sums, 1) * rescale(m, k_t, scaled(mx, k_t)), 0)
 
 
 @triton.jit
@@ -130,14 +120,14 @@ def _pass1(
     lg_1 = 0.0
     if CE:
         if T_MODE == 1:
-            m1 = _scaled_max(m_s, k_t)
+            m1 = scaled(m_s, k_t)
             lg_1 = lg_t
         elif T_MODE == 2:
-            m1 = 2.0 * _scaled_max(m_s, k_t)
-            lg_1 = tl.log2(_combine(m_w, _LOG2E, d_1)[1])
+            m1 = 2.0 * scaled(m_s, k_t)
+            lg_1 = tl.log2(_combine(m_w, LOG2E_C, d_1)[1])
         else:
-            m1 = _scaled_max(m_s, _LOG2E)
-            lg_1 = tl.log2(_combine(m_w, _LOG2E, d_1)[1])
+            m1 = scaled(m_s, LOG2E_C)
+            lg_1 = tl.log2(_combine(m_w, LOG2E_C, d_1)[1])
     return m_s, lg_t, m_t, lg_p, m1, lg_1
 
 
@@ -155,7 +145,7 @@ def _grad_terms(
         if T_MODE == 2:
             g = e_q * (aq + cs * e_q)
         elif T_MODE == 0:
-            g += cs * tl.exp2(tl.fma(s, _LOG2E, -c1))
+            g += cs * tl.exp2(tl.fma(s, LOG2E_C, -c1))
     lp = lq
     e_p = e_q
     if KL:
@@ -172,10 +162,10 @@ def _grad_block(
 ):  # fmt: skip
     # One block of pass 2: the gradient, and e_p * (log2 p - log2 q) up to the scalar offsets, both
     # exponents centred on the final maxima (well conditioned: no difference of two large log-sum-exps).
-    s = _load_f32(s_row, offs, V, MASKED)
+    s = load_row(s_row, offs, V, MASKED)
     t = s
     if KL:
-        t = _load_f32(t_row, offs, V, MASKED)
+        t = load_row(t_row, offs, V, MASKED)
     g, lq, lp, e_p = _grad_terms(s, t, k_t, cq, cp, c1, aq, ap, cs, KL, CE, T_MODE)
     if KL:
         if MASKED:  # past the end of the row both are -inf: p = 0 times 0, not NaN
@@ -201,11 +191,11 @@ def _row(
     # per-row constants and the CE, then pass 2 (the KL sum and the gradient; without a gradient to write it runs for the KL alone) and the
     # label's one-hot term.
     m_s, lg_t, m_t, lg_p, m1, lg_1 = _pass1(s_row, t_row, V, k_t, KL, CE, T_MODE, BLOCK_V, NUM_W)
-    cq, cq_lo = _two_sum(_scaled_max(m_s, k_t), lg_t)  # q = 2^(fma(s, k, -cq) - cq_lo)
+    cq, cq_lo = two_sum(scaled(m_s, k_t), lg_t)  # q = 2^(fma(s, k, -cq) - cq_lo)
     cp, cp_lo = 0.0, 0.0
     aq, ap, cs, c1 = 0.0, 0.0, 0.0, 0.0
     if KL:
-        cp, cp_lo = _two_sum(_scaled_max(m_t, k_t), lg_p)
+        cp, cp_lo = two_sum(scaled(m_t, k_t), lg_p)
         aq = a * tl.exp2(-cq_lo)
         ap = a * tl.exp2(-cp_lo)
     ok = lab < V
@@ -213,14 +203,14 @@ def _row(
     if CE:
         # CE = (m - s_label) + ln sum exp(s - m), with the exact residual of the offset m1 ~ m log2 e
         s_lab = tl.load(s_row + lab_safe).to(tl.float32)
-        ce = (m_s - s_lab) + (lg_1 - tl.fma(m_s, _LOG2E, -m1)) * _LN2
+        ce = (m_s - s_lab) + (lg_1 - tl.fma(m_s, LOG2E_C, -m1)) * LN2_C
         tl.store(CE_ptr + row, tl.where(ok, ce, float("nan")))
         if T_MODE == 1:  # sigma = q
             aq += c * tl.exp2(-cq_lo)
         elif T_MODE == 2:  # sigma = q^2 * sum_T^2 / sum_1
             cs = c * tl.exp2(2.0 * (lg_t - cq_lo) - lg_1)
         else:
-            c1, c1_lo = _two_sum(m1, lg_1)
+            c1, c1_lo = two_sum(m1, lg_1)
             cs = c * tl.exp2(-c1_lo)
     if KL or WRITE_GRAD:
         v_main = (V // BLOCK_V) * BLOCK_V
@@ -271,7 +261,7 @@ def _row(
             )
         if KL:  # sum p (log p - log q) = 2^-cp_lo * sum e_p (lp - lq) + (cq_lo - cp_lo), in log2 units
             kl = tl.exp2(-cp_lo) * tl.sum(kl_acc, 0) + (cq_lo - cp_lo)
-            tl.store(KL_ptr + row, kl * _LN2)
+            tl.store(KL_ptr + row, kl * LN2_C)
     if not KL:
         tl.store(KL_ptr + row, 0.0)
     if WRITE_GRAD and CE:
@@ -317,7 +307,7 @@ def _dense_kl_ce_kernel(
         else:
             tl.store(KL_ptr + row, 0.0)
             if WRITE_GRAD:
-                _zero_row(g_row, V, BLOCK_V)
+                zero_row(g_row, V, BLOCK_V)
     # fmt: on
 
 
@@ -383,4 +373,5 @@ def dense_kl_ce_rows(
     if s.shape[0] == 0:
         return
     args, kwargs = launch_args(s, t, sel, labels, coef, temperature, grad, kl_rows, ce_rows)
-    _dense_kl_ce_kernel[(s.shape[0],)](*args, **kwargs)
+    with device_guard(s):
+        _dense_kl_ce_kernel[(s.shape[0],)](*args, **kwargs)

@@ -32,6 +32,7 @@ from ._common import (
     prepare,
     reduce_rows,
 )
+from .dispatch import backend_for
 
 
 def _forward_grad(name: str) -> ForwardGrad:
@@ -147,8 +148,6 @@ def fused_linear_distillation_losses(
     hidden [N, H] (or [..., H]), weight [V, H], bias [V] or None. `backend` 'triton'|'reference', default from
     the dispatch rules (`offline_kd.kernels.backend_for(hidden)`)."""
     if backend is None:
-        from . import backend_for
-
         backend = backend_for(hidden)
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H)

@@ -14,14 +14,12 @@ from __future__ import annotations
 import torch
 
 from ._common import (
-    LN2,
-    LOG2E,
-    TINY,
     Prepared,
     RowStats,
     cosine_rows_mask,
     logit_loss_function,
 )
+from .constants import LN2, LOG2E, TINY
 
 # fp32 elements per chunk buffer on CPU (1 MiB: a chunk stays cache-resident across the several elementwise
 # passes) and on an accelerator (64 MiB: 549 rows at V = 30,522, so a 16k-token batch is 30 chunks, not 2,000).

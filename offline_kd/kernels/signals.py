@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .constants import LOG2E
+from .triton_helpers import LN2_C, device_guard
+
 MAX_TEMPERATURES = 4  # per launch; more temperatures take more launches
 BLOCK_V = 4096
 
@@ -76,14 +78,13 @@ def _lse_temperatures_kernel(
             bad += tl.sum((inb & ~(tl.abs(x) < float("inf"))).to(tl.int32), 0)
             m, d0, d1, d2, d3 = _block_update(x, m, d0, d1, d2, d3, c0, c1, c2, c3, NUM_T)
         # lse_T = m / T + ln(d_T), with c = log2(e) / T: (m * c + log2(d)) * ln(2)
-        LN2 = 0.6931471805599453
-        tl.store(o_row, (m * c0 + tl.log2(d0)) * LN2)
+        tl.store(o_row, (m * c0 + tl.log2(d0)) * LN2_C)
         if NUM_T > 1:
-            tl.store(o_row + 1, (m * c1 + tl.log2(d1)) * LN2)
+            tl.store(o_row + 1, (m * c1 + tl.log2(d1)) * LN2_C)
         if NUM_T > 2:
-            tl.store(o_row + 2, (m * c2 + tl.log2(d2)) * LN2)
+            tl.store(o_row + 2, (m * c2 + tl.log2(d2)) * LN2_C)
         if NUM_T > 3:
-            tl.store(o_row + 3, (m * c3 + tl.log2(d3)) * LN2)
+            tl.store(o_row + 3, (m * c3 + tl.log2(d3)) * LN2_C)
         tl.store(BAD_ptr + row, bad)
     else:
         for t in tl.static_range(NUM_T):
@@ -112,8 +113,9 @@ def triton_lse_temperatures(
     for g in range(0, nt, MAX_TEMPERATURES):
         group = [float(t) for t in temperatures[g : g + MAX_TEMPERATURES]]
         scales = [LOG2E / t for t in group] + [LOG2E] * (MAX_TEMPERATURES - len(group))
-        _lse_temperatures_kernel[(n,)](
-            logits, logits.stride(0), act, lse[:, g:], lse.stride(0), bad, v, *scales,
-            NUM_T=len(group), BLOCK=min(BLOCK_V, triton.next_power_of_2(v)), num_warps=8,
-        )  # fmt: skip
+        with device_guard(logits):  # rank r's logits live on cuda:r, whatever the current device is
+            _lse_temperatures_kernel[(n,)](
+                logits, logits.stride(0), act, lse[:, g:], lse.stride(0), bad, v, *scales,
+                NUM_T=len(group), BLOCK=min(BLOCK_V, triton.next_power_of_2(v)), num_warps=8,
+            )  # fmt: skip
     return lse, bad != 0

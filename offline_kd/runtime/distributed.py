@@ -79,20 +79,32 @@ def barrier() -> None:
         dist.barrier()
 
 
+def make_current(device: str | torch.device) -> None:
+    """Make a CUDA device this process's current one (`torch.cuda.set_device`); nothing for other devices.
+
+    Triton launches on the current device, and so does every allocation without an explicit device: a rank
+    that only names ``cuda:$LOCAL_RANK`` would still launch on cuda:0 with pointers on cuda:r."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def local_device(explicit: str | None = None) -> str:
-    """An explicit device wins; else this process's GPU (``cuda:$LOCAL_RANK``) if any; else cpu."""
-    if explicit:
-        return explicit
-    if torch.cuda.is_available():
-        return f"cuda:{launcher_env().local_rank}"
-    return "cpu"
+    """An explicit device wins; else this process's GPU (``cuda:$LOCAL_RANK``) if any; else cpu. A CUDA
+    device is made the current one (`make_current`)."""
+    device = explicit or (f"cuda:{launcher_env().local_rank}" if torch.cuda.is_available() else "cpu")
+    make_current(device)
+    return device
 
 
 def accelerator_device() -> torch.device:
-    """This rank's device as DeepSpeed's accelerator sees it (cpu under its CPU accelerator)."""
+    """This rank's device as DeepSpeed's accelerator sees it (cpu under its CPU accelerator), made the
+    current one (`make_current`)."""
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         return torch.device("cpu")
-    return torch.device(accelerator.device_name(launcher_env().local_rank))
+    device = torch.device(accelerator.device_name(launcher_env().local_rank))
+    make_current(device)
+    return device

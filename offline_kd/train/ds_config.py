@@ -74,7 +74,9 @@ def resolve_ds_config(
 
     Overrides win over the JSON. Without a micro batch size, ``train_batch_size`` is split over the
     accumulation steps and ranks; ``train_batch_size`` is then always micro × accumulation × ranks.
+    Refuses fp16 (`check_precision`).
     """
+    check_precision(ds)
     ds = copy.deepcopy(ds)
     micro = micro_batch_size or ds.get("train_micro_batch_size_per_gpu")
     gas = gradient_accumulation_steps or ds.get("gradient_accumulation_steps")
@@ -100,6 +102,17 @@ def resolve_ds_config(
             params["lr"] = DEFAULT_LR
     ds.setdefault("steps_per_print", 10**9)
     return ds
+
+
+def check_precision(ds: dict) -> None:
+    """fp16 training cannot be right: the losses write their gradient in the forward, in the logits' dtype,
+    before DeepSpeed multiplies by its loss scale, so the small gradient terms (~1e-8) underflow in fp16 and
+    the scale comes too late to save them. bf16 has fp32's exponent range."""
+    if (ds.get("fp16") or {}).get("enabled"):
+        raise UsageError(
+            f"{FLAG}: fp16 is not supported (the loss gradient is written before DeepSpeed's loss scaling "
+            'and underflows); use bf16 instead: "bf16": {"enabled": true}, "fp16": {"enabled": false}'
+        )
 
 
 def fill_schedule(ds: dict, total_steps: int, warmup_fraction: float) -> dict:
