@@ -1,24 +1,29 @@
 """One command that checks the GPU path on a CUDA host and writes a dated report (`make gpu-check`).
 
-    python benchmarks/gpu_check.py [--out runs/gpu-check] [--budget 510]
+    python benchmarks/gpu_check.py [--out runs/gpu-check] [--budget 540] [--parts tests,kernels,...]
 
 Parts, each in its own process with its own time limit (one failing or running out of time still leaves the
-others' results in the report), within --budget seconds in all (default 8.5 minutes):
+others' results in the report), within --budget seconds in all (default 9 minutes; the parts' own limits
+add up to less, so one device call of 10 minutes holds the whole check):
 
-1. CUDA tests: the compiled Triton kernels against the CPU reference (tests/test_kernels_cuda.py, including
-   one call with more than 2^31 logits, and the dense-teacher kernels' CUDA tests);
-2. kernel benchmark, the trainer's shapes: N = 16k tokens, V = 30,522 (rows padded to 30,528), bf16,
-   tail-aware KL + MLM CE: GB/s, fraction of the measured device copy bandwidth, speed-up over eager
-   PyTorch, peak extra memory (benchmarks/loss_kernels.py);
-3. teacher pass: `precompute` tokens/s against a bare bf16 forward of a randomly initialised
-   bert-base-shaped teacher (12 layers, hidden 768, vocabulary 30,522) at L = 512;
-4. exact vs top-k vs online DeepSpeed step at bert-base shape: 6-layer student, 12-layer teacher, bf16
-   (benchmarks/train_step.py);
-5. end to end on tiny fixtures: `kd precompute` then `deepspeed cli/train.py`, checking the exported model.
+1. tests: the compiled Triton kernels against the CPU reference (tests/test_kernels_cuda.py, including one
+   call with more than 2^31 logits, the dense kernels' CUDA tests), the teacher pass on the device
+   (tests/test_precompute_device.py) and a training step's synchronisations (tests/test_train.py);
+2. kernels: N = 16k tokens, V = 30,522 (rows padded to 30,528), bf16, tail-aware KL + MLM CE: GB/s, the
+   fraction of the measured copy bandwidth, against eager PyTorch and torch.compile, peak extra memory
+   (benchmarks/loss_kernels.py);
+3. exact: the dense-teacher kernel and the exact path through the teacher's head, same shapes;
+4. precompute: `precompute` tokens/s against a bare bf16 forward of a randomly initialised bert-base-shaped
+   teacher (12 layers, hidden 768, vocabulary 30,522) at L = 512;
+5. train_step: exact vs top-k vs online DeepSpeed step at bert-base shape (6-layer student, 12-layer
+   teacher, bf16), ZeRO-0 and torch's AdamW (benchmarks/train_step.py);
+6. train_step_shipped: the same with the shipped ds_distilbert's ZeRO-2 and fused AdamW;
+7. e2e: `kd precompute` then `deepspeed cli/train.py` on tiny fixtures, checking the exported model.
 
 The report, `gpu-check-YYYY-MM-DD.md` in --out, names the GPU, the software versions and each part's
-status, time and tables. On a host without a CUDA device this prints one line and exits 0.
-`--smoke` runs every part on the CPU at toy sizes (to check the plumbing, not the GPU).
+status, time and tables; it is rewritten as each part finishes, so a call cut off at its limit still
+returns the parts done. On a host without a CUDA device this prints one line and exits 0. `--smoke` runs
+every part on the CPU at toy sizes (to check the plumbing, not the GPU).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+DEFAULT_BUDGET = 540  # seconds: a 10-minute device call, less the machine's start and the transfers
 
 
 @dataclass
@@ -232,17 +238,40 @@ def plan(work: Path, smoke: bool) -> list[Part]:
              ["--teacher-dir", str(work / "bert_base"), "--batch", "8", "--seq-len", "512", "--sequences", "64",
               "--bf16"])  # fmt: skip
     tests = [PY, "-m", "pytest", "-q", "-rs", str(ROOT / "tests" / "test_kernels_cuda.py")]
-    tests += [str(ROOT / "tests" / "test_kernels_dense.py"), "-k", "cuda"] if not smoke else []
+    if not smoke:
+        tests += [
+            str(ROOT / "tests" / t)
+            for t in ("test_kernels_dense.py", "test_precompute_device.py", "test_train.py")
+        ]
+        tests += ["-k", "cuda or device or compiled_teacher or fp16_teacher"]
+    exact = [
+        PY,
+        str(ROOT / "benchmarks" / "loss_kernels.py"),
+        "--tables",
+        "dense",
+        "--n",
+        n,
+        "--v",
+        "30522",
+        "--dtype",
+        "bf16",
+        "--repeats",
+        repeats,
+    ] + ([] if smoke else ["--device", "cuda", "--width", "30528"])
     parts = [
-        Part("tests", "CUDA tests: compiled kernels against the CPU reference (incl. N*V > 2^31)", 110, tests,
+        Part("tests", "CUDA tests: compiled kernels against the CPU reference (incl. N*V > 2^31), the teacher pass "
+             "on the device, a step's synchronisations", 100, tests, compiled),
+        Part("kernels", "Kernel benchmark: KL + MLM CE at N = 16k, V = 30,522 padded to 30,528, bf16, against eager "
+             "and torch.compile", 80, kernel_bench + ["--width", "30528", "--compile"], compiled),
+        Part("exact", "Exact KL: the dense-teacher kernel and the teacher head per chunk, same shapes", 50, exact,
              compiled),
-        Part("kernels", "Kernel benchmark: KL + MLM CE at N = 16k, V = 30,522 padded to 30,528, bf16", 100,
-             kernel_bench + ["--width", "30528"], compiled),
-        Part("precompute", "Teacher pass: precompute vs a bare bf16 forward, bert-base shape, L = 512", 90,
+        Part("precompute", "Teacher pass: precompute vs a bare bf16 forward, bert-base shape, L = 512", 70,
              me + ["--part", "precompute"], compiled),
         Part("train_step", "Exact vs top-k vs online DeepSpeed step, bert-base shape (6-layer student, 12-layer "
-             "teacher), bf16", 110, step, compiled),
-        Part("e2e", "End to end: kd precompute -> deepspeed cli/train.py on tiny fixtures", 120,
+             "teacher), bf16, ZeRO-0", 80, step, compiled),
+        Part("train_step_shipped", "The same step with ds_distilbert's ZeRO-2 and fused AdamW", 60,
+             step + ["--ds-config", "ds_distilbert"], compiled),
+        Part("e2e", "End to end: kd precompute -> deepspeed cli/train.py on tiny fixtures", 60,
              me + ["--part", "e2e"], compiled),
     ]  # fmt: skip
     if smoke:  # a CPU is far slower than the GPU the limits are set for
@@ -251,13 +280,17 @@ def plan(work: Path, smoke: bool) -> list[Part]:
     return parts
 
 
-def run_parts(parts: list[Part], deadline: float, skip: dict[str, str]) -> list[Result]:
+def run_parts(
+    parts: list[Part], deadline: float, skip: dict[str, str], on_result=lambda results: None
+) -> list[Result]:
+    """Each part in turn, within what is left before `deadline`; `on_result(results so far)` after each."""
     results = []
     for part in parts:
         left = int(deadline - time.monotonic())
         if part.name in skip or left < 10:
             reason = skip.get(part.name, "no time left in the budget")
             results.append(Result(part, "skipped", 0.0, reason))
+            on_result(results)
             continue
         start = time.monotonic()
         env = {**os.environ, **part.env}
@@ -271,6 +304,7 @@ def run_parts(parts: list[Part], deadline: float, skip: dict[str, str]) -> list[
             status, out = "timed out", _text(e.stdout) + "\n" + _text(e.stderr)
         results.append(Result(part, status, time.monotonic() - start, out))
         print(f"gpu-check: {part.name}: {status} ({results[-1].seconds:.0f} s)", flush=True)
+        on_result(results)
     return results
 
 
@@ -337,13 +371,22 @@ def _report_body(r: Result) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "gpu-check"), help="folder for the dated report")
-    ap.add_argument("--budget", type=int, default=510, help="seconds for all parts together")
+    ap.add_argument("--budget", type=int, default=DEFAULT_BUDGET, help="seconds for all parts together")
+    ap.add_argument("--parts", default=None, help="comma-separated parts to run (default: all)")
     ap.add_argument("--smoke", action="store_true", help="every part on the CPU at toy sizes")
     ap.add_argument("--part", choices=["precompute", "e2e"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import torch
 
+    wanted = None
+    if args.parts:  # checked before anything is built
+        wanted = {p.strip() for p in args.parts.split(",") if p.strip()}
+        known = [p.name for p in plan(Path("."), args.smoke)]
+        if wanted - set(known):
+            ap.error(
+                f"--parts: unknown {', '.join(sorted(wanted - set(known)))} (choose from {', '.join(known)})"
+            )
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.part:
         fn = run_precompute_part if args.part == "precompute" else run_e2e_part
@@ -366,8 +409,21 @@ def main(argv: list[str] | None = None) -> int:
             skip.update(
                 precompute=f"bert-base teacher failed: {e!r}", train_step=f"bert-base teacher failed: {e!r}"
             )
-    results = run_parts(plan(work, args.smoke), start + args.budget, skip)
-    report = write_report(Path(args.out), results, args.smoke, time.monotonic() - start)
+    parts = plan(work, args.smoke)
+    if args.parts:
+        wanted = {p.strip() for p in args.parts.split(",") if p.strip()}
+        unknown = wanted - {p.name for p in parts}
+        if unknown:
+            ap.error(
+                f"--parts: unknown {', '.join(sorted(unknown))} (choose from {', '.join(p.name for p in parts)})"
+            )
+        parts = [p for p in parts if p.name in wanted]
+
+    def report_so_far(results: list[Result]) -> Path:
+        return write_report(Path(args.out), results, args.smoke, time.monotonic() - start)
+
+    results = run_parts(parts, start + args.budget, skip, report_so_far)
+    report = report_so_far(results)
     shutil.rmtree(work, ignore_errors=True)
     print(f"gpu-check: report written to {report}")
     return 0 if all(r.status == "ok" for r in results) else 1

@@ -18,6 +18,7 @@ Tables (--tables, comma-separated; default all): logits, cosine, head, dense.
 
 Logit-loss variants (KL at T + MLM CE at 1, with gradient):
   naive              log_softmax over the full vocabulary in fp32 + gather + KL, F.cross_entropy in fp32
+  compiled           the same under torch.compile (--compile; its one-off compilation is not timed)
   reference          offline_kd.kernels, chunked PyTorch path (OFFLINE_KD_KERNELS=reference),
                      distillation_logit_losses (upstream gradients apart: the backward reads the logits again)
   reference-inplace  the same path, distillation_losses with the weights, gradient written over the logits
@@ -53,6 +54,7 @@ BACKEND_OF = {
     "triton-inplace": "triton",
     "fused": "auto",
     "naive": "auto",
+    "compiled": "auto",
     "dense": "auto",
     "naive-head": "auto",
     "exact": "auto",
@@ -107,6 +109,11 @@ def _logit_step(torch, K, args, s0, ids, tz, lse, labels):
     T, V = args.temperature, args.v
     padded = s0.shape[1] > V
 
+    def naive_losses(s, i, z, e, lab):
+        return _naive_logit_losses(torch, s[:, :V], i, z, e, lab, T, args.tail)
+
+    compiled = torch.compile(naive_losses, dynamic=False) if args.compile else None
+
     def make(variant):
         in_place = variant.endswith("-inplace")
 
@@ -117,8 +124,8 @@ def _logit_step(torch, K, args, s0, ids, tz, lse, labels):
         def run(inputs):
             s, rows = inputs
             i, z, e, lab = ids[rows], tz[rows], lse[rows] if args.tail else None, labels[rows]
-            if variant == "naive":
-                kl, ce = _naive_logit_losses(torch, s[:, :V], i, z, e, lab, T, args.tail)
+            if variant in ("naive", "compiled"):  # eager, or the same math through torch.compile
+                kl, ce = (naive_losses if variant == "naive" else compiled)(s, i, z, e, lab)
                 (0.5 * kl + 0.5 * ce).backward()
             elif in_place:  # the logits are a leaf here: its gradient is its own storage
                 kw = {"vocab_size": V} if padded else {}
@@ -362,6 +369,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--exact-chunk", type=int, default=None, help="rows per chunk of exact mode (default: its own)"
     )
+    ap.add_argument(
+        "--compile", action="store_true", help="add the eager loss under torch.compile to the logits table"
+    )
     return ap
 
 
@@ -394,7 +404,8 @@ def main(argv=None) -> None:
     threads = args.threads if args.threads is not None else (0 if cuda else 1)
     if threads:
         torch.set_num_threads(threads)
-    variants = ["naive", "reference", "reference-inplace"] + (["triton", "triton-inplace"] if cuda else [])
+    variants = ["naive"] + (["compiled"] if args.compile else []) + ["reference", "reference-inplace"]
+    variants += ["triton", "triton-inplace"] if cuda else []
     copy_gbps = _copy_bandwidth(torch, args) if cuda else None
     print(
         f"# device={args.device} n={args.n} V={args.v} width={args.width or args.v} k={args.k} dtype={args.dtype} T={args.temperature} "

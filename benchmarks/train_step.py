@@ -93,8 +93,10 @@ class EagerOnlineDistill(OnlineDistill):
         return self.a[0] * kl + self.a[1] * mlm + self.a[2] * cos
 
 
-def ds_config(bf16: bool) -> dict:
-    return {
+def ds_config(bf16: bool, shipped: str | None = None) -> dict:
+    """One pre-built micro-batch a step; ZeRO-0 and torch's AdamW, or the ZeRO stage and optimizer of a
+    shipped config (--ds-config ds_distilbert: ZeRO-2 and torch's fused AdamW, what a user trains with)."""
+    ds = {
         "train_micro_batch_size_per_gpu": 1,  # the engine is fed one pre-built micro-batch
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 5.0,
@@ -103,6 +105,13 @@ def ds_config(bf16: bool) -> dict:
         "bf16": {"enabled": bf16},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
     }
+    if shipped:
+        from offline_kd.train.ds_config import load_ds_config
+
+        user = load_ds_config(shipped)
+        ds["zero_optimization"] = user.get("zero_optimization", ds["zero_optimization"])
+        ds["optimizer"] = {**user["optimizer"], "params": {**user["optimizer"]["params"], "lr": 1e-5}}
+    return ds
 
 
 def parse_args() -> argparse.Namespace:
@@ -118,6 +127,9 @@ def parse_args() -> argparse.Namespace:
         "--bf16", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA"
     )
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument(
+        "--ds-config", default=None, help="take the ZeRO stage and optimizer of this shipped or JSON config"
+    )
     ap.add_argument(
         "--teacher-dir",
         default=None,
@@ -147,7 +159,7 @@ STEPS = ("offline, top-k", "offline, exact", "online", "online, eager loss")
 
 
 def step_seconds(
-    teacher_dir: Path, store_url: str, batch: dict, repeats: int, bf16: bool
+    teacher_dir: Path, store_url: str, batch: dict, repeats: int, bf16: bool, shipped: str | None = None
 ) -> tuple[dict[str, float], int, str]:
     """Median seconds per step of each of STEPS on `batch`, the student's vocabulary size and a description
     of the teacher and student. Every engine starts from the same student weights."""
@@ -160,7 +172,7 @@ def step_seconds(
 
     def engine_for(module):
         params = [p for p in module.parameters() if p.requires_grad]
-        return deepspeed.initialize(model=module, model_parameters=params, config=ds_config(bf16))[0]
+        return deepspeed.initialize(model=module, model_parameters=params, config=ds_config(bf16, shipped))[0]
 
     def student():
         return build_student("distil", teacher_path=str(teacher_dir), vocab_size=0, max_positions=0)
@@ -226,7 +238,7 @@ def main() -> None:
     batch = {k: v.to(device) for k, v in next(iter(reader.epoch_batches(0))).items()}
     batch["hidden"] = batch["hidden"].to(torch.bfloat16 if bf16 else torch.float32)
     tokens = int(batch["attention_mask"].sum())
-    med, V, desc = step_seconds(teacher_dir, store_url, batch, args.repeats, bf16)
+    med, V, desc = step_seconds(teacher_dir, store_url, batch, args.repeats, bf16, args.ds_config)
 
     r0 = reader_tps(store_url, args.batch, 0)
     rw = reader_tps(store_url, args.batch, args.workers) if args.workers else float("nan")

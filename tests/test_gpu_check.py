@@ -47,10 +47,38 @@ def test_a_failing_or_hanging_part_leaves_the_others_in_the_report(tmp_path):
         gc.Part("late", "A part after the budget", 60, py + ["print('never')"], {}),
     ]
     # The hanging part's own 2 s limit ends it long before its 30 s sleep; the deadline is generous.
+    # The report is rewritten after every part: a call cut off at its limit keeps the parts done.
+    written = []
+
+    def on_result(so_far):
+        path = gc.write_report(tmp_path, so_far, smoke=True, wall=1.0)
+        written.append(path.read_text().count("\n## "))
+
     results = gc.run_parts(
-        parts, time.monotonic() + 300, skip={"late": "not run: no time left in the budget"}
+        parts,
+        time.monotonic() + 300,
+        skip={"late": "not run: no time left in the budget"},
+        on_result=on_result,
     )
     assert [r.status for r in results] == ["ok", "failed (rc 3)", "timed out", "skipped"]
+    assert written == [1, 2, 3, 4]
     report = gc.write_report(tmp_path, results, smoke=True, wall=1.0).read_text()
     assert "| A part that prints a table | ok |" in report and "| x | 1 |" in report
     assert "failed (rc 3)" in report and "boom" in report and "timed out" in report
+
+
+def test_the_parts_fit_one_device_call_and_can_be_chosen(tmp_path):
+    """Each part's limit adds up to less than the default budget, which leaves a 10-minute call room for
+    starting up; every part the docstring promises is planned; --parts names them, refused before any work."""
+    gc = _module()
+    parts = gc.plan(tmp_path, smoke=False)
+    names = [p.name for p in parts]
+    assert names == ["tests", "kernels", "exact", "precompute", "train_step", "train_step_shipped", "e2e"]
+    assert sum(p.timeout for p in parts) < gc.DEFAULT_BUDGET <= 600 - 45
+    assert any("--compile" in p.argv for p in parts) and any("ds_distilbert" in p.argv for p in parts)
+    res = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--parts", "kernels,nope",
+         "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 2 and "--parts: unknown nope" in res.stderr
