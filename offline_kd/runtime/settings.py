@@ -188,7 +188,9 @@ class CheckpointConfig:
 
     save_every: int = setting(0, "checkpoint every N optimizer steps (0: never)")
     save_every_minutes: float = setting(
-        0.0, "also checkpoint once this many minutes have passed since the last checkpoint (0: never)"
+        30.0,
+        "also checkpoint once this many minutes have passed since the last checkpoint, so a preempted or "
+        "crashed job loses at most that much (0: never)",
     )
     keep_checkpoints: int | None = setting(None, "keep only the newest N checkpoints")
     resume: bool = setting(False, "continue from the newest complete checkpoint")
