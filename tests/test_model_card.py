@@ -7,7 +7,7 @@ import dataclasses
 from huggingface_hub import ModelCard
 
 from offline_kd.publish.model_card import card_data, hub_dataset, update_eval
-from offline_kd.runtime.settings import TrainConfig
+from offline_kd.runtime.settings import CardConfig, TrainConfig
 from offline_kd.store.signal_store import open_store
 
 
@@ -37,7 +37,7 @@ def test_hub_teacher_and_datasets_or_a_local_teachers_card(tiny_store, tiny_teac
     local = dataclasses.replace(meta, teacher={**meta.teacher, "name_or_path": str(teacher)})
     data = card_data(cfg, local, None, "student")
     assert (data.base_model, data.license, data.language) == (None, "mit", ["en", "fr"])
-    data = card_data(dataclasses.replace(cfg, license="apache-2.0"), local, None, "student")
+    data = card_data(dataclasses.replace(cfg, card=CardConfig(license="apache-2.0")), local, None, "student")
     assert data.license == "apache-2.0"
 
 

@@ -15,7 +15,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from offline_kd.teacher.model import TeacherError, check_finite, compute_signals  # noqa: E402
+from offline_kd.teacher.errors import TeacherFailed  # noqa: E402
+from offline_kd.teacher.model import check_finite, compute_signals  # noqa: E402
 from offline_kd.teacher.signals import chunk_rows, extract_signals  # noqa: E402
 
 BACKENDS = ["triton", "reference"]
@@ -124,7 +125,7 @@ def test_check_finite_names_the_sequence_and_position():
     bad = np.zeros((4, 6), dtype=bool)
     check_finite(bad, 10)
     bad[2, 5] = bad[3, 0] = True
-    with pytest.raises(TeacherError, match=r"NaN/inf logits for sequence 12 at position 5"):
+    with pytest.raises(TeacherFailed, match=r"NaN/inf logits for sequence 12 at position 5"):
         check_finite(torch.from_numpy(bad), 10)
 
 
@@ -139,7 +140,7 @@ def test_teacher_with_a_minus_inf_logit_is_refused(tmp_path, tiny_teacher):
     with torch.no_grad():
         m.cls.predictions.bias[9] = float("-inf")
     attn[0, 4:] = 0
-    with pytest.raises(TeacherError, match=r"sequence 20 at position 0"):
+    with pytest.raises(TeacherFailed, match=r"sequence 20 at position 0"):
         compute_signals(m, ids, attn, 4, [1.0, 2.0], hidden=False, seq_offset=20)
 
 

@@ -96,7 +96,7 @@ def test_a_log_file_gets_plain_lines_with_grad_norm_and_the_hyperparameters(run)
     hp = json.loads(hp_lines[0].split("hyperparameters: ", 1)[1])
     assert hp["train.max_steps"] == 12 and hp["train.loss.alpha_kl"] == 5.0
     assert hp["deepspeed.train_batch_size"] == 8 and hp["deepspeed.optimizer.params.lr"] == 0.001
-    assert json.loads((out / "logs" / "hparams.json").read_text())["train"]["eval_every"] == 6
+    assert json.loads((out / "logs" / "hparams.json").read_text())["train"]["heldout"]["eval_every"] == 6
 
 
 def test_deepspeed_monitors_receive_our_metrics(run):
