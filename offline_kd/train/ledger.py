@@ -109,4 +109,5 @@ class StepLedger:
             "step_time_s": host["step_time_s"],
             "reader_wait_s": host["reader_wait_s"],
             "grad_norm": float("nan") if norm is None else float(norm),
+            "global_samples": host.get("global_samples"),  # DeepSpeed's x for its monitors, not a column
         }

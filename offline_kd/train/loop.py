@@ -321,13 +321,14 @@ def optimizer_step(engine, batches, gas: int, world: int, state: TrainState, led
     ledger.end_step(
         state.step, state.epoch, params_finite(engine.module, accelerator_device(), world), lr=_lr(engine),
         step_time_s=time.perf_counter() - t_step, reader_wait_s=wait, grad_norm=grad_norm_after_step(engine, norm),
+        global_samples=int(engine.global_samples),
     )  # fmt: skip
 
 
 def flush_steps(ledger: StepLedger, logger: MetricsLogger, last_saved: str | None, row: dict) -> dict:
     """The recorded steps read back to the host (one sync), checked and logged; returns the newest row."""
     for row in ledger.flush(last_saved):  # noqa: B020 - the newest row is the one returned
-        logger.log(row)
+        logger.log(row, monitor_x=row.pop("global_samples"))  # the samples seen when the step ended
     return row
 
 

@@ -138,14 +138,15 @@ class MetricsLogger:
             self.tb.add_text("hparams", "```\n" + text + "\n```", 0)
         self.progress.note("hyperparameters: " + json.dumps(_flat(hparams), default=str))
 
-    def log(self, row: dict) -> None:
+    def log(self, row: dict, monitor_x: int | None = None) -> None:
+        """One step's row; `monitor_x`: the x the monitors file it under (default: `monitor_x()` now)."""
         if not self.enabled:
             return
         row = {k: row.get(k, "") for k in COLUMNS}
         self._csv.write(row)
         self.history.append(row)
         step = int(row["step"])
-        self._scalars({SCALARS[k]: row[k] for k in SCALARS}, step)
+        self._scalars({SCALARS[k]: row[k] for k in SCALARS}, step, monitor_x)
         self.progress.update(1, _fields(row))
 
     def log_eval(self, step: int, result: dict) -> None:
@@ -157,13 +158,14 @@ class MetricsLogger:
         shown = ", ".join(f"{k} {result[k]:.4g}" for k in EVAL_COLUMNS[3:] if result.get(k) is not None)
         self.progress.note(f"eval step {step} | {result['sequences']} held-out sequences | {shown}")
 
-    def _scalars(self, values: dict[str, float], step: int) -> None:
+    def _scalars(self, values: dict[str, float], step: int, x: int | None = None) -> None:
         values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
         if self.tb is not None:
             for name, v in values.items():
                 self.tb.add_scalar(name, v, step)
         if self.monitor is not None:
-            x = self._monitor_x() if self._monitor_x is not None else step
+            if x is None:
+                x = self._monitor_x() if self._monitor_x is not None else step
             self.monitor.write_events([(f"kd/{name}", v, x) for name, v in values.items()])
 
     def mean_of_last(self, n: int) -> dict[str, float]:
