@@ -119,6 +119,40 @@ def test_a_stop_signal_saves_the_step_and_the_resumed_run_is_bit_exact(
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate], ids=["one-flipped-byte", "truncated"])
+def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_resumes_bit_exact(
+    tiny_store, dropout_teacher, tmp_path, damage
+):
+    run = tmp_path / "run"
+    args = _base(tiny_store, run) + ["--teacher", dropout_teacher, "--epochs", 1, "--save-every", 2,
+                                     "--no-tensorboard"]  # fmt: skip
+    _check(run_cli(args))
+    losses, weights = _losses(run), _final_weights(run)
+    tags = sorted(p.name for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists())
+    last, before = tags[-1], tags[-2]
+    record = json.loads((run / "checkpoints" / last / "COMPLETE").read_text())
+    assert {"size", "sha256"} <= set(record["files"]["mp_rank_00_model_states.pt"])
+    damage(run / "checkpoints" / last / "mp_rank_00_model_states.pt")
+    resumed = run_cli(args + ["--resume"])
+    _check(resumed)
+    assert f"checkpoint {last} is damaged (mp_rank_00_model_states.pt " in resumed.stderr
+    assert f"resumed from {before}" in resumed.stderr
+    assert _losses(run) == losses
+    again = _final_weights(run)
+    assert again.keys() == weights.keys() and all(bool((again[k] == weights[k]).all()) for k in weights)
+
+
 def test_rng_state_files_hold_no_pickle(tmp_path):
     import random
 

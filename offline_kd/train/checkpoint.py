@@ -2,12 +2,14 @@
 
 DeepSpeed's ``latest`` file can name a checkpoint that is half on disk (a crash between ranks'
 writes). Here each save is ``engine.save_checkpoint(dir, tag)``, then every rank writes its own
-RNG states, then a barrier, then rank 0 writes ``<dir>/<tag>/COMPLETE`` (a small JSON record).
-``--resume`` loads the newest tag that has the marker and ignores the rest.
+RNG states, then a barrier, then rank 0 writes ``<dir>/<tag>/COMPLETE``: a JSON record of the step and
+of every file of the tag with its size and sha256. ``--resume`` takes the newest tag whose marker is
+there and whose files all still match it; a damaged tag (a flipped byte, a truncated or missing file) is
+named in one log line and the next older intact one is used.
 
 The RNG states are written without pickle: the generator states as tensors in a safetensors file,
 the few scalars beside them as JSON in its metadata, so loading them runs no code from the run
-directory. (DeepSpeed's own files in the tag are pickles: a run directory must be trusted.)
+directory. (DeepSpeed's own files in the tag are pickles: a run directory must be trusted; the sha256 record catches damage, not forgery.)
 """
 
 from __future__ import annotations
@@ -123,6 +125,44 @@ def load_rng_state(path: str | Path) -> dict:
     }
 
 
+def file_digests(tag_dir: Path) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file of a checkpoint tag but its marker."""
+    import hashlib
+
+    out = {}
+    for path in sorted(
+        p for p in tag_dir.rglob("*") if p.is_file() and p.name not in (MARKER, MARKER + ".tmp")
+    ):
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        out[str(path.relative_to(tag_dir))] = {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def damage(tag_dir: Path) -> str | None:
+    """Why a complete tag can no longer be trusted (a file gone, resized or changed), or None when intact.
+    A marker from before files were recorded vouches for nothing: None, and the caller says so."""
+    try:
+        record = json.loads((tag_dir / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        return f"its {MARKER} record is unreadable ({e})"
+    files = record.get("files")
+    if files is None:
+        return None
+    now = file_digests(tag_dir)
+    for name, want in files.items():
+        got = now.get(name)
+        if got is None:
+            return f"{name} is missing"
+        if got["size"] != want["size"]:
+            return f"{name} has {got['size']:,} bytes, {want['size']:,} when saved"
+        if got["sha256"] != want["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int | None = None) -> str:
     """Save a checkpoint for `step` on every rank; rank 0 marks it complete after a barrier."""
     tag = tag_for(step)
@@ -134,7 +174,13 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     barrier()
     if this_rank == 0:
         tmp = tag_dir / (MARKER + ".tmp")
-        tmp.write_text(json.dumps({"step": step, "time": time.time(), "world_size": world_size()}))
+        record = {
+            "step": step,
+            "time": time.time(),
+            "world_size": world_size(),
+            "files": file_digests(tag_dir),
+        }
+        tmp.write_text(json.dumps(record))
         os.replace(tmp, tag_dir / MARKER)
         if keep_last:
             for _, old in complete_tags(ckpt_dir)[:-keep_last]:
@@ -150,10 +196,21 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def newest_intact(ckpt_dir: str | Path) -> str | None:
+    """The newest complete tag whose files match its record; each damaged newer one is named in the log."""
+    for _, tag in reversed(complete_tags(ckpt_dir)):
+        why = damage(Path(ckpt_dir) / tag)
+        if why is None:
+            return tag
+        if rank() == 0:
+            log.warning("checkpoint %s is damaged (%s): not resuming from it", tag, why)
+    return None
+
+
 def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> tuple[str, dict] | None:
-    """Load `tag` (default: newest complete) into the engine; restore this rank's RNG; return
+    """Load `tag` (default: the newest intact one) into the engine; restore this rank's RNG; return
     (tag, client_state) or None when there is nothing to resume."""
-    tag = tag or latest_complete(ckpt_dir)
+    tag = tag or newest_intact(ckpt_dir)
     if tag is None:
         return None
     path, client_state = engine.load_checkpoint(
