@@ -276,3 +276,70 @@ def test_verify_calls_an_uncommitted_shard_unwritten_not_corrupt(tmp_path, tiny_
     assert f"uncommitted shard(s) [{last}] are not yet written" in output
     assert "differs" not in output and "corrupt" not in output
     assert f"checked {last} shard(s)" in output
+
+
+# ------------------------------------------------------------------------ run directories: one writer, ours
+
+
+def _one_error(proc) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    _check(run_cli(_base(tiny_store, out) + ["--max-steps", 2, "--save-every", 1, "--no-tensorboard"]))
+    return out
+
+
+def test_a_directory_of_someone_elses_files_is_refused_and_left_alone(tiny_store, tmp_path):
+    out = tmp_path / "mine"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        error = _one_error(run_cli(_base(tiny_store, out) + ["--max-steps", 1, *extra]))
+        assert f"--output {out}: holds files that are not an offline_kd run (notes.txt, sub)" in error
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["notes.txt", "sub"]
+        and (out / "notes.txt").read_text() == "keep me"
+    )
+
+
+def test_a_finished_run_is_not_trained_over_unless_asked(tiny_store, finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "notes.txt").write_text("the user's")  # a file of the user's inside a run directory
+    before = (run / "final" / "model.safetensors").read_bytes()
+    error = _one_error(run_cli(_base(tiny_store, run) + ["--max-steps", 2, "--save-every", 1]))
+    assert "is a finished run (final/ exists); pass --resume to continue it or --overwrite" in error
+    assert (run / "final" / "model.safetensors").read_bytes() == before
+    both = _one_error(run_cli(_base(tiny_store, run) + ["--resume", "--overwrite"]))
+    assert "--resume and --overwrite: choose one" in both
+    again = run_cli(_base(tiny_store, run) + ["--max-steps", 1, "--overwrite", "--no-tensorboard"])
+    _check(again)
+    assert (run / "notes.txt").read_text() == "the user's"  # --overwrite deletes only what the tool wrote
+    assert not any((run / "checkpoints").glob("step*"))  # the earlier run's are gone
+    assert len(_losses(run)) == 1 and not (run / "final.partial").exists()
+
+
+@pytest.mark.slow
+def test_a_second_training_into_a_running_runs_directory_is_refused(tiny_store, tmp_path):
+    out, release = tmp_path / "run", tmp_path / "release"
+    cmd = [sys.executable, str(SCRIPT)] + [str(a) for a in _base(tiny_store, out) + ["--max-steps", 3]]
+    env = dict(_env(), OFFLINE_KD_PAUSE_AFTER_STEP=f"1:{release}")
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: Path(f"{release}.paused").exists(), first)
+        error = _one_error(run_cli(_base(tiny_store, out) + ["--max-steps", 3, "--resume"]))
+        assert f"rank 0 of '{out}' is being written by another process (pid {first.pid} " in error
+        release.touch()
+        _, err = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, err[-3000:]
+    assert [int(r[0]) for r in _losses(out)] == [1, 2, 3]  # one run's rows, each step once
+    assert not Path(f"{out}.leases").exists() or not list(Path(f"{out}.leases").iterdir())

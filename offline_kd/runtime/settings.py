@@ -252,6 +252,12 @@ class TrainConfig:
         group=_IO,
     )
     teacher: str | None = setting(None, "teacher path; none: the one the store records", group=_IO)
+    overwrite: bool = setting(
+        False,
+        "start again in an earlier run's --output: its checkpoints, logs and final/ are deleted first (files "
+        "this tool did not write stay)",
+        group=_IO,
+    )
     storage_options: dict | None = storage_options_setting(group=_IO)
     init_layers: str | None = setting(None, "teacher layers to copy, e.g. 0,2,4,7,9,11", group=_STUDENT)
     init_from_teacher: bool = setting(False, "copy teacher tensors whose shapes match", group=_STUDENT)

@@ -44,6 +44,41 @@ def recorded_teacher(meta: StoreMeta, store_url: str) -> str:
     )
 
 
+# What a run writes in its --output: anything else there is the user's.
+RUN_FILES = ("train_config.json", "ds_config.json", "checkpoints", "logs", "final", "final.partial",
+             "projection.safetensors", "debug")  # fmt: skip
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """--output is new, empty, or an earlier run of this tool that --resume continues or --overwrite
+    restarts; a finished or interrupted run is never trained over silently, and a directory holding
+    anything else is refused (nothing of it would be safe from --overwrite)."""
+    out = Path(cfg.output)
+    if cfg.checkpoint.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite: choose one (continue the run, or start it again)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {cfg.output}: is an existing file, not a run directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "train_config.json").is_file():
+        found = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise UsageError(
+            f"--output {cfg.output}: holds files that are not an offline_kd run ({found}); choose a new or "
+            "empty directory"
+        )
+    if cfg.checkpoint.resume or cfg.overwrite:
+        return
+    if (out / "final").is_dir():
+        what = "a finished run (final/ exists)"
+    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        what = "an interrupted run with checkpoints"
+    else:
+        return  # a run that stopped before its first checkpoint: nothing to lose
+    raise UsageError(
+        f"--output {cfg.output}: is {what}; pass --resume to continue it or --overwrite to start it again"
+    )
+
+
 @dataclass(frozen=True)
 class TrainInputs:
     """What checking a training run's inputs found. The config itself is not rewritten."""
@@ -61,8 +96,7 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainInputs:
     from offline_kd.store.storage import check_store_url
     from offline_kd.train.ds_config import check_optimizer_buildable, load_ds_config, resolve_ds_config
 
-    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
-        raise UsageError(f"--output {cfg.output}: is an existing file, not a run directory")
+    check_run_dir(cfg)
     hub_kernels.check(cfg.hub_kernels)
     ds = resolve_ds_config(
         load_ds_config(cfg.deepspeed_config), world_size, micro_batch_size=cfg.micro_batch_size,

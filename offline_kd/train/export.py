@@ -14,6 +14,8 @@ import hashlib
 import inspect
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,17 +132,24 @@ def export_run(
         (dbg / f"params_rank{rank}.sha256").write_text(params_sha256(state) + "\n")
     final_dir = out / "final"
     if rank == 0:
-        _, proj = export_student(bundle, state, final_dir)
+        # Written under another name and renamed when whole: a crash or a full disk never leaves a final/
+        # that looks finished.
+        partial = out / "final.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        _, proj = export_student(bundle, state, partial)
         if proj:
             from safetensors.torch import save_file
 
             save_file(proj, str(out / "projection.safetensors"))
-        write_run_config(final_dir, cfg, ds)
+        write_run_config(partial, cfg, ds)
         ref = cfg.card.push_to_hub or str(final_dir.resolve())
         heldout = metrics.get("eval") and {**metrics["eval"], "source": cfg.heldout.eval_corpus}
         name = (cfg.card.push_to_hub or str(out.resolve())).rstrip("/").split("/")[-1]
         inputs = CardInputs(ref, name, steps, metrics.get("train") or {}, heldout)
-        build_card(cfg, meta, bundle, ds, inputs).save(final_dir / "README.md")
+        build_card(cfg, meta, bundle, ds, inputs).save(partial / "README.md")
+        if final_dir.exists():  # a resumed finished run exports again
+            shutil.rmtree(final_dir)
+        os.replace(partial, final_dir)
         if cfg.card.push_to_hub:
             log.info("pushed %s: %s", final_dir, push_to_hub(final_dir, cfg.card.push_to_hub))
     barrier()

@@ -13,8 +13,10 @@ rank together on a non-finite loss.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,9 +29,10 @@ from offline_kd.runtime.errors import UsageError
 from offline_kd.runtime.launcher import launcher_env
 from offline_kd.runtime.progress import quiet_library_bars
 from offline_kd.runtime.settings import TrainConfig
+from offline_kd.store.lease import StoreLease
 from offline_kd.store.signal_store import SignalStore, StoreMeta
 from offline_kd.train.checkpoint import Checkpointer
-from offline_kd.train.checks import TrainInputs, check_train, kl_source_note
+from offline_kd.train.checks import RUN_FILES, TrainInputs, check_train, kl_source_note
 from offline_kd.train.ds_config import fill_schedule, load_ds_config, resolve_ds_config
 from offline_kd.train.export import export_run, redacted_settings, write_run_config
 from offline_kd.train.heldout import HeldOutEvaluator
@@ -393,17 +396,38 @@ class DevicePrefetch:
         return batch
 
 
+@contextmanager
+def claim_run_dir(cfg: TrainConfig, is_main: bool):
+    """One run writes a run directory at a time: rank 0 holds a lease on it (the store's kind, beside it)
+    for the whole run; with --overwrite it then deletes what an earlier run wrote there, and only that."""
+    if not is_main:
+        yield
+        return
+    with StoreLease(cfg.output, 0):
+        if cfg.overwrite:
+            for name in RUN_FILES:
+                path = Path(cfg.output) / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        yield
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     # Every input is checked (the store opened, an "auto" KL source resolved) before the process group.
-    found, auto_source = check_train(cfg, launcher_env().world_size), cfg.loss.kl_source == "auto"
+    found, launched = check_train(cfg, launcher_env().world_size), launcher_env()
+    if cfg.loss.kl_source == "auto" and launched.rank == 0:
+        log.info("%s", kl_source_note(found.kl_source))
     # The run records what it resolved: the teacher it uses and the KL source 'auto' stood for.
     cfg = replace(cfg, teacher=found.teacher, loss=replace(cfg.loss, kl_source=found.kl_source))
+    with claim_run_dir(cfg, launched.rank == 0):
+        return run_training(cfg, found)
+
+
+def run_training(cfg: TrainConfig, found: TrainInputs) -> TrainResult:
+    """The run itself, on every rank, once its inputs are checked and its directory is claimed."""
     # Every rank joins one process group (a local one without a launcher).
     rank, world = init_distributed(cfg.local_rank)
     out, is_main = Path(cfg.output), rank == 0
     quiet_library_bars(rank)  # no \r frames in log files, no bar from ranks above 0
-    if is_main and auto_source:
-        log.info("%s", kl_source_note(found.kl_source))
     # Refuse a student that cannot work with the store before anything expensive runs.
     run = prepare_run(cfg, found)
     # Batch shape, "auto" values and the run's length depend on the rank count and the store.
