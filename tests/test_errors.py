@@ -86,6 +86,14 @@ def _replace(args: list, flag: str, value) -> list:
 
 # id: (arguments of `kd`, what the error line must contain)
 KD_CASES = {
+    "precompute-teacher-causal-lm": (
+        lambda fx: _replace(_precompute(fx), "--teacher", _gpt2(fx)),
+        "a gpt2 model (GPT2LMHeadModel) is not a masked language model",
+    ),
+    "eval-model-causal-lm": (
+        lambda fx: ["eval", "--model", _gpt2(fx), "--corpus", fx.corpus],
+        "a gpt2 model (GPT2LMHeadModel) is not a masked language model",
+    ),
     "precompute-teacher-missing": (
         lambda fx: _replace(_precompute(fx), "--teacher", "./no_such_dir"),
         "Error: --teacher ./no_such_dir: no such directory",
@@ -197,7 +205,47 @@ def _incomplete_store(fx) -> Path:
 
 
 # id: (arguments of cli/train.py, what the error line must contain)
+def _gpt2(fx) -> Path:
+    """A tiny causal LM: a model transformers loads, but no masked LM."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    out = fx.tmp / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=100)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(fx.teacher).save_pretrained(out)
+    return out
+
+
+def _ds_batch_3(fx) -> Path:
+    import json
+
+    ds = json.loads((ROOT / "offline_kd" / "configs" / "ds_cpu_tiny.json").read_text())
+    return _write(fx, "ds3.json", json.dumps({**ds, "train_batch_size": 3}))
+
+
 TRAIN_CASES = {
+    "epochs-0": (lambda fx: _train(fx, "--epochs", "0"), "Error: --epochs 0: must be at least 1"),
+    "max-steps-0": (lambda fx: _train(fx, "--max-steps", "0"), "Error: --max-steps 0: must be at least 1"),
+    "micro-batch-0": (
+        lambda fx: _train(fx, "--micro-batch-size", "0"),
+        "Error: --micro-batch-size 0: must be at least 1",
+    ),
+    "alpha-kl-negative": (
+        lambda fx: _train(fx, "--alpha-kl", "-1"),
+        "Error: --alpha-kl -1.0: must be at least 0",
+    ),
+    "lr-negative": (lambda fx: _train(fx, "--lr", "-1"), "Error: --lr -1.0: must be above 0"),
+    "warmup-1": (
+        lambda fx: _train(fx, "--warmup-fraction", "1"),
+        "Error: --warmup-fraction 1.0: must be below 1",
+    ),
+    "train-batch-size-3": (
+        lambda fx: _train(fx, "--deepspeed_config", _ds_batch_3(fx)),
+        "train_batch_size 3 is not train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 2 x 1 rank(s) = 8",
+    ),
+    "student-causal-lm": (
+        lambda fx: _replace(_train(fx), "--student", _gpt2(fx)),
+        "is not a masked language model; expected one AutoModelForMaskedLM loads",
+    ),
     "store-not-a-store": (
         lambda fx: _replace(_train(fx), "--store", fx.corpus),
         "Error: no signal store at '{corpus}'",

@@ -72,7 +72,7 @@ def check_model_source(
     except UsageError as e:
         raise UsageError(f"{label}: {e}{hint}") from None
     try:
-        return AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             str(path) if path.exists() else value, revision=revision, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:
@@ -80,6 +80,22 @@ def check_model_source(
             "no such directory, and no model of that name could be loaded from the hub"
         )  # fmt: skip
         raise UsageError(f"{label}: {where} ({first_line(e)}){hint}") from None
+    check_masked_lm(config, label)
+    return config
+
+
+def check_masked_lm(config, label: str) -> None:
+    """Refuse a model that is not a masked language model (a GPT-2, a T5), naming what it is."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "auto_map", None):
+        return  # a known masked LM, or remote code that declares its own classes
+    what = ", ".join(getattr(config, "architectures", None) or []) or "no architecture named"
+    raise UsageError(
+        f"{label}: a {model_type} model ({what}) is not a masked language model; expected one "
+        "AutoModelForMaskedLM loads (BERT, RoBERTa, DistilBERT, ...)"
+    )
 
 
 def max_positions(config) -> int | None:

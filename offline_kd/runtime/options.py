@@ -45,16 +45,20 @@ def setting(
     metavar: str | None = None,
     hidden: bool = False,
     cli: bool = True,
+    at_least: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
 ) -> Any:
     """A dataclass field carrying its command-line description.
 
     `factory` replaces `default` for mutable defaults (lists, nested dataclasses); `group` is the
     argparse help section; `hidden` keeps a flag out of ``--help``; ``cli=False`` keeps a setting
-    off the command line (library use only).
+    off the command line (library use only). `at_least`, `above` and `below` bound a number
+    (`check_ranges` refuses a value outside them; None always passes).
     """
     metadata = dict(
         help=help, flags=tuple(flags), deprecated=tuple(deprecated), choices=choices, group=group,
-        metavar=metavar, hidden=hidden, cli=cli,
+        metavar=metavar, hidden=hidden, cli=cli, at_least=at_least, above=above, below=below,
     )  # fmt: skip
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -175,6 +179,36 @@ def from_fields(cls: type, **values: Any) -> Any:
         keyed[paths[name]] = value
     built = build(cls, keyed)
     return dataclasses.replace(built, **whole) if whole else built
+
+
+def _out_of_range(meta, value) -> str | None:
+    """Why a number is outside its field's bounds, or None."""
+    if meta.get("at_least") is not None and value < meta["at_least"]:
+        return f"must be at least {meta['at_least']:g}"
+    if meta.get("above") is not None and value <= meta["above"]:
+        return f"must be above {meta['above']:g}"
+    if meta.get("below") is not None and value >= meta["below"]:
+        return f"must be below {meta['below']:g}"
+    return None
+
+
+def check_ranges(obj: Any) -> None:
+    """Refuse, in one line naming the flag, any number of a settings dataclass (nested sections too) outside
+    the bounds its declaration gives."""
+    from offline_kd.runtime.errors import UsageError
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value)
+            continue
+        numbers = value if isinstance(value, list) else [value]
+        for v in numbers:
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                why = _out_of_range(f.metadata, v)
+                if why:
+                    flag = (f.metadata.get("flags") or ("--" + f.name.replace("_", "-"),))[0]
+                    raise UsageError(f"{flag} {value}: {why}")
 
 
 # ------------------------------------------------------------------------------------------ parsing

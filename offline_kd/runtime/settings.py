@@ -151,9 +151,9 @@ class PrecomputeConfig:
 class LossConfig:
     """The DistilBERT triple loss ``alpha_kl·KL + alpha_mlm·MLM + alpha_cos·cosine``."""
 
-    alpha_kl: float = setting(5.0, "weight of the distillation KL", deprecated=("--alpha-ce",))
-    alpha_mlm: float = setting(2.0, "weight of the MLM cross-entropy")
-    alpha_cos: float = setting(1.0, "weight of the hidden-state cosine loss")
+    alpha_kl: float = setting(5.0, "weight of the distillation KL", deprecated=("--alpha-ce",), at_least=0)
+    alpha_mlm: float = setting(2.0, "weight of the MLM cross-entropy", at_least=0)
+    alpha_cos: float = setting(1.0, "weight of the hidden-state cosine loss", at_least=0)
     kl_source: str = setting(
         "auto",
         "teacher distribution of the KL: 'exact' (the full vocabulary, recomputed from the stored hidden "
@@ -161,7 +161,9 @@ class LossConfig:
         "'auto' (exact when the store holds hidden states and the teacher's head, else topk)",
         choices=KL_SOURCES,
     )
-    temperature: float = setting(2.0, "distillation temperature (topk + tail-aware: one of the store's)")
+    temperature: float = setting(
+        2.0, "distillation temperature (topk + tail-aware: one of the store's)", above=0
+    )
     kl_tail: bool = setting(
         True, "topk: tail-aware KL (the stored log-sum-exp gives the teacher's tail mass)"
     )
@@ -178,21 +180,22 @@ _IO, _STUDENT, _SCHEDULE = "inputs and outputs", "student", "schedule"
 class DataConfig:
     """The store reader (`offline_kd.train.reader`)."""
 
-    num_workers: int = setting(0, "DataLoader reader processes")
-    buffer_chunks: int = setting(4, "store chunks per shuffle buffer")
+    num_workers: int = setting(0, "DataLoader reader processes", at_least=0)
+    buffer_chunks: int = setting(4, "store chunks per shuffle buffer", at_least=1)
 
 
 @dataclass
 class CheckpointConfig:
     """The checkpointer (`offline_kd.train.checkpoint.Checkpointer`): when it saves and what it keeps."""
 
-    save_every: int = setting(0, "checkpoint every N optimizer steps (0: never)")
+    save_every: int = setting(0, "checkpoint every N optimizer steps (0: never)", at_least=0)
     save_every_minutes: float = setting(
         30.0,
         "also checkpoint once this many minutes have passed since the last checkpoint, so a preempted or "
         "crashed job loses at most that much (0: never)",
+        at_least=0,
     )
-    keep_checkpoints: int | None = setting(None, "keep only the newest N checkpoints")
+    keep_checkpoints: int | None = setting(None, "keep only the newest N checkpoints", at_least=1)
     resume: bool = setting(False, "continue from the newest complete checkpoint")
 
 
@@ -203,8 +206,10 @@ class LogConfig:
     progress: bool = setting(
         True, "rank 0 shows a progress bar on a terminal (without one, or with --no-progress: plain lines)"
     )
-    log_every: int = setting(50, "a plain progress line every N optimizer steps (0: by time only)")
-    log_every_seconds: float = setting(60.0, "a plain progress line at least every S seconds")
+    log_every: int = setting(
+        50, "a plain progress line every N optimizer steps (0: by time only)", at_least=0
+    )
+    log_every_seconds: float = setting(60.0, "a plain progress line at least every S seconds", above=0)
     tensorboard: bool = setting(True, "write TensorBoard events under logs/tb")
     debug_param_hash: bool = setting(False, "each rank writes a hash of its parameters")
 
@@ -218,8 +223,8 @@ class HeldOutConfig:
         "held-out text/jsonl/parquet file (masked accuracy, perplexity) or signal store (also agreement "
         "with the teacher's stored top-1) scored during training and for the model card",
     )
-    eval_every: int = setting(0, "evaluate every N optimizer steps (0: once, at the end)")
-    eval_max_sequences: int | None = setting(256, "score at most N held-out sequences")
+    eval_every: int = setting(0, "evaluate every N optimizer steps (0: once, at the end)", at_least=0)
+    eval_max_sequences: int | None = setting(256, "score at most N held-out sequences", at_least=1)
 
 
 @dataclass
@@ -268,17 +273,26 @@ class TrainConfig:
         "the layers their checkpoints define)",
         group=_STUDENT,
     )
-    epochs: int = setting(3, "epochs; epoch e replays mask view e mod views", group=_SCHEDULE)
+    epochs: int = setting(3, "epochs; epoch e replays mask view e mod views", group=_SCHEDULE, at_least=1)
     max_steps: int | None = setting(
-        None, "stop after this many optimizer steps (the LR schedule is unchanged)", group=_SCHEDULE
+        None,
+        "stop after this many optimizer steps (the LR schedule is unchanged)",
+        group=_SCHEDULE,
+        at_least=1,
     )
-    schedule_steps: int | None = setting(None, "LR schedule length for 'auto' total steps", group=_SCHEDULE)
-    micro_batch_size: int | None = setting(None, "overrides train_micro_batch_size_per_gpu", group=_SCHEDULE)
+    schedule_steps: int | None = setting(
+        None, "LR schedule length for 'auto' total steps", group=_SCHEDULE, at_least=1
+    )
+    micro_batch_size: int | None = setting(
+        None, "overrides train_micro_batch_size_per_gpu", group=_SCHEDULE, at_least=1
+    )
     gradient_accumulation_steps: int | None = setting(
-        None, "overrides the JSON's gradient_accumulation_steps", group=_SCHEDULE
+        None, "overrides the JSON's gradient_accumulation_steps", group=_SCHEDULE, at_least=1
     )
-    lr: float | None = setting(None, "overrides the optimizer's lr", group=_SCHEDULE)
-    warmup_fraction: float = setting(0.05, "warm-up share of an 'auto' schedule", group=_SCHEDULE)
+    lr: float | None = setting(None, "overrides the optimizer's lr", group=_SCHEDULE, above=0)
+    warmup_fraction: float = setting(
+        0.05, "warm-up share of an 'auto' schedule", group=_SCHEDULE, at_least=0, below=1
+    )
     seed: int = setting(0, "student initialisation and data order", group=_SCHEDULE)
     loss: LossConfig = setting(factory=LossConfig, group="loss")
     data: DataConfig = setting(factory=DataConfig, group="data")

@@ -12,6 +12,7 @@ from pathlib import Path
 from offline_kd.runtime import hub_kernels
 from offline_kd.runtime.checks import check_model_source, is_hub_name
 from offline_kd.runtime.errors import UsageError
+from offline_kd.runtime.options import check_ranges
 from offline_kd.runtime.settings import TrainConfig
 from offline_kd.store.signal_store import SignalStore, StoreMeta
 
@@ -96,6 +97,7 @@ def check_train(cfg: TrainConfig, world_size: int) -> TrainInputs:
     from offline_kd.store.storage import check_store_url
     from offline_kd.train.ds_config import check_optimizer_buildable, load_ds_config, resolve_ds_config
 
+    check_ranges(cfg)
     check_run_dir(cfg)
     hub_kernels.check(cfg.hub_kernels)
     ds = resolve_ds_config(

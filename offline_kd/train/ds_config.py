@@ -90,6 +90,18 @@ def resolve_ds_config(
         micro = int(tb) // (gas * world_size)
     gas = 1 if is_auto(gas) else int(gas)
     micro = int(micro)
+    if micro < 1 or gas < 1:
+        raise UsageError(
+            f"{FLAG}: train_micro_batch_size_per_gpu {micro} and gradient_accumulation_steps {gas} must both be "
+            "at least 1"
+        )
+    asked = ds.get("train_batch_size")
+    overridden = micro_batch_size is not None or gradient_accumulation_steps is not None
+    if not overridden and not is_auto(asked) and asked is not None and int(asked) != micro * gas * world_size:
+        raise UsageError(
+            f"{FLAG}: train_batch_size {asked} is not train_micro_batch_size_per_gpu {micro} x "
+            f"gradient_accumulation_steps {gas} x {world_size} rank(s) = {micro * gas * world_size}"
+        )
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = gas
     ds["train_batch_size"] = micro * gas * world_size

@@ -421,6 +421,20 @@ def _spec_path_problem(path: Path) -> str | None:
     return None
 
 
+def _check_student_is_a_masked_lm(path: Path, spec: str) -> None:
+    """A student directory or config.json must describe a masked LM (not a GPT-2, say)."""
+    from transformers import AutoConfig
+
+    from offline_kd.runtime.checks import check_masked_lm
+
+    if path.is_dir():
+        config = AutoConfig.from_pretrained(str(path))
+    else:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    check_masked_lm(config, f"--student {spec}")
+
+
 def student_needs_teacher(spec: str, init_from_teacher: bool) -> bool:
     """Whether building `spec` reads the teacher (its weights, or only its tokenizer)."""
     path = Path(spec)
@@ -451,6 +465,7 @@ def check_spec(spec: str, *, init_layers: str | list[int] | None = None, teacher
         problem = _spec_path_problem(path)
         if problem is not None:
             raise StudentError(f"--student {spec}: {problem}")
+        _check_student_is_a_masked_lm(path, spec)
         return
     if teacher_config is None:
         return
