@@ -343,3 +343,40 @@ def test_a_second_training_into_a_running_runs_directory_is_refused(tiny_store, 
     assert first.returncode == 0, err[-3000:]
     assert [int(r[0]) for r in _losses(out)] == [1, 2, 3]  # one run's rows, each step once
     assert not Path(f"{out}.leases").exists() or not list(Path(f"{out}.leases").iterdir())
+
+
+@pytest.mark.slow
+def test_a_rank_that_stops_answering_ends_the_job_naming_it(tiny_store, tmp_path):
+    """SIGSTOP on one of two ranks: the other's next collective times out after --collective-timeout and
+    the job ends in one line naming the silent rank, instead of hanging."""
+    import psutil
+    from test_train import _free_port
+
+    out, release = tmp_path / "run", tmp_path / "release"
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), str(SCRIPT)]
+    args = _base(tiny_store, out) + ["--max-steps", 4, "--collective-timeout", 20, "--no-tensorboard"]
+    env = dict(_env(), OFFLINE_KD_PAUSE_AFTER_STEP=f"1:{release}")  # both ranks wait after step 1
+    proc = subprocess.Popen(
+        launcher + [str(a) for a in args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: Path(f"{release}.paused").exists(), proc)
+        ranks = {
+            int(c.environ().get("RANK", -1)): c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "RANK" in c.environ()
+        }
+        ranks[1].suspend()  # SIGSTOP: the process is there, and answers nothing
+        release.touch()
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            child.kill()
+        proc.kill()
+    assert proc.returncode != 0, output[-3000:]
+    errors = [line for line in output.splitlines() if "Error: " in line]
+    assert any(
+        "rank 1 (silent for " in e and "stopped answering: no reply within --collective-timeout 20 s" in e
+        for e in errors
+    ), output[-4000:]

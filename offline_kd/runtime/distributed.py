@@ -36,8 +36,11 @@ def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return r, w
 
 
-def init_distributed(local_rank: int | None = None) -> tuple[int, int]:
-    """Initialise torch.distributed through DeepSpeed; a one-process group when nothing is set."""
+def init_distributed(local_rank: int | None = None, timeout_s: float | None = None) -> tuple[int, int]:
+    """Initialise torch.distributed through DeepSpeed; a one-process group when nothing is set.
+    `timeout_s`: how long a collective waits for every rank before it fails (default: DeepSpeed's)."""
+    import datetime
+
     import deepspeed
 
     export_slurm_env()  # under srun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* from SLURM's variables
@@ -50,8 +53,62 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int]:
     if local_rank is not None and "LOCAL_RANK" not in os.environ:
         os.environ["LOCAL_RANK"] = str(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed()
+        kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+        deepspeed.init_distributed(**kwargs)
     return dist.get_rank(), dist.get_world_size()
+
+
+HEARTBEAT_S = 2.0
+
+
+def start_heartbeat() -> None:
+    """Every rank writes the time to the rendezvous store every few seconds from a daemon thread, so a
+    rank whose process stopped (SIGSTOP, a dead node) can be told from one merely waiting (`silent_ranks`)."""
+    import threading
+    import time
+
+    store = _default_store()
+    if store is None:
+        return
+    key = f"offline_kd/alive/{dist.get_rank()}"
+
+    def beat() -> None:
+        while True:
+            try:
+                store.set(key, repr(time.time()))
+            except Exception:  # noqa: BLE001 - the store went away: the job is ending
+                return
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="kd-rank-heartbeat", daemon=True).start()
+
+
+def silent_ranks(quiet_s: float) -> list[tuple[int, float]]:
+    """(rank, seconds since its last heartbeat) of the ranks silent for over `quiet_s` seconds."""
+    import time
+
+    store = _default_store()
+    if store is None:
+        return []
+    out = []
+    for r in range(dist.get_world_size()):
+        try:
+            age = time.time() - float(store.get(f"offline_kd/alive/{r}"))
+        except Exception:  # noqa: BLE001 - never reported
+            continue
+        if age > quiet_s:
+            out.append((r, age))
+    return out
+
+
+def _default_store():
+    """The process group's rendezvous store (a small key-value service every rank reaches), if any."""
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - a torch without it: no progress records, a plainer message
+        return None
 
 
 def shutdown_distributed() -> None:

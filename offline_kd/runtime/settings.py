@@ -273,6 +273,13 @@ class TrainConfig:
         "the layers their checkpoints define)",
         group=_STUDENT,
     )
+    collective_timeout: float = setting(
+        1800.0,
+        "seconds a collective waits for every rank: a rank that stops answering (hung, stopped, its node "
+        "gone) ends the job after it, named in one line",
+        group=_SCHEDULE,
+        above=0,
+    )
     epochs: int = setting(3, "epochs; epoch e replays mask view e mod views", group=_SCHEDULE, at_least=1)
     max_steps: int | None = setting(
         None,

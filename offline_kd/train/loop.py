@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from offline_kd.runtime.distributed import accelerator_device, init_distributed
+from offline_kd.runtime.distributed import accelerator_device, init_distributed, start_heartbeat
 from offline_kd.runtime.errors import UsageError
 from offline_kd.runtime.launcher import launcher_env
 from offline_kd.runtime.progress import quiet_library_bars
@@ -39,7 +39,7 @@ from offline_kd.train.heldout import HeldOutEvaluator
 from offline_kd.train.ledger import StepLedger
 from offline_kd.train.loss import COMPONENTS, LossConfig, distillation_loss
 from offline_kd.train.metrics import MetricsLogger
-from offline_kd.train.preemption import Preempted, StopAndSaveRequests
+from offline_kd.train.preemption import Preempted, StopAndSaveRequests, hung_rank_error
 from offline_kd.train.reader import ReaderConfig, StoreReader
 from offline_kd.train.state import Layout, TrainState
 from offline_kd.train.student import StudentBundle, build_student, check_compatible
@@ -425,7 +425,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 def run_training(cfg: TrainConfig, found: TrainInputs) -> TrainResult:
     """The run itself, on every rank, once its inputs are checked and its directory is claimed."""
     # Every rank joins one process group (a local one without a launcher).
-    rank, world = init_distributed(cfg.local_rank)
+    rank, world = init_distributed(cfg.local_rank, cfg.collective_timeout)
+    start_heartbeat()  # so a rank that stops answering can be named
     out, is_main = Path(cfg.output), rank == 0
     quiet_library_bars(rank)  # no \r frames in log files, no bar from ranks above 0
     # Refuse a student that cannot work with the store before anything expensive runs.
@@ -451,7 +452,7 @@ def run_training(cfg: TrainConfig, found: TrainInputs) -> TrainResult:
                                world=world, storage_options=cfg.storage_options)  # fmt: skip
     # Loss sums stay on the device until a flush: every --log-every steps and before a save or an eval.
     after = AfterStep(StepLedger(world), logger, heldout, checkpointer,
-                      StopAndSaveRequests(world, cfg.checkpoint.save_every_minutes),
+                      StopAndSaveRequests(world, cfg.checkpoint.save_every_minutes, cfg.collective_timeout),
                       cfg.logs.log_every or FLUSH_EVERY, run.bundle.true_vocab_size)  # fmt: skip
     engine.train()
     try:
@@ -467,6 +468,11 @@ def run_training(cfg: TrainConfig, found: TrainInputs) -> TrainResult:
                     state.next_epoch()
             after.finish(engine, state, plan.micro_batches)
         card_metrics = {"train": logger.mean_of_last(CARD_MEAN_STEPS), "eval": heldout.result}
+    except RuntimeError as e:  # a collective that timed out: name the rank that stopped answering
+        hung = hung_rank_error(e, state.step, cfg.collective_timeout)
+        if hung is None:
+            raise
+        raise hung from e
     finally:
         logger.close()
     # Gather (ZeRO-3 partitions) and write a save_pretrained student with its card.

@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from offline_kd.runtime import env
-from offline_kd.runtime.errors import RunFailed
+from offline_kd.runtime.distributed import silent_ranks
+from offline_kd.runtime.errors import RankFailed, RunFailed
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -39,12 +40,15 @@ class Preempted(RunFailed):
 class StopAndSaveRequests:
     """Signals asking the run to stop, and wall-clock saves, agreed on by every rank after each step."""
 
-    def __init__(self, world: int, save_every_minutes: float = 0.0):
+    def __init__(self, world: int, save_every_minutes: float = 0.0, timeout_s: float = 1800.0):
+        import datetime
+
         self.world, self.every_s = world, save_every_minutes * 60.0
         self.signum = 0  # the first signal this process received
         self._previous: dict[int, object] = {}
         self._last_save = time.monotonic()
-        self._group = dist.new_group(backend="gloo") if world > 1 else None  # host-side messages only
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self._group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None  # host memory
 
     def __enter__(self) -> StopAndSaveRequests:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
@@ -93,3 +97,25 @@ class StopAndSaveRequests:
     def saved(self) -> None:
         """A checkpoint was written: the wall-clock interval starts again."""
         self._last_save = time.monotonic()
+
+
+# What torch's gloo and NCCL collectives say when a peer stops answering within the timeout.
+_NO_ANSWER = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")
+
+
+def hung_rank_error(exc: BaseException, step: int, timeout_s: float) -> RankFailed | None:
+    """The one-line failure for a collective that failed because a rank stopped answering, naming the rank
+    that fell behind (from the rendezvous store), or None when `exc` is something else."""
+    text = str(exc).lower()
+    if (
+        isinstance(exc, RunFailed)
+        or not isinstance(exc, RuntimeError)
+        or not any(s in text for s in _NO_ANSWER)
+    ):
+        return None
+    silent = silent_ranks(quiet_s=max(3 * 2.0, timeout_s / 2))
+    who = ", ".join(f"rank {r} (silent for {age:.0f} s)" for r, age in silent) or "a rank"
+    return RankFailed(
+        f"{who} stopped answering: no reply within --collective-timeout {timeout_s:g} s after step {step}; "
+        "ending the job (rerun with --resume once every rank is healthy)"
+    )
