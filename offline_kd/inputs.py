@@ -197,6 +197,8 @@ def _check_precompute_settings(cfg: PrecomputeConfig, world_size: int) -> None:
     for flag, value in (("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size)):
         if value < 1:
             raise UsageError(f"{flag} {value}: must be at least 1")
+    if cfg.writer_threads is not None and cfg.writer_threads < 1:
+        raise UsageError(f"--writer-threads {cfg.writer_threads}: must be at least 1")
     if cfg.chunk_size is not None and (cfg.chunk_size < 1 or cfg.shard_size % cfg.chunk_size):
         raise UsageError(f"--chunk-size {cfg.chunk_size}: must divide --shard-size {cfg.shard_size}")
     if not 0.0 <= cfg.holdout < 1.0:

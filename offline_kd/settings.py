@@ -79,6 +79,12 @@ class PrecomputeConfig:
     batch_size: int = setting(32, "Sequences per teacher forward pass.")
     shard_size: int = setting(256, "Sequences per shard (unit of work).")
     chunk_size: int | None = setting(None, "Sequences per chunk (default: ~2 MB chunks).")
+    writer_threads: int | None = setting(
+        None,
+        "Threads that encode and write finished shards while the teacher runs (several shards in flight, "
+        "committed in order; default: the CPUs this process may use divided by the ranks on this node, "
+        "1 to 4).",
+    )
     dtype: str = setting("auto", "Teacher compute dtype.", choices=DTYPES)
     device: str | None = setting(
         None, "Default: cuda:$LOCAL_RANK (under srun cuda:$SLURM_LOCALID) if available, else cpu."

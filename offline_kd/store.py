@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -399,6 +400,7 @@ class SignalStore:
         self._storage_options = storage_options
         self._arrays: dict = {}
         self._encoders: dict[str, ShardEncoder | None] = {}
+        self._lock = threading.Lock()  # precompute's writer threads share the caches above
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -504,12 +506,13 @@ class SignalStore:
 
     # ------------------------------------------------------------------ reading
     def array(self, name: str):
-        if name not in self._arrays:
-            spec = SPECS.get(name)
-            if spec is not None and not spec.present(self.meta):
-                raise KeyError(f"{self.url!r} has no {name!r} array ({spec.absent_because})")
-            self._arrays[name] = self.group[name]
-        return self._arrays[name]
+        with self._lock:
+            if name not in self._arrays:
+                spec = SPECS.get(name)
+                if spec is not None and not spec.present(self.meta):
+                    raise KeyError(f"{self.url!r} has no {name!r} array ({spec.absent_because})")
+                self._arrays[name] = self.group[name]
+            return self._arrays[name]
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -603,9 +606,11 @@ class SignalStore:
                 arr[(slice(a, b),) if view is None else (view, slice(a, b))] = data
 
     def _encoder(self, spec: ArraySpec) -> ShardEncoder | None:
-        if spec.name not in self._encoders:
-            self._encoders[spec.name] = ShardEncoder.for_array(self.array(spec.name), int(spec.per_view))
-        return self._encoders[spec.name]
+        array = self.array(spec.name)
+        with self._lock:
+            if spec.name not in self._encoders:
+                self._encoders[spec.name] = ShardEncoder.for_array(array, int(spec.per_view))
+            return self._encoders[spec.name]
 
     def mark_committed(self, shard: int) -> None:
         self.array("committed")[shard] = 1
