@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .hidden_dtype import to_batch as hidden_to_batch
-from .store import StoreError, StoreMeta, array_specs, open_store, temperature_index
+from .store import SPECS, StoreError, StoreMeta, array_specs, open_store, temperature_index
 
 
 @dataclass
@@ -208,21 +208,23 @@ class StoreBatches(IterableDataset):
                 run_start = ch
             prev = ch
         runs.append((run_start, prev + 1))
-        parts, bases = [], []
-        base = 0
+        store = self.store
+        out = {}
+        for f in self.fields:  # shapes and dtypes as stored (an old store's included)
+            arr = store.array(f)
+            out[f] = np.empty((len(rows), *arr.shape[2 if SPECS[f].per_view else 1 :]), dtype=arr.dtype)
         for a, b in runs:
             lo, hi = a * self.chunk, min(b * self.chunk, self.num_sequences)
-            parts.append(self.store.read(self.view, lo, hi, fields=self.fields))
-            bases.append((lo, hi, base))
-            base += hi - lo
-        data = {
-            f: np.concatenate([p[f] for p in parts]) if len(parts) > 1 else parts[0][f] for f in self.fields
-        }
-        local = np.empty_like(rows)
-        for lo, hi, b in bases:
-            sel = (rows >= lo) & (rows < hi)
-            local[sel] = rows[sel] - lo + b
-        return {f: data[f][local] for f in self.fields}
+            used = np.flatnonzero((rows >= lo) & (rows < hi))  # the positions this run fills
+            if len(used) == hi - lo:  # every row of the run is used: decoded straight into place
+                positions = np.empty_like(used)
+                positions[rows[used] - lo] = used
+                store.read_into(self.view, lo, hi, out, positions)
+                continue
+            part = store.read(self.view, lo, hi, fields=self.fields)
+            for f, v in part.items():
+                out[f][used] = v[rows[used] - lo]
+        return out
 
     def collate(self, d: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
         lengths = d["lengths"].astype(np.int64)

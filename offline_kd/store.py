@@ -17,7 +17,7 @@ import zarr
 import zarr.codecs as zc
 
 from offline_kd.errors import UsageError
-from offline_kd.shard_encoder import ShardEncoder
+from offline_kd.shard_codec import ShardCodec
 from offline_kd.storage import check_store_url, is_local, local_path, parse_options
 
 FORMAT = "offline_kd.signal_store"
@@ -399,7 +399,7 @@ class SignalStore:
         self.url = url
         self._storage_options = storage_options
         self._arrays: dict = {}
-        self._encoders: dict[str, ShardEncoder | None] = {}
+        self._codecs: dict[str, ShardCodec | None] = {}
         self._lock = threading.Lock()  # precompute's writer threads share the caches above
 
     # ------------------------------------------------------------------ opening
@@ -538,10 +538,7 @@ class SignalStore:
         self, view: int, start: int, stop: int, fields: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Sequences ``[start, stop)`` of ``view``; see the class docs for the keys."""
-        if not 0 <= view < self.meta.views:
-            raise IndexError(f"view {view} out of range: the store has {self.meta.views} views")
-        if not 0 <= start <= stop <= self.meta.num_sequences:
-            raise IndexError(f"range [{start}, {stop}) outside [0, {self.meta.num_sequences})")
+        self._check_range(view, start, stop)
         want = self.fields if fields is None else tuple(fields)
         out = {}
         for name in want:
@@ -554,8 +551,37 @@ class SignalStore:
                 out[name] = self._get(name, (slice(start, stop),), start, stop, None)
         return out
 
+    def read_into(
+        self, view: int, start: int, stop: int, out: dict[str, np.ndarray], positions: np.ndarray
+    ) -> None:
+        """:meth:`read` of the fields ``out`` names, sequence ``start + i`` into row ``positions[i]``
+        of ``out[field]`` (the training reader's shuffled batch, filled without a copy in between)."""
+        self._check_range(view, start, stop)
+        for name, dest in out.items():
+            spec = SPECS[name]
+            codec = self._codec(spec)
+            if codec is not None and codec.aligned(start, stop):
+                try:
+                    codec.read(start, stop, view if spec.per_view else None, out=dest, positions=positions)
+                    continue
+                except Exception:  # noqa: BLE001, S110 - read below, through zarr, which names the problem
+                    pass
+            dest[positions] = self.read(view, start, stop, fields=[name])[name]
+
+    def _check_range(self, view: int, start: int, stop: int) -> None:
+        if not 0 <= view < self.meta.views:
+            raise IndexError(f"view {view} out of range: the store has {self.meta.views} views")
+        if not 0 <= start <= stop <= self.meta.num_sequences:
+            raise IndexError(f"range [{start}, {stop}) outside [0, {self.meta.num_sequences})")
+
     def _get(self, name: str, sel: tuple, start: int, stop: int, view: int | None):
         arr = self.array(name)
+        codec = self._codec(SPECS[name]) if name in SPECS else None
+        if codec is not None and codec.aligned(start, stop):  # whole chunks: zarr's result, less CPU
+            try:
+                return codec.read(start, stop, view)
+            except Exception:  # noqa: BLE001, S110 - zarr reads it again and names what is wrong
+                pass
         try:
             return arr[sel]
         except Exception as e:  # noqa: BLE001 - decode/checksum errors surface as various types
@@ -599,18 +625,18 @@ class SignalStore:
         for spec in array_specs(self.meta, per_view=view is not None):
             arr = self.array(spec.name)
             data = np.asarray(arrays[spec.name]).astype(arr.dtype, copy=False)
-            encoder = self._encoder(spec)
+            encoder = self._codec(spec)
             if encoder is not None:  # the same bytes as zarr's write below, at a fraction of its CPU
                 encoder.write(shard, data, view)
             else:
                 arr[(slice(a, b),) if view is None else (view, slice(a, b))] = data
 
-    def _encoder(self, spec: ArraySpec) -> ShardEncoder | None:
+    def _codec(self, spec: ArraySpec) -> ShardCodec | None:
         array = self.array(spec.name)
         with self._lock:
-            if spec.name not in self._encoders:
-                self._encoders[spec.name] = ShardEncoder.for_array(array, int(spec.per_view))
-            return self._encoders[spec.name]
+            if spec.name not in self._codecs:
+                self._codecs[spec.name] = ShardCodec.for_array(array, int(spec.per_view))
+            return self._codecs[spec.name]
 
     def mark_committed(self, shard: int) -> None:
         self.array("committed")[shard] = 1

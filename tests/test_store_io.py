@@ -20,7 +20,7 @@ from conftest import assert_same_store, run_tiny_precompute, store_files
 from offline_kd.precompute import _CommitOrder, writer_threads
 from offline_kd.reader import ReaderConfig, StoreReader
 from offline_kd.settings import PrecomputeConfig
-from offline_kd.shard_encoder import ShardEncoder
+from offline_kd.shard_codec import ShardCodec
 from offline_kd.store import SignalStore, StoreError, StoreMeta, array_codecs, shard_range
 from offline_kd.verify import verify_store
 
@@ -34,7 +34,7 @@ def _codec_names(array) -> list[str]:
 
 
 @pytest.mark.parametrize("compressors", ["zstd", "none"])
-def test_shard_encoder_writes_the_bytes_zarr_writes(tmp_path, compressors):
+def test_shard_codec_writes_and_reads_what_zarr_does(tmp_path, compressors):
     """Whole shards, a partial last shard, all-zero chunks and shards, -0.0 and every stored dtype."""
     rng = np.random.default_rng(0)
     n, rows, chunk = 45, 16, 4  # 3 shards, the last one 13 rows
@@ -61,7 +61,7 @@ def test_shard_encoder_writes_the_bytes_zarr_writes(tmp_path, compressors):
                     shards=one + (rows, *row), serializer=zc.BytesCodec(), compressors=codecs,
                     fill_value=False if a.dtype == bool else 0,
                 )  # fmt: skip
-                enc = ShardEncoder.for_array(arr, int(per_view))
+                enc = ShardCodec.for_array(arr, int(per_view))
                 assert enc is not None
                 for shard, start in enumerate(range(0, n, rows)):
                     part = a[start : start + rows]
@@ -71,9 +71,20 @@ def test_shard_encoder_writes_the_bytes_zarr_writes(tmp_path, compressors):
                         arr[(0,) * per_view + (slice(start, start + rows),)] = part
     assert_same_store(tmp_path / "zarr", tmp_path / "encoder")
     assert not (tmp_path / "zarr" / "f160" / "c" / "1").exists()
+    # Reads of whole chunks give what zarr reads: across shards, up to the end, empty chunks and shards.
+    g = zarr.open_group(str(tmp_path / "encoder"), mode="r")
+    for name, arr in g.arrays():
+        per_view = arr.ndim > arrays[name[:-1]].ndim
+        codec = ShardCodec.for_array(arr, int(per_view))
+        for start, stop in ((0, n), (4, 8), (12, 24), (16, 32), (40, n), (28, 43), (6, 16)):
+            assert codec.aligned(start, stop) == ((start, stop) not in ((28, 43), (6, 16)))
+            if codec.aligned(start, stop):
+                got = codec.read(start, stop, 0 if per_view else None)
+                want = arr[(0,) * per_view + (slice(start, stop),)]
+                assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (name, start, stop)
 
 
-def test_shard_encoder_leaves_other_layouts_to_zarr(tmp_path):
+def test_shard_codec_leaves_other_layouts_to_zarr(tmp_path):
     g = zarr.open_group(str(tmp_path), mode="w")
     kw = dict(shape=(8, 4), dtype="float32", chunks=(2, 4), shards=(4, 4))
     blosc = g.create_array("blosc", compressors=[zc.BloscCodec(), zc.Crc32cCodec()], **kw)
@@ -81,7 +92,7 @@ def test_shard_encoder_leaves_other_layouts_to_zarr(tmp_path):
     two_axes = g.create_array("two_axes", compressors=[zc.Crc32cCodec()], **dict(kw, chunks=(2, 2)))
     ones = g.create_array("ones", compressors=[zc.Crc32cCodec()], fill_value=1.0, **kw)
     for arr in (blosc, no_crc, two_axes, ones):
-        assert ShardEncoder.for_array(arr, 0) is None, arr.name
+        assert ShardCodec.for_array(arr, 0) is None, arr.name
 
 
 def test_the_schema_chooses_the_codec_of_each_array(tiny_store):

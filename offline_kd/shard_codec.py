@@ -1,10 +1,10 @@
-"""Whole-shard writes without zarr's generic write path, byte-identical to it.
+"""Whole-shard writes and chunk-aligned reads without zarr's generic paths, byte-identical to them.
 
 Zarr's ``array[shard] = data`` handles any selection and any codec chain; for the one case
 precompute needs (a whole shard at a time, chunked along the sequence axis only, the codec chains of
 docs/store-format.md) that generality costs more CPU than the encoding itself: it compares every
 chunk with the fill value through a void-dtype ``array_equal`` and copies the data three times
-(checksum append, shard concatenation). :class:`ShardEncoder` encodes exactly what zarr would
+(checksum append, shard concatenation). :class:`ShardCodec` encodes exactly what zarr would
 write (tested byte for byte against it, ``tests/test_store_io.py``):
 
 * inner chunks in order along the sequence axis (zarr's Morton order, which is the linear order
@@ -16,26 +16,37 @@ write (tested byte for byte against it, ``tests/test_store_io.py``):
 * a shard of only empty chunks is not written (an existing file of it is deleted).
 
 The file goes through the array's own zarr store (atomic on local disk, one object on fsspec), so
-partial-file cleanup, object stores and reading are unchanged. An array with any other layout
-(another codec, a non-zero fill value, chunks along other axes) returns ``None`` from
-:meth:`ShardEncoder.for_array` and is written by zarr as before.
+partial-file cleanup and object stores are unchanged. :meth:`ShardCodec.read` reads whole chunks
+the same way back: the shard index, then the chunks of the range in one byte-range request, each
+checked against its crc32c and decoded straight into the result. It raises on anything unexpected,
+and its caller (`SignalStore`) then reads through zarr, which names the bad chunk. An array with
+any other layout (another codec, a non-zero fill value, chunks along other axes) returns ``None``
+from :meth:`ShardCodec.for_array` and is written and read by zarr as before.
 """
 
 from __future__ import annotations
+
+import math
 
 import google_crc32c
 import numpy as np
 import zarr
 import zarr.codecs as zc
 from numcodecs.zstd import Zstd
+from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 _EMPTY = np.iinfo(np.uint64).max  # index entry of a chunk that is not stored
+_PROTOTYPE = default_buffer_prototype()
 
 
-class ShardEncoder:
-    """Encodes and writes whole shards of one zarr array (see the module docstring)."""
+class ChunkError(ValueError):
+    """A chunk or shard index that :meth:`ShardCodec.read` cannot take as it is (zarr then reads it)."""
+
+
+class ShardCodec:
+    """Encodes and writes whole shards, reads whole chunks, of one zarr array (see the module docstring)."""
 
     def __init__(self, array: zarr.Array, seq_axis: int, zstd: Zstd | None) -> None:
         self.array = array
@@ -45,9 +56,11 @@ class ShardEncoder:
         self.shard_rows = array.shards[seq_axis]
         self.row_shape = tuple(array.shape[seq_axis + 1 :])
         self.dtype = array.dtype
+        self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
+        self._indexes: dict[tuple[int, int | None], np.ndarray] = {}
 
     @classmethod
-    def for_array(cls, array: zarr.Array, seq_axis: int) -> ShardEncoder | None:
+    def for_array(cls, array: zarr.Array, seq_axis: int) -> ShardCodec | None:
         """An encoder for ``array`` if its layout is one this module reproduces exactly, else None."""
         codecs = array.metadata.codecs
         if len(codecs) != 1 or not isinstance(codecs[0], zc.ShardingCodec):
@@ -113,14 +126,98 @@ class ShardEncoder:
 
     def write(self, shard: int, rows: np.ndarray, view: int | None = None) -> None:
         """Encode ``rows`` as shard ``shard`` (of ``view`` for a per-view array) and store the file."""
-        coords = ((view,) if view is not None else ()) + (shard,) + (0,) * len(self.row_shape)
-        key = self.array.metadata.encode_chunk_key(coords)
-        path = self.array.store_path / key
+        path = self._path(shard, view)
+        self._indexes.pop((shard, view), None)
         out = self.encode(rows)
         if out is None:
             sync(path.delete())
         else:
             sync(path.set(default_buffer_prototype().buffer.from_array_like(out)))
+
+    def aligned(self, start: int, stop: int) -> bool:
+        """Whether rows ``[start, stop)`` are whole chunks (the last one may end with the array)."""
+        n, c = self.array.shape[self.seq_axis], self.chunk_rows
+        return 0 <= start < stop <= n and start % c == 0 and (stop % c == 0 or stop == n)
+
+    def read(
+        self,
+        start: int,
+        stop: int,
+        view: int | None = None,
+        out: np.ndarray | None = None,
+        positions: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Rows ``[start, stop)`` (of ``view``), chunk-aligned (:meth:`aligned`), as zarr reads them.
+
+        With ``out``, row ``start + i`` goes to ``out[positions[i]]`` (the reader's shuffled batch,
+        filled without a copy in between). Raises :class:`ChunkError` (or the decoder's error) on a
+        chunk or index it cannot take."""
+        if out is None:
+            out = np.empty((stop - start, *self.row_shape), dtype=self.dtype)
+        if positions is None:
+            positions = np.arange(stop - start)
+        flat = out.reshape(out.shape[0], -1).view(np.uint8)
+        R = self.shard_rows
+        for shard in range(start // R, (stop - 1) // R + 1):
+            a, b = max(start, shard * R), min(stop, (shard + 1) * R)
+            self._read_shard(
+                shard, view, a - shard * R, b - shard * R, flat, positions[a - start : b - start]
+            )
+        return out
+
+    def _index(self, shard: int, view: int | None) -> np.ndarray | None:
+        """The shard's index [chunks, (offset, size)], None without a file. Kept: a shard is written
+        whole once, and a stale one (a store read while being rewritten) fails a checksum below."""
+        key = (shard, view)
+        if key not in self._indexes:
+            n_chunks = self.shard_rows // self.chunk_rows
+            tail = sync(
+                self._path(shard, view).get(_PROTOTYPE, byte_range=SuffixByteRequest(n_chunks * 16 + 4))
+            )
+            if tail is None:
+                return None  # not kept: the shard may still be written
+            index_bytes = tail.as_numpy_array()
+            _check_crc(index_bytes, "shard index")
+            self._indexes[key] = index_bytes[:-4].view("<u8").reshape(n_chunks, 2)
+        return self._indexes[key]
+
+    def _read_shard(
+        self, shard: int, view: int | None, a: int, b: int, flat: np.ndarray, pos: np.ndarray
+    ) -> None:
+        """Rows ``[a, b)`` of one shard (chunk-aligned, relative to it) into rows ``pos`` of ``flat``."""
+        c, index = self.chunk_rows, self._index(shard, view)
+        if index is None:  # no file: every chunk of the shard is empty
+            flat[pos] = 0
+            return
+        js = range(a // c, -(-b // c))
+        stored = [j for j in js if index[j, 0] != _EMPTY]
+        if stored:  # the chunks of a shard lie in order, one after the other: one request for all
+            lo, hi = int(index[stored[0], 0]), int(index[stored[-1]].sum())
+            span = sync(self._path(shard, view).get(_PROTOTYPE, byte_range=RangeByteRequest(lo, hi)))
+            if span is None or len(span) != hi - lo:
+                raise ChunkError(f"shard {shard}: shorter than its index says")
+            span = span.as_numpy_array()
+        for j in js:
+            rows = pos[j * c - a : min((j + 1) * c, b) - a]
+            if index[j, 0] == _EMPTY:
+                flat[rows] = 0
+                continue
+            off, size = int(index[j, 0]) - lo, int(index[j, 1])
+            flat[rows] = self._decode(span[off : off + size])[: len(rows)]
+
+    def _decode(self, data: np.ndarray) -> np.ndarray:
+        """One stored chunk (payload + crc32c) as its rows of bytes [chunk rows, row bytes]."""
+        _check_crc(data, "chunk")
+        payload, size = data[:-4], self.chunk_rows * self.row_bytes
+        if self.zstd is not None:
+            payload = self.zstd.decode(payload, out=np.empty(size, dtype=np.uint8))
+        if payload.size != size:
+            raise ChunkError(f"chunk of {payload.size} bytes, {size} expected")
+        return payload.reshape(self.chunk_rows, self.row_bytes)
+
+    def _path(self, shard: int, view: int | None):
+        coords = ((view,) if view is not None else ()) + (shard,) + (0,) * len(self.row_shape)
+        return self.array.store_path / self.array.metadata.encode_chunk_key(coords)
 
 
 def _is_bytes_le(codecs: list) -> bool:
@@ -146,3 +243,8 @@ def _any_nonzero(part: np.ndarray) -> bool:
 
 def _put_crc(out: np.ndarray, at: int, data: np.ndarray) -> None:
     out[at : at + 4] = np.array([google_crc32c.value(data)], dtype="<u4").view(np.uint8)
+
+
+def _check_crc(data: np.ndarray, what: str) -> None:
+    if data.size < 4 or google_crc32c.value(data[:-4]) != int(data[-4:].view("<u4")[0]):
+        raise ChunkError(f"{what}: crc32c mismatch")
