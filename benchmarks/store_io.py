@@ -14,9 +14,11 @@ Write: the store is created through `SignalStore.create` and every shard goes th
 own writer (`offline_kd.precompute._write_shard`: whole shards on `--writer-threads` threads,
 committed in order), so what is timed is what `kd precompute` does after the teacher. `writer
 zarr` is the write before this change (zarr's generic `array[...] = ...`), for comparison.
-Read: `offline_kd.reader.StoreReader` batches (top-k, lse at T = 2, hidden states, masks) with 0 or
-2 DataLoader workers; a worker's CPU is counted from its own process clock around each group it
-reads, so the one-off start of a worker (importing torch) is left out and reported apart.
+Read: `offline_kd.reader.StoreReader` batches (top-k, lse at T = 2, hidden states, masks) with 0, 1
+or 2 DataLoader workers; a worker's CPU is counted from its own process clock, from the start of
+its first group to the end of its last (reading, collating and handing batches over through shared
+memory), so the one-off start of a worker (importing torch) is left out and reported apart; the
+training process's CPU (receiving the batches) is counted too.
 
 Tokens per CPU-second is tokens divided by the CPU seconds of every thread and process doing the
 work (user + system): unlike wall-clock throughput it does not depend on what else runs on the
@@ -130,12 +132,15 @@ def write_store(url: str, meta: StoreMeta, shards: list, threads: int, zarr_writ
 
 
 class _TimedBatches(StoreBatches):
-    """Reader groups that carry the CPU seconds their process spent reading them."""
+    """Reader groups that carry their process's id and CPU clock (every thread) before and after reading
+    them: from a worker's first group to its last, its CPU includes handing the batches over
+    (pickling into shared memory, on the queue's thread) but not its start."""
 
     def load_group(self, g0: int, g1: int) -> list[dict[str, torch.Tensor]]:
         c0 = time.process_time()
         out = super().load_group(g0, g1)
-        out[0]["_cpu"] = torch.tensor(time.process_time() - c0, dtype=torch.float64)
+        clock = [os.getpid(), c0, time.process_time()]
+        out[0]["_cpu"] = torch.tensor(clock, dtype=torch.float64)
         return out
 
 
@@ -157,13 +162,17 @@ def read_store(url: str, workers: int, micro_batch: int) -> dict:
     """One epoch of training batches; CPU of the reading (in the workers, when there are some)."""
     cfg = ReaderConfig(url=url, micro_batch_size=micro_batch, num_workers=workers, temperature=2.0)
     reader = _TimedReader(cfg)
-    tokens, worker_cpu = 0, 0.0
+    tokens, clocks = 0, {}
     c0, k0, w0 = cpu_seconds(), cpu_seconds(resource.RUSAGE_CHILDREN), time.monotonic()
     for batch in reader.epoch_batches(0):
-        worker_cpu += float(batch.pop("_cpu", 0.0))
+        if "_cpu" in batch:
+            pid, start, end = batch.pop("_cpu").tolist()
+            first, _ = clocks.get(pid, (start, end))
+            clocks[pid] = (min(first, start), end)
         tokens += int(batch["attention_mask"].sum())
     main_cpu, wall = cpu_seconds() - c0, time.monotonic() - w0
     children = cpu_seconds(resource.RUSAGE_CHILDREN) - k0
+    worker_cpu = sum(end - start for start, end in clocks.values())
     cpu = main_cpu if workers == 0 else main_cpu + worker_cpu
     return {"cpu": cpu, "wall": wall, "tokens": tokens, "start": max(0.0, children - worker_cpu)}
 
