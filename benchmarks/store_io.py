@@ -22,7 +22,10 @@ training process's CPU (receiving the batches) is counted too.
 
 Tokens per CPU-second is tokens divided by the CPU seconds of every thread and process doing the
 work (user + system): unlike wall-clock throughput it does not depend on what else runs on the
-machine. CPU/wall says how many cores the work kept busy. Each figure is the median of --repeats.
+machine. CPU/wall says how many cores the work kept busy. Each figure is the median of --repeats. The
+system part of a write (the kernel copying files into the page cache, and writing them back) varies
+most from run to run on a shared disk, hence also tokens per user-CPU-second; `--dir /dev/shm`
+takes the disk out.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ CODEC_CHOICES = {
 def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
+
+
+def user_seconds() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
 
 
 def make_meta(sequences: int, shard: int, chunk: int, compression: dict) -> StoreMeta:
@@ -118,7 +125,7 @@ def write_store(url: str, meta: StoreMeta, shards: list, threads: int, zarr_writ
     if zarr_writer:  # no shard encoder: every array through zarr's own write
         store._codecs.update(dict.fromkeys(store.fields))
     order, lease = _CommitOrder(), _NoLease()
-    c0, w0 = cpu_seconds(), time.monotonic()
+    c0, u0, w0 = cpu_seconds(), user_seconds(), time.monotonic()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         futures = [
             pool.submit(_write_shard, _ShardJob(store, url, i, i, ids, lengths, [(m, _Computed(t))]), lease, order)
@@ -126,9 +133,9 @@ def write_store(url: str, meta: StoreMeta, shards: list, threads: int, zarr_writ
         ]  # fmt: skip
         for f in futures:
             f.result()
-    cpu, wall = cpu_seconds() - c0, time.monotonic() - w0
+    cpu, user, wall = cpu_seconds() - c0, user_seconds() - u0, time.monotonic() - w0
     assert store.is_complete()
-    return {"cpu": cpu, "wall": wall, "bytes": store.nbytes_stored()}
+    return {"cpu": cpu, "user": user, "wall": wall, "bytes": store.nbytes_stored()}
 
 
 class _TimedBatches(StoreBatches):
@@ -240,13 +247,16 @@ def print_tables(args, tokens: int, write_rows: list, read_rows: list) -> None:
         f"\n{tokens:,} tokens (L = {L}, k = {K}, H = {H} float16, synthetic {args.teacher_dtype} pass), shards of "
         f"{args.shard_size} sequences, chunks of {args.chunk_size}; median of {args.repeats}; {cpus} CPUs\n"
     )
-    print("| codecs | writer | threads | write tok/CPU-s | write tok/s (wall) | CPU/wall | bytes/token |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print(
+        "| codecs | writer | threads | write tok/CPU-s | tok/user-CPU-s | write tok/s (wall) | CPU/wall | "
+        "bytes/token |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, writer, t, runs in write_rows:
-        cpu, wall = median_of(runs, "cpu"), median_of(runs, "wall")
+        cpu, user, wall = median_of(runs, "cpu"), median_of(runs, "user"), median_of(runs, "wall")
         print(
-            f"| {name} | {writer} | {t} | {tokens / cpu:,.0f} | {tokens / wall:,.0f} | {cpu / wall:.2f} | "
-            f"{median_of(runs, 'bytes') / tokens:,.0f} |"
+            f"| {name} | {writer} | {t} | {tokens / cpu:,.0f} | {tokens / user:,.0f} | {tokens / wall:,.0f} | "
+            f"{cpu / wall:.2f} | {median_of(runs, 'bytes') / tokens:,.0f} |"
         )
     print("\n| codecs | reader workers | read tok/CPU-s | read tok/s (wall) | worker start, CPU-s |")
     print("|---|---:|---:|---:|---:|")

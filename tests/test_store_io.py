@@ -237,3 +237,29 @@ def test_kd_verify_and_training_on_a_store_with_the_old_codecs(tmp_path, tiny_st
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert (tmp_path / "run" / "final").is_dir()
     assert store_files(old)  # untouched by reading
+
+
+@pytest.mark.parametrize("where", ["local", "fsspec"])
+def test_reads_of_whole_chunks_never_need_zarrs_read(
+    where, tmp_path, tiny_store, tiny_teacher, tiny_corpus, monkeypatch
+):
+    """The shard codec reads a local and an fsspec store by itself: zarr's read path is only the fallback
+    for what it does not expect (a corrupt chunk, another layout), which `_locate_corruption` then names."""
+    url = str(tiny_store)
+    if where == "fsspec":
+        url = f"memory://{tmp_path.name}/tiny.zarr"
+        run_tiny_precompute(tiny_teacher, tiny_corpus, url)
+    want = {v: SignalStore.open(str(tiny_store)).read(v, 0, 16) for v in (0, 1)}
+
+    def no_zarr_read(self, selection):
+        raise AssertionError("read through zarr")
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", no_zarr_read)
+    s = SignalStore.open(url)
+    for v in (0, 1):
+        got = s.read(v, 0, 16)
+        assert all(got[k].tobytes() == want[v][k].tobytes() for k in want[v]), v
+    batches = list(
+        StoreReader(ReaderConfig(url=url, micro_batch_size=4, seed=3, temperature=2.0)).epoch_batches(0)
+    )
+    assert batches and all(torch.isfinite(b["topk_logits"]).all() for b in batches)
