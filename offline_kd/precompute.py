@@ -283,8 +283,9 @@ def _progress_bar(cfg: PrecomputeConfig, total: int, rank: int, world: int) -> P
 def writer_threads(cfg: PrecomputeConfig) -> int:
     """``--writer-threads``, else the CPUs this process may use shared among the ranks on its node.
 
-    At most 4 by default: one thread writes ~0.8M tokens/s of a bert-base store (docs/results.md,
-    "Store I/O"), so 4 outrun any one teacher, and each thread holds a shard of signals in memory."""
+    At most 4 by default: a thread writes a bert-base store at ~0.45M tokens per CPU-second
+    (docs/results.md, "Store I/O"), so 4 busy cores outrun a GPU teacher's ~1M tokens/s, and each
+    thread holds a shard of signals in memory."""
     if cfg.writer_threads is not None:
         return cfg.writer_threads
     try:

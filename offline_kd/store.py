@@ -218,8 +218,9 @@ SCHEMA: tuple[ArraySpec, ...] = (
         "lse", per_view=True, per_position=True, dtype="float32", source="teacher",
         trailing=lambda m: (len(m.temperatures),), present=_has_topk, absent_because=_NO_TOPK,
     ),
-    # No compressor for the hidden states: zstd-1 saves ~8% of their bytes (the low mantissa byte
-    # of a float16 is noise) at 4-5x the CPU of writing them plain (docs/results.md, "Store I/O").
+    # No compressor for the hidden states: from an fp32 teacher pass zstd-1 saves 8% of their bytes
+    # (the low mantissa byte of a float16 is noise) and makes the whole write 2.7x as costly; from a
+    # bf16 pass it saves 24% (3 zero mantissa bits) for 2x. docs/results.md, "Store I/O".
     ArraySpec(
         "hidden", per_view=True, per_position=True, dtype=HIDDEN, source="teacher",
         trailing=lambda m: (m.hidden_size,), present=lambda m: bool(m.hidden),
