@@ -209,8 +209,8 @@ class ShardCodec:
         """One stored chunk (payload + crc32c) as its rows of bytes [chunk rows, row bytes]."""
         _check_crc(data, "chunk")
         payload, size = data[:-4], self.chunk_rows * self.row_bytes
-        if self.zstd is not None:
-            payload = self.zstd.decode(payload, out=np.empty(size, dtype=np.uint8))
+        if self.zstd is not None:  # decoded to its own size, checked below (zarr would refuse another)
+            payload = np.frombuffer(self.zstd.decode(payload), dtype=np.uint8)
         if payload.size != size:
             raise ChunkError(f"chunk of {payload.size} bytes, {size} expected")
         return payload.reshape(self.chunk_rows, self.row_bytes)
