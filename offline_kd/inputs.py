@@ -179,7 +179,7 @@ def _check_corpus_cache(cfg: PrecomputeConfig, world_size: int) -> None:
 
 
 def _check_precompute_settings(cfg: PrecomputeConfig, world_size: int) -> None:
-    from offline_kd.store import HIDDEN_STORAGE
+    from offline_kd.store import CODECS, HIDDEN_STORAGE
 
     if cfg.top_k < 0:
         raise UsageError(f"--top-k {cfg.top_k}: must be at least 0")
@@ -190,6 +190,8 @@ def _check_precompute_settings(cfg: PrecomputeConfig, world_size: int) -> None:
         )
     if cfg.hidden_dtype not in HIDDEN_STORAGE:
         raise UsageError(f"--hidden-dtype {cfg.hidden_dtype}: must be one of {sorted(HIDDEN_STORAGE)}")
+    if cfg.hidden_codec not in CODECS:
+        raise UsageError(f"--hidden-codec {cfg.hidden_codec}: must be one of {', '.join(CODECS)}")
     if cfg.views < 1:
         raise UsageError(f"--views {cfg.views}: must be at least 1")
     if cfg.top_k > 0 and (not cfg.temperatures or any(t <= 0 for t in cfg.temperatures)):

@@ -128,7 +128,7 @@ def build_meta(
         chunk_sequences=_chunk_size(cfg),
         num_shards=num_shards_for(num_sequences, cfg.shard_size),
         dtypes=dtypes_for(teacher.vocab_size, cfg.hidden_dtype),
-        compression=default_compression(),  # each array's codec, from the schema
+        compression=default_compression(hidden=cfg.hidden_codec),  # the schema's codecs, and --hidden-codec
         package_version=__version__,
         hidden_dtype=cfg.hidden_dtype,
         teacher_head={"group": HEAD_GROUP, "class": teacher.head.class_name} if _wants_head(cfg) else {},

@@ -249,12 +249,16 @@ def dtypes_for(vocab_size: int, hidden_dtype: str = "float16") -> dict[str, str]
     return out
 
 
-def default_compression() -> dict:
-    """The ``compression`` attribute of a new store: the schema's codec for every array."""
+def default_compression(**codecs: str) -> dict:
+    """The ``compression`` attribute of a new store: the schema's codec for every array, except
+    those given (``hidden="zstd"`` for ``--hidden-codec zstd``)."""
+    unknown = {name: c for name, c in codecs.items() if name not in SPECS or c not in CODECS}
+    if unknown:
+        raise StoreError(f"unknown array or codec {unknown} (codecs: {CODECS})")
     return {
         "checksum": "crc32c",
         "level": COMPRESSION_LEVEL,
-        "arrays": {spec.name: spec.codec for spec in SCHEMA},
+        "arrays": {spec.name: codecs.get(spec.name, spec.codec) for spec in SCHEMA},
     }
 
 

@@ -263,3 +263,27 @@ def test_reads_of_whole_chunks_never_need_zarrs_read(
         StoreReader(ReaderConfig(url=url, micro_batch_size=4, seed=3, temperature=2.0)).epoch_batches(0)
     )
     assert batches and all(torch.isfinite(b["topk_logits"]).all() for b in batches)
+
+
+def test_hidden_codec_zstd_compresses_the_hidden_states_too(tmp_path, tiny_store, tiny_teacher, tiny_corpus):
+    """--hidden-codec zstd (smaller stores from a bf16 teacher pass): the same signals, zstd on `hidden`."""
+    from offline_kd.errors import UsageError
+    from offline_kd.store import SPECS
+
+    assert PrecomputeConfig(teacher="t", corpus=["c"], output="o").hidden_codec == SPECS["hidden"].codec
+    out = tmp_path / "zstd.zarr"
+    run_tiny_precompute(tiny_teacher, tiny_corpus, out, hidden_codec="zstd")
+    assert _codec_names(zarr.open_group(str(out), mode="r")["hidden"]) == [
+        "BytesCodec",
+        "ZstdCodec",
+        "Crc32cCodec",
+    ]
+    s, ref = SignalStore.open(str(out)), SignalStore.open(str(tiny_store))
+    assert all(c == "zstd" for c in array_codecs(s.meta).values())
+    rep = verify_store(str(out))
+    assert rep.ok, rep.errors
+    for v in (0, 1):
+        got, want = s.read(v, 0, s.meta.num_sequences), ref.read(v, 0, s.meta.num_sequences)
+        assert all(got[k].tobytes() == want[k].tobytes() for k in want), v
+    with pytest.raises(UsageError, match=r"^--hidden-codec lz4: must be one of zstd, none$"):
+        run_tiny_precompute(tiny_teacher, tiny_corpus, tmp_path / "bad.zarr", hidden_codec="lz4")
