@@ -99,3 +99,16 @@ def test_exact_kl_batches_never_read_the_top_k(tiny_store, tmp_path):
     assert not {"topk_ids", "topk_logits", "lse"} & set(got)
     for key in got:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_batches_from_workers_equal_batches_read_in_process(tiny_store):
+    """Workers build their batches in shared memory: the same tensors, dtypes and values."""
+    for trim in (True, False):
+        want = list(StoreReader(_cfg(tiny_store, trim_padding=trim)).epoch_batches(1))
+        got = list(StoreReader(_cfg(tiny_store, trim_padding=trim, num_workers=2)).epoch_batches(1))
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+                assert a[k].is_contiguous(), k

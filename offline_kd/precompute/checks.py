@@ -66,7 +66,7 @@ def _check_corpus_cache(cfg: PrecomputeConfig, world_size: int) -> None:
 
 
 def _check_precompute_settings(cfg: PrecomputeConfig, world_size: int) -> None:
-    from offline_kd.store.signal_store import HIDDEN_STORAGE
+    from offline_kd.store.signal_store import CODECS, HIDDEN_STORAGE
 
     if cfg.top_k < 0:
         raise UsageError(f"--top-k {cfg.top_k}: must be at least 0")
@@ -77,6 +77,8 @@ def _check_precompute_settings(cfg: PrecomputeConfig, world_size: int) -> None:
         )
     if cfg.hidden_dtype not in HIDDEN_STORAGE:
         raise UsageError(f"--hidden-dtype {cfg.hidden_dtype}: must be one of {sorted(HIDDEN_STORAGE)}")
+    if cfg.hidden_codec not in CODECS:
+        raise UsageError(f"--hidden-codec {cfg.hidden_codec}: must be one of {', '.join(CODECS)}")
     if cfg.views < 1:
         raise UsageError(f"--views {cfg.views}: must be at least 1")
     if cfg.top_k > 0 and (not cfg.temperatures or any(t <= 0 for t in cfg.temperatures)):
@@ -84,6 +86,8 @@ def _check_precompute_settings(cfg: PrecomputeConfig, world_size: int) -> None:
     for flag, value in (("--batch-size", cfg.batch_size), ("--shard-size", cfg.shard_size)):
         if value < 1:
             raise UsageError(f"{flag} {value}: must be at least 1")
+    if cfg.writer_threads is not None and cfg.writer_threads < 1:
+        raise UsageError(f"--writer-threads {cfg.writer_threads}: must be at least 1")
     if cfg.chunk_size is not None and (cfg.chunk_size < 1 or cfg.shard_size % cfg.chunk_size):
         raise UsageError(f"--chunk-size {cfg.chunk_size}: must divide --shard-size {cfg.shard_size}")
     if not 0.0 <= cfg.holdout < 1.0:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import errno
+import math
+import os
+import threading
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ from offline_kd.store.signal_store import (
     SignalStore,
     StoreError,
     StoreMeta,
+    default_compression,
     diff_meta,
     dtypes_for,
     num_shards_for,
@@ -122,7 +127,7 @@ def build_meta(
         chunk_sequences=_chunk_size(cfg),
         num_shards=num_shards_for(num_sequences, cfg.shard_size),
         dtypes=dtypes_for(teacher.vocab_size, cfg.hidden_dtype),
-        compression={"codec": "zstd", "level": 1, "checksum": "crc32c"},
+        compression=default_compression(hidden=cfg.hidden_codec),  # the schema's codecs, and --hidden-codec
         package_version=__version__,
         hidden_dtype=cfg.hidden_dtype,
         teacher_head={"group": HEAD_GROUP, "class": teacher.head.class_name} if _wants_head(cfg) else {},
@@ -274,6 +279,50 @@ def _progress_bar(cfg: PrecomputeConfig, total: int, rank: int, world: int) -> P
     return Progress(total, desc=desc, unit="seq", enabled=rank == 0, bar=cfg.progress, every_seconds=30.0)
 
 
+def writer_threads(cfg: PrecomputeConfig) -> int:
+    """``--writer-threads``, else the CPUs this process may use shared among the ranks on its node.
+
+    At most 4 by default: a thread writes a bert-base store at ~0.45M tokens per CPU-second
+    (docs/results.md, "Store I/O"), so 4 busy cores outrun a GPU teacher's ~1M tokens/s, and each
+    thread holds a shard of signals in memory."""
+    if cfg.writer_threads is not None:
+        return cfg.writer_threads
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    ranks_here = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, min(4, cpus // ranks_here))
+
+
+class _CommitOrder:
+    """Shards commit in the order they were computed (resume trusts the commit record; docs/resume.md).
+
+    Shard ``i`` (its index in this run's list) waits for ``i - 1``'s commit; after a shard fails,
+    no later one commits (their arrays are written, and recomputed on resume like any uncommitted
+    shard), while earlier ones still do."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._failed_at = math.inf
+
+    def wait_turn(self, i: int) -> bool:
+        """Block until shard ``i`` may commit; False when an earlier shard failed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._next == i or self._failed_at < i)
+            return self._failed_at > i
+
+    def done(self, i: int, committed: bool) -> None:
+        with self._cond:
+            if committed:
+                self._next = i + 1
+            else:
+                self._failed_at = min(self._failed_at, i)
+            self._cond.notify_all()
+
+
 def _write_shards(
     cfg: PrecomputeConfig,
     prep: _Prepared,
@@ -283,7 +332,7 @@ def _write_shards(
     world: int,
     lease: StoreLease,
 ) -> tuple[list[int], int, float]:
-    """Compute and write the shards ``todo`` in order.
+    """Compute and write the shards ``todo``, committed in order.
 
     Returns the shards written, the real tokens seen and the seconds spent masking, running the
     teacher and writing."""
@@ -293,14 +342,16 @@ def _write_shards(
     n_todo = sum(shard_range(meta, i)[1] - shard_range(meta, i)[0] for i in todo)
     bar = _progress_bar(cfg, n_todo * meta.views, rank, world)
     written: list[int] = []
-    # One writer thread, at most one shard in flight: compression and store I/O overlap the teacher's
-    # forward passes (the GPU's bottleneck otherwise) while shards still commit in order.
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-store-writer")
-    pending: Future | None = None
+    # Writer threads, each encoding and writing whole shards while the teacher computes the next: up
+    # to `threads` shards in flight (one each: whole files per thread, no locks on the data path).
+    threads = writer_threads(cfg)
+    writer = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kd-store-writer")
+    order = _CommitOrder()
+    pending: deque[Future] = deque()
     tokens_done = 0
     t_start = time.monotonic()
     try:
-        for shard in todo:
+        for i, shard in enumerate(todo):
             a, b = shard_range(meta, shard)
             rows = data[a:b]
             ids = np.asarray(rows["input_ids"], dtype=np.int64)
@@ -311,50 +362,60 @@ def _write_shards(
                 tokens_done += int(lengths.sum())
                 el = max(time.monotonic() - t_start, 1e-9)
                 bar.update(b - a, {"tok/s": f"{tokens_done / el:,.0f}", "shard": str(shard)})
-            if pending is not None:
-                written.append(pending.result())  # re-raises the writer's error
-            pending = writer.submit(
-                _write_shard, store, cfg.output, shard, ids, lengths, views, lease, len(written)
-            )
-        if pending is not None:
-            written.append(pending.result())
+            while len(pending) >= threads:  # bounded memory: the teacher waits for the oldest shard
+                written.append(pending.popleft().result())  # re-raises the writer's error
+            job = _ShardJob(store, cfg.output, shard, i, ids, lengths, views)
+            pending.append(writer.submit(_write_shard, job, lease, order))
+        while pending:
+            written.append(pending.popleft().result())
     finally:
-        writer.shutdown(wait=True)  # a shard already computed still finishes and commits
+        writer.shutdown(wait=True)  # shards already computed still finish and commit
         bar.close()
     return written, tokens_done, time.monotonic() - t_start
 
 
-def _write_shard(
-    store: SignalStore,
-    output: str,
-    shard: int,
-    ids: np.ndarray,
-    lengths: np.ndarray,
-    views: list[tuple],
-    lease: StoreLease,
-    commits_so_far: int = 0,
-) -> int:
-    """Runs on the writer thread while the teacher computes the next shard; commits last."""
+@dataclass
+class _ShardJob:
+    """One computed shard handed to a writer thread."""
+
+    store: SignalStore
+    output: str
+    shard: int
+    index: int  # position in this run's list of shards: the commit order
+    ids: np.ndarray
+    lengths: np.ndarray
+    views: list[tuple]
+
+
+def _write_shard(job: _ShardJob, lease: StoreLease, order: _CommitOrder) -> int:
+    """Runs on a writer thread while the teacher computes the next shards; commits last, in order."""
+    store, shard = job.store, job.shard
+    committed = False
     try:
         lease.ensure_held()
         a = shard_range(store.meta, shard)[0]
-        views = [{**out, **signals.result(a)} for out, signals in views]  # waits for the copies
-        store.write_inputs(shard, ids, lengths)
+        views = [{**out, **signals.result(a)} for out, signals in job.views]  # waits for the copies
+        store.write_inputs(shard, job.ids, job.lengths)
         for v, out in enumerate(views):
             store.write_view(shard, v, out)
             if _DELAY:
                 time.sleep(_DELAY)  # tests: widen the window for a kill mid-shard
+        if not order.wait_turn(job.index):
+            return shard  # an earlier shard failed: its error is the one raised
         if _PAUSE:
-            _pause_before_commit(commits_so_far)
+            _pause_before_commit(job.index)
         lease.ensure_held()  # a writer that lost its rank to another process does not commit
         store.mark_committed(shard)
+        committed = True
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise StoreError(
-                f"disk full while writing shard {shard} of {output!r}; committed shards are "
+                f"disk full while writing shard {shard} of {job.output!r}; committed shards are "
                 f"kept, free space and rerun the same command to resume"
             ) from e
         raise
+    finally:
+        order.done(job.index, committed)
     return shard
 
 

@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -16,6 +17,7 @@ import zarr
 import zarr.codecs as zc
 
 from offline_kd.runtime.errors import RunFailed, UsageError
+from offline_kd.store.shard_codec import ShardCodec
 from offline_kd.store.storage import check_store_url, is_local, local_path, parse_options
 
 FORMAT = "offline_kd.signal_store"
@@ -26,8 +28,11 @@ ATTR_KEY = "offline_kd"
 HEAD_GROUP = "teacher_head"
 # Keys that may differ between runs writing the same store (not settings; the head check is a
 # measurement of the first batch, which a resumed run or another rank does not redo).
+# `compression` is not a setting of the content either: each array's codecs are in its zarr metadata,
+# and a run that resumes a store (or another rank) writes with the store's own (docs/resume.md).
 IGNORED_KEYS = (
     "package_version", "corpus.sources", "corpus.holdout.file", "teacher.name_or_path", "teacher_head.check",
+    "compression",
 )  # fmt: skip
 # Stored dtype of `hidden` for each --hidden-dtype: numpy has no bfloat16 or float8, so their bits.
 HIDDEN_STORAGE = {"float16": "float16", "bfloat16": "uint16", "float8_e4m3fn": "uint8"}
@@ -139,6 +144,11 @@ def _has_topk(m: SignalSettings) -> bool:
 
 _NO_TOPK = "precomputed with --top-k 0: the exact KL source only"
 
+# Codecs between `bytes` and `crc32c` (every chunk keeps its checksum): "zstd" (level from the
+# store's `compression.level`) or "none".
+CODECS = ("zstd", "none")
+COMPRESSION_LEVEL = 1
+
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -150,6 +160,8 @@ class ArraySpec:
     ``source`` says what fills it: ``"corpus"`` (packed inputs), ``"masking"`` (the masked view)
     or ``"teacher"`` (an attribute of the same name of :class:`offline_kd.teacher.model.Signals`).
     An array for which ``present(meta)`` is false is not created, written or read.
+    ``codec`` is the compressor its chunks get in a new store (one of :data:`CODECS`); a store
+    records its choice per array (:func:`array_codecs`), and zarr reads each array with its own.
     """
 
     name: str
@@ -160,6 +172,7 @@ class ArraySpec:
     trailing: Callable[[SignalSettings], tuple[int, ...]] = _no_trailing
     present: Callable[[SignalSettings], bool] = _always
     absent_because: str = ""
+    codec: str = "zstd"
 
     def dtype_for(self, m: SignalSettings) -> str:
         if self.dtype == HIDDEN:
@@ -205,10 +218,13 @@ SCHEMA: tuple[ArraySpec, ...] = (
         "lse", per_view=True, per_position=True, dtype="float32", source="teacher",
         trailing=lambda m: (len(m.temperatures),), present=_has_topk, absent_because=_NO_TOPK,
     ),
+    # No compressor for the hidden states: from an fp32 teacher pass zstd-1 saves 8% of their bytes
+    # (the low mantissa byte of a float16 is noise) and makes the whole write 2.7x as costly; from a
+    # bf16 pass it saves 24% (3 zero mantissa bits) for 2x. docs/results.md, "Store I/O".
     ArraySpec(
         "hidden", per_view=True, per_position=True, dtype=HIDDEN, source="teacher",
         trailing=lambda m: (m.hidden_size,), present=lambda m: bool(m.hidden),
-        absent_because="precomputed without --hidden",
+        absent_because="precomputed without --hidden", codec="none",
     ),
 )  # fmt: skip
 SPECS: dict[str, ArraySpec] = {spec.name: spec for spec in SCHEMA}
@@ -231,6 +247,30 @@ def dtypes_for(vocab_size: int, hidden_dtype: str = "float16") -> dict[str, str]
         out.setdefault(key, dtype)
     out["committed"] = COMMITTED_DTYPE
     return out
+
+
+def default_compression(**codecs: str) -> dict:
+    """The ``compression`` attribute of a new store: the schema's codec for every array, except
+    those given (``hidden="zstd"`` for ``--hidden-codec zstd``)."""
+    unknown = {name: c for name, c in codecs.items() if name not in SPECS or c not in CODECS}
+    if unknown:
+        raise StoreError(f"unknown array or codec {unknown} (codecs: {CODECS})")
+    return {
+        "checksum": "crc32c",
+        "level": COMPRESSION_LEVEL,
+        "arrays": {spec.name: codecs.get(spec.name, spec.codec) for spec in SCHEMA},
+    }
+
+
+def array_codecs(meta: StoreMeta) -> dict[str, str]:
+    """The codec of each array of a store with ``meta``, from its ``compression`` attribute.
+
+    Stores written before the per-array choice record one codec for all (``{"codec": "zstd",
+    "level": 1, "checksum": "crc32c"}``); reading never needs this (zarr reads each array with the
+    codecs in its own metadata), creating does."""
+    comp = meta.compression or default_compression()
+    arrays = comp.get("arrays", {})
+    return {spec.name: arrays.get(spec.name, comp.get("codec", spec.codec)) for spec in array_specs(meta)}
 
 
 def temperature_index(temperatures: Sequence[float], T: float) -> int:
@@ -299,18 +339,22 @@ def _open_group(url: str, mode: str, storage_options: dict | None):
 
 def _array_layouts(meta: StoreMeta) -> dict[str, dict]:
     """``create_array`` arguments of every array of a store with ``meta`` (the commit record last)."""
-    compression_level = int(meta.compression.get("level", 1))
+    compression_level = int(meta.compression.get("level", COMPRESSION_LEVEL))
+    codecs = array_codecs(meta)
     out = {}
     for spec in array_specs(meta):
         shape, chunks, shards = spec.layout(meta)
         dtype = spec.dtype_for(meta)
+        if codecs[spec.name] not in CODECS:
+            raise StoreError(f"array {spec.name!r}: unknown codec {codecs[spec.name]!r} (known: {CODECS})")
+        compressors = [zc.ZstdCodec(level=compression_level)] if codecs[spec.name] == "zstd" else []
         out[spec.name] = dict(
             shape=shape,
             dtype=dtype,
             chunks=chunks,
             shards=shards,
             serializer=zc.BytesCodec(),
-            compressors=[zc.ZstdCodec(level=compression_level), zc.Crc32cCodec()],
+            compressors=[*compressors, zc.Crc32cCodec()],
             fill_value=False if dtype == "bool" else 0,
         )
     # One unsharded file per shard flag, so ranks never rewrite each other's flags.
@@ -360,6 +404,8 @@ class SignalStore:
         self.url = url
         self._storage_options = storage_options
         self._arrays: dict = {}
+        self._codecs: dict[str, ShardCodec | None] = {}
+        self._lock = threading.Lock()  # precompute's writer threads share the caches above
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -400,7 +446,7 @@ class SignalStore:
         it first. A full disk raises :class:`StoreError`.
         """
         if not meta.compression:
-            meta.compression = {"codec": "zstd", "level": 1, "checksum": "crc32c"}
+            meta.compression = default_compression()
         root = local_root(url, storage_options)
         if root is not None and root.exists() and not root.is_dir():
             raise StoreError(f"{str(url)!r} is an existing file, not a store directory; pick another output")
@@ -465,12 +511,13 @@ class SignalStore:
 
     # ------------------------------------------------------------------ reading
     def array(self, name: str):
-        if name not in self._arrays:
-            spec = SPECS.get(name)
-            if spec is not None and not spec.present(self.meta):
-                raise KeyError(f"{self.url!r} has no {name!r} array ({spec.absent_because})")
-            self._arrays[name] = self.group[name]
-        return self._arrays[name]
+        with self._lock:
+            if name not in self._arrays:
+                spec = SPECS.get(name)
+                if spec is not None and not spec.present(self.meta):
+                    raise KeyError(f"{self.url!r} has no {name!r} array ({spec.absent_because})")
+                self._arrays[name] = self.group[name]
+            return self._arrays[name]
 
     @property
     def fields(self) -> tuple[str, ...]:
@@ -496,10 +543,7 @@ class SignalStore:
         self, view: int, start: int, stop: int, fields: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         """Sequences ``[start, stop)`` of ``view``; see the class docs for the keys."""
-        if not 0 <= view < self.meta.views:
-            raise IndexError(f"view {view} out of range: the store has {self.meta.views} views")
-        if not 0 <= start <= stop <= self.meta.num_sequences:
-            raise IndexError(f"range [{start}, {stop}) outside [0, {self.meta.num_sequences})")
+        self._check_range(view, start, stop)
         want = self.fields if fields is None else tuple(fields)
         out = {}
         for name in want:
@@ -512,8 +556,37 @@ class SignalStore:
                 out[name] = self._get(name, (slice(start, stop),), start, stop, None)
         return out
 
+    def read_into(
+        self, view: int, start: int, stop: int, out: dict[str, np.ndarray], positions: np.ndarray
+    ) -> None:
+        """:meth:`read` of the fields ``out`` names, sequence ``start + i`` into row ``positions[i]``
+        of ``out[field]`` (the training reader's shuffled batch, filled without a copy in between)."""
+        self._check_range(view, start, stop)
+        for name, dest in out.items():
+            spec = SPECS[name]
+            codec = self._codec(spec)
+            if codec is not None and codec.aligned(start, stop):
+                try:
+                    codec.read(start, stop, view if spec.per_view else None, out=dest, positions=positions)
+                    continue
+                except Exception:  # noqa: BLE001, S110 - read below, through zarr, which names the problem
+                    pass
+            dest[positions] = self.read(view, start, stop, fields=[name])[name]
+
+    def _check_range(self, view: int, start: int, stop: int) -> None:
+        if not 0 <= view < self.meta.views:
+            raise IndexError(f"view {view} out of range: the store has {self.meta.views} views")
+        if not 0 <= start <= stop <= self.meta.num_sequences:
+            raise IndexError(f"range [{start}, {stop}) outside [0, {self.meta.num_sequences})")
+
     def _get(self, name: str, sel: tuple, start: int, stop: int, view: int | None):
         arr = self.array(name)
+        codec = self._codec(SPECS[name]) if name in SPECS else None
+        if codec is not None and codec.aligned(start, stop):  # whole chunks: zarr's result, less CPU
+            try:
+                return codec.read(start, stop, view)
+            except Exception:  # noqa: BLE001, S110 - zarr reads it again and names what is wrong
+                pass
         try:
             return arr[sel]
         except Exception as e:  # noqa: BLE001 - decode/checksum errors surface as various types
@@ -556,8 +629,19 @@ class SignalStore:
         a, b = shard_range(self.meta, shard)
         for spec in array_specs(self.meta, per_view=view is not None):
             arr = self.array(spec.name)
-            sel = (slice(a, b),) if view is None else (view, slice(a, b))
-            arr[sel] = np.asarray(arrays[spec.name]).astype(arr.dtype, copy=False)
+            data = np.asarray(arrays[spec.name]).astype(arr.dtype, copy=False)
+            encoder = self._codec(spec)
+            if encoder is not None:  # the same bytes as zarr's write below, at a fraction of its CPU
+                encoder.write(shard, data, view)
+            else:
+                arr[(slice(a, b),) if view is None else (view, slice(a, b))] = data
+
+    def _codec(self, spec: ArraySpec) -> ShardCodec | None:
+        array = self.array(spec.name)
+        with self._lock:
+            if spec.name not in self._codecs:
+                self._codecs[spec.name] = ShardCodec.for_array(array, int(spec.per_view))
+            return self._codecs[spec.name]
 
     def mark_committed(self, shard: int) -> None:
         self.array("committed")[shard] = 1

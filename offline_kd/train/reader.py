@@ -37,8 +37,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from offline_kd.runtime.settings import DataConfig
+from offline_kd.store.hidden_dtype import BATCH_DTYPES
 from offline_kd.store.hidden_dtype import to_batch as hidden_to_batch
 from offline_kd.store.signal_store import (
+    SPECS,
     SignalStore,
     StoreCorruptionError,
     StoreError,
@@ -143,6 +145,23 @@ class ReaderConfig:
     storage_options: dict | None = None
 
 
+def _shared_empty(shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    """An uninitialised tensor in shared memory: a DataLoader worker hands it to the training process
+    without the copy into shared memory it makes of any other tensor (torch's own collate does the same)."""
+    torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+    storage = torch.UntypedStorage._new_shared(max(1, math.prod(shape)) * torch_dtype.itemsize)
+    return torch.empty(0, dtype=torch_dtype).set_(storage, 0, shape)
+
+
+def _tensor(a: np.ndarray, dtype: type, shared: bool) -> torch.Tensor:
+    """``a`` cast to ``dtype`` as a new tensor, in shared memory when ``shared`` (one copy either way)."""
+    if not shared:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+    t = _shared_empty(a.shape, np.dtype(dtype))
+    np.copyto(t.numpy(), a, casting="unsafe")
+    return t
+
+
 class StoreBatches(IterableDataset):
     """One epoch of one rank's micro-batches, from micro-batch `start` to `stop` (exclusive).
 
@@ -209,8 +228,14 @@ class StoreBatches(IterableDataset):
     def groups(self) -> list[tuple[int, int]]:
         return [(g, min(g + self.group, self.stop)) for g in range(self.start, self.stop, self.group)]
 
-    def read_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Read the given sequences (any order) by whole contiguous chunk runs; rows in given order."""
+    def _layout(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Each field's row shape and dtype, as stored (an old store's included)."""
+        arrays = {f: self.store.array(f) for f in self.fields}
+        return {f: (a.shape[2 if SPECS[f].per_view else 1 :], a.dtype) for f, a in arrays.items()}
+
+    def read_rows(self, rows: np.ndarray, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """Read the given sequences (any order) by whole contiguous chunk runs; rows in given order
+        (into ``out`` when given, arrays of ``len(rows)`` rows)."""
         chunks = np.unique(rows // self.chunk)
         runs = []
         run_start = prev = int(chunks[0])
@@ -221,57 +246,72 @@ class StoreBatches(IterableDataset):
                 run_start = ch
             prev = ch
         runs.append((run_start, prev + 1))
-        parts, bases = [], []
-        base = 0
+        store = self.store
+        if out is None:
+            out = {
+                f: np.empty((len(rows), *shape), dtype=dtype) for f, (shape, dtype) in self._layout().items()
+            }
         for a, b in runs:
             lo, hi = a * self.chunk, min(b * self.chunk, self.num_sequences)
-            parts.append(self.store.read(self.view, lo, hi, fields=self.fields))
-            bases.append((lo, hi, base))
-            base += hi - lo
-        data = {
-            f: np.concatenate([p[f] for p in parts]) if len(parts) > 1 else parts[0][f] for f in self.fields
-        }
-        local = np.empty_like(rows)
-        for lo, hi, b in bases:
-            sel = (rows >= lo) & (rows < hi)
-            local[sel] = rows[sel] - lo + b
-        return {f: data[f][local] for f in self.fields}
+            used = np.flatnonzero((rows >= lo) & (rows < hi))  # the positions this run fills
+            if len(used) == hi - lo:  # every row of the run is used: decoded straight into place
+                positions = np.empty_like(used)
+                positions[rows[used] - lo] = used
+                store.read_into(self.view, lo, hi, out, positions)
+                continue
+            part = store.read(self.view, lo, hi, fields=self.fields)
+            for f, v in part.items():
+                out[f][used] = v[rows[used] - lo]
+        return out
 
-    def collate(self, d: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
+    def collate(
+        self, d: dict[str, np.ndarray], rows: np.ndarray, owners: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One micro-batch. ``owners``: in a DataLoader worker, the shared-memory tensors ``d`` views,
+        from which the batch is built so that handing it over copies nothing more."""
+        shared = owners is not None
         lengths = d["lengths"].astype(np.int64)
-        L = int(lengths.max()) if self.cfg.trim_padding else d["input_ids"].shape[1]
-        L = max(L, 1)
-        mlm_mask = torch.from_numpy(d["mlm_mask"][:, :L].astype(bool))
+        full = d["input_ids"].shape[1]
+        L = max(int(lengths.max()) if self.cfg.trim_padding else full, 1)
+        mlm_mask = _tensor(d["mlm_mask"][:, :L], np.bool_, shared)
         input_ids = torch.from_numpy(d["input_ids"][:, :L].astype(np.int64))
         out = {
-            "input_ids": torch.from_numpy(d["masked_input_ids"][:, :L].astype(np.int64)),
+            "input_ids": _tensor(d["masked_input_ids"][:, :L], np.int64, shared),
             "attention_mask": (torch.arange(L)[None, :] < torch.from_numpy(lengths)[:, None]).long(),
             "mlm_mask": mlm_mask,
             "labels": torch.where(mlm_mask, input_ids, torch.full_like(input_ids, -100)),
             "rows": torch.from_numpy(rows.astype(np.int64)),
         }
         if "topk_ids" in d:  # not read for the exact KL, absent in a --top-k 0 store
-            out["topk_ids"] = torch.from_numpy(d["topk_ids"][:, :L].astype(np.int64))
-            out["topk_logits"] = torch.from_numpy(
-                np.ascontiguousarray(d["topk_logits"][:, :L], dtype=np.float32)
-            )
+            out["topk_ids"] = _tensor(d["topk_ids"][:, :L], np.int64, shared)
+            if shared and L == full:  # the shared rows themselves: contiguous, no copy
+                out["topk_logits"] = owners["topk_logits"]
+            else:
+                out["topk_logits"] = _tensor(d["topk_logits"][:, :L], np.float32, shared)
         if self.t_index is not None:
-            out["lse"] = torch.from_numpy(
-                np.ascontiguousarray(d["lse"][:, :L, self.t_index], dtype=np.float32)
-            )
+            out["lse"] = _tensor(d["lse"][:, :L, self.t_index], np.float32, shared)
         if "hidden" in d:
-            out["hidden"] = hidden_to_batch(d["hidden"][:, :L], self.hidden_dtype)
+            if shared and L == full and self.hidden_dtype in ("float16", "bfloat16"):
+                out["hidden"] = owners["hidden"].view(BATCH_DTYPES[self.hidden_dtype])
+            else:
+                out["hidden"] = hidden_to_batch(d["hidden"][:, :L], self.hidden_dtype)
         return out
 
     def load_group(self, g0: int, g1: int) -> list[dict[str, torch.Tensor]]:
         B = self.cfg.micro_batch_size
         order = self.order()
         rows = order.rank_rows(g0 * B, g1 * B)
-        data = self.read_rows(rows)
+        owners = None
+        if get_worker_info() is not None:  # read straight into memory the training process maps
+            owners = {
+                f: _shared_empty((len(rows), *shape), dtype) for f, (shape, dtype) in self._layout().items()
+            }
+        data = self.read_rows(rows, None if owners is None else {f: t.numpy() for f, t in owners.items()})
         out = []
         for m in range(g1 - g0):
             sl = slice(m * B, (m + 1) * B)
-            out.append(self.collate({f: v[sl] for f, v in data.items()}, rows[sl]))
+            mine = None if owners is None else {f: t[sl] for f, t in owners.items()}
+            out.append(self.collate({f: v[sl] for f, v in data.items()}, rows[sl], mine))
         return out
 
     def __iter__(self) -> Iterator[list[dict[str, torch.Tensor]] | WorkerError]:
