@@ -249,3 +249,20 @@ def test_fsspec_url_store_matches_local(tiny_store, tiny_teacher, tiny_corpus):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert SignalStore.open("file://" + str(tiny_store)).is_complete()
+
+
+def test_a_committed_shard_whose_file_is_gone_is_corruption_not_zeros(tmp_path, tiny_store):
+    """zarr reads a missing chunk file as its fill value; the store says the file is missing instead."""
+    import shutil
+
+    from offline_kd.store.signal_store import SignalStore, StoreCorruptionError
+
+    store = tmp_path / "lost.zarr"
+    shutil.copytree(tiny_store, store)
+    gone = sorted((store / "hidden" / "c").rglob("*"))
+    for f in [f for f in gone if f.is_file()]:
+        f.unlink()
+    s = SignalStore.open(str(store))
+    with pytest.raises(StoreCorruptionError, match=r"array 'hidden' view 0, shard 0 is committed but its file is missing"):
+        s.read(0, 0, s.meta.shard_sequences)
+    assert s.read(0, 0, s.meta.shard_sequences, fields=["input_ids", "lengths"])["lengths"].sum() > 0

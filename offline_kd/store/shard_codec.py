@@ -165,6 +165,10 @@ class ShardCodec:
             )
         return out
 
+    def stored(self, shard: int, view: int | None = None) -> bool:
+        """Whether shard `shard` (of `view`) has a file: a committed shard without one lost it."""
+        return self._index(shard, view) is not None
+
     def _index(self, shard: int, view: int | None) -> np.ndarray | None:
         """The shard's index [chunks, (offset, size)], None without a file. Kept: a shard is written
         whole once, and a stale one (a store read while being rewritten) fails a checksum below."""

@@ -582,6 +582,8 @@ class SignalStore:
     def _get(self, name: str, sel: tuple, start: int, stop: int, view: int | None):
         arr = self.array(name)
         codec = self._codec(SPECS[name]) if name in SPECS else None
+        if codec is not None and name != "committed":  # zarr reads a missing file as zeros never written
+            self._check_files(name, codec, start, stop, view)
         if codec is not None and codec.aligned(start, stop):  # whole chunks: zarr's result, less CPU
             try:
                 return codec.read(start, stop, view)
@@ -593,6 +595,24 @@ class SignalStore:
             if isinstance(e, (IndexError, KeyError, TypeError)):
                 raise
             raise self._locate_corruption(name, start, stop, view, e) from e
+
+    def _check_files(self, name: str, codec, start: int, stop: int, view: int | None) -> None:
+        """Refuse rows of a committed shard whose file is gone (never zeros for data that was written)."""
+        rows = codec.shard_rows
+        committed = self._committed_cache()
+        for s in range(start // rows, (stop - 1) // rows + 1):
+            shard = (s * rows) // self.meta.shard_sequences
+            if shard < len(committed) and committed[shard] and not codec.stored(s, view):
+                v = "" if view is None else f" view {view},"
+                raise StoreCorruptionError(
+                    f"{self.url!r}: array {name!r}{v} shard {shard} is committed but its file is missing"
+                )
+
+    def _committed_cache(self) -> np.ndarray:
+        """The commit record, read once per open store (shards only ever become committed)."""
+        if getattr(self, "_committed_flags", None) is None or not self._committed_flags.all():
+            self._committed_flags = np.asarray(self.committed(), dtype=bool)
+        return self._committed_flags
 
     def _locate_corruption(self, name: str, start: int, stop: int, view: int | None, err: Exception):
         arr = self.array(name)
