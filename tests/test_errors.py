@@ -9,6 +9,7 @@ load the teacher's weights ("Loading weights" is what transformers prints when i
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import re
 import shutil
@@ -587,3 +588,26 @@ def test_bad_training_input_is_one_error_line(case, tiny_store, tmp_path):
     assert len(errors) == 1 and re.match(message, errors[0]), proc.stderr[-4000:]
     if out is not None:  # refused before anything was written
         assert out.read_bytes() == before if before is not None else not out.exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("num_sequences", -5, "recorded num_sequences -5 is not an integer of at least 1"),
+        ("num_sequences", 10**12, "recorded num_shards 13 does not cover num_sequences 1000000000000"),
+        ("top_k", "8", "recorded top_k '8' is not an integer of at least 0"),
+        ("max_length", 64, "array 'input_ids' has shape (97, 32), not the (97, 64) its recorded settings give"),
+    ],
+)
+def test_a_store_whose_record_lies_is_refused_naming_the_field(fx, field, value, expected):
+    """Before anything is sized from it: kd inspect and training stop in one line (a damaged store: exit 1)."""
+    from offline_kd.cli.kd import main
+
+    bad = store_copy(fx, f"lie-{field}.zarr", **{field: value})
+    r = CliRunner().invoke(main, ["inspect", str(bad)])
+    lines = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert r.exit_code == 1 and len(lines) == 1 and expected in lines[0], r.stderr[-2000:]
+    train_cli = importlib.import_module("offline_kd.cli.train")
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main([str(a) for a in _train(fx)[:1] + [bad] + _train(fx)[2:]])
+    assert exc.value.code == 1

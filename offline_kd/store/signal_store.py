@@ -53,6 +53,40 @@ class StoreCorruptionError(RunFailed):
     """A chunk failed its checksum or could not be decoded: the data went bad, not the input (exit 1)."""
 
 
+def check_meta(meta: StoreMeta, group: zarr.Group, url: str) -> None:
+    """A store's recorded settings checked against their types, ranges and the arrays' own shapes, naming the
+    first field that is wrong (a store is written by this package; a wrong field is damage or tampering)."""
+    ints = ("num_sequences", "max_length", "top_k", "views", "hidden_size", "vocab_size", "shard_sequences",
+            "chunk_sequences", "num_shards")  # fmt: skip
+    for name in ints:
+        value = getattr(meta, name)
+        low = 0 if name == "top_k" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise StoreCorruptionError(
+                f"{url!r}: recorded {name} {value!r} is not an integer of at least {low}"
+            )
+    if not isinstance(meta.temperatures, list) or not all(
+        isinstance(t, int | float) and t > 0 for t in meta.temperatures
+    ):
+        raise StoreCorruptionError(
+            f"{url!r}: recorded temperatures {meta.temperatures!r} are not positive numbers"
+        )
+    if meta.num_shards != -(-meta.num_sequences // meta.shard_sequences):
+        raise StoreCorruptionError(
+            f"{url!r}: recorded num_shards {meta.num_shards} does not cover num_sequences {meta.num_sequences} "
+            f"in shards of {meta.shard_sequences}"
+        )
+    shapes = {"input_ids": (meta.num_sequences, meta.max_length)}
+    if meta.top_k:
+        shapes["topk_ids"] = (meta.views, meta.num_sequences, meta.max_length, meta.top_k)
+    for name, want in shapes.items():
+        got = tuple(group[name].shape) if name in group else None
+        if got != want:
+            raise StoreCorruptionError(
+                f"{url!r}: array {name!r} has shape {got}, not the {want} its recorded settings give"
+            )
+
+
 @dataclass
 class StoreMeta:
     """The root attributes (``g.attrs["offline_kd"]``) as a dataclass."""
@@ -425,7 +459,9 @@ class SignalStore:
                 f"{url!r}: unsupported format {d.get('format')!r} version {d.get('format_version')!r} "
                 f"(this reader handles {FORMAT!r} versions {', '.join(map(str, READABLE_VERSIONS))})"
             )
-        return cls(g, StoreMeta.from_dict(d), str(url), storage_options)
+        meta = StoreMeta.from_dict(d)
+        check_meta(meta, g, str(url))  # before a reader sizes anything from it
+        return cls(g, meta, str(url), storage_options)
 
     @classmethod
     def create(
