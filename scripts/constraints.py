@@ -56,7 +56,15 @@ def dependency_tree(roots: tuple[str, ...] = ROOTS) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="constraints.txt")
+    ap.add_argument(
+        "--direct", action="store_true", help="print offline-kd[dev]'s direct requirements' names and exit"
+    )
     args = ap.parse_args()
+    if args.direct:
+        reqs = [Requirement(r) for r in md.requires("offline-kd") or []]
+        names = {r.name for r in reqs if r.marker is None or r.marker.evaluate({"extra": "dev"})}
+        print(" ".join(sorted(n for n in names if not LEFT_TO_THE_IMAGE.match(_canonical(n)))))
+        return
     pins = dependency_tree()
     py = ".".join(map(str, sys.version_info[:2]))
     header = (
