@@ -377,6 +377,10 @@ def test_a_rank_that_stops_answering_ends_the_job_naming_it(tiny_store, tmp_path
         ranks[1].kill()  # the launcher would wait 30 s for a stopped process to take its SIGTERM
         rest, _ = proc.communicate(timeout=300)
         output = "".join(lines) + rest
+    finally:
+        for child in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            child.kill()
+        proc.kill()
     assert proc.returncode != 0, output[-3000:]
     errors = [line for line in output.splitlines() if "Error: " in line]
     assert any(
