@@ -288,7 +288,7 @@ def downstream_section(rows: list[dict]) -> str:
     """The body's downstream results (``kd finetune --update-card``), between markers a rerun replaces."""
     teacher = next((r["teacher"] for r in rows if r.get("teacher")), None)
     lines = [
-        f"Fine-tuned with `kd finetune`; median over seeds, metrics × 100"
+        "Fine-tuned with `kd finetune`; median over seeds, metrics × 100"
         + (f"; retention: this model's score over the teacher's (`{teacher}`)." if teacher else "."),
         "",
         "| task | metrics | score | seeds | retention |",
@@ -310,7 +310,9 @@ def update_downstream(model_dir: str | Path, rows: list[dict]) -> Path:
     else:
         card = ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n\n")
     tasks = {r["task"] for r in rows}
-    kept = [r for r in card.data.eval_results or [] if r.task_type == "fill-mask" or r.dataset_name not in tasks]
+    kept = [
+        r for r in card.data.eval_results or [] if r.task_type == "fill-mask" or r.dataset_name not in tasks
+    ]
     card.data.eval_results = kept + downstream_results(rows) or None
     card.data.model_name = card.data.model_name or Path(model_dir).resolve().name
     section, text = downstream_section(rows), card.text

@@ -281,7 +281,9 @@ class FinetuneConfig:
     )  # fmt: skip
     text_fields: str | None = setting(None, "Local task: the text field(s), A or A,B for sentence pairs.")
     label_field: str = setting("label", "Local task: the label field.")
-    train_split: str = setting("train", "Local task: the training split (a name in the directory, or a file).")
+    train_split: str = setting(
+        "train", "Local task: the training split (a name in the directory, or a file)."
+    )
     eval_split: str = setting("validation", "Local task: the evaluation split (a name, or a file).")
     task_type: str = setting(
         "auto", "Local task: classification or regression (auto: regression for fractional labels).",
@@ -307,7 +309,9 @@ class FinetuneConfig:
     latency_samples: int = setting(64, "Eval examples timed one at a time (batch 1) on the CPU per model.")
     throughput_batch: int = setting(256, "Batch of the GPU throughput measurement (when CUDA is present).")
     update_card: bool = setting(False, "Record the results in each local model's README.md model card.")
-    progress: bool = setting(True, "A progress bar on a terminal (without one: a line every 30 s), with an ETA.")
+    progress: bool = setting(
+        True, "A progress bar on a terminal (without one: a line every 30 s), with an ETA."
+    )
     hub_kernels: bool = setting(
         False, "Let transformers replace layers with Hugging Face hub kernels (off: the checkpoint's own)."
     )

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from offline_kd.downstream import metrics
 from offline_kd.downstream.tasks import REGRESSION, LoadedTask, LocalTaskOptions, expand_tasks, load_task
 from offline_kd.errors import UsageError
-from offline_kd.hub_kernels import load_kwargs
 
 if TYPE_CHECKING:
     from offline_kd.progress import Progress
@@ -30,6 +29,11 @@ if TYPE_CHECKING:
 # The settings a cell's result depends on (the rest: where results go, what is reported).
 RECIPE = ("max_length", "batch_size", "lr", "epochs", "warmup", "weight_decay", "max_steps",
           "max_train_samples", "max_eval_samples", "precision")  # fmt: skip
+
+
+# A saved tokenizer has one of these (transformers 5 would otherwise build an empty one from the config).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.model")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,14 @@ def check_model(ref: ModelRef, flag: str):
     try:
         config = AutoConfig.from_pretrained(ref.path)
     except Exception as e:
-        raise UsageError(f"{flag} {ref.path}: not a model directory or hub model ({_first_line(e)})") from None
+        raise UsageError(
+            f"{flag} {ref.path}: not a model directory or hub model ({_first_line(e)})"
+        ) from None
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(
+            f"{flag} {ref.path}: no tokenizer in the directory (save it beside the model: "
+            "tokenizer.save_pretrained(DIR))"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref.path)
     except Exception as e:
@@ -118,7 +129,9 @@ def check_inputs(cfg: FinetuneConfig) -> Plan:
     """Every model, tokenizer and task loaded and checked; nothing trains before this returns."""
     if cfg.seeds < 1:
         raise UsageError(f"--seeds {cfg.seeds}: at least 1")
-    refs = ([parse_model(cfg.teacher, teacher=True)] if cfg.teacher else []) + [parse_model(m) for m in cfg.model]
+    refs = ([parse_model(cfg.teacher, teacher=True)] if cfg.teacher else []) + [
+        parse_model(m) for m in cfg.model
+    ]
     names = [r.name for r in refs]
     if len(set(names)) != len(names):
         raise UsageError(f"--model: two models are named {_dup(names)!r}; name them with NAME=PATH")

@@ -3,8 +3,9 @@ size and speed ratios. Written as ``report.json``, ``report.md`` and ``report.pn
 into each local model's card (``model-index`` entries and a section, `offline_kd.model_card`).
 
 Each (model, task) is the median over seeds of the task's score (the mean of its metrics), with the
-spread (max − min over seeds); retention is the model's median over the teacher's, and the macro
-retention is the macro average over the teacher's, as DistilBERT's 97% (77.0 / 79.5) is.
+spread (max − min over seeds); retention is the model's median over the teacher's (none where the
+teacher's score is not positive), and the macro retention is the macro average over the teacher's, as
+DistilBERT's 97% (77.0 / 79.5) is.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def aggregate(cells: list[dict], models: list[str], tasks: list[str], teacher: s
 
 def _retention(rows: dict, teacher: str | None) -> None:
     base = rows.get(teacher, {}).get("score") if teacher else None
-    for row in rows.values():
-        row["retention"] = row["score"] / base if base else None
+    for row in rows.values():  # a ratio to a score at or below zero (a correlation) means nothing
+        row["retention"] = row["score"] / base if base and base > 0 else None
 
 
 def _pct(x: float | None) -> str:
@@ -92,15 +93,21 @@ def _label(model: str, report: dict) -> str:
 def summary_table(report: dict) -> list[str]:
     tasks = list(report["tasks"])
     speed, ratio = report.get("speed", {}).get("models", {}), report.get("speed", {}).get("ratios", {})
-    head = "| model | " + " | ".join(tasks) + " | macro | retention | params | disk MB | CPU ms (b=1) | CPU speed-up |"
+    head = (
+        "| model | "
+        + " | ".join(tasks)
+        + " | macro | retention | params | disk MB | CPU ms (b=1) | CPU speed-up |"
+    )
     gpu = any(s.get("gpu_throughput") for s in speed.values())
     head += " GPU ex/s | GPU speed-up |" if gpu else ""
     lines = ["### Summary", "", head, "|---|" + "---|" * (len(tasks) + 6 + 2 * gpu)]
     for model in report["models"]:
-        scores = [_num(report["tasks"][t][model]["score"]) if model in report["tasks"][t] else "–" for t in tasks]
+        scores = [
+            _num(report["tasks"][t][model]["score"]) if model in report["tasks"][t] else "–" for t in tasks
+        ]
         macro = report["macro"].get(model, {})
         s, r = speed.get(model), ratio.get(model, {})
-        size = (f"{s['parameters'] / 1e6:.1f}M ({_pct(r.get('parameters'))}) | {s['disk_bytes'] / 1e6:.1f} | "
+        size = (f"{s['parameters'] / 1e6:.2f}M ({_pct(r.get('parameters'))}) | {s['disk_bytes'] / 1e6:.2f} | "
                 f"{s['cpu_latency_ms']:.1f} | {_x(r.get('cpu_speedup'))}") if s else "– | – | – | –"  # fmt: skip
         if gpu:
             size += f" | {s.get('gpu_throughput') or 0:.0f} | {_x(r.get('gpu_speedup'))}" if s else " | – | –"

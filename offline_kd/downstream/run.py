@@ -12,8 +12,8 @@ from offline_kd.downstream.finetune import (
     Plan,
     cell_path,
     check_inputs,
-    finished_cell,
     fingerprint,
+    finished_cell,
     run_cell,
     train_steps,
     write_json,
@@ -29,16 +29,18 @@ def finetune(cfg: FinetuneConfig, log=None) -> dict:
     from offline_kd.progress import quiet_library_bars
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    rank0 = launcher_env().rank == 0
+    quiet_library_bars(launcher_env().rank)  # in a log file: no bars of datasets / transformers
     plan = check_inputs(cfg)  # every UsageError is raised here, before any training
     drop_expected_deepspeed_warnings(cpu_expected=True)
-    rank0 = launcher_env().rank == 0
-    quiet_library_bars(launcher_env().rank)
     cells = _run_cells(cfg, plan, log if rank0 else (lambda m: None), rank0)
     if not rank0:
         return {}
     speed = _speed(cfg, plan, log) if cfg.speed else None
     teacher = next((m.name for m in plan.models if m.teacher), None)
-    report = rep.aggregate(cells, [m.name for m in plan.models], [t.spec.name for t in plan.tasks], teacher, speed)
+    report = rep.aggregate(
+        cells, [m.name for m in plan.models], [t.spec.name for t in plan.tasks], teacher, speed
+    )
     _write(cfg, plan, report, log)
     return report
 
@@ -79,9 +81,13 @@ def _speed(cfg: FinetuneConfig, plan: Plan, log) -> dict:
     ds = next(iter(task.evals.values()))
     n = min(cfg.latency_samples, len(ds))
     texts = [tuple(ds[i][f] for f in task.spec.text_fields) for i in range(n)]
-    log(f"size and speed: {len(plan.models)} model(s), {n} examples of {task.spec.name} at batch 1 on the CPU")
+    log(
+        f"size and speed: {len(plan.models)} model(s), {n} examples of {task.spec.name} at batch 1 on the CPU"
+    )
     paths = {m.name: m.path for m in plan.models}
-    results = speed.measure(paths, plan.tokenizers, texts, cfg.max_length, cfg.throughput_batch, cfg.hub_kernels)
+    results = speed.measure(
+        paths, plan.tokenizers, texts, cfg.max_length, cfg.throughput_batch, cfg.hub_kernels
+    )
     teacher = next((m.name for m in plan.models if m.teacher), None)
     return {
         "inputs": f"{n} examples of {task.spec.name}, batch 1, CPU",
@@ -101,8 +107,8 @@ def _write(cfg: FinetuneConfig, plan: Plan, report: dict, log) -> None:
         from offline_kd.model_card import update_downstream
 
         sources = {t.spec.name: t.source for t in plan.tasks}
-        for ref in plan.models:
-            if Path(ref.path).is_dir():
+        for ref in plan.models:  # the students' cards (a teacher's card is its owner's)
+            if Path(ref.path).is_dir() and not ref.teacher:
                 card = update_downstream(ref.path, rep.card_rows(report, ref.name, sources))
                 log(f"model card updated: {card}")
 

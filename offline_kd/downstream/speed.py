@@ -120,6 +120,8 @@ def ratios(results: dict[str, SizeSpeed], teacher: str) -> dict[str, dict[str, f
             "parameters": r.parameters / t.parameters,
             "disk": r.disk_bytes / t.disk_bytes,
             "cpu_speedup": t.cpu_latency_ms / r.cpu_latency_ms if r.cpu_latency_ms else None,
-            "gpu_speedup": (r.gpu_throughput / t.gpu_throughput) if r.gpu_throughput and t.gpu_throughput else None,
+            "gpu_speedup": (r.gpu_throughput / t.gpu_throughput)
+            if r.gpu_throughput and t.gpu_throughput
+            else None,
         }
     return out

@@ -120,7 +120,9 @@ def _load_glue(name: str, source: str) -> LoadedTask:
     spec = TaskSpec(name=f"glue:{name}", **GLUE[name])
     splits = (spec.train_split, *spec.eval_splits)
     if Path(source).is_dir():
-        data = {s: _read_files(_mirror_files(Path(source), name, s), f"--glue-source {source}") for s in splits}
+        data = {
+            s: _read_files(_mirror_files(Path(source), name, s), f"--glue-source {source}") for s in splits
+        }
     else:
         data = _load_hub(source, name, splits)
     _check_columns(spec, data, f"glue:{name} ({source})")
@@ -129,7 +131,9 @@ def _load_glue(name: str, source: str) -> LoadedTask:
 
 def _mirror_files(root: Path, config: str, split: str) -> list[Path]:
     """The parquet files of one split in a directory laid out like the hub's ``nyu-mll/glue``."""
-    files = sorted((root / config).glob(f"{split}-*.parquet")) or sorted((root / config).glob(f"{split}.parquet"))
+    files = sorted((root / config).glob(f"{split}-*.parquet")) or sorted(
+        (root / config).glob(f"{split}.parquet")
+    )
     if not files:
         raise UsageError(f"--glue-source {root}: no {config}/{split}-*.parquet (a mirror of nyu-mll/glue)")
     return files
@@ -141,7 +145,9 @@ def _load_hub(repo: str, config: str, splits: tuple[str, ...]) -> dict:
     try:
         dd = datasets.load_dataset(repo, config)
     except Exception as e:  # no network, no such repository or config
-        raise UsageError(f"--glue-source {repo}: cannot load config {config!r}: {str(e).splitlines()[0]}") from None
+        raise UsageError(
+            f"--glue-source {repo}: cannot load config {config!r}: {str(e).splitlines()[0]}"
+        ) from None
     missing = [s for s in splits if s not in dd]
     if missing:
         raise UsageError(f"--glue-source {repo}: config {config!r} has no split {missing[0]!r}")
@@ -218,7 +224,9 @@ def _from_disk(path: Path, splits: tuple[str, str]) -> dict:
 
 def _check_columns(spec: TaskSpec, data: dict, where: str) -> None:
     for split, ds in data.items():
-        for name, flag in [(f, "--text-fields") for f in spec.text_fields] + [(spec.label_field, "--label-field")]:
+        for name, flag in [(f, "--text-fields") for f in spec.text_fields] + [
+            (spec.label_field, "--label-field")
+        ]:
             if name not in ds.column_names:
                 raise UsageError(
                     f"{flag}: {where} split {split!r} has no field {name!r} (it has {', '.join(ds.column_names)})"

@@ -93,7 +93,7 @@ def _progress_callback(progress: Progress | None, label: str):
 def train_and_predict(cfg: FinetuneConfig, path: str, tokenizer, task: LoadedTask, seed: int,
                       progress: Progress | None = None) -> tuple[dict, dict, dict]:  # fmt: skip
     """Train, then predict every eval split: (logits by split, labels by split, a log of the run)."""
-    from transformers import DataCollatorWithPadding, Trainer, set_seed
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, set_seed
 
     set_seed(seed)
     train_ds, eval_ds = tokenize(task, tokenizer, cfg.max_length)
@@ -103,6 +103,7 @@ def train_and_predict(cfg: FinetuneConfig, path: str, tokenizer, task: LoadedTas
         data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
         callbacks=[_progress_callback(progress, f"{Path(path).name}/{task.spec.name}/seed{seed}")],
     )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # our progress line replaces its printed dicts
     t0 = time.time()
     out = trainer.train()
     seconds = time.time() - t0
