@@ -109,10 +109,17 @@ def test_glue_mirror_single_pair_and_regression_with_two_seeds(glue_run, tiny_st
 def test_card_records_downstream_results(glue_run, tiny_student):
     from huggingface_hub import ModelCard
 
+    from offline_kd.model_card import update_eval
+
     card = ModelCard.load(tiny_student / "README.md")
     results = {(r.dataset_name, r.metric_type) for r in card.data.eval_results}
     assert ("glue:mrpc", "f1") in results and ("glue:stsb", "spearmanr") in results
     assert "## Downstream evaluation" in card.text and "| glue:sst2 |" in card.text
+    assert {r.dataset_type for r in card.data.eval_results} == {"nyu-mll/glue"}  # a mirror of it
+    # `kd eval --update-card` replaces the held-out results and keeps the downstream ones
+    update_eval(tiny_student, {"accuracy": 0.5, "masked_perplexity": 9.0, "source": "heldout.txt"})
+    types = [r.task_type for r in ModelCard.load(tiny_student / "README.md").data.eval_results]
+    assert types.count("fill-mask") == 2 and types.count("text-classification") == len(results)
 
 
 def test_rerun_skips_finished_cells(glue_run):

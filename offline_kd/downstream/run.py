@@ -106,11 +106,18 @@ def _write(cfg: FinetuneConfig, plan: Plan, report: dict, log) -> None:
     if cfg.update_card:
         from offline_kd.model_card import update_downstream
 
-        sources = {t.spec.name: t.source for t in plan.tasks}
+        sources = {t.spec.name: _dataset_type(t, cfg) for t in plan.tasks}
         for ref in plan.models:  # the students' cards (a teacher's card is its owner's)
             if Path(ref.path).is_dir() and not ref.teacher:
                 card = update_downstream(ref.path, rep.card_rows(report, ref.name, sources))
                 log(f"model card updated: {card}")
+
+
+def _dataset_type(task, cfg: FinetuneConfig) -> str:
+    """A card's dataset type: the hub dataset of a GLUE task (a mirror's too), a local task's folder name."""
+    if task.spec.name.startswith("glue:"):
+        return "nyu-mll/glue" if Path(cfg.glue_source).is_dir() else cfg.glue_source
+    return Path(task.source).name
 
 
 def load_report(output: str) -> dict:
