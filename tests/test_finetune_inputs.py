@@ -131,3 +131,10 @@ def test_official_metrics():
     assert metrics.compute("pearson", [1.0, 2.0, 3.0], [2.0, 4.0, 6.5]) > 0.99
     assert metrics.compute("spearmanr", [5.0, 5.0, 5.0], [1.0, 2.0, 3.0]) == 0.0  # constant: no correlation
     assert metrics.split_suffix("validation_mismatched", 2) == "_mismatched"
+
+
+def test_glue_all_is_the_nine_tasks_of_distilbert():
+    from offline_kd.downstream.tasks import expand_tasks
+
+    nine = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb", "wnli"]
+    assert expand_tasks(["glue:all", "glue:SST-2"]) == [f"glue:{t}" for t in nine]

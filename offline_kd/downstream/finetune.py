@@ -69,7 +69,7 @@ def check_model(ref: ModelRef, flag: str):
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(ref.path)
-    if (ref.path.startswith((".", "/", "~")) or path.suffix) and not path.is_dir():
+    if ref.path.startswith((".", "/", "~")) and not path.is_dir():
         raise UsageError(f"{flag} {ref.path}: no such model directory")
     try:
         config = AutoConfig.from_pretrained(ref.path)

@@ -248,7 +248,10 @@ def _encode_labels(task: LoadedTask, task_type: str) -> LoadedTask:
         convert = float
     else:
         names = _label_names(train_labels, spec)
-        spec = replace(spec, num_labels=spec.num_labels or len(names), label_names=tuple(map(str, names)))
+        feature = task.train.features.get(lf)
+        shown = getattr(feature, "names", None) or names  # a ClassLabel's names (GLUE: negative, positive)
+        shown = shown if len(shown) == len(names) else names
+        spec = replace(spec, num_labels=spec.num_labels or len(names), label_names=tuple(map(str, shown)))
         index = {v: i for i, v in enumerate(names)}
         for split, ds in {spec.train_split: task.train, **task.evals}.items():
             unknown = next((v for v in ds[lf] if v not in index and v != -1), None)
