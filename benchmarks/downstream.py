@@ -78,14 +78,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--teacher-fit", choices=("quick", "full"), default="quick", help="fidelity.py's recipe")
     p.add_argument("--work", default=str(REPO / "runs" / "downstream"))
     p.add_argument("--corpora", default=str(SHIPPED))
-    p.add_argument("--train", type=int, default=600, help="training examples per task")
-    p.add_argument("--eval", type=int, default=300, help="evaluation examples per task")
+    p.add_argument("--train", type=int, default=400, help="training examples per task")
+    p.add_argument("--eval", type=int, default=200, help="evaluation examples per task")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--latency-samples", type=int, default=32)
+    p.add_argument(
+        "--tasks",
+        default="austen-novel,kjv-division",
+        help="comma-separated; several processes can split them",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
         "--write-demo-task",
         metavar="DIR",
@@ -121,9 +127,14 @@ def main() -> None:
         rows = kjv_divisions(read_lines("kjv_chapters.txt", Path(args.corpora)), max_chars=300)
         print(write_task(rows, Path(args.write_demo_task), 400, 100, seed=0))
         return
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     t0 = time.time()
     work, fw = Path(args.work), Path(args.fidelity_work)
     tasks = build_tasks(work, Path(args.corpora), args.train, args.eval, seed=0)
+    tasks = {name: tasks[name] for name in args.tasks.split(",")}
     teacher = Path(args.teacher) if args.teacher else teacher_dir(fw, args.teacher_fit)
     models = [f"{name}={fw / 'students' / folder}" for name, folder in STUDENTS.items()
               if (fw / "students" / folder / "config.json").is_file()]  # fmt: skip
@@ -135,7 +146,6 @@ def main() -> None:
         model=models, task=[str(p) for p in tasks.values()], teacher=f"teacher (MiniLM-L6)={teacher}",
         output=str(work), text_fields="text", seeds=args.seeds, epochs=args.epochs, lr=args.lr,
         batch_size=args.batch_size, max_length=args.max_length, latency_samples=args.latency_samples,
-        progress=False,
     )  # fmt: skip
     report = finetune(cfg)
     print(f"\nDownstream ({args.train} train / {args.eval} eval examples a task, {args.seeds} seed(s), "
