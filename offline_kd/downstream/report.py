@@ -87,7 +87,8 @@ def _metric_label(key: str) -> str:
 
 
 def _label(model: str, report: dict) -> str:
-    return f"{model} (teacher)" if model == report.get("teacher") else model
+    teacher = model == report.get("teacher") and "teacher" not in model.lower()
+    return f"{model} (teacher)" if teacher else model
 
 
 def summary_table(report: dict) -> list[str]:
