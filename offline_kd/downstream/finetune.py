@@ -220,7 +220,7 @@ def run_cell(cfg: FinetuneConfig, ref: ModelRef, tokenizer, task: LoadedTask, se
     """Fine-tune one model on one task with one seed; its metrics on every eval split."""
     from offline_kd.downstream.trainer import train_and_predict
 
-    logits, labels, log = train_and_predict(cfg, ref.path, tokenizer, task, seed, progress)
+    logits, labels, log = train_and_predict(cfg, ref.path, tokenizer, task, seed, progress, ref.name)
     values = score_cell(task, logits, labels)
     return {"model": ref.name, "path": ref.path, "task": task.spec.name, "seed": seed, "metrics": values,
             "score": metrics.task_score(values), "train_examples": len(task.train),

@@ -91,7 +91,7 @@ def _progress_callback(progress: Progress | None, label: str):
 
 
 def train_and_predict(cfg: FinetuneConfig, path: str, tokenizer, task: LoadedTask, seed: int,
-                      progress: Progress | None = None) -> tuple[dict, dict, dict]:  # fmt: skip
+                      progress: Progress | None = None, name: str | None = None) -> tuple[dict, dict, dict]:  # fmt: skip
     """Train, then predict every eval split: (logits by split, labels by split, a log of the run)."""
     from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, set_seed
 
@@ -101,7 +101,7 @@ def train_and_predict(cfg: FinetuneConfig, path: str, tokenizer, task: LoadedTas
     trainer = Trainer(
         model=model, args=training_args(cfg, Path(cfg.output) / "trainer", seed), train_dataset=train_ds,
         data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-        callbacks=[_progress_callback(progress, f"{Path(path).name}/{task.spec.name}/seed{seed}")],
+        callbacks=[_progress_callback(progress, f"{name or Path(path).name}/{task.spec.name}/seed{seed}")],
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)  # our progress line replaces its printed dicts
     t0 = time.time()
