@@ -131,3 +131,25 @@ def test_rerun_skips_finished_cells(glue_run):
     assert result.exit_code == 0, result.output
     assert "12 cell(s) done, 0 to run" in result.output
     assert {p: p.stat().st_mtime_ns for p in cells} == before
+
+
+def test_a_retrained_model_runs_its_cells_again(glue_mirror, tiny_student, tmp_path):
+    """A cell's fingerprint follows the model's weights: new weights in the same directory, a new cell."""
+    import os
+    import shutil
+
+    from offline_kd.downstream.finetune import fingerprint, parse_model
+    from offline_kd.downstream.tasks import LocalTaskOptions, load_task
+    from offline_kd.settings import FinetuneConfig
+
+    model = tmp_path / "student"
+    shutil.copytree(tiny_student, model)
+    cfg = FinetuneConfig(model=[str(model)], task=["glue:sst2"], glue_source=str(glue_mirror))
+    task = load_task("glue:sst2", LocalTaskOptions(glue_source=str(glue_mirror)))
+    ref = parse_model(str(model))
+    before = fingerprint(cfg, ref, task, 42)
+    assert fingerprint(cfg, ref, task, 42) == before != fingerprint(cfg, ref, task, 43)
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert fingerprint(cfg, ref, task, 42) != before

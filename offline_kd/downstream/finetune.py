@@ -171,9 +171,18 @@ def fingerprint(cfg: FinetuneConfig, ref: ModelRef, task: LoadedTask, seed: int)
     spec = asdict(task.spec)
     sizes = [len(task.train), *(len(d) for d in task.evals.values())]
     recipe = {k: getattr(cfg, k) for k in RECIPE}
-    blob = json.dumps([str(Path(ref.path).resolve()) if Path(ref.path).exists() else ref.path, spec, sizes,
-                       recipe, seed], sort_keys=True, default=str)  # fmt: skip
+    blob = json.dumps([_model_identity(ref.path), spec, sizes, recipe, seed], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _model_identity(path: str) -> list:
+    """A hub name, or a directory and the size and time of its weight files: a model retrained in the same
+    directory makes its cells run again."""
+    p = Path(path)
+    if not p.is_dir():
+        return [path]
+    weights = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin"))
+    return [str(p.resolve())] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights]
 
 
 def finished_cell(path: Path, fp: str) -> dict | None:
