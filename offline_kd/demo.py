@@ -186,11 +186,12 @@ def _downstream(out: Path, teacher: Path, student: Path, b: DemoBudget) -> dict:
     from offline_kd.downstream.run import finetune
     from offline_kd.settings import FinetuneConfig
 
+    toy = b.finetune_steps is not None  # the tiny budget: a smoke run of the same stage
     return finetune(
         FinetuneConfig(
             model=[f"student={student}"], teacher=f"teacher={teacher}", task=[str(demo_task())], text_fields="text",
             output=str(out / "downstream"), max_length=64, batch_size=16, lr=5e-5, max_steps=b.finetune_steps,
-            latency_samples=32, update_card=True,
+            latency_samples=4 if toy else 32, max_eval_samples=24 if toy else None, update_card=True,
         ),
         log=lambda msg: None,
     )  # fmt: skip
