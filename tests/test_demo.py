@@ -52,6 +52,11 @@ def test_demo_tiny_budget(tmp_path):
     assert saved["train_steps"] == summary["train_steps"] == 6
     student = saved["eval"]["student (distil, 3 layers)"]
     assert 0.0 <= student["accuracy"] <= 1.0 and student["teacher_agreement"] is not None
+    assert (
+        "| downstream: KJV chapter -> division" in log
+        and 0.0 <= saved["downstream"]["student"]["accuracy"] <= 1
+    )
+    assert any(r.task_type == "text-classification" for r in card.data.eval_results)  # kd finetune's result
 
     model = AutoModelForMaskedLM.from_pretrained(final)
     assert model.config.n_layers == 3  # half of MiniLM-L6

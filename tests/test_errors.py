@@ -596,7 +596,11 @@ def test_bad_training_input_is_one_error_line(case, tiny_store, tmp_path):
         ("num_sequences", -5, "recorded num_sequences -5 is not an integer of at least 1"),
         ("num_sequences", 10**12, "recorded num_shards 13 does not cover num_sequences 1000000000000"),
         ("top_k", "8", "recorded top_k '8' is not an integer of at least 0"),
-        ("max_length", 64, "array 'input_ids' has shape (97, 32), not the (97, 64) its recorded settings give"),
+        (
+            "max_length",
+            64,
+            "array 'input_ids' has shape (97, 32), not the (97, 64) its recorded settings give",
+        ),
     ],
 )
 def test_a_store_whose_record_lies_is_refused_naming_the_field(fx, field, value, expected):

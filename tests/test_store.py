@@ -263,6 +263,8 @@ def test_a_committed_shard_whose_file_is_gone_is_corruption_not_zeros(tmp_path, 
     for f in [f for f in gone if f.is_file()]:
         f.unlink()
     s = SignalStore.open(str(store))
-    with pytest.raises(StoreCorruptionError, match=r"array 'hidden' view 0, shard 0 is committed but its file is missing"):
+    with pytest.raises(
+        StoreCorruptionError, match=r"array 'hidden' view 0, shard 0 is committed but its file is missing"
+    ):
         s.read(0, 0, s.meta.shard_sequences)
     assert s.read(0, 0, s.meta.shard_sequences, fields=["input_ids", "lengths"])["lengths"].sum() > 0

@@ -40,6 +40,9 @@ main.add_command(demo_command)
 from offline_kd.cli.commands_store import register as register_store_commands  # noqa: E402
 
 register_store_commands(main)  # precompute, inspect, verify
+from offline_kd.cli.commands_finetune import finetune_command  # noqa: E402
+
+main.add_command(finetune_command)
 
 if __name__ == "__main__":
     main()

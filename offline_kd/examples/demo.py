@@ -29,11 +29,12 @@ class DemoBudget:
     micro_batch: int
     eval_sequences: int | None
     teacher_dtype: str  # precompute dtype: bf16 roughly halves the CPU teacher pass
+    finetune_steps: int | None = None  # the downstream row (None: 3 epochs of the shipped task)
 
 
 BUDGETS = {
     "full": DemoBudget(60, 240, 16, 128, 500, 150, 16, None, "bfloat16"),
-    "tiny": DemoBudget(2, 4, 4, 64, 60, 6, 4, 16, "float32"),
+    "tiny": DemoBudget(2, 4, 4, 64, 60, 6, 4, 16, "float32", finetune_steps=2),
 }
 
 
@@ -92,80 +93,148 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
-def run_demo(output: str | Path, budget: str = "full", log=print) -> dict:
+def _demo_corpus(out: Path, b: DemoBudget) -> Path:
+    """The embedded sample corpus, or its first documents for a toy budget."""
     from offline_kd.data.corpus import load_documents, write_documents
+
+    if b.documents is None:
+        return sample_corpus()
+    corpus = out / "corpus.txt"
+    write_documents(load_documents(str(sample_corpus())).select(range(b.documents)), corpus)
+    return corpus
+
+
+def _fit_teacher(out: Path, corpus: Path, b: DemoBudget, log) -> Path:
     from offline_kd.examples.minilm import MiniLMFitConfig, fit_minilm_teacher
-    from offline_kd.precompute.run import PrecomputeConfig, precompute
-    from offline_kd.publish.evaluate import EvalConfig, evaluate
-    from offline_kd.runtime.log_noise import drop_expected_deepspeed_warnings
-    from offline_kd.runtime.options import from_fields
-    from offline_kd.runtime.progress import quiet_library_bars
-    from offline_kd.store.signal_store import SignalStore
-    from offline_kd.train.loop import TrainConfig, train
 
-    drop_expected_deepspeed_warnings(cpu_expected=not _has_accelerator())
-    quiet_library_bars()  # in a log file: no bars of datasets / transformers
-    b = BUDGETS[budget]
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    corpus = sample_corpus()
-    if b.documents is not None:  # toy budget: the first documents of the sample
-        corpus = out / "corpus.txt"
-        write_documents(load_documents(str(sample_corpus())).select(range(b.documents)), corpus)
-
-    t = time.time()
-    log("[1/5] teacher: MiniLM-L6 encoder + MLM head fitted on the sample corpus")
-    teacher = fit_minilm_teacher(
+    return fit_minilm_teacher(
         MiniLMFitConfig(
             corpus=[str(corpus)], holdout_fraction=0.1, head_steps=b.fit_head_steps, steps=b.fit_steps,
             batch_size=b.fit_batch, seq_len=b.max_length, output=str(out / "teacher"),
         ),
         log=log,
     )  # fmt: skip
-    timings["teacher fit"] = time.time() - t
 
-    t = time.time()
-    log("[2/5] precompute: the teacher reads the corpus once")
-    store = out / "store.zarr"
-    heldout = out / "heldout.txt"
-    pre = precompute(
+
+def _precompute(out: Path, teacher: Path, corpus: Path, b: DemoBudget):
+    from offline_kd.precompute.run import PrecomputeConfig, precompute
+
+    return precompute(
         PrecomputeConfig(
-            teacher=str(teacher), corpus=[str(corpus)], output=str(store), max_length=b.max_length,
-            top_k=64, temperatures=[1.0, 2.0], views=2, hidden=True, holdout=0.1, holdout_file=str(heldout),
-            batch_size=16, shard_size=64, dtype=b.teacher_dtype,
+            teacher=str(teacher), corpus=[str(corpus)], output=str(out / "store.zarr"), max_length=b.max_length,
+            top_k=64, temperatures=[1.0, 2.0], views=2, hidden=True, holdout=0.1,
+            holdout_file=str(out / "heldout.txt"), batch_size=16, shard_size=64, dtype=b.teacher_dtype,
         )
     )  # fmt: skip
-    timings["precompute"] = time.time() - t
-    meta = SignalStore.open(str(store)).meta
-    log(
-        f"      {pre.num_sequences} sequences, {pre.tokens} tokens in {timings['precompute']:.0f}s -> {store}"
-    )
 
-    t = time.time()
-    log("[3/5] train: a DistilBERT student (half the teacher's layers) with DeepSpeed, from the store only")
-    result = train(
+
+def _train_student(out: Path, teacher: Path, b: DemoBudget):
+    from offline_kd.runtime.options import from_fields
+    from offline_kd.train.loop import TrainConfig, train
+
+    return train(
         from_fields(
-            TrainConfig, store=str(store), student="distil", output=str(out / "student"), teacher=str(teacher),
-            deepspeed_config=demo_ds_config(b.micro_batch), epochs=100, max_steps=b.train_steps,
-            schedule_steps=b.train_steps, save_every=max(1, b.train_steps // 2), eval_corpus=str(heldout),
-            eval_max_sequences=b.eval_sequences,
+            TrainConfig, store=str(out / "store.zarr"), student="distil", output=str(out / "student"),
+            teacher=str(teacher), deepspeed_config=demo_ds_config(b.micro_batch), epochs=100,
+            max_steps=b.train_steps, schedule_steps=b.train_steps, save_every=max(1, b.train_steps // 2),
+            eval_corpus=str(out / "heldout.txt"), eval_max_sequences=b.eval_sequences,
         )
     )  # fmt: skip
-    timings["train"] = time.time() - t
-    student = Path(result.final_dir)
-    plot_losses(out / "student" / "logs" / "metrics.csv", out / "loss_curve.png")
 
-    t = time.time()
-    log("[4/5] export: " + str(student))
-    log("[5/5] evaluate teacher and student on held-out documents")
-    ev = dict(corpus=[str(heldout)], max_length=b.max_length, max_sequences=b.eval_sequences, seed=0)
-    rows = {
+
+def _evaluate(out: Path, teacher: Path, student: Path, b: DemoBudget) -> dict:
+    from offline_kd.publish.evaluate import EvalConfig, evaluate
+
+    ev = dict(
+        corpus=[str(out / "heldout.txt")], max_length=b.max_length, max_sequences=b.eval_sequences, seed=0
+    )
+    return {
         "teacher (MiniLM-L6)": evaluate(EvalConfig(model=str(teacher), **ev)),
         "student (distil, 3 layers)": evaluate(EvalConfig(model=str(student), teacher=str(teacher), **ev)),
     }
-    timings["eval"] = time.time() - t
-    return _report(out, store, student, meta.num_sequences, result.steps, rows, timings, log)
+
+
+def run_demo(output: str | Path, budget: str = "full", log=print) -> dict:
+    """The pipeline end to end on the embedded sample; each stage timed; a summary and the tables."""
+    from offline_kd.runtime.log_noise import drop_expected_deepspeed_warnings
+    from offline_kd.runtime.progress import quiet_library_bars
+
+    drop_expected_deepspeed_warnings(cpu_expected=not _has_accelerator())
+    quiet_library_bars()  # in a log file: no bars of datasets / transformers
+    b, out, timings = BUDGETS[budget], Path(output), {}
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = _demo_corpus(out, b)
+
+    t = time.time()
+    log("[1/5] teacher: MiniLM-L6 encoder + MLM head fitted on the sample corpus")
+    teacher = _fit_teacher(out, corpus, b, log)
+    timings["teacher fit"], t = time.time() - t, time.time()
+    log("[2/5] precompute: the teacher reads the corpus once")
+    pre = _precompute(out, teacher, corpus, b)
+    timings["precompute"], t = time.time() - t, time.time()
+    log(
+        f"      {pre.num_sequences} sequences, {pre.tokens} tokens in {timings['precompute']:.0f}s -> {out / 'store.zarr'}"
+    )
+    log("[3/5] train: a DistilBERT student (half the teacher's layers) with DeepSpeed, from the store only")
+    result = _train_student(out, teacher, b)
+    timings["train"], t, student = time.time() - t, time.time(), Path(result.final_dir)
+    plot_losses(out / "student" / "logs" / "metrics.csv", out / "loss_curve.png")
+    log("[4/5] export: " + str(student))
+    log("[5/5] evaluate teacher and student on held-out documents")
+    rows = _evaluate(out, teacher, student, b)
+    timings["eval"], t = time.time() - t, time.time()
+    log(
+        "then: teacher and student fine-tuned on a shipped task (which division of the Bible a KJV chapter is from)"
+    )
+    downstream = _downstream(out, teacher, student, b)
+    timings["downstream"] = time.time() - t
+    summary = _report(out, out / "store.zarr", student, pre.num_sequences, result.steps, rows, timings, log)
+    return _downstream_row(out, summary, downstream, log)
+
+
+def demo_task() -> Path:
+    """The shipped downstream task: KJV chapters (their first 300 characters) labelled with their division
+    of the Bible (offline_kd/data/downstream/README.md)."""
+    return Path(str(resources.files("offline_kd") / "data" / "downstream" / "kjv_division"))
+
+
+def _downstream(out: Path, teacher: Path, student: Path, b: DemoBudget) -> dict:
+    """`kd finetune` of teacher and student on the shipped task; the student's card records the result."""
+    from offline_kd.downstream.run import finetune
+    from offline_kd.runtime.settings import FinetuneConfig
+
+    toy = b.finetune_steps is not None  # the tiny budget: a smoke run of the same stage
+    return finetune(
+        FinetuneConfig(
+            model=[f"student={student}"], teacher=f"teacher={teacher}", task=[str(demo_task())], text_fields="text",
+            output=str(out / "downstream"), max_length=64, batch_size=16, lr=5e-5, max_steps=b.finetune_steps,
+            latency_samples=4 if toy else 32, max_eval_samples=24 if toy else None, update_card=True,
+        ),
+        log=lambda msg: None,
+    )  # fmt: skip
+
+
+def _downstream_row(out: Path, summary: dict, report: dict, log) -> dict:
+    """The downstream row: accuracy of teacher and student, retention, size and CPU speed-up."""
+    row = report["tasks"]["kjv_division"]
+    ratios = report["speed"]["ratios"]["student"]
+    summary["downstream"] = {"task": "kjv_division", "teacher": row["teacher"]["metrics"],
+                             "student": row["student"]["metrics"], "retention": row["student"]["retention"],
+                             "speed": report["speed"]}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    retention = row["student"]["retention"]
+    log(
+        "\n| downstream: KJV chapter -> division (6 classes) | accuracy | macro F1 | retention | params | CPU speed-up |"
+    )
+    log("|---|---|---|---|---|---|")
+    for name in ("teacher", "student"):
+        m, r = row[name]["metrics"], report["speed"]["ratios"][name]
+        kept = "–" if retention is None else f"{100 * (1.0 if name == 'teacher' else retention):.0f}%"
+        log(f"| {name} | {100 * m['accuracy']:.1f}% | {100 * m['macro_f1']:.1f} | {kept} | "
+            f"{100 * r['parameters']:.0f}% | {r['cpu_speedup']:.2f}x |")  # fmt: skip
+    log(f"downstream report: {out / 'downstream' / 'report.md'}; the student's model card records it "
+        f"(params {100 * ratios['parameters']:.0f}% of the teacher's)")  # fmt: skip
+    return summary
 
 
 def _report(out, store, student, sequences, steps, rows, timings, log) -> dict:

@@ -250,7 +250,8 @@ def update_eval(model_dir: str | Path, heldout: dict) -> Path:
         card = ModelCard.load(path)
     else:
         card = ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n\n")
-    card.data.eval_results = eval_results(heldout)
+    kept = [r for r in card.data.eval_results or [] if r.task_type != "fill-mask"]  # downstream results
+    card.data.eval_results = eval_results(heldout) + kept or None
     card.data.model_name = card.data.model_name or Path(model_dir).resolve().name
     section = eval_section(heldout)
     text = card.text
@@ -259,5 +260,66 @@ def update_eval(model_dir: str | Path, heldout: dict) -> Path:
         text = head + section + rest.split(EVAL_END, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n## Held-out evaluation\n\n" + section + "\n"
+    ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}").save(path)
+    return path
+
+
+DOWNSTREAM_BEGIN, DOWNSTREAM_END = "<!-- downstream evaluation -->", "<!-- end of downstream evaluation -->"
+
+
+def downstream_results(rows: list[dict]) -> list[EvalResult]:
+    """``model-index`` entries of `kd finetune` results: one per task and metric (median over seeds)."""
+    return [
+        EvalResult(
+            task_type="text-classification",
+            dataset_type=row["source"],
+            dataset_name=row["task"],
+            dataset_config=row["task"].split(":", 1)[1] if row["task"].startswith("glue:") else None,
+            dataset_split="validation",
+            metric_type=key,
+            metric_value=round(float(value), 6),
+        )  # fmt: skip
+        for row in rows
+        for key, value in row["metrics"].items()
+    ]
+
+
+def downstream_section(rows: list[dict]) -> str:
+    """The body's downstream results (``kd finetune --update-card``), between markers a rerun replaces."""
+    teacher = next((r["teacher"] for r in rows if r.get("teacher")), None)
+    lines = [
+        "Fine-tuned with `kd finetune`; median over seeds, metrics × 100"
+        + (f"; retention: this model's score over the teacher's (`{teacher}`)." if teacher else "."),
+        "",
+        "| task | metrics | score | seeds | retention |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        values = ", ".join(f"{k} {100 * v:.1f}" for k, v in r["metrics"].items())
+        retention = "–" if r.get("retention") is None else f"{100 * r['retention']:.1f}%"
+        lines.append(f"| {r['task']} | {values} | {100 * r['score']:.1f} | {r['seeds']} | {retention} |")
+    return f"{DOWNSTREAM_BEGIN}\n" + "\n".join(lines) + f"\n{DOWNSTREAM_END}"
+
+
+def update_downstream(model_dir: str | Path, rows: list[dict]) -> Path:
+    """Record downstream results in ``MODEL/README.md``: ``model-index`` entries replacing the card's
+    earlier downstream ones for the same tasks, and the body's downstream section."""
+    path = Path(model_dir) / "README.md"
+    if path.is_file():
+        card = ModelCard.load(path)
+    else:
+        card = ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n\n")
+    tasks = {r["task"] for r in rows}
+    kept = [
+        r for r in card.data.eval_results or [] if r.task_type == "fill-mask" or r.dataset_name not in tasks
+    ]
+    card.data.eval_results = kept + downstream_results(rows) or None
+    card.data.model_name = card.data.model_name or Path(model_dir).resolve().name
+    section, text = downstream_section(rows), card.text
+    if DOWNSTREAM_BEGIN in text and DOWNSTREAM_END in text:
+        head, rest = text.split(DOWNSTREAM_BEGIN, 1)
+        text = head + section + rest.split(DOWNSTREAM_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Downstream evaluation\n\n" + section + "\n"
     ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}").save(path)
     return path

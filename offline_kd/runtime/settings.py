@@ -355,3 +355,61 @@ class EvalConfig:
     update_card: bool = setting(
         False, "Record the results as the held-out evaluation of MODEL/README.md's model card."
     )
+
+
+@dataclass
+class FinetuneConfig:
+    """``kd finetune``: fine-tune models on downstream tasks and report each against the teacher."""
+
+    model: list[str] = setting(
+        help="A model to fine-tune: an exported student, any AutoModelForMaskedLM directory or hub name "
+        "(bert-base-uncased); NAME=PATH names it in the report (repeatable)."
+    )
+    task: list[str] = setting(
+        help="glue:NAME (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), glue:all, or a local task: a "
+        "directory of split files (csv, tsv, jsonl, parquet; or datasets' save_to_disk) (repeatable)."
+    )
+    teacher: str | None = setting(
+        None, "The reference model (a directory or hub name; NAME=PATH): retention is each model / teacher."
+    )
+    output: str = setting("runs/finetune", "Directory for results, the report and resumable cells.")
+    glue_source: str = setting(
+        "nyu-mll/glue", "Where glue:NAME is read: a hub dataset repository, or a local directory laid out "
+        "like nyu-mll/glue (CONFIG/SPLIT-*.parquet)."
+    )  # fmt: skip
+    text_fields: str | None = setting(None, "Local task: the text field(s), A or A,B for sentence pairs.")
+    label_field: str = setting("label", "Local task: the label field.")
+    train_split: str = setting(
+        "train", "Local task: the training split (a name in the directory, or a file)."
+    )
+    eval_split: str = setting("validation", "Local task: the evaluation split (a name, or a file).")
+    task_type: str = setting(
+        "auto", "Local task: classification or regression (auto: regression for fractional labels).",
+        choices=("auto", "classification", "regression"),
+    )  # fmt: skip
+    max_length: int = setting(128, "Tokens per example (longer ones are truncated).")
+    batch_size: int = setting(32, "Training examples per step (per device).")
+    eval_batch_size: int = setting(128, "Examples per evaluation forward pass.")
+    lr: float = setting(2e-5, "Peak learning rate (AdamW, linear decay).")
+    epochs: float = setting(3.0, "Training epochs.")
+    warmup: float = setting(0.1, "Warm-up, as a fraction of the training steps.")
+    weight_decay: float = setting(0.01, "AdamW weight decay.")
+    max_steps: int | None = setting(None, "Stop after this many steps (overrides --epochs).")
+    max_train_samples: int | None = setting(None, "Train on the first N examples of the training split.")
+    max_eval_samples: int | None = setting(None, "Evaluate on the first N examples of each eval split.")
+    seeds: int = setting(1, "Seeds per (model, task): the report gives the median and the spread.")
+    seed: int = setting(42, "The first seed; the others follow it.")
+    precision: str = setting(
+        "auto", "auto: bf16 on a GPU that has it, else fp32.", choices=("auto", "fp32", "bf16", "fp16")
+    )
+    cpu: bool = setting(False, "Train on the CPU even where a GPU is present.")
+    speed: bool = setting(True, "Measure size and speed: parameters, weights on disk, latency, throughput.")
+    latency_samples: int = setting(64, "Eval examples timed one at a time (batch 1) on the CPU per model.")
+    throughput_batch: int = setting(256, "Batch of the GPU throughput measurement (when CUDA is present).")
+    update_card: bool = setting(False, "Record the results in each local model's README.md model card.")
+    progress: bool = setting(
+        True, "A progress bar on a terminal (without one: a line every 30 s), with an ETA."
+    )
+    hub_kernels: bool = setting(
+        False, "Let transformers replace layers with Hugging Face hub kernels (off: the checkpoint's own)."
+    )
