@@ -637,10 +637,11 @@ class SignalStore:
     def _check_files(self, name: str, codec, start: int, stop: int, view: int | None) -> None:
         """Refuse rows of a committed shard whose file is gone (never zeros for data that was written)."""
         rows = codec.shard_rows
-        committed = self._committed_cache()
         for s in range(start // rows, (stop - 1) // rows + 1):
-            shard = (s * rows) // self.meta.shard_sequences
-            if shard < len(committed) and committed[shard] and not codec.stored(s, view):
+            if codec.stored(s, view):
+                continue  # the usual case: no need to consult the commit record
+            shard, committed = (s * rows) // self.meta.shard_sequences, self._committed_cache()
+            if shard < len(committed) and committed[shard]:
                 v = "" if view is None else f" view {view},"
                 raise StoreCorruptionError(
                     f"{self.url!r}: array {name!r}{v} shard {shard} is committed but its file is missing"
