@@ -8,8 +8,9 @@ Public API (see docs/kernels.md for the math):
 * `distillation_logit_losses(...) -> (kl, ce)`: the same losses with independent upstream gradients (the
   backward reads the logits again)
 * `cosine_loss(student_hidden, teacher_hidden, row_mask=None)`
-* `fused_linear_distillation_losses(hidden, weight, bias, ...) -> LossParts`: the LM head fused in, chunked
-  over rows (experimental, not used by the trainer; see fused_head.py)
+* `fused_linear_distillation_losses(hidden, weight, bias, ...)` / `fused_linear_exact_losses(hidden, weight,
+  bias, teacher_logits, T, ...)` -> LossParts: the student's output layer fused in, chunked over rows, for the
+  top-k and the exact source (what the trainer runs; see fused_head.py)
 * `dense_distillation_losses(student_logits, teacher_logits, T, ...)` / `exact_distillation_losses(student_logits,
   teacher_hidden, teacher_head, T, ...)` -> LossParts(total, kl, mlm): the full teacher distribution
   (docs/kernels-dense.md)
@@ -37,7 +38,7 @@ from .dispatch import (
     backend_for_device,
     choose_backend,
 )
-from .fused_head import fused_linear_distillation_losses
+from .fused_head import fused_linear_distillation_losses, fused_linear_exact_losses
 from .reference import ReferenceDistillLogitLoss, reference_cosine_loss, reference_forward_grad
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "distillation_logit_losses",
     "cosine_loss",
     "fused_linear_distillation_losses",
+    "fused_linear_exact_losses",
     "dense_distillation_losses",
     "exact_distillation_losses",
     "LossParts",

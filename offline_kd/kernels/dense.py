@@ -60,7 +60,9 @@ def check_labels(labels: torch.Tensor, V: int) -> None:
         torch._assert_async(~bad.any(), f"mlm_labels outside the vocabulary [0, {V})")
 
 
-def _prepare(student_logits, temperature, row_mask, mlm_labels, ignore_index, weights, vocab_size) -> _Inputs:
+def prepare_inputs(
+    student_logits, temperature, row_mask, mlm_labels, ignore_index, weights, vocab_size
+) -> _Inputs:
     temperature = float(temperature)
     if not (temperature > 0 and temperature < float("inf")):
         raise ValueError(f"temperature must be a positive number, got {temperature}")
@@ -101,38 +103,61 @@ def _backend(s: torch.Tensor):
     return dense_reference.dense_kl_ce_rows, dense_reference.scale_grad_
 
 
+class DenseRows:
+    """The per-row dense KL and CE of one batch, written chunk by chunk of rows, and their weighted means.
+
+    `write(sl, s, t, grad)` runs the backend's kernel on rows `sl`: student logits `s` and teacher logits
+    `t` of those rows ([c, >= vocab], only the first `vocab` columns read), the gradient of the weighted
+    total written into `grad` (which may be `s` itself) when given. `totals()` gives (total, kl, mlm)."""
+
+    def __init__(self, inp: _Inputs):
+        self.inp, self.vocab = inp, inp.vocab
+        self.rows_fn, self.scale_ = _backend(inp.s)
+        T, (w_kl, w_mlm) = inp.temperature, inp.weights
+        dev, N = inp.s.device, inp.s.shape[0]
+        self.n_sel = inp.sel.sum().float().clamp(min=1.0)
+        self.n_lab = (inp.labels >= 0).sum().float().clamp(min=1.0) if inp.labels is not None else None
+        mlm_coef = (w_mlm / self.n_lab) if self.n_lab is not None else self.n_sel * 0.0
+        self.coef = torch.stack([w_kl * T / self.n_sel, mlm_coef])
+        self.kl_rows = torch.empty(N, device=dev, dtype=torch.float32)
+        self.ce_rows = torch.empty_like(self.kl_rows) if inp.labels is not None else None
+
+    def write(self, sl: slice, s: torch.Tensor, t: torch.Tensor, grad: torch.Tensor | None) -> None:
+        inp, V, ce = self.inp, self.vocab, self.ce_rows
+        self.rows_fn(
+            s[:, :V], t[:, :V], inp.sel[sl], inp.labels[sl] if ce is not None else None, self.coef,
+            inp.temperature, grad[:, :V] if grad is not None else None, self.kl_rows[sl],
+            ce[sl] if ce is not None else None,
+        )  # fmt: skip
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T, (w_kl, w_mlm) = self.inp.temperature, self.inp.weights
+        kl = self.kl_rows.sum() * (T * T) / self.n_sel
+        if self.ce_rows is not None:
+            mlm = self.ce_rows.sum() / self.n_lab
+        else:
+            mlm = torch.zeros((), device=self.kl_rows.device)
+        return w_kl * kl + w_mlm * mlm, kl, mlm
+
+
 def _losses(
     inp: _Inputs, teacher_chunks: Callable[[int, int], torch.Tensor], chunk: int
 ) -> tuple[Callable, Callable]:
     """The `compute` closure for GradInForward (and the scaling function): per row chunk, the teacher's
     logits, then the kernel writing that chunk's per-row losses and gradient rows."""
-    rows_fn, scale_ = _backend(inp.s)
-    T, (w_kl, w_mlm) = inp.temperature, inp.weights
-    dev = inp.s.device
-    n_sel = inp.sel.sum().float().clamp(min=1.0)
-    n_lab = (inp.labels >= 0).sum().float().clamp(min=1.0) if inp.labels is not None else None
-    coef = torch.stack([w_kl * T / n_sel, (w_mlm / n_lab) if n_lab is not None else n_sel * 0.0])
 
     def compute(s: torch.Tensor, need_grad: bool):
-        N, V = s.shape[0], inp.vocab
-        grad = torch.empty(s.shape, device=dev, dtype=s.dtype) if need_grad else None
-        if grad is not None and V < s.shape[1]:
-            grad[:, V:].zero_()  # padding columns: outside the softmax
-        kl_rows = torch.empty(N, device=dev, dtype=torch.float32)
-        ce_rows = torch.empty_like(kl_rows) if inp.labels is not None else None
-        for start in range(0, N, chunk):  # the Triton launcher runs under its own device guard
-            sl = slice(start, min(N, start + chunk))
-            rows_fn(
-                s[sl, :V], teacher_chunks(sl.start, sl.stop)[:, :V], inp.sel[sl],
-                inp.labels[sl] if ce_rows is not None else None, coef, T,
-                grad[sl, :V] if grad is not None else None, kl_rows[sl],
-                ce_rows[sl] if ce_rows is not None else None,
-            )  # fmt: skip
-        kl = kl_rows.sum() * (T * T) / n_sel
-        mlm = ce_rows.sum() / n_lab if ce_rows is not None else torch.zeros((), device=dev)
-        return w_kl * kl + w_mlm * mlm, (kl, mlm), grad
+        rows = DenseRows(inp)
+        grad = torch.empty(s.shape, device=s.device, dtype=s.dtype) if need_grad else None
+        if grad is not None and inp.vocab < s.shape[1]:
+            grad[:, inp.vocab :].zero_()  # padding columns: outside the softmax
+        for start in range(0, s.shape[0], chunk):  # the Triton launcher runs under its own device guard
+            sl = slice(start, min(s.shape[0], start + chunk))
+            rows.write(sl, s[sl], teacher_chunks(sl.start, sl.stop), grad[sl] if grad is not None else None)
+        total, kl, mlm = rows.totals()
+        return total, (kl, mlm), grad
 
-    return compute, scale_
+    return compute, _backend(inp.s)[1]
 
 
 def _run(inp: _Inputs, teacher_chunks: Callable[[int, int], torch.Tensor], chunk: int) -> LossParts:
@@ -155,7 +180,7 @@ def dense_distillation_losses(
     != ignore_index. student_logits / teacher_logits [..., V], any float dtypes; the teacher is a constant.
     `vocab_size` < the logits' width: only the first vocab_size columns are the vocabulary (padded logits,
     whose padding never gets probability and gets a zero gradient)."""
-    inp = _prepare(student_logits, temperature, row_mask, mlm_labels, ignore_index, weights, vocab_size)
+    inp = prepare_inputs(student_logits, temperature, row_mask, mlm_labels, ignore_index, weights, vocab_size)
     N = inp.s.shape[0]
     t = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
     if t.shape[0] != N or not t.is_floating_point() or not _width_ok(t.shape[1], inp, vocab_size):
@@ -196,7 +221,7 @@ def exact_distillation_losses(
     and run through the head with autocast off and no gradient, chunk by chunk. With `vocab_size`, the
     student's and the head's logits may be wider than the vocabulary (padded to a multiple of 64 for aligned
     rows); only the first vocab_size columns count."""
-    inp = _prepare(student_logits, temperature, row_mask, mlm_labels, ignore_index, weights, vocab_size)
+    inp = prepare_inputs(student_logits, temperature, row_mask, mlm_labels, ignore_index, weights, vocab_size)
     N, V = inp.s.shape[0], inp.vocab
     h = _flat_rows(teacher_hidden, N).detach()
     dtype = head_dtype(teacher_head)

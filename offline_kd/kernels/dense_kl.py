@@ -200,9 +200,15 @@ def _row(
         ap = a * tl.exp2(-cp_lo)
     ok = lab < V
     lab_safe = tl.where(ok, lab, 0)
+    # The label's logits are read before pass 2, which may overwrite them: the gradient may be written over
+    # the student's (or the teacher's) row (the fused head does), and the one-hot fix-up below needs both.
+    s_lab = 0.0
+    t_lab = 0.0
     if CE:
         # CE = (m - s_label) + ln sum exp(s - m), with the exact residual of the offset m1 ~ m log2 e
         s_lab = tl.load(s_row + lab_safe).to(tl.float32)
+        if KL:
+            t_lab = tl.load(t_row + lab_safe).to(tl.float32)
         ce = (m_s - s_lab) + (lg_1 - tl.fma(m_s, LOG2E_C, -m1)) * LN2_C
         tl.store(CE_ptr + row, tl.where(ok, ce, float("nan")))
         if T_MODE == 1:  # sigma = q
@@ -267,11 +273,10 @@ def _row(
     if WRITE_GRAD and CE:
         # the one-hot term: rewrite the label's entry (other threads of this program wrote it above)
         tl.debug_barrier()
-        x = tl.load(s_row + lab_safe).to(tl.float32)
-        y = x
+        y = s_lab
         if KL:
-            y = tl.load(t_row + lab_safe).to(tl.float32)
-        gl = _grad_terms(x, y, k_t, cq, cp, c1, aq, ap, cs, KL, CE, T_MODE)[0] - c
+            y = t_lab
+        gl = _grad_terms(s_lab, y, k_t, cq, cp, c1, aq, ap, cs, KL, CE, T_MODE)[0] - c
         tl.store(g_row + lab_safe, gl.to(g_row.dtype.element_ty), mask=ok)
 
 
@@ -368,8 +373,8 @@ def dense_kl_ce_rows(
     """Fill kl_rows [n] (KL(p‖q) per selected row, 0 elsewhere), ce_rows [n] (CE per labelled row) and, when
     given, grad [n, V] = coef[0]·(q − p) on selected rows + coef[1]·(σ − onehot) on labelled rows.
 
-    s, t, grad: [n, V] with unit last stride (any row stride); sel [n] int8; labels [n] int64, -1 = none;
-    coef [2] fp32 on the device."""
+    s, t, grad: [n, V] with unit last stride (any row stride); grad may be s itself (the gradient written over
+    the logits); sel [n] int8; labels [n] int64, -1 = none; coef [2] fp32 on the device."""
     if s.shape[0] == 0:
         return
     args, kwargs = launch_args(s, t, sel, labels, coef, temperature, grad, kl_rows, ce_rows)

@@ -49,15 +49,14 @@ def dense_kl_ce_rows(
     ce_rows: torch.Tensor | None,
 ) -> None:
     """Same contract as `dense_kl.dense_kl_ce_rows`: per-row KL(p‖q) / CE into kl_rows / ce_rows and
-    grad = coef[0]·(q − p) on selected rows + coef[1]·(σ − onehot) on labelled rows (zeros elsewhere)."""
+    grad = coef[0]·(q − p) on selected rows + coef[1]·(σ − onehot) on labelled rows (zeros elsewhere); grad
+    may be s itself."""
     n, V = s.shape
     has_lab = labels >= 0 if labels is not None else torch.zeros(n, dtype=torch.bool, device=s.device)
     do_kl = sel != 0
     kl_rows.zero_()
     if ce_rows is not None:
         ce_rows.zero_()
-    if grad is not None:
-        grad.zero_()
     r = min(chunk_rows(V), max(n, 1))
     x, y, q, p = (torch.empty(r, V, device=s.device, dtype=torch.float32) for _ in range(4))
     a, c = coef[0], coef[1]
@@ -80,6 +79,9 @@ def dense_kl_ce_rows(
             _ce_chunk(xs, ys, g, labels[rows], has_lab[rows], c, ce_rows, rows)
         if grad is not None:
             grad[rows] = g.to(grad.dtype)
+    if grad is not None:  # zeroed last, not first: grad may be s itself, whose rows are read above
+        idle = (~(do_kl | has_lab)).nonzero().flatten()
+        grad[idle] = 0
 
 
 def _ce_chunk(xs, buf, g, lab, has, c, ce_rows, rows) -> None:

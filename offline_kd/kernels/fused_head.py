@@ -1,57 +1,89 @@
-"""Fused LM head + distillation losses: `logits = hidden @ weight.T + bias` computed chunk by chunk of rows and
-fed straight into the KL/CE kernels, so the full [N, V] logits (and their gradient) never exist.
+"""The student's output layer fused into the distillation losses: `logits = hidden @ weight.T + bias` computed
+chunk by chunk of rows and fed straight into the loss kernels, so no [N, V] tensor of either model exists
+beyond one chunk (Liger-Kernel's fused linear cross-entropy, with a teacher).
 
-Experimental: the trainer does not use it (the student's own head runs inside the model).
-
-The loss weights are known up front, so everything happens in the forward, chunk by chunk: the chunk's
-logits, the kernels' gradient-in-forward pass writing the logit gradient over them, and that gradient folded
-into the gradients of hidden (the chunk's rows), weight and bias (accumulated in fp32 whatever the compute
-dtype). The backward only multiplies the three by the upstream gradient. Hence:
+Per row chunk, in the forward: the student's logits; the teacher's (the exact source: its head on the stored
+hidden states, `teacher_logits(a, b)`; the top-k source: nothing, the stored top-k is k-wide); the kernel
+writing the per-row losses and the gradient of the weighted total over the student's logits; that gradient
+folded into the gradients of hidden (the chunk's rows), weight and bias (accumulated in fp32 whatever the
+compute dtype). The backward only multiplies the three by the upstream gradient. Hence:
 
 * autocast: the matmuls run in the autocast dtype when autocast is on at the call (a bf16 hidden state
   with fp32 weights works); the gradients come back in each input's own dtype;
 * ZeRO-3: the backward never reads the weight, so releasing its gathered copy after the forward (what ZeRO-3
-  does to a partitioned parameter) is safe. The weight must be whole during the forward: call this inside
-  the forward of the module that owns it, or register it as an external parameter of the calling module;
-* memory: one [c, V] logits chunk in the compute dtype besides the three gradients (fp32 [V, H] for the
-  weight while the forward runs).
+  does to a partitioned parameter) is safe. The weight must be whole during the forward: the trainer
+  registers it as an external parameter of the module whose forward calls this;
+* memory: one [c, W] logits chunk in the compute dtype (the gradient is written over it) and, for the exact
+  source, the teacher's [c, V] fp32 chunk: at most 2·c·V·4 bytes, besides the gradients of the inputs.
+
+Rows are taken as given: the caller passes only rows that count for a loss (the trainer drops padding
+before the head, so no padding row goes through either model's head).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import reference
-from ._common import (
-    ForwardGrad,
-    LossParts,
-    Prepared,
-    RowStats,
-    loss_coefficients,
-    prepare,
-    reduce_rows,
-)
+from . import dense, reference
+from ._common import ForwardGrad, LossParts, Prepared, RowStats, loss_coefficients, prepare, reduce_rows
 from .dispatch import backend_for
 
-
-def _forward_grad(name: str) -> ForwardGrad:
-    if name == "triton":
-        from . import kl
-
-        return kl.kl_ce_forward_grad
-    return reference.reference_forward_grad
+# Student logits per chunk: 2^23 (256 rows at V = 30,528, 15 MiB in bf16, with the exact source's 30 MiB of
+# fp32 teacher logits about a GPU's L2), in multiples of 64 rows for the matmuls' tiles.
+CHUNK_ELEMS = 1 << 23
+CHUNK_MULTIPLE = 64
 
 
 def default_chunk_rows(V: int, n: int) -> int:
-    """About 2^24 logits per chunk (32 MiB in bf16: 549 rows at V = 30,522), at least 64 rows so the matmuls
-    stay efficient."""
-    return max(1, min(n, max(64, (1 << 24) // max(V, 1))))
+    """Rows per chunk: about CHUNK_ELEMS logits, a multiple of 64 rows (at least 64), at most n."""
+    rows = max(CHUNK_MULTIPLE, (CHUNK_ELEMS // max(V, 1)) // CHUNK_MULTIPLE * CHUNK_MULTIPLE)
+    return max(1, min(n, rows))
 
 
-def _row_chunks(n: int, chunk: int):
-    for start in range(0, n, chunk):
-        yield slice(start, min(start + chunk, n))
+class _TopkRows:
+    """The top-k source's per-row losses, chunk by chunk (the sparse kernels' gradient-in-forward pass)."""
+
+    def __init__(self, prep: Prepared, weights: tuple[float, float], backend: str):
+        self.prep, self.vocab = prep, prep.vocab
+        self.coef = loss_coefficients(prep, weights)
+        self.forward_grad: ForwardGrad = (
+            _triton_forward_grad() if backend == "triton" else reference.reference_forward_grad
+        )
+        self.stats = RowStats.allocate(prep.sel.shape[0], prep.sel.device, prep.labels is not None)
+        self.weights = weights
+
+    def write(self, sl: slice, logits: torch.Tensor, grad: torch.Tensor | None) -> None:
+        self.stats.write_rows(sl, self.forward_grad(self.prep.rows(sl, logits), self.coef, grad))
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        kl, ce = reduce_rows(self.stats, self.prep)
+        return self.weights[0] * kl + self.weights[1] * ce, kl, ce
+
+
+def _triton_forward_grad() -> ForwardGrad:
+    from . import kl
+
+    return kl.kl_ce_forward_grad
+
+
+class _ExactRows:
+    """The exact source's per-row losses: the teacher's logits of the chunk, then the dense kernels."""
+
+    def __init__(self, rows: dense.DenseRows, teacher_logits: Callable[[int, int], torch.Tensor]):
+        self.rows, self.teacher_logits, self.vocab = rows, teacher_logits, rows.vocab
+
+    def write(self, sl: slice, logits: torch.Tensor, grad: torch.Tensor | None) -> None:
+        t = self.teacher_logits(sl.start, sl.stop)
+        if t.dim() != 2 or t.shape[0] != sl.stop - sl.start or t.shape[1] < self.vocab:
+            raise ValueError(f"teacher_logits gives {tuple(t.shape)} for rows {sl.start}:{sl.stop}")
+        self.rows.write(sl, logits, t, grad)
+        del t
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.rows.totals()
 
 
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -73,47 +105,56 @@ def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-class FusedLinearDistillLoss(torch.autograd.Function):
-    """Applied as `apply(hidden, weight, bias, prep, weights, chunk, backend, needs)`, `prep` from `prepare`
-    on a stand-in for the logits (its per-row tensors are used chunk by chunk with the chunk's logits in
-    place of the stand-in); `needs` says which of hidden, weight and bias want a gradient."""
+class _Grads:
+    """The gradients of hidden, weight and bias as the chunks fill them (weight and bias in fp32)."""
+
+    def __init__(self, hidden, weight, bias, needs: tuple[bool, bool, bool]):
+        need_h, need_w, need_b = needs
+        self.h = torch.empty_like(hidden) if need_h else None
+        self.w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        self.b = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_b else None
+
+    def add_chunk(self, sl: slice, g: torch.Tensor, h_c: torch.Tensor, w_c: torch.Tensor) -> None:
+        if self.h is not None:
+            self.h[sl] = g @ w_c
+        if self.w is not None:
+            _addmm_fp32_(self.w, g.t(), h_c)
+        if self.b is not None:
+            self.b += g.sum(0, dtype=torch.float32)
+
+    def as_inputs(self, weight, bias) -> tuple:
+        w = self.w.to(weight.dtype) if self.w is not None else None
+        b = self.b.to(bias.dtype) if self.b is not None else None
+        return self.h, w, b
+
+
+class FusedLinearLoss(torch.autograd.Function):
+    """Applied as `apply(hidden, weight, bias, rows, chunk, needs)`: `rows` writes a chunk's per-row losses and
+    gradient (`_TopkRows`, `_ExactRows`) and gives the totals; `needs` says which of hidden, weight and bias
+    want a gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, prep: Prepared, weights, chunk: int, backend: str, needs):
+    def forward(ctx, hidden, weight, bias, rows, chunk: int, needs):
         dtype = compute_dtype(hidden, weight)
-        forward_grad = _forward_grad(backend)
-        coef = loss_coefficients(prep, weights)
-        n, V = hidden.shape[0], weight.shape[0]
-        need_h, need_w, need_b = needs
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros(V, device=weight.device, dtype=torch.float32) if need_b else None
-        stats = RowStats.allocate(n, hidden.device, prep.labels is not None)
+        grads = _Grads(hidden, weight, bias, needs)
         w_c = weight.to(dtype)
         b_c = bias.to(dtype) if bias is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
-            for sl in _row_chunks(n, chunk):
+            for start in range(0, hidden.shape[0], chunk):
+                sl = slice(start, min(start + chunk, hidden.shape[0]))
                 h_c = hidden[sl].to(dtype)
                 logits = torch.addmm(b_c, h_c, w_c.t()) if b_c is not None else h_c @ w_c.t()
                 g = logits if any(needs) else None  # the gradient overwrites the chunk's logits
-                if g is not None and prep.vocab < V:
-                    g[:, prep.vocab :].zero_()  # padding rows of the weight: outside the softmax
-                stats.write_rows(sl, forward_grad(prep.rows(sl, logits), coef, g))
-                if need_h:
-                    grad_h[sl] = g @ w_c
-                if need_w:
-                    _addmm_fp32_(grad_w, g.t(), h_c)
-                if need_b:
-                    grad_b += g.sum(0, dtype=torch.float32)
+                if g is not None and rows.vocab < logits.shape[1]:
+                    g[:, rows.vocab :].zero_()  # padding rows of the weight: outside the softmax
+                rows.write(sl, logits, g)
+                if g is not None:
+                    grads.add_chunk(sl, g, h_c, w_c)
                 del logits, g
-        ctx.grads = (
-            grad_h,
-            grad_w.to(weight.dtype) if need_w else None,
-            grad_b.to(bias.dtype) if need_b else None,
-        )
-        kl, ce = reduce_rows(stats, prep)
+        ctx.grads = grads.as_inputs(weight, bias)
+        total, kl, ce = rows.totals()
         ctx.mark_non_differentiable(kl, ce)
-        return weights[0] * kl + weights[1] * ce, kl, ce
+        return total, kl, ce
 
     @staticmethod
     @once_differentiable
@@ -124,7 +165,26 @@ class FusedLinearDistillLoss(torch.autograd.Function):
                 "the fused head's gradients were computed in its forward and serve one backward only"
             )
         scaled = tuple(None if x is None else x.mul_(g_total.to(x.dtype)) for x in grads)
-        return (*scaled, None, None, None, None, None)
+        return (*scaled, None, None, None)
+
+
+def _flat_hidden(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {H}")
+    return hidden.reshape(-1, H)
+
+
+def _stand_in(h: torch.Tensor, V: int) -> torch.Tensor:
+    """What the losses' input checks need of the logits, their shape and device: strides (0, 1), no memory."""
+    return torch.empty(V, device=h.device, dtype=h.dtype).expand(h.shape[0], V)
+
+
+def _apply(h, weight, bias, rows, chunk_rows) -> LossParts:
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(bool(grad_on and x is not None and x.requires_grad) for x in (h, weight, bias))
+    chunk = chunk_rows or default_chunk_rows(weight.shape[0], h.shape[0])
+    return LossParts(*FusedLinearLoss.apply(h, weight, bias, rows, max(1, chunk), needs))
 
 
 def fused_linear_distillation_losses(
@@ -143,25 +203,36 @@ def fused_linear_distillation_losses(
     backend: str | None = None,
     vocab_size: int | None = None,
 ) -> LossParts:
-    """`distillation_losses(hidden @ weight.T + bias, ...)` without materialising the logits.
-
-    hidden [N, H] (or [..., H]), weight [V, H], bias [V] or None. `backend` 'triton'|'reference', default from
-    the dispatch rules (`offline_kd.kernels.backend_for(hidden)`)."""
-    if backend is None:
-        backend = backend_for(hidden)
-    H = hidden.shape[-1]
-    h = hidden.reshape(-1, H)
-    V = weight.shape[0]
-    if weight.shape[1] != H:
-        raise ValueError(f"weight shape {tuple(weight.shape)} does not match hidden size {H}")
-    # `prepare` only needs the logits' shape and device: a stand-in with strides (0, 1), never materialised.
-    stand_in = torch.empty(V, device=h.device, dtype=h.dtype).expand(h.shape[0], V)
+    """`distillation_losses(hidden @ weight.T + bias, ...)` (the stored top-k) without materialising the
+    logits. hidden [N, H] (or [..., H]), weight [W, H], bias [W] or None. `backend` 'triton'|'reference',
+    default from the dispatch rules (`offline_kd.kernels.backend_for(hidden)`)."""
+    h = _flat_hidden(hidden, weight)
     prep = prepare(
-        stand_in, teacher_ids, teacher_logits, temperature, row_mask, teacher_lse, mlm_labels, ignore_index,
-        vocab_size,
+        _stand_in(h, weight.shape[0]), teacher_ids, teacher_logits, temperature, row_mask, teacher_lse,
+        mlm_labels, ignore_index, vocab_size,
     )  # fmt: skip
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(bool(grad_on and x is not None and x.requires_grad) for x in (h, weight, bias))
-    chunk = chunk_rows or default_chunk_rows(V, h.shape[0])
-    w = tuple(float(x) for x in weights)
-    return LossParts(*FusedLinearDistillLoss.apply(h, weight, bias, prep, w, chunk, backend, needs))
+    rows = _TopkRows(prep, tuple(float(x) for x in weights), backend or backend_for(h))
+    return _apply(h, weight, bias, rows, chunk_rows)
+
+
+def fused_linear_exact_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    teacher_logits: Callable[[int, int], torch.Tensor],
+    temperature: float,
+    row_mask: torch.Tensor | None = None,
+    mlm_labels: torch.Tensor | None = None,
+    weights: tuple[float, float] = (1.0, 1.0),
+    ignore_index: int = -100,
+    chunk_rows: int | None = None,
+    vocab_size: int | None = None,
+) -> LossParts:
+    """`dense_distillation_losses(hidden @ weight.T + bias, teacher, ...)` with the teacher's logits of rows
+    a:b given by `teacher_logits(a, b)` ([b − a, >= vocab] fp32, e.g. the stored head on the stored hidden
+    states), neither model's [N, V] logits ever materialised. Backend by `backend_for(hidden)`."""
+    h = _flat_hidden(hidden, weight)
+    inp = dense.prepare_inputs(
+        _stand_in(h, weight.shape[0]), temperature, row_mask, mlm_labels, ignore_index, weights, vocab_size
+    )
+    return _apply(h, weight, bias, _ExactRows(dense.DenseRows(inp), teacher_logits), chunk_rows)
