@@ -299,7 +299,9 @@ HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__",
 
 def _reads_in(code_dir: str):
     """A TorchFunctionMode that records host reads made directly by code under `code_dir` (a library's own
-    reads, e.g. DeepSpeed's inside engine.step, are attributed to the library)."""
+    reads, e.g. DeepSpeed's inside engine.step, are attributed to the library). What `DevicePrefetch._fetch`
+    computes from a reader batch before copying it to the device works on host tensors even on a GPU (the
+    fused loss's row indices), so it is not a read back."""
     import traceback
 
     from torch.overrides import TorchFunctionMode
@@ -309,8 +311,10 @@ def _reads_in(code_dir: str):
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
             if getattr(func, "__name__", "") in HOST_READS:
-                caller = traceback.extract_stack(limit=2)[0]
-                if code_dir in caller.filename:
+                stack = traceback.extract_stack(limit=6)
+                caller = stack[-2]
+                on_host = any(f.name == "_fetch" and f.filename.endswith("train/loop.py") for f in stack)
+                if code_dir in caller.filename and not on_host:
                     self.seen.append(
                         f"{caller.filename.split('offline_kd/')[-1]}:{caller.lineno} {func.__name__}"
                     )

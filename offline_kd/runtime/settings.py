@@ -20,6 +20,7 @@ HIDDEN_CODECS = (
     "zstd",
 )  # offline_kd.store.signal_store.CODECS; "none" is the schema's choice for `hidden`
 KL_SOURCES = ("auto", "topk", "exact")
+TEACHER_HEAD_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def storage_options_setting(group: str | None = None):
@@ -185,6 +186,20 @@ class LossConfig:
         True, "topk: tail-aware KL (the stored log-sum-exp gives the teacher's tail mass)"
     )
     restrict_kl_to_mask: bool = setting(False, "KL and cosine over masked tokens only")
+    fused_head: bool = setting(
+        True,
+        "the student's output layer applied inside the loss, chunk by chunk of the rows that count: no [N, V] "
+        "logits of either model, no padding through either head (--no-fused-head: the unfused reference)",
+    )
+    head_chunk_rows: int = setting(
+        0, "rows per chunk of the fused head (0: about 2^23 logits, a multiple of 64)", at_least=0
+    )
+    teacher_head_dtype: str = setting(
+        "float16",
+        "exact: the input precision of the teacher head's matmuls, accumulated in fp32 ('float16', "
+        "'bfloat16', or 'float32' for the fp32 head)",
+        choices=TEACHER_HEAD_DTYPES,
+    )
 
     def as_dict(self) -> dict:
         return asdict(self)

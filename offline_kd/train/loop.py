@@ -24,21 +24,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from offline_kd.runtime.distributed import accelerator_device, init_distributed, start_heartbeat
+from offline_kd.runtime.distributed import accelerator_device, init_distributed, rank, start_heartbeat
 from offline_kd.runtime.errors import UsageError
 from offline_kd.runtime.launcher import launcher_env
 from offline_kd.runtime.progress import quiet_library_bars
 from offline_kd.runtime.settings import TrainConfig
 from offline_kd.store.lease import StoreLease
 from offline_kd.store.signal_store import SignalStore, StoreMeta
+from offline_kd.teacher.reduced_head import HEAD_DTYPES, ReducedPrecisionHead
 from offline_kd.train.checkpoint import Checkpointer
 from offline_kd.train.checks import RUN_FILES, TrainInputs, check_train, kl_source_note
 from offline_kd.train.ds_config import fill_schedule, load_ds_config, resolve_ds_config
 from offline_kd.train.export import export_run, redacted_settings, write_run_config
 from offline_kd.train.heldout import HeldOutEvaluator
 from offline_kd.train.ledger import StepLedger
-from offline_kd.train.loss import COMPONENTS, LossConfig, distillation_loss
+from offline_kd.train.loss import COMPONENTS, FusedHead, LossConfig, distillation_loss, loss_rows
 from offline_kd.train.metrics import MetricsLogger
+from offline_kd.train.output_layer import features_instead_of_logits, fusable, output_layer
 from offline_kd.train.preemption import Preempted, StopAndSaveRequests, hung_rank_error
 from offline_kd.train.reader import ReaderConfig, StoreReader
 from offline_kd.train.state import Layout, TrainState
@@ -68,7 +70,8 @@ class PreparedRun:
     meta: StoreMeta
     bundle: StudentBundle
     projection: nn.Module | None  # student → teacher width for the cosine loss, when they differ
-    teacher_head: nn.Module | None = None  # kl_source exact: the teacher's MLM head, fp32, on the device
+    teacher_head: ReducedPrecisionHead | None = None  # kl_source exact: the teacher's MLM head, on the device
+    fused: bool = False  # the student's output layer applied inside the loss
 
 
 @dataclass
@@ -97,7 +100,8 @@ class DistillModule(nn.Module):
         projection: nn.Module | None = None,
         vocab_size: int | None = None,
         grad_accumulation: int = 1,
-        teacher_head: nn.Module | None = None,
+        teacher_head=None,
+        fused: bool = False,
     ):
         super().__init__()
         self.student = student
@@ -105,23 +109,46 @@ class DistillModule(nn.Module):
         self.loss_cfg = loss_cfg
         self.vocab_size = vocab_size  # the student's logits may be wider (padded vocabulary)
         self.grad_accumulation = grad_accumulation  # engine.backward divides the loss by it
-        object.__setattr__(self, "teacher_head", teacher_head)  # not registered as a submodule
+        object.__setattr__(self, "teacher_head", teacher_head)  # a constant, not a submodule
+        # the student's own layer, not registered a second time (the checkpoints hold the student alone)
+        object.__setattr__(self, "output_layer", output_layer(student) if fused else None)
+        if self.output_layer is not None:
+            # The loss reads the output layer's weight after the layer's own forward: under ZeRO-3 it must
+            # stay gathered for this module's whole forward (a no-op for the other stages).
+            from deepspeed.runtime.zero import register_external_parameter
+
+            for p in (self.output_layer.weight, self.output_layer.bias):
+                if p is not None:
+                    register_external_parameter(self, p)
 
     def forward(self, batch: dict[str, torch.Tensor]):
         need_hidden = self.loss_cfg.alpha_cos > 0
-        out = self.student(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            output_hidden_states=need_hidden,
-            return_dict=True,
-        )
+        fused = None
+        with self._student_outputs() as layer:
+            out = self.student(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=need_hidden,
+                return_dict=True,
+            )
+        if layer is not None:  # out.logits are the output layer's features: the loss applies the layer
+            fused = FusedHead(layer.weight, layer.bias, self.loss_cfg.head_chunk_rows or None)
         hidden = out.hidden_states[-1] if need_hidden else None
         # nothing reads the logits after the loss: their gradient is written over them, already scaled
         # by the 1 / accumulation steps that engine.backward applies
         return distillation_loss(
             self.loss_cfg, out.logits, hidden, batch, self.projection, self.vocab_size, consume_logits=True,
-            expected_upstream=1.0 / self.grad_accumulation, teacher_head=self.teacher_head,
+            expected_upstream=1.0 / self.grad_accumulation, teacher_head=self.teacher_head, fused=fused,
         )  # fmt: skip
+
+    @contextmanager
+    def _student_outputs(self):
+        """Yields the output layer the loss applies (fused), or None (the model applies it)."""
+        if self.output_layer is None:
+            yield None
+            return
+        with features_instead_of_logits(self.output_layer) as layer:
+            yield layer
 
 
 # --------------------------------------------------------------------------------------- set-up
@@ -132,7 +159,10 @@ def prepare_run(cfg: TrainConfig, found: TrainInputs) -> PreparedRun:
     not fit the store before step 0."""
     meta = found.store.meta
     exact = found.kl_source == "exact"
-    teacher_head = exact_teacher_head(found.store, found.teacher, accelerator_device()) if exact else None
+    teacher_head = None
+    if exact:
+        device, dtype = accelerator_device(), cfg.loss.teacher_head_dtype
+        teacher_head = exact_teacher_head(found.store, found.teacher, device, dtype)
     bundle = build_student(
         cfg.student,
         teacher_path=found.teacher or (meta.teacher or {}).get("name_or_path"),
@@ -159,19 +189,34 @@ def prepare_run(cfg: TrainConfig, found: TrainInputs) -> PreparedRun:
     if need_hidden and bundle.hidden_size != int(meta.hidden_size):
         torch.manual_seed(cfg.seed)
         projection = nn.Linear(bundle.hidden_size, int(meta.hidden_size))
-    return PreparedRun(meta, bundle, projection, teacher_head)
+    return PreparedRun(meta, bundle, projection, teacher_head, fused_or_not(cfg, bundle, rank() == 0))
 
 
 def exact_teacher_head(
-    store: SignalStore, teacher: str | None = None, device: torch.device | str = "cpu"
-) -> nn.Module:
-    """The teacher's MLM head for the exact KL, fp32 on `device`, checked against the store's hidden size
-    and vocabulary: the stored one, else (a store written without one) the head of `teacher`
-    (``--teacher``, default: the teacher the store records) once its weights hash matches the store's."""
+    store: SignalStore,
+    teacher: str | None = None,
+    device: torch.device | str = "cpu",
+    dtype: str = "float16",
+) -> ReducedPrecisionHead:
+    """The teacher's MLM head for the exact KL on `device`, its matmuls' inputs in `dtype` (fp32
+    accumulation), checked against the store's hidden size and vocabulary: the stored one, else (a store
+    written without one) the head of `teacher` (``--teacher``, default: the teacher the store records)
+    once its weights hash matches the store's."""
     from offline_kd.teacher.model import resolve_head
 
     teacher = teacher or (store.meta.teacher or {}).get("name_or_path")
-    return resolve_head(store, teacher, device=device, dtype=torch.float32)
+    head = resolve_head(store, teacher, device="cpu", dtype=torch.float32)
+    return ReducedPrecisionHead(head, HEAD_DTYPES[dtype], device=device)
+
+
+def fused_or_not(cfg: TrainConfig, bundle: StudentBundle, is_main: bool) -> bool:
+    """Whether the loss applies the student's output layer (fused): asked for, and the model allows it."""
+    if not cfg.loss.fused_head:
+        return False
+    why = fusable(bundle.model, bundle.true_vocab_size)
+    if why is not None and is_main:
+        log.warning("the student's output layer cannot be fused into the loss (%s): unfused", why)
+    return why is None
 
 
 def plan_run(
@@ -229,7 +274,13 @@ def build_engine(cfg: TrainConfig, run: PreparedRun, ds: dict):
 
     gas = int(ds["gradient_accumulation_steps"])
     module = DistillModule(
-        run.bundle.model, cfg.loss, run.projection, run.bundle.true_vocab_size, gas, run.teacher_head
+        run.bundle.model,
+        cfg.loss,
+        run.projection,
+        run.bundle.true_vocab_size,
+        gas,
+        run.teacher_head,
+        run.fused,
     )
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=ds
@@ -376,12 +427,15 @@ class DevicePrefetch:
     """Micro-batches copied to the device one ahead: the copy of the next (from pinned memory, without
     blocking the host) overlaps the current one's compute."""
 
-    def __init__(self, batches, device: torch.device):
-        self.batches, self.device = iter(batches), device
+    def __init__(self, batches, device: torch.device, loss_cfg: LossConfig | None = None):
+        self.batches, self.device, self.loss_cfg = iter(batches), device, loss_cfg
         self.next = self._fetch()
 
     def _fetch(self):
         batch = next(self.batches, None)
+        if batch is not None and self.loss_cfg is not None:  # the fused loss's rows, found on the host
+            rows = loss_rows(self.loss_cfg, batch)
+            batch["loss_rows"] = rows.pin_memory() if self.device.type == "cuda" else rows
         # Stored hidden states stay as stored (fp16, or bf16): the cosine loss casts them to the student's
         # dtype, the exact KL feeds them to the fp32 teacher head (a bf16 copy of fp16 ones would round them).
         return None if batch is None else {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -460,7 +514,7 @@ def run_training(cfg: TrainConfig, found: TrainInputs) -> TrainResult:
             while state.step < plan.total_steps and state.epoch < cfg.epochs:
                 # An epoch's order is a pure function of (seed, epoch): start where this rank stopped.
                 batches = reader.epoch_batches(state.epoch, start=state.micro_pos, stop=plan.micro_batches)
-                batches = DevicePrefetch(batches, accelerator_device())
+                batches = DevicePrefetch(batches, accelerator_device(), cfg.loss)
                 while state.micro_pos < plan.micro_batches and state.step < plan.total_steps:
                     optimizer_step(engine, batches, gas, world, state, after.ledger)
                     after(engine, state, plan.micro_batches, is_main)
