@@ -204,10 +204,14 @@ def make_student(teacher: Path, random_init: bool, seed: int):
     return model, bundle.tokenizer
 
 
+def student_features(model, hidden: torch.Tensor) -> torch.Tensor:
+    """What DistilBERT's output layer reads: its head's transform of the selected hidden rows."""
+    return model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+
+
 def student_head(model, hidden: torch.Tensor) -> torch.Tensor:
     """DistilBERT's MLM head on selected hidden rows (skips the LM head on rows no loss needs)."""
-    x = model.activation(model.vocab_transform(hidden))
-    return model.vocab_projector(model.vocab_layer_norm(x))
+    return model.vocab_projector(student_features(model, hidden))
 
 
 def batch_order(n: int, batch: int, steps: int, seed: int) -> list[tuple[int, np.ndarray]]:
@@ -252,13 +256,13 @@ def kd_losses(spec: Student, ctx: dict, model, b: dict):
         cosine_loss,
         dense_distillation_losses,
         distillation_logit_losses,
-        exact_distillation_losses,
+        fused_linear_exact_losses,
     )
 
     valid, data, rows, T = b["attn"].bool(), b["data"], b["rows"], spec.temperature
     hidden = model.distilbert(input_ids=b["ids"], attention_mask=b["attn"]).last_hidden_state
-    logits = student_head(model, hidden[valid]).float()
     labels, w = b["labels"][valid], KD_WEIGHTS[:2]
+    logits = student_head(model, hidden[valid]).float() if spec.signal != "exact" else None
     if spec.signal == "online":
         with torch.no_grad():
             t_out = ctx["teacher_model"](
@@ -268,11 +272,14 @@ def kd_losses(spec: Student, ctx: dict, model, b: dict):
             logits, t_out.logits[valid], T, mlm_labels=labels, weights=w
         )
         t_hidden = t_out.hidden_states[-1][valid]
-    elif spec.signal == "exact":
+    elif spec.signal == "exact":  # as the trainer runs it: the fp16-input head, the output layer fused
         t_hidden = torch.from_numpy(data["hidden"][rows])[valid]
-        logit_loss, kl, ce = exact_distillation_losses(
-            logits, t_hidden, ctx["teacher_head"], T, mlm_labels=labels, weights=w
-        )
+        head, layer = ctx["teacher_head"], model.vocab_projector
+        t_features = head.features(t_hidden)
+        logit_loss, kl, ce = fused_linear_exact_losses(
+            student_features(model, hidden[valid]), layer.weight, layer.bias,
+            lambda a, b: head.logits(t_features[a:b]), T, mlm_labels=labels, weights=w,
+        )  # fmt: skip
     else:
         sl = (rows, slice(None), slice(0, spec.k or ctx["args"].default_k))
         t_ids = torch.from_numpy(data["topk_ids"][sl].astype(np.int64))[valid]
@@ -553,7 +560,7 @@ def setup(args: argparse.Namespace, log) -> dict:
     )
     return {
         "args": args, "work": work, "teacher": teacher, "teacher_model": teacher_model, "corpora": corpora,
-        "teacher_head": exact_teacher_head(s, str(teacher)),  # fp32, from the store (or the teacher)
+        "teacher_head": exact_teacher_head(s, str(teacher)),  # fp16 inputs, fp32 accumulation (the default)
         "meta": s.meta, "views": s.meta.views, "temperatures": [float(t) for t in s.meta.temperatures],
         "num_sequences": s.meta.num_sequences, "results": {},
         "view_data": [load_view(store, v) for v in range(s.meta.views)],

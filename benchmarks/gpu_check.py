@@ -18,7 +18,9 @@ add up to less, so one device call of 10 minutes holds the whole check):
 5. train_step: exact vs top-k vs online DeepSpeed step at bert-base shape (6-layer student, 12-layer
    teacher, bf16), ZeRO-0 and torch's AdamW (benchmarks/train_step.py);
 6. train_step_shipped: the same with the shipped ds_distilbert's ZeRO-2 and fused AdamW;
-7. e2e: `kd precompute` then `deepspeed cli/train.py` on tiny fixtures, checking the exported model.
+7. step_cost: benchmarks/step_cost.py on the GPU: the FLOP and byte model, the online, top-k and exact
+   steps fused and unfused (bf16), the loss's extra peak memory;
+8. e2e: `kd precompute` then `deepspeed cli/train.py` on tiny fixtures, checking the exported model.
 
 The report, `gpu-check-YYYY-MM-DD.md` in --out, names the GPU, the software versions and each part's
 status, time and tables; it is rewritten as each part finishes, so a call cut off at its limit still
@@ -258,19 +260,53 @@ def plan(work: Path, smoke: bool) -> list[Part]:
         "--repeats",
         repeats,
     ] + ([] if smoke else ["--device", "cuda", "--width", "30528"])
+    step_cost = [PY, str(ROOT / "benchmarks" / "step_cost.py"), "--parts", "model,steps,memory"]
+    step_cost += (
+        [
+            "--repeats",
+            "1",
+            "--batch",
+            "1",
+            "--seq-len",
+            "64",
+            "--teacher-layers",
+            "2",
+            "--student-layers",
+            "1",
+            "--memory-batch",
+            "1",
+            "--memory-seq-len",
+            "128",
+        ]
+        if smoke
+        else [
+            "--device",
+            "cuda",
+            "--repeats",
+            "5",
+            "--batch",
+            "16",
+            "--seq-len",
+            "512",
+            "--memory-batch",
+            "32",
+        ]
+    )
     parts = [
         Part("tests", "CUDA tests: compiled kernels against the CPU reference (incl. N*V > 2^31), the teacher pass "
              "on the device, a step's synchronisations", 100, tests, compiled),
         Part("kernels", "Kernel benchmark: KL + MLM CE at N = 16k, V = 30,522 padded to 30,528, bf16, against eager "
-             "and torch.compile", 80, kernel_bench + ["--width", "30528", "--compile"], compiled),
+             "and torch.compile", 70, kernel_bench + ["--width", "30528", "--compile"], compiled),
         Part("exact", "Exact KL: the dense-teacher kernel and the teacher head per chunk, same shapes", 50, exact,
              compiled),
         Part("precompute", "Teacher pass: precompute vs a bare bf16 forward, bert-base shape, L = 512", 70,
              me + ["--part", "precompute"], compiled),
         Part("train_step", "Exact vs top-k vs online DeepSpeed step, bert-base shape (6-layer student, 12-layer "
              "teacher), bf16, ZeRO-0", 80, step, compiled),
-        Part("train_step_shipped", "The same step with ds_distilbert's ZeRO-2 and fused AdamW", 60,
+        Part("train_step_shipped", "The same step with ds_distilbert's ZeRO-2 and fused AdamW", 40,
              step + ["--ds-config", "ds_distilbert"], compiled),
+        Part("step_cost", "Step cost: the FLOP/byte model, online / top-k / exact steps fused and unfused, loss "
+             "memory, bert-base shape, bf16", 60, step_cost, compiled),
         Part("e2e", "End to end: kd precompute -> deepspeed cli/train.py on tiny fixtures", 60,
              me + ["--part", "e2e"], compiled),
     ]  # fmt: skip

@@ -124,8 +124,9 @@ def make_batch(teacher, batch: int, seq_len: int, k: int = 64):
     from offline_kd.teacher.head import extract_head
 
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1000, 30000, (batch, seq_len), generator=g)
-    mlm = torch.rand(batch, seq_len, generator=g) < 0.15
+    device = next(teacher.parameters()).device
+    ids = torch.randint(1000, 30000, (batch, seq_len), generator=g).to(device)
+    mlm = (torch.rand(batch, seq_len, generator=g) < 0.15).to(device)
     with torch.no_grad():
         out = teacher(input_ids=ids, output_hidden_states=True)
     top = out.logits.topk(k, dim=-1)
@@ -134,7 +135,7 @@ def make_batch(teacher, batch: int, seq_len: int, k: int = 64):
         topk_ids=top.indices.int(), topk_logits=top.values, lse=torch.logsumexp(out.logits / 2.0, -1),
         hidden=out.hidden_states[-1].half(),
     )  # fmt: skip
-    return b, extract_head(teacher).module
+    return b, extract_head(teacher).module.to(device)
 
 
 def step_functions(teacher, student, head, batch: dict) -> dict:
@@ -147,7 +148,7 @@ def step_functions(teacher, student, head, batch: dict) -> dict:
     from offline_kd.train.loop import DistillModule
     from offline_kd.train.loss import loss_rows
 
-    fast = ReducedPrecisionHead(head, torch.float16)
+    fast = ReducedPrecisionHead(head, torch.float16, device=next(head.parameters()).device)
     vocab = int(teacher.config.vocab_size)
     fns = {}
     for fused in (True, False):
@@ -155,7 +156,7 @@ def step_functions(teacher, student, head, batch: dict) -> dict:
         for source in ("topk", "exact"):
             cfg = LossConfig(kl_source=source, fused_head=fused)
             module = DistillModule(student, cfg, vocab_size=vocab, teacher_head=fast, fused=fused)
-            b = dict(batch, loss_rows=loss_rows(cfg, batch))
+            b = dict(batch, loss_rows=loss_rows(cfg, batch))  # the trainer finds them on the host
             fns[f"{source}, {tag}"] = lambda m=module, b=b: _backward(m(b)[0], student)
         fns[f"online, {tag}"] = lambda f=fused: _backward(
             online_step(student, teacher, batch, vocab, f), student
@@ -199,10 +200,52 @@ def online_step(student, teacher, batch: dict, vocab: int, fused: bool):
     return parts.total + cosine_loss(s_h.reshape(-1, s_h.shape[-1]), t_h.reshape(-1, t_h.shape[-1]))
 
 
+def on_device(fns: dict, device: str) -> dict:
+    """The step functions under bf16 autocast on a GPU (what the trainer's bf16 DeepSpeed config gives)."""
+    import torch
+
+    if device == "cpu":
+        return fns
+
+    def autocast(fn):
+        def run():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                fn()
+
+        return run
+
+    return {name: autocast(fn) for name, fn in fns.items()}
+
+
+def cpu_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median CPU seconds (`time.process_time`) of each function: one warm-up call each, then `repeats`
+    rounds round-robin."""
+    import statistics
+    import time
+
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.process_time()
+            fn()
+            times[name].append(time.process_time() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def steps_table(args) -> str:
+    import torch
+
     teacher, student = bert_base_models(args.teacher_layers, args.student_layers, args.seq_len)
+    teacher, student = teacher.to(args.device), student.to(args.device)
     batch, head = make_batch(teacher, args.batch, args.seq_len)
-    times = interleaved_medians(step_functions(teacher, student, head, batch), args.repeats, "cpu")
+    fns = on_device(step_functions(teacher, student, head, batch), args.device)
+    if args.device == "cpu":  # CPU seconds of this process, one thread: what other jobs do not change
+        torch.set_num_threads(1)
+        times = cpu_medians(fns, args.repeats)
+    else:
+        times = interleaved_medians(fns, args.repeats, args.device)
     rows = []
     for name, t in times.items():
         tag = name.split(", ")[1]
@@ -210,7 +253,8 @@ def steps_table(args) -> str:
             [name, f"{t:.3f}", f"{t / times[f'online, {tag}']:.3f}", f"{t / times[f'topk, {tag}']:.3f}"]
         )
     tokens = args.batch * args.seq_len
-    return f"{tokens} tokens a step, CPU seconds, medians of {args.repeats}\n\n" + markdown_table(
+    unit = "CPU seconds (one thread)" if args.device == "cpu" else "seconds"
+    return f"{tokens} tokens a step, {unit}, medians of {args.repeats}\n\n" + markdown_table(
         ["step", "s", "/ online (same path)", "/ top-k (same path)"], rows
     )
 
@@ -228,9 +272,11 @@ def memory_table(args) -> str:
     mmap_large_blocks()
     torch.set_num_threads(1)
     teacher, student = bert_base_models(1, 1, args.memory_seq_len)
+    teacher, student = teacher.to(args.device), student.to(args.device)
     batch, head = make_batch(teacher, args.memory_batch, args.memory_seq_len)
     fast, layer, vocab = ReducedPrecisionHead(head, torch.float16), student.vocab_projector, 30522
-    feats = torch.randn(args.memory_batch, args.memory_seq_len, layer.in_features, requires_grad=True)
+    shape = (args.memory_batch, args.memory_seq_len, layer.in_features)
+    feats = torch.randn(shape, device=args.device, requires_grad=True)
     n, V, rows = args.memory_batch * args.memory_seq_len, layer.out_features, []
     chunk = default_chunk_rows(V, n)
     for source in ("topk", "exact"):
@@ -244,24 +290,25 @@ def memory_table(args) -> str:
                 loss, _ = distillation_loss(cfg, x, None, b, None, vocab, True, 1.0, fast, f)
                 loss.backward()
 
-            extra = _peak(call, lambda: [feats.grad, layer.weight.grad, layer.bias.grad])
+            extra = _peak(call, lambda: [feats, layer.weight, layer.bias], args.device)
             rows.append([f"{source}, {'fused' if fused else 'unfused'}", f"{extra / 2**20:.1f}", f"{extra / n / 1e3:.1f}",
                          f"{extra / (2 * chunk * V * 4):.2f}"])  # fmt: skip
     note = f"{n} tokens, V = {V:,}, chunk = {chunk} rows; bound 2 x chunk x V x 4 = {2 * chunk * V * 4 / 2**20:.1f} MiB"
     return note + "\n\n" + markdown_table(["loss", "extra peak MiB", "kB / token", "/ bound"], rows)
 
 
-def _peak(call, grads) -> int:
-    """Peak RSS growth over `call`, less the input gradients it leaves (which any path has)."""
-    reset, peak = memory_probe("cpu")
+def _peak(call, params, device: str) -> int:
+    """Peak memory growth over `call` (RSS on a CPU, the allocator's peak on a GPU), less the gradients it
+    leaves on `params()` (which any path has)."""
+    reset, peak = memory_probe(device)
     call()  # warm-up: allocator pools, kernels' lazy state
-    for p in grads():
+    for p in params():
         p.grad = None
-    for g in grads():
-        del g
     reset()
     call()
-    left = sum(g.numel() * g.element_size() for g in grads() if g is not None)
+    left = sum(p.grad.numel() * p.grad.element_size() for p in params() if p.grad is not None)
+    for p in params():
+        p.grad = None
     return peak() - left
 
 
@@ -271,6 +318,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the steps under bf16 autocast)")
     ap.add_argument("--memory-batch", type=int, default=4, help="the memory part's micro-batch (sequences)")
     ap.add_argument("--memory-seq-len", type=int, default=512)
     ap.add_argument("--teacher-layers", type=int, default=12)
@@ -282,13 +330,14 @@ def main() -> None:
             "## Step cost by the model (bert-base shape, H100 SXM datasheet peaks)\n\n" + model_table() + "\n"
         )
     if "steps" in parts:
-        print(
-            "## Steps measured on this CPU (fp32; the teacher head's fp16 inputs emulated)\n\n"
-            + steps_table(args)
-            + "\n"
+        where = (
+            "this CPU (fp32; the teacher head's fp16 inputs emulated)"
+            if args.device == "cpu"
+            else "the GPU (bf16)"
         )
+        print(f"## Steps measured on {where}\n\n" + steps_table(args) + "\n")
     if "memory" in parts:
-        print("## Loss memory, extra peak RSS\n\n" + memory_table(args) + "\n")
+        print("## Loss memory, extra peak (RSS on a CPU)\n\n" + memory_table(args) + "\n")
     if "store" in parts:
         print("## Store write and read\n", flush=True)
         subprocess.run(

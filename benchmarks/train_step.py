@@ -167,7 +167,7 @@ def step_seconds(
 
     from offline_kd.store.signal_store import open_store
     from offline_kd.train.loop import DistillModule, exact_teacher_head
-    from offline_kd.train.loss import LossConfig
+    from offline_kd.train.loss import LossConfig, loss_rows
     from offline_kd.train.student import build_student, load_teacher
 
     def engine_for(module):
@@ -183,14 +183,21 @@ def step_seconds(
     teacher = load_teacher(str(teacher_dir)).to(device)
     head = exact_teacher_head(open_store(store_url), str(teacher_dir), device)
     loss = dict(alpha_kl=5.0, alpha_mlm=2.0, alpha_cos=1.0, temperature=2.0, kl_tail=True)
+    # the offline steps as the trainer runs them: the output layer fused into the loss, the loss's rows
+    # found on the host (`DevicePrefetch` does it for the trainer)
+    batch["loss_rows"] = loss_rows(LossConfig(**loss), {k: v.cpu() for k, v in batch.items()}).to(device)
     engines = {
         "offline, top-k": engine_for(
-            DistillModule(first.model, LossConfig(**loss, kl_source="topk"), vocab_size=V)
+            DistillModule(first.model, LossConfig(**loss, kl_source="topk"), vocab_size=V, fused=True)
         ),
         "offline, exact": engine_for(
             DistillModule(
-                student().model, LossConfig(**loss, kl_source="exact"), vocab_size=V, teacher_head=head
-            )
+                student().model,
+                LossConfig(**loss, kl_source="exact"),
+                vocab_size=V,
+                teacher_head=head,
+                fused=True,
+            )  # fmt: skip
         ),
         "online": engine_for(OnlineDistill(student().model, teacher, V)),
         "online, eager loss": engine_for(EagerOnlineDistill(student().model, teacher, V)),

@@ -73,7 +73,9 @@ def test_the_parts_fit_one_device_call_and_can_be_chosen(tmp_path):
     gc = _module()
     parts = gc.plan(tmp_path, smoke=False)
     names = [p.name for p in parts]
-    assert names == ["tests", "kernels", "exact", "precompute", "train_step", "train_step_shipped", "e2e"]
+    assert names == [
+        "tests", "kernels", "exact", "precompute", "train_step", "train_step_shipped", "step_cost", "e2e"
+    ]  # fmt: skip
     assert sum(p.timeout for p in parts) < gc.DEFAULT_BUDGET <= 600 - 45
     assert any("--compile" in p.argv for p in parts) and any("ds_distilbert" in p.argv for p in parts)
     res = subprocess.run(
