@@ -285,9 +285,11 @@ def memory_table(args) -> str:
             b = dict(batch, loss_rows=loss_rows(cfg, batch))
 
             def call(cfg=cfg, b=b, fused=fused):
-                x = feats if fused else layer(feats)  # unfused: the logits are the model's, made before
-                f = FusedHead(layer.weight, layer.bias) if fused else None
-                loss, _ = distillation_loss(cfg, x, None, b, None, vocab, True, 1.0, fast, f)
+                # bf16 autocast, as the trainer's bf16 config runs the student: bf16 student logits
+                with torch.autocast(feats.device.type, dtype=torch.bfloat16):
+                    x = feats if fused else layer(feats)  # unfused: the model's logits, made before the loss
+                    f = FusedHead(layer.weight, layer.bias) if fused else None
+                    loss, _ = distillation_loss(cfg, x, None, b, None, vocab, True, 1.0, fast, f)
                 loss.backward()
 
             extra = _peak(call, lambda: [feats, layer.weight, layer.bias], args.device)
@@ -337,7 +339,7 @@ def main() -> None:
         )
         print(f"## Steps measured on {where}\n\n" + steps_table(args) + "\n")
     if "memory" in parts:
-        print("## Loss memory, extra peak (RSS on a CPU)\n\n" + memory_table(args) + "\n")
+        print("## Loss memory under bf16 autocast, extra peak (RSS on a CPU)\n\n" + memory_table(args) + "\n")
     if "store" in parts:
         print("## Store write and read\n", flush=True)
         subprocess.run(

@@ -176,3 +176,60 @@ def test_the_loss_call_copies_no_logits():
     assert m["copy"] > 2.0 * m["logits"], m  # the probe sees the copies
     assert 0.9 * m["logits"] < m["False"] < 1.4 * m["logits"], m
     assert m["True"] < 0.3 * m["logits"], m
+
+
+FUSED = PROBE + textwrap.dedent(
+    """
+    from offline_kd.kernels.dense_reference import CHUNK_ELEMS
+    from offline_kd.teacher.head import build_head
+    from offline_kd.teacher.reduced_head import ReducedPrecisionHead
+    from offline_kd.train.loss import FusedHead, LossConfig, distillation_loss, loss_rows
+
+    B, L, V, H, C = 4, 256, 30522, 64, 64
+    W = 30528
+    g = torch.Generator().manual_seed(0)
+    attn = (torch.arange(L)[None] < torch.tensor([256, 200, 256, 130])[:, None]).long()
+    mlm = (torch.rand(B, L, generator=g) < 0.15) & attn.bool()
+    batch = {
+        "attention_mask": attn, "mlm_mask": mlm,
+        "labels": torch.where(mlm, torch.randint(0, V, (B, L), generator=g), -100),
+        "hidden": torch.randn(B, L, H, generator=g).half(),
+    }
+    cfg = LossConfig(kl_source="exact", temperature=2.0, alpha_cos=0.0)
+    batch["loss_rows"] = loss_rows(cfg, batch)
+    head = ReducedPrecisionHead(build_head(dict(hidden_size=H, vocab_size=V, activation="gelu",
+                                                layer_norm_eps=1e-12)), torch.float16)
+    weight = (torch.randn(W, H, generator=g) * 0.05).requires_grad_(True)
+    bias = torch.zeros(W, requires_grad=True)
+    feats = torch.randn(B, L, H, generator=g, requires_grad=True)
+
+    def run(fused):
+        def call(warm):
+            for p in (weight, bias, feats):
+                p.grad = None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if fused:
+                    x, f = feats, FusedHead(weight, bias, C)
+                else:
+                    x, f = torch.nn.functional.linear(feats, weight, bias), None
+                total, _ = distillation_loss(cfg, x, None, batch, None, V, True, 1.0, head, f)
+            total.backward()
+        return call
+
+    grads = (weight.numel() + bias.numel() + feats.numel()) * 4
+    m = {"fused": peak(run(True), True) - grads, "unfused": peak(run(False), True) - grads}
+    n = int(batch["loss_rows"].numel())
+    print(json.dumps({**m, "bound": 2 * C * V * 4, "ref_buffers": 4 * CHUNK_ELEMS * 4, "logits": n * W * 2}))
+    """
+)
+
+
+@needs_proc
+def test_the_fused_exact_loss_holds_two_chunks_of_logits_at_most():
+    """Student and teacher heads fused into the exact loss, under bf16 autocast as the trainer runs: besides
+    the inputs' gradients, the peak is within 2 x chunk x V x 4 bytes (a bf16 student chunk, the gradient
+    written over it, and the teacher's fp32 chunk) plus the CPU reference kernel's fixed row buffers; the
+    unfused loss, measured the same way, holds the whole [n, V] logits (the probe sees them)."""
+    m = _measure(FUSED)
+    assert m["unfused"] > m["logits"] > 3 * m["bound"], m
+    assert m["fused"] < m["bound"] + m["ref_buffers"], m
