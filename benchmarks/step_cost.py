@@ -261,7 +261,8 @@ def steps_table(args) -> str:
 
 # -------------------------------------------------------------------------------------------- the memory
 def memory_table(args) -> str:
-    """Peak extra memory of the loss alone (the student's body runs before the probe is reset)."""
+    """Peak extra memory of the loss alone (the student's body runs before the probe is reset), with the
+    student's output layer in bf16 as DeepSpeed's bf16 config holds it."""
     import torch
 
     from offline_kd.kernels.fused_head import default_chunk_rows
@@ -272,31 +273,54 @@ def memory_table(args) -> str:
     mmap_large_blocks()
     torch.set_num_threads(1)
     teacher, student = bert_base_models(1, 1, args.memory_seq_len)
-    teacher, student = teacher.to(args.device), student.to(args.device)
+    teacher = teacher.to(args.device)
     batch, head = make_batch(teacher, args.memory_batch, args.memory_seq_len)
-    fast, layer, vocab = ReducedPrecisionHead(head, torch.float16), student.vocab_projector, 30522
+    fast, vocab = ReducedPrecisionHead(head, torch.float16), 30522
+    layer = student.vocab_projector.to(args.device, torch.bfloat16)
     shape = (args.memory_batch, args.memory_seq_len, layer.in_features)
-    feats = torch.randn(shape, device=args.device, requires_grad=True)
+    feats = torch.randn(shape, device=args.device, dtype=torch.bfloat16, requires_grad=True)
     n, V, rows = args.memory_batch * args.memory_seq_len, layer.out_features, []
-    chunk = default_chunk_rows(V, n)
+    chunk, bound, acc = (
+        default_chunk_rows(V, n),
+        2 * default_chunk_rows(V, n) * V * 4,
+        V * layer.in_features * 4,
+    )
     for source in ("topk", "exact"):
         for fused in (True, False):
             cfg = LossConfig(kl_source=source, alpha_cos=0.0, fused_head=fused)
             b = dict(batch, loss_rows=loss_rows(cfg, batch))
 
             def call(cfg=cfg, b=b, fused=fused):
-                # bf16 autocast, as the trainer's bf16 config runs the student: bf16 student logits
-                with torch.autocast(feats.device.type, dtype=torch.bfloat16):
-                    x = feats if fused else layer(feats)  # unfused: the model's logits, made before the loss
-                    f = FusedHead(layer.weight, layer.bias) if fused else None
-                    loss, _ = distillation_loss(cfg, x, None, b, None, vocab, True, 1.0, fast, f)
+                x = feats if fused else layer(feats)  # unfused: the model's logits, made before the loss
+                f = FusedHead(layer.weight, layer.bias) if fused else None
+                loss, _ = distillation_loss(cfg, x, None, b, None, vocab, True, 1.0, fast, f)
                 loss.backward()
 
-            extra = _peak(call, lambda: [feats, layer.weight, layer.bias], args.device)
-            rows.append([f"{source}, {'fused' if fused else 'unfused'}", f"{extra / 2**20:.1f}", f"{extra / n / 1e3:.1f}",
-                         f"{extra / (2 * chunk * V * 4):.2f}"])  # fmt: skip
-    note = f"{n} tokens, V = {V:,}, chunk = {chunk} rows; bound 2 x chunk x V x 4 = {2 * chunk * V * 4 / 2**20:.1f} MiB"
-    return note + "\n\n" + markdown_table(["loss", "extra peak MiB", "kB / token", "/ bound"], rows)
+            extra = {}
+            for trains_layer in (
+                False,
+                True,
+            ):  # frozen: what the logits cost; trained: + the layer's gradient
+                layer.requires_grad_(trains_layer)
+                extra[trains_layer] = _peak(call, lambda: [feats, layer.weight, layer.bias], args.device)
+            rows.append([
+                f"{source}, {'fused' if fused else 'unfused'}", f"{extra[False] / 2**20:.1f}",
+                f"{extra[False] / n / 1e3:.1f}", f"{extra[False] / bound:.2f}", f"{extra[True] / 2**20:.1f}",
+            ])  # fmt: skip
+    note = (
+        f"{n} tokens, V = {V:,}, H = {layer.in_features}, chunk = {chunk} rows; bound 2 x chunk x V x 4 = "
+        f"{bound / 2**20:.1f} MiB; extra peak beyond the inputs' gradients. With the output layer trained, "
+        f"the fused path also holds its weight gradient's fp32 accumulator ({acc / 2**20:.1f} MiB, the size "
+        "of the weight, whatever the batch) next to the bf16 gradient it becomes."
+    )
+    header = [
+        "loss",
+        "extra peak MiB, layer frozen",
+        "kB / token",
+        "/ bound",
+        "extra peak MiB, layer trained",
+    ]
+    return note + "\n\n" + markdown_table(header, rows)
 
 
 def _peak(call, params, device: str) -> int:
@@ -339,7 +363,7 @@ def main() -> None:
         )
         print(f"## Steps measured on {where}\n\n" + steps_table(args) + "\n")
     if "memory" in parts:
-        print("## Loss memory under bf16 autocast, extra peak (RSS on a CPU)\n\n" + memory_table(args) + "\n")
+        print("## Loss memory, bf16 student layer, extra peak (RSS on a CPU)\n\n" + memory_table(args) + "\n")
     if "store" in parts:
         print("## Store write and read\n", flush=True)
         subprocess.run(

@@ -91,3 +91,41 @@ def test_cuda_more_than_2_31_logits():
     keep = torch.ones(N, dtype=torch.bool, device="cuda")
     keep[rows.cuda()] = False
     assert float(g.abs().amax(1)[keep].max()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_fused_exact_matches_cpu(dtype):
+    """The fused output layer with the exact source on the GPU (compiled dense kernel, the teacher head's fp16
+    tensor-core matmuls with fp32 output, the weight gradient accumulated in fp32 by the matmul) against the
+    same on the CPU (reference kernel, the head's inputs rounded and multiplied in fp32)."""
+    from offline_kd.teacher.head import build_head
+    from offline_kd.teacher.reduced_head import ReducedPrecisionHead
+
+    N, H, V, W, T = 300, 64, 30522, 30528, 2.0
+    g = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    head = build_head(dict(hidden_size=H, vocab_size=V, activation="gelu", layer_norm_eps=1e-12))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.2 if p.dim() > 1 else 0.05))
+    h = torch.randn(N, H, generator=g)
+    weight = torch.randn(W, H, generator=g) * 0.2
+    bias = torch.randn(W, generator=g) * 0.05
+    t_hidden = (torch.randn(N, H, generator=g) * 2).half()
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::3] = -100
+    out = {}
+    for dev in ("cuda", "cpu"):
+        teacher = ReducedPrecisionHead(head, torch.float16, device=dev)
+        feats = teacher.features(t_hidden.to(dev))
+        leaves = [x.to(dev, dtype).requires_grad_(True) for x in (h, weight, bias)]
+        parts = K.fused_linear_exact_losses(
+            *leaves, lambda a, b, t=teacher, f=feats: t.logits(f[a:b]), T, mlm_labels=labels.to(dev),
+            weights=(5.0, 2.0),
+            chunk_rows=64, vocab_size=V,
+        )  # fmt: skip
+        grads = torch.autograd.grad(parts.total, leaves)
+        out[dev] = [x.detach().float().cpu() for x in (parts.kl, parts.mlm, *grads)]
+    rtol = 2e-3 if dtype == torch.float32 else 3e-2
+    for a, b in zip(out["cuda"], out["cpu"], strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.abs().max()) + 1e-7)

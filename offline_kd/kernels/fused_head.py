@@ -86,15 +86,26 @@ class _ExactRows:
         return self.rows.totals()
 
 
+# Rows of the weight gradient updated at a time where the update needs an fp32 copy of its inputs (a CPU):
+# the copy of the chunk's gradient is then at most [ACC_ROWS, c], not [V, c].
+ACC_ROWS = 4096
+
+
 def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with acc fp32 and a, b possibly half precision: the product rounded once, to fp32."""
+    """acc += a @ b with acc fp32 and a, b possibly half precision: the product accumulated in fp32, and no
+    temporary as large as acc (which is the size of the weight)."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
-    try:  # CUDA: half-precision inputs, fp32 output, no fp32 copies of the inputs
-        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-    except (RuntimeError, TypeError, NotImplementedError):
-        acc.addmm_(a.float(), b.float())
+    if acc.device.type == "cuda":
+        try:  # half-precision inputs, accumulated into the fp32 acc by the matmul itself (beta = 1)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    b32 = b.float()
+    for start in range(0, a.shape[0], ACC_ROWS):
+        acc[start : start + ACC_ROWS].addmm_(a[start : start + ACC_ROWS].float(), b32)
 
 
 def compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
