@@ -7,7 +7,8 @@ of every file of the tag with its size and sha256. ``--resume`` takes the newest
 there and whose files all still match it; a damaged tag (a flipped byte, a truncated or missing file) is
 named in one log line and the next older intact one is used.
 
-The RNG states are written without pickle: the generator states as tensors in a safetensors file,
+The record carries a sha256 of itself too, so a flipped byte anywhere in the tag, the record included, is
+caught. The RNG states are written without pickle: the generator states as tensors in a safetensors file,
 the few scalars beside them as JSON in its metadata, so loading them runs no code from the run
 directory. (DeepSpeed's own files in the tag are pickles: a run directory must be trusted; the sha256 record catches damage, not forgery.)
 """
@@ -148,6 +149,10 @@ def damage(tag_dir: Path) -> str | None:
         record = json.loads((tag_dir / MARKER).read_text())
     except (OSError, ValueError) as e:
         return f"its {MARKER} record is unreadable ({e})"
+    if not isinstance(record, dict):
+        return f"its {MARKER} record is not a record"
+    if "sha256" in record and record.pop("sha256") != _record_sha256(record):
+        return f"its {MARKER} record does not match its own sha256"
     files = record.get("files")
     if files is None:
         return None
@@ -163,25 +168,34 @@ def damage(tag_dir: Path) -> str | None:
     return None
 
 
+def _record_sha256(record: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def write_marker(tag_dir: Path, step: int) -> None:
+    """Mark a tag complete: its ``COMPLETE`` record of every file's size and sha256, and of itself."""
+    record = {"step": step, "time": time.time(), "world_size": world_size(), "files": file_digests(tag_dir)}
+    record["sha256"] = _record_sha256(record)
+    tmp = tag_dir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, tag_dir / MARKER)
+
+
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int | None = None) -> str:
     """Save a checkpoint for `step` on every rank; rank 0 marks it complete after a barrier."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
     tag_dir = Path(ckpt_dir) / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
     this_rank = rank()
+    if this_rank == 0:  # a tag saved again (a resumed run) is unmarked while its files are rewritten
+        (tag_dir / MARKER).unlink(missing_ok=True)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+    tag_dir.mkdir(parents=True, exist_ok=True)
     save_rng_state(rng_file(ckpt_dir, tag, this_rank), rng_state())
     barrier()
     if this_rank == 0:
-        tmp = tag_dir / (MARKER + ".tmp")
-        record = {
-            "step": step,
-            "time": time.time(),
-            "world_size": world_size(),
-            "files": file_digests(tag_dir),
-        }
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, tag_dir / MARKER)
+        write_marker(tag_dir, step)
         if keep_last:
             for _, old in complete_tags(ckpt_dir)[:-keep_last]:
                 _remove_tree(Path(ckpt_dir) / old)
