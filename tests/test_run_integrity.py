@@ -1,8 +1,115 @@
-"""A run directory's integrity: what a checkpoint's COMPLETE record vouches for."""
+"""A run directory's integrity: DeepSpeed's states loaded without running code, and what a checkpoint's
+COMPLETE record vouches for."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train import ROOT, TINY_DS, _base, _check, _env, _losses, run_cli
+
+
+def _errors(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+
+
+def _one_error(proc: subprocess.CompletedProcess, code: int) -> str:
+    errors = _errors(proc)
+    assert proc.returncode == code and len(errors) == 1, proc.stderr[-4000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    return errors[0]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    weights = [run / "final" / "model.safetensors" for run in (a, b)]
+    return weights[0].read_bytes() == weights[1].read_bytes()
+
+
+def _ds_config(tmp_path: Path, stage: int, bf16: bool) -> Path:
+    ds = json.loads(TINY_DS.read_text())
+    ds["zero_optimization"] = {"stage": stage}
+    ds["bf16"] = {"enabled": bf16}
+    path = tmp_path / f"ds_z{stage}{'_bf16' if bf16 else ''}.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def _stopped_after(run: Path, copy: Path, keep_step: int) -> Path:
+    """A copy of a finished run as if it had stopped after its checkpoint of `keep_step` (no final/, no later
+    checkpoints; the later metrics rows stay, as a stopped run leaves them, and the resume redoes them)."""
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "final")
+    for tag in (copy / "checkpoints").glob("step*"):
+        if int(tag.name[4:]) > keep_step:
+            shutil.rmtree(tag)
+    return copy
+
+
+# ------------------------------------------------------------------------ DeepSpeed's states, weights-only
+
+PLANT = """
+import os, sys
+from pathlib import Path
+
+import torch
+
+from offline_kd.train.checkpoint import write_marker
+from offline_kd.train.ds_files import load_weights_only
+
+victim, marker = Path(sys.argv[1]), sys.argv[2]
+
+
+class Planted:
+    def __reduce__(self):  # what unpickling it runs
+        return (os.system, (f"touch {marker}",))
+
+
+states = load_weights_only(str(victim))
+states["planted"] = Planted()  # otherwise the real states: an unpickling load succeeds, exit 0
+torch.save(states, victim)
+write_marker(victim.parent, int(victim.parent.name[4:]))  # its COMPLETE record rewritten to match
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,bf16", [(0, False), (1, True), (2, False), (3, True)])
+def test_deepspeed_states_load_weights_only_and_a_planted_pickle_is_refused(
+    tiny_store, tmp_path, stage, bf16
+):
+    """Every ZeRO stage's checkpoint resumes bit-exact through the weights-only load; a pickle that would run
+    code, with its COMPLETE record rewritten so the sha256 check passes, is refused in one line naming it, and
+    its code never runs."""
+    ds = _ds_config(tmp_path, stage, bf16)
+    args = ["--max-steps", 4, "--save-every", 2, "--no-tensorboard"]
+    full = tmp_path / "full"
+    _check(run_cli(_base(tiny_store, full, ds) + args))
+
+    resumed = _stopped_after(full, tmp_path / "resumed", 2)
+    proc = run_cli(_base(tiny_store, resumed, ds) + args + ["--resume"])
+    _check(proc)
+    assert "resumed from step00000002" in proc.stderr
+    assert _losses(resumed) == _losses(full) and _same_weights(resumed, full)
+
+    planted, marker = _stopped_after(full, tmp_path / "planted", 4), tmp_path / "code-ran"
+    tag = planted / "checkpoints" / "step00000004"
+    victim = sorted(tag.glob("*optim_states.pt")) or sorted(tag.glob("*model_states.pt"))
+    subprocess.run(
+        [sys.executable, "-c", PLANT, str(victim[0]), str(marker)], check=True, env=_env(), cwd=ROOT
+    )
+    before = {p: p.read_bytes() for p in planted.rglob("*") if p.is_file() and "logs" not in p.parts}
+    error = _one_error(run_cli(_base(tiny_store, planted, ds) + args + ["--resume"]), 2)
+    assert error.startswith(f"Error: checkpoint file {victim[0]} needs posix.system to load"), error
+    assert "--trust-run-dir" in error
+    assert not marker.exists()
+    assert not (planted / "final").exists()
+    assert all(p.read_bytes() == data for p, data in before.items() if p.name not in ("train_config.json",))
+    if stage == 0:  # the escape hatch for a run directory of one's own: DeepSpeed unpickles it
+        _check(run_cli(_base(tiny_store, planted, ds) + args + ["--resume", "--trust-run-dir"]))
+        assert marker.exists()
 
 
 def test_the_complete_record_vouches_for_itself(tmp_path):

@@ -10,7 +10,9 @@ named in one log line and the next older intact one is used.
 The record carries a sha256 of itself too, so a flipped byte anywhere in the tag, the record included, is
 caught. The RNG states are written without pickle: the generator states as tensors in a safetensors file,
 the few scalars beside them as JSON in its metadata, so loading them runs no code from the run
-directory. (DeepSpeed's own files in the tag are pickles: a run directory must be trusted; the sha256 record catches damage, not forgery.)
+directory. DeepSpeed's own files in the tag are pickles: they are read weights-only, and a file needing
+more than tensors and DeepSpeed's own states is refused (`offline_kd.train.ds_files`; the sha256 record
+catches damage, not forgery).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from safetensors.torch import save_file
 
 from offline_kd.runtime.distributed import barrier, rank, world_size
 from offline_kd.runtime.settings import CheckpointConfig
+from offline_kd.train.ds_files import check_loadable, checkpoint_files
 from offline_kd.train.state import TrainState, resume_state
 
 log = logging.getLogger(__name__)
@@ -221,15 +224,19 @@ def newest_intact(ckpt_dir: str | Path) -> str | None:
     return None
 
 
-def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> tuple[str, dict] | None:
-    """Load `tag` (default: the newest intact one) into the engine; restore this rank's RNG; return
-    (tag, client_state) or None when there is nothing to resume."""
+def load(
+    engine, ckpt_dir: str | Path, tag: str | None = None, trust: bool = False
+) -> tuple[str, dict] | None:
+    """Load `tag` (default: the newest intact one) into the engine (DeepSpeed's files weights-only unless
+    `trust`); restore this rank's RNG; return (tag, client_state) or None when there is nothing to resume."""
     tag = tag or newest_intact(ckpt_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    check_loadable(engine, Path(ckpt_dir) / tag, trust)
+    with checkpoint_files(engine, trust=trust):
+        path, client_state = engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
     path = rng_file(ckpt_dir, tag, rank())
@@ -263,7 +270,9 @@ class Checkpointer:
         `fresh`."""
         if not self.cfg.resume:
             return fresh
-        loaded = load(self.engine, self.dir)
+        if self.cfg.trust_run_dir and is_main:
+            log.warning("--trust-run-dir: DeepSpeed unpickles the checkpoint's files (any code in them runs)")
+        loaded = load(self.engine, self.dir, trust=self.cfg.trust_run_dir)
         if loaded is None:
             if is_main:
                 log.info("--resume: no complete checkpoint in %s, starting fresh", self.dir)
