@@ -1,16 +1,18 @@
-"""A run directory's integrity: DeepSpeed's states loaded without running code, and what a checkpoint's
-COMPLETE record vouches for."""
+"""A run directory's integrity: DeepSpeed's states loaded without running code, what a checkpoint's COMPLETE
+record vouches for, and a full disk during a save or an export said in one line."""
 
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_train import ROOT, TINY_DS, _base, _check, _env, _losses, run_cli
+from test_train import ROOT, SCRIPT, TINY_DS, _base, _check, _env, _losses, run_cli
 
 
 def _errors(proc: subprocess.CompletedProcess) -> list[str]:
@@ -126,3 +128,74 @@ def test_the_complete_record_vouches_for_itself(tmp_path):
     record["step"] = 8
     (tag / MARKER).write_text(json.dumps(record))
     assert damage(tag) == f"its {MARKER} record does not match its own sha256"
+
+
+# ------------------------------------------------------------------------ a full disk
+
+
+def _limited(limit: int):
+    """A child process whose files cannot grow past `limit` bytes: its writes then fail with EFBIG, as a full
+    disk fails them with ENOSPC (SIGXFSZ, which would kill it instead, is ignored)."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def _run_limited(args: list, limit: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT)] + [str(a) for a in args]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240, preexec_fn=_limited(limit)
+    )
+
+
+FOUR_STEPS = ["--max-steps", 4, "--save-every", 2, "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def four_steps(tiny_store, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("four") / "run"
+    _check(run_cli(_base(tiny_store, out) + FOUR_STEPS))
+    return out
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_previous_one_resumes(
+    tiny_store, four_steps, tmp_path
+):
+    run = _stopped_after(four_steps, tmp_path / "run", 2)
+    states = four_steps / "checkpoints" / "step00000004" / "mp_rank_00_model_states.pt"
+    limit = states.stat().st_size // 2  # the checkpoint cannot be written; the logs and configs can
+    error = _one_error(_run_limited(_base(tiny_store, run) + FOUR_STEPS + ["--resume"], limit), 1)
+    assert error == (
+        f"Error: disk full while saving checkpoint step00000004 to {run / 'checkpoints'}; the previous "
+        "checkpoint step00000002 is intact (step00000004 was removed): free space and rerun the same command "
+        "with --resume"
+    )
+    assert not (run / "checkpoints" / "step00000004").exists() and not (run / "final").exists()
+    again = run_cli(_base(tiny_store, run) + FOUR_STEPS + ["--resume"])  # space freed
+    _check(again)
+    assert "resumed from step00000002" in again.stderr
+    assert _losses(run) == _losses(four_steps) and _same_weights(run, four_steps)
+
+
+def test_a_full_disk_while_exporting_never_leaves_a_half_written_final(tiny_store, four_steps, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps, run)
+    model = run / "final" / "model.safetensors"
+    before = {p.name: p.read_bytes() for p in (run / "final").iterdir()}
+    limit = model.stat().st_size // 2
+    args = _base(tiny_store, run) + FOUR_STEPS + ["--resume"]  # a finished run resumed: it exports again
+    error = _one_error(_run_limited(args, limit), 1)
+    assert error == (
+        f"Error: disk full while exporting to {run / 'final'}; the earlier final/ is left as it was: free space "
+        "and rerun the same command with --resume to export the student of checkpoint step00000004"
+    )
+    assert {p.name: p.read_bytes() for p in (run / "final").iterdir()} == before
+    assert not (run / "final.partial").exists()
+
+    shutil.rmtree(run / "final")  # stopped before its export: a full disk leaves no final/ at all
+    error = _one_error(_run_limited(args, limit), 1)
+    assert "; no final/ was written: free space and rerun" in error
+    assert not (run / "final").exists() and not (run / "final.partial").exists()

@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from offline_kd.runtime.distributed import barrier, rank, world_size
+from offline_kd.runtime.errors import DiskFull, is_disk_full
 from offline_kd.runtime.settings import CheckpointConfig
 from offline_kd.train.ds_files import check_loadable, checkpoint_files
 from offline_kd.train.state import TrainState, resume_state
@@ -193,7 +194,8 @@ def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last:
     this_rank = rank()
     if this_rank == 0:  # a tag saved again (a resumed run) is unmarked while its files are rewritten
         (tag_dir / MARKER).unlink(missing_ok=True)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+    with checkpoint_files(engine):  # a full disk surfaces as an OSError, not a bare C++ message
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
     tag_dir.mkdir(parents=True, exist_ok=True)
     save_rng_state(rng_file(ckpt_dir, tag, this_rank), rng_state())
     barrier()
@@ -305,5 +307,19 @@ class Checkpointer:
         if not (forced or self.due(state.step, last_step)):
             return False
         client = state.to_client_state(micro_batches, row)
-        self.last_saved = save(self.engine, self.dir, state.step, client, self.cfg.keep_checkpoints)
+        tag = tag_for(state.step)
+        try:
+            self.last_saved = save(self.engine, self.dir, state.step, client, self.cfg.keep_checkpoints)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            _remove_tree(self.dir / tag)  # never marked complete: only space taken
+            previous = (
+                f"the previous checkpoint {self.last_saved} is intact" if self.last_saved
+                else "no earlier checkpoint of this run exists"
+            )  # fmt: skip
+            raise DiskFull(
+                f"disk full while saving checkpoint {tag} to {self.dir}; {previous} ({tag} was removed): free "
+                "space and rerun the same command with --resume"
+            ) from None
         return True

@@ -1,4 +1,4 @@
-"""DeepSpeed's checkpoint files, read without running code from them.
+"""DeepSpeed's checkpoint files: read without running code from them, written so that a full disk is named.
 
 DeepSpeed saves its states (``mp_rank_*_model_states.pt``, ``*zero_pp_rank_*_optim_states.pt``) with
 ``torch.save``, and its ``TorchCheckpointEngine`` reads them back with ``torch.load`` unpickling them whole:
@@ -18,6 +18,11 @@ together in one line. ``--trust-run-dir`` leaves DeepSpeed's own loading (unpick
 DeepSpeed reads a universal checkpoint (``"checkpoint": {"load_universal": true}``) with ``torch.load``
 calls of its own, outside the checkpoint engine and unpickling: such a config is refused on resume unless
 ``--trust-run-dir``.
+
+Writes: torch's C++ zip writer reports a failed write as "unexpected pos N vs M", without its reason. For
+the one ``engine.save_checkpoint`` call DeepSpeed's ``torch.save`` writes through a Python file object
+instead, so a full disk surfaces as the ``OSError`` it is (`offline_kd.runtime.errors.is_disk_full`). The
+records written are the same; only the zip's top folder is named ``archive`` instead of after the file.
 """
 
 from __future__ import annotations
@@ -99,8 +104,8 @@ def load_weights_only(path: str, map_location=None):
 
 
 class _CheckpointFiles:
-    """DeepSpeed's checkpoint engine for one call, its loads weights-only (unless trusted); everything else is
-    the engine's own."""
+    """DeepSpeed's checkpoint engine for one call: loads weights-only (unless trusted), and its plain
+    ``torch.save`` writes through a Python file object; everything else is the engine's own."""
 
     def __init__(self, inner, weights_only: bool):
         self._inner, self._weights_only = inner, weights_only
@@ -113,11 +118,20 @@ class _CheckpointFiles:
             return self._inner.load(path, map_location=map_location)
         return load_weights_only(path, map_location)
 
+    def save(self, state_dict, path: str) -> None:
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+        if type(self._inner) is not TorchCheckpointEngine:  # another engine writes its own way
+            self._inner.save(state_dict, path)
+            return
+        with open(path, "wb") as f:
+            torch.save(state_dict, f, _use_new_zipfile_serialization=self._inner.zipfile_serialization)
+
 
 @contextmanager
 def checkpoint_files(engine, trust: bool = False) -> Iterator[None]:
-    """Within the block, `engine` reads its checkpoint files weights-only (unpickling with `trust`); its own
-    checkpoint engine is back afterwards."""
+    """Within the block, `engine` reads its checkpoint files weights-only (unpickling with `trust`) and
+    writes them so that a full disk is an ``OSError``; its own checkpoint engine is back afterwards."""
     inner = engine.checkpoint_engine
     engine.checkpoint_engine = _CheckpointFiles(inner, weights_only=not trust)
     try:
