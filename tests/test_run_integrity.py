@@ -1,5 +1,6 @@
 """A run directory's integrity: DeepSpeed's states loaded without running code, what a checkpoint's COMPLETE
-record vouches for, and a full disk during a save or an export said in one line."""
+record vouches for, a full disk during a save or an export said in one line, and a --resume that says which
+case it is in."""
 
 from __future__ import annotations
 
@@ -199,3 +200,33 @@ def test_a_full_disk_while_exporting_never_leaves_a_half_written_final(tiny_stor
     error = _one_error(_run_limited(args, limit), 1)
     assert "; no final/ was written: free space and rerun" in error
     assert not (run / "final").exists() and not (run / "final.partial").exists()
+
+
+# ------------------------------------------------------------------------ --resume says which case it is
+
+
+def test_resume_with_every_checkpoint_damaged_is_refused_naming_them(tiny_store, four_steps, tmp_path):
+    run = _stopped_after(four_steps, tmp_path / "run", 4)
+    for tag in (run / "checkpoints").glob("step*"):
+        states = tag / "mp_rank_00_model_states.pt"
+        data = bytearray(states.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        states.write_bytes(bytes(data))
+    kept = {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()}
+    metrics = (run / "logs" / "metrics.csv").read_bytes()
+    error = _one_error(run_cli(_base(tiny_store, run) + FOUR_STEPS + ["--resume"]), 2)
+    damaged = "mp_rank_00_model_states.pt does not match its sha256"
+    assert error == (
+        f"Error: --resume: every checkpoint in {run / 'checkpoints'} is damaged: step00000004 ({damaged}); "
+        f"step00000002 ({damaged}). Nothing was trained over; restore them, or pass --overwrite instead of "
+        "--resume to start the run again"
+    )
+    assert (run / "logs" / "metrics.csv").read_bytes() == metrics and not (run / "final").exists()
+    assert {p: p.read_bytes() for p in (run / "checkpoints").rglob("*") if p.is_file()} == kept
+
+
+def test_resume_without_a_checkpoint_says_it_starts_fresh(tiny_store, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli(_base(tiny_store, run) + ["--max-steps", 1, "--no-tensorboard", "--resume"])
+    _check(proc)
+    assert f"--resume: no checkpoint directory {run / 'checkpoints'} yet, starting fresh" in proc.stderr

@@ -13,6 +13,10 @@ the few scalars beside them as JSON in its metadata, so loading them runs no cod
 directory. DeepSpeed's own files in the tag are pickles: they are read weights-only, and a file needing
 more than tensors and DeepSpeed's own states is refused (`offline_kd.train.ds_files`; the sha256 record
 catches damage, not forgery).
+
+``--resume`` says which case it is in: no checkpoint yet (it starts fresh, in one log line), checkpoints
+that are all damaged (an error naming each: a run that made progress is never silently started over), or
+the tag it resumed from.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from offline_kd.runtime.distributed import barrier, rank, world_size
-from offline_kd.runtime.errors import DiskFull, is_disk_full
+from offline_kd.runtime.errors import DiskFull, UsageError, is_disk_full
 from offline_kd.runtime.settings import CheckpointConfig
 from offline_kd.train.ds_files import check_loadable, checkpoint_files
 from offline_kd.train.state import TrainState, resume_state
@@ -215,25 +219,23 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def newest_intact(ckpt_dir: str | Path) -> str | None:
-    """The newest complete tag whose files match its record; each damaged newer one is named in the log."""
+def newest_intact(ckpt_dir: str | Path) -> tuple[str | None, list[str]]:
+    """The newest complete tag whose files match its record (None when none does), and each newer damaged
+    one with what is wrong with it; the damaged ones are named in the log."""
+    damaged = []
     for _, tag in reversed(complete_tags(ckpt_dir)):
         why = damage(Path(ckpt_dir) / tag)
         if why is None:
-            return tag
+            return tag, damaged
+        damaged.append(f"{tag} ({why})")
         if rank() == 0:
             log.warning("checkpoint %s is damaged (%s): not resuming from it", tag, why)
-    return None
+    return None, damaged
 
 
-def load(
-    engine, ckpt_dir: str | Path, tag: str | None = None, trust: bool = False
-) -> tuple[str, dict] | None:
-    """Load `tag` (default: the newest intact one) into the engine (DeepSpeed's files weights-only unless
-    `trust`); restore this rank's RNG; return (tag, client_state) or None when there is nothing to resume."""
-    tag = tag or newest_intact(ckpt_dir)
-    if tag is None:
-        return None
+def load(engine, ckpt_dir: str | Path, tag: str, trust: bool = False) -> tuple[str, dict]:
+    """Load `tag` into the engine (DeepSpeed's files weights-only unless `trust`); restore this rank's
+    RNG; return (tag, client_state)."""
     check_loadable(engine, Path(ckpt_dir) / tag, trust)
     with checkpoint_files(engine, trust=trust):
         path, client_state = engine.load_checkpoint(
@@ -272,14 +274,19 @@ class Checkpointer:
         `fresh`."""
         if not self.cfg.resume:
             return fresh
-        if self.cfg.trust_run_dir and is_main:
-            log.warning("--trust-run-dir: DeepSpeed unpickles the checkpoint's files (any code in them runs)")
-        loaded = load(self.engine, self.dir, trust=self.cfg.trust_run_dir)
-        if loaded is None:
+        tag, damaged = newest_intact(self.dir)
+        if tag is None:
+            if damaged:  # a run that made progress is never silently started over
+                raise UsageError(
+                    f"--resume: every checkpoint in {self.dir} is damaged: {'; '.join(damaged)}. Nothing was "
+                    "trained over; restore them, or pass --overwrite instead of --resume to start the run again"
+                )
             if is_main:
-                log.info("--resume: no complete checkpoint in %s, starting fresh", self.dir)
+                log.info("%s", no_checkpoint_note(self.dir))
             return fresh
-        self.last_saved, client = loaded
+        if self.cfg.trust_run_dir and is_main:
+            log.warning("--trust-run-dir: DeepSpeed unpickles the files of %s (any code in them runs)", tag)
+        self.last_saved, client = load(self.engine, self.dir, tag, trust=self.cfg.trust_run_dir)
         self.resumed_from = self.last_saved
         state, warnings = resume_state(client, fresh.layout, fresh.scheduler)
         if is_main:
@@ -323,3 +330,16 @@ class Checkpointer:
                 "space and rerun the same command with --resume"
             ) from None
         return True
+
+
+def no_checkpoint_note(ckpt_dir: Path) -> str:
+    """The log line of a ``--resume`` that starts fresh: which of the no-checkpoint cases it is."""
+    if not ckpt_dir.is_dir():
+        return f"--resume: no checkpoint directory {ckpt_dir} yet, starting fresh"
+    unfinished = sorted(p.name for p in ckpt_dir.iterdir() if _TAG_RE.match(p.name))
+    if unfinished:  # saves cut short before their marker: nothing in them is vouched for
+        return (
+            f"--resume: no complete checkpoint in {ckpt_dir} ({', '.join(unfinished)} never finished saving), "
+            "starting fresh"
+        )
+    return f"--resume: no checkpoint in {ckpt_dir} yet, starting fresh"
