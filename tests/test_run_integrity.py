@@ -230,3 +230,27 @@ def test_resume_without_a_checkpoint_says_it_starts_fresh(tiny_store, tmp_path):
     proc = run_cli(_base(tiny_store, run) + ["--max-steps", 1, "--no-tensorboard", "--resume"])
     _check(proc)
     assert f"--resume: no checkpoint directory {run / 'checkpoints'} yet, starting fresh" in proc.stderr
+
+
+# ------------------------------------------------------------------------ a store missing a file
+
+
+def test_training_stops_at_a_committed_shard_whose_file_is_gone(tiny_store, tmp_path):
+    """The reader's whole-chunk path read a shard without a file as zeros, and trained on them; now the run
+    stops in one line naming the array, before the step that would read it."""
+    from offline_kd.store.signal_store import SignalStore
+    from offline_kd.train.reader import ReaderConfig, StoreReader
+
+    store = tmp_path / "lost.zarr"
+    shutil.copytree(tiny_store, store)
+    reader = StoreReader(ReaderConfig(url=str(store), micro_batch_size=4, seed=0, temperature=2.0))
+    row = int(next(iter(reader.epoch_batches(0, start=0, stop=1)))["rows"][0])  # read by step 1
+    shard = row // SignalStore.open(str(store)).meta.shard_sequences
+    (store / "topk_logits" / "c" / "0" / str(shard) / "0" / "0").unlink()
+    run = tmp_path / "run"
+    proc = run_cli(_base(store, run) + ["--kl-source", "topk", "--max-steps", 2, "--log-every", 1])
+    error = _one_error(proc, 1)
+    assert error == (
+        f"Error: '{store}': array 'topk_logits' view 0, shard {shard} is committed but its file is missing"
+    )
+    assert _losses(run) == [] and not (run / "final").exists()
