@@ -10,6 +10,9 @@ rank raises the same error and only rank 0 prints it, except a `RankFailed` that
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -38,6 +41,35 @@ class RunFailed(RuntimeError):
 
 class RankFailed(RunFailed):
     """A failure one rank sees alone (it timed out waiting for rank 0): every rank prints its own."""
+
+
+class DiskFull(RankFailed):
+    """A write ran out of space (a full disk, a quota, a file-size limit). Each rank that hit it says so: on
+    a node-local disk the others may not have."""
+
+
+# A full disk, an exhausted quota and a file-size limit (RLIMIT_FSIZE, a filesystem's maximum) all end a write
+# the same way: nothing more fits, and freeing space (or raising the limit) is the fix.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_OS_ERROR = re.compile(r"os error (\d+)\)")
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception it was raised from or while handling, is a write that ran out of space:
+    an `OSError` with one of `DISK_FULL_ERRNOS`, or a library's error carrying one in its text (safetensors'
+    and tokenizers' Rust errors end in "(os error 28)", torch's C++ writers name the strerror)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(exc)
+        if any(int(n) in DISK_FULL_ERRNOS for n in _OS_ERROR.findall(text)):
+            return True
+        if any(os.strerror(n) in text for n in DISK_FULL_ERRNOS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def one_line(exc: BaseException) -> str:

@@ -229,6 +229,12 @@ class CheckpointConfig:
     )
     keep_checkpoints: int | None = setting(None, "keep only the newest N checkpoints", at_least=1)
     resume: bool = setting(False, "continue from the newest complete checkpoint")
+    trust_run_dir: bool = setting(
+        False,
+        "with --resume, let DeepSpeed unpickle its checkpoint files (which runs any code they hold) instead of "
+        "the weights-only load that refuses anything but tensors and DeepSpeed's own states; only for a run "
+        "directory you wrote whose checkpoints need more",
+    )
 
 
 @dataclass

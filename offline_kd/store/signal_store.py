@@ -604,6 +604,8 @@ class SignalStore:
             spec = SPECS[name]
             codec = self._codec(spec)
             if codec is not None and codec.aligned(start, stop):
+                # the codec reads a shard without a file as zeros never written: a committed one lost it
+                self._check_files(name, codec, start, stop, view if spec.per_view else None)
                 try:
                     codec.read(start, stop, view if spec.per_view else None, out=dest, positions=positions)
                     continue

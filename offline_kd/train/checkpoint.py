@@ -7,9 +7,16 @@ of every file of the tag with its size and sha256. ``--resume`` takes the newest
 there and whose files all still match it; a damaged tag (a flipped byte, a truncated or missing file) is
 named in one log line and the next older intact one is used.
 
-The RNG states are written without pickle: the generator states as tensors in a safetensors file,
+The record carries a sha256 of itself too, so a flipped byte anywhere in the tag, the record included, is
+caught. The RNG states are written without pickle: the generator states as tensors in a safetensors file,
 the few scalars beside them as JSON in its metadata, so loading them runs no code from the run
-directory. (DeepSpeed's own files in the tag are pickles: a run directory must be trusted; the sha256 record catches damage, not forgery.)
+directory. DeepSpeed's own files in the tag are pickles: they are read weights-only, and a file needing
+more than tensors and DeepSpeed's own states is refused (`offline_kd.train.ds_files`; the sha256 record
+catches damage, not forgery).
+
+``--resume`` says which case it is in: no checkpoint yet (it starts fresh, in one log line), checkpoints
+that are all damaged (an error naming each: a run that made progress is never silently started over), or
+the tag it resumed from.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from offline_kd.runtime.distributed import barrier, rank, world_size
+from offline_kd.runtime.errors import DiskFull, UsageError, is_disk_full
 from offline_kd.runtime.settings import CheckpointConfig
+from offline_kd.train.ds_files import check_loadable, checkpoint_files
 from offline_kd.train.state import TrainState, resume_state
 
 log = logging.getLogger(__name__)
@@ -148,6 +157,10 @@ def damage(tag_dir: Path) -> str | None:
         record = json.loads((tag_dir / MARKER).read_text())
     except (OSError, ValueError) as e:
         return f"its {MARKER} record is unreadable ({e})"
+    if not isinstance(record, dict):
+        return f"its {MARKER} record is not a record"
+    if "sha256" in record and record.pop("sha256") != _record_sha256(record):
+        return f"its {MARKER} record does not match its own sha256"
     files = record.get("files")
     if files is None:
         return None
@@ -163,25 +176,35 @@ def damage(tag_dir: Path) -> str | None:
     return None
 
 
+def _record_sha256(record: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def write_marker(tag_dir: Path, step: int) -> None:
+    """Mark a tag complete: its ``COMPLETE`` record of every file's size and sha256, and of itself."""
+    record = {"step": step, "time": time.time(), "world_size": world_size(), "files": file_digests(tag_dir)}
+    record["sha256"] = _record_sha256(record)
+    tmp = tag_dir / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, tag_dir / MARKER)
+
+
 def save(engine, ckpt_dir: str | Path, step: int, client_state: dict, keep_last: int | None = None) -> str:
     """Save a checkpoint for `step` on every rank; rank 0 marks it complete after a barrier."""
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
     tag_dir = Path(ckpt_dir) / tag
-    tag_dir.mkdir(parents=True, exist_ok=True)
     this_rank = rank()
+    if this_rank == 0:  # a tag saved again (a resumed run) is unmarked while its files are rewritten
+        (tag_dir / MARKER).unlink(missing_ok=True)
+    with checkpoint_files(engine):  # a full disk surfaces as an OSError, not a bare C++ message
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=True)
+    tag_dir.mkdir(parents=True, exist_ok=True)
     save_rng_state(rng_file(ckpt_dir, tag, this_rank), rng_state())
     barrier()
     if this_rank == 0:
-        tmp = tag_dir / (MARKER + ".tmp")
-        record = {
-            "step": step,
-            "time": time.time(),
-            "world_size": world_size(),
-            "files": file_digests(tag_dir),
-        }
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, tag_dir / MARKER)
+        write_marker(tag_dir, step)
         if keep_last:
             for _, old in complete_tags(ckpt_dir)[:-keep_last]:
                 _remove_tree(Path(ckpt_dir) / old)
@@ -196,26 +219,28 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def newest_intact(ckpt_dir: str | Path) -> str | None:
-    """The newest complete tag whose files match its record; each damaged newer one is named in the log."""
+def newest_intact(ckpt_dir: str | Path) -> tuple[str | None, list[str]]:
+    """The newest complete tag whose files match its record (None when none does), and each newer damaged
+    one with what is wrong with it; the damaged ones are named in the log."""
+    damaged = []
     for _, tag in reversed(complete_tags(ckpt_dir)):
         why = damage(Path(ckpt_dir) / tag)
         if why is None:
-            return tag
+            return tag, damaged
+        damaged.append(f"{tag} ({why})")
         if rank() == 0:
             log.warning("checkpoint %s is damaged (%s): not resuming from it", tag, why)
-    return None
+    return None, damaged
 
 
-def load(engine, ckpt_dir: str | Path, tag: str | None = None) -> tuple[str, dict] | None:
-    """Load `tag` (default: the newest intact one) into the engine; restore this rank's RNG; return
-    (tag, client_state) or None when there is nothing to resume."""
-    tag = tag or newest_intact(ckpt_dir)
-    if tag is None:
-        return None
-    path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+def load(engine, ckpt_dir: str | Path, tag: str, trust: bool = False) -> tuple[str, dict]:
+    """Load `tag` into the engine (DeepSpeed's files weights-only unless `trust`); restore this rank's
+    RNG; return (tag, client_state)."""
+    check_loadable(engine, Path(ckpt_dir) / tag, trust)
+    with checkpoint_files(engine, trust=trust):
+        path, client_state = engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
     path = rng_file(ckpt_dir, tag, rank())
@@ -249,12 +274,19 @@ class Checkpointer:
         `fresh`."""
         if not self.cfg.resume:
             return fresh
-        loaded = load(self.engine, self.dir)
-        if loaded is None:
+        tag, damaged = newest_intact(self.dir)
+        if tag is None:
+            if damaged:  # a run that made progress is never silently started over
+                raise UsageError(
+                    f"--resume: every checkpoint in {self.dir} is damaged: {'; '.join(damaged)}. Nothing was "
+                    "trained over; restore them, or pass --overwrite instead of --resume to start the run again"
+                )
             if is_main:
-                log.info("--resume: no complete checkpoint in %s, starting fresh", self.dir)
+                log.info("%s", no_checkpoint_note(self.dir))
             return fresh
-        self.last_saved, client = loaded
+        if self.cfg.trust_run_dir and is_main:
+            log.warning("--trust-run-dir: DeepSpeed unpickles the files of %s (any code in them runs)", tag)
+        self.last_saved, client = load(self.engine, self.dir, tag, trust=self.cfg.trust_run_dir)
         self.resumed_from = self.last_saved
         state, warnings = resume_state(client, fresh.layout, fresh.scheduler)
         if is_main:
@@ -282,5 +314,32 @@ class Checkpointer:
         if not (forced or self.due(state.step, last_step)):
             return False
         client = state.to_client_state(micro_batches, row)
-        self.last_saved = save(self.engine, self.dir, state.step, client, self.cfg.keep_checkpoints)
+        tag = tag_for(state.step)
+        try:
+            self.last_saved = save(self.engine, self.dir, state.step, client, self.cfg.keep_checkpoints)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            _remove_tree(self.dir / tag)  # never marked complete: only space taken
+            previous = (
+                f"the previous checkpoint {self.last_saved} is intact" if self.last_saved
+                else "no earlier checkpoint of this run exists"
+            )  # fmt: skip
+            raise DiskFull(
+                f"disk full while saving checkpoint {tag} to {self.dir}; {previous} ({tag} was removed): free "
+                "space and rerun the same command with --resume"
+            ) from None
         return True
+
+
+def no_checkpoint_note(ckpt_dir: Path) -> str:
+    """The log line of a ``--resume`` that starts fresh: which of the no-checkpoint cases it is."""
+    if not ckpt_dir.is_dir():
+        return f"--resume: no checkpoint directory {ckpt_dir} yet, starting fresh"
+    unfinished = sorted(p.name for p in ckpt_dir.iterdir() if _TAG_RE.match(p.name))
+    if unfinished:  # saves cut short before their marker: nothing in them is vouched for
+        return (
+            f"--resume: no complete checkpoint in {ckpt_dir} ({', '.join(unfinished)} never finished saving), "
+            "starting fresh"
+        )
+    return f"--resume: no checkpoint in {ckpt_dir} yet, starting fresh"

@@ -24,6 +24,7 @@ from torch import nn
 
 from offline_kd.publish.model_card import CardInputs, build_card
 from offline_kd.runtime.distributed import barrier
+from offline_kd.runtime.errors import DiskFull, is_disk_full
 from offline_kd.store.storage import redact
 from offline_kd.train.student import StudentBundle
 
@@ -109,6 +110,55 @@ def push_to_hub(final_dir: Path, repo_id: str) -> str:
     return str(getattr(info, "commit_url", info))
 
 
+def write_final(
+    out: Path,
+    cfg: TrainConfig,
+    meta: StoreMeta,
+    bundle: StudentBundle,
+    ds: dict,
+    metrics: dict,
+    steps: int,
+    state: dict[str, torch.Tensor],
+) -> None:
+    """Rank 0's export: ``DIR/final`` (student, tokenizer, configs, card) and the projection, if any."""
+    final_dir = out / "final"
+    # Written under another name and renamed when whole: a crash or a full disk never leaves a final/ that
+    # looks finished.
+    partial = out / "final.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    _, proj = export_student(bundle, state, partial)
+    if proj:
+        from safetensors.torch import save_file
+
+        tmp = out / "projection.safetensors.partial"
+        save_file(proj, str(tmp))
+        os.replace(tmp, out / "projection.safetensors")
+    write_run_config(partial, cfg, ds)
+    ref = cfg.card.push_to_hub or str(final_dir.resolve())
+    heldout = metrics.get("eval") and {**metrics["eval"], "source": cfg.heldout.eval_corpus}
+    name = (cfg.card.push_to_hub or str(out.resolve())).rstrip("/").split("/")[-1]
+    inputs = CardInputs(ref, name, steps, metrics.get("train") or {}, heldout)
+    build_card(cfg, meta, bundle, ds, inputs).save(partial / "README.md")
+    if final_dir.exists():  # a resumed finished run exports again
+        shutil.rmtree(final_dir)
+    os.replace(partial, final_dir)
+
+
+def disk_full_on_export(out: Path) -> DiskFull:
+    """The one line of an export that ran out of space: what is left of final/ and how to export again."""
+    from offline_kd.train.checkpoint import latest_complete
+
+    final_dir = out / "final"
+    kept = "the earlier final/ is left as it was" if final_dir.exists() else "no final/ was written"
+    tag = latest_complete(out / "checkpoints")
+    then = (
+        f"rerun the same command with --resume to export the student of checkpoint {tag}"
+        if tag
+        else "rerun the same command (no checkpoint was saved: it trains again)"
+    )
+    return DiskFull(f"disk full while exporting to {final_dir}; {kept}: free space and {then}")
+
+
 def export_run(
     module: nn.Module,
     cfg: TrainConfig,
@@ -132,24 +182,14 @@ def export_run(
         (dbg / f"params_rank{rank}.sha256").write_text(params_sha256(state) + "\n")
     final_dir = out / "final"
     if rank == 0:
-        # Written under another name and renamed when whole: a crash or a full disk never leaves a final/
-        # that looks finished.
-        partial = out / "final.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        _, proj = export_student(bundle, state, partial)
-        if proj:
-            from safetensors.torch import save_file
-
-            save_file(proj, str(out / "projection.safetensors"))
-        write_run_config(partial, cfg, ds)
-        ref = cfg.card.push_to_hub or str(final_dir.resolve())
-        heldout = metrics.get("eval") and {**metrics["eval"], "source": cfg.heldout.eval_corpus}
-        name = (cfg.card.push_to_hub or str(out.resolve())).rstrip("/").split("/")[-1]
-        inputs = CardInputs(ref, name, steps, metrics.get("train") or {}, heldout)
-        build_card(cfg, meta, bundle, ds, inputs).save(partial / "README.md")
-        if final_dir.exists():  # a resumed finished run exports again
-            shutil.rmtree(final_dir)
-        os.replace(partial, final_dir)
+        try:
+            write_final(out, cfg, meta, bundle, ds, metrics, steps, state)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            shutil.rmtree(out / "final.partial", ignore_errors=True)
+            (out / "projection.safetensors.partial").unlink(missing_ok=True)
+            raise disk_full_on_export(out) from None
         if cfg.card.push_to_hub:
             log.info("pushed %s: %s", final_dir, push_to_hub(final_dir, cfg.card.push_to_hub))
     barrier()
