@@ -68,13 +68,20 @@ def _first_step_losses(store: Path, teacher: Path, T: float) -> tuple[float, flo
         "distil", teacher_path=str(teacher), vocab_size=meta.vocab_size, max_positions=512,
         pad_token_id=meta.pad_token_id, seed=0,
     ).model.eval()  # fmt: skip
-    head = AutoModelForMaskedLM.from_pretrained(teacher).cls
+    from offline_kd.teacher.head import extract_head
+    from offline_kd.teacher.reduced_head import ReducedPrecisionHead
+
+    # the head as training runs it by default: fp16 matmul inputs, fp32 accumulation (the KL here is ~5e-4,
+    # so the fp32 head's would differ in the third digit)
+    head = ReducedPrecisionHead(
+        extract_head(AutoModelForMaskedLM.from_pretrained(teacher)).module, torch.float16
+    )
     kls, mlms = [], []
     with torch.no_grad():
         for b in reader.epoch_batches(0, start=0, stop=2):
             rows = b["attention_mask"].bool()
             s = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[rows][:, :V]
-            z = head(b["hidden"].float())[rows]
+            z = head(b["hidden"][rows])[:, :V]
             p = (z / T).log_softmax(-1)
             kls.append(T * T * (p.exp() * (p - (s / T).log_softmax(-1))).sum(-1).mean().item())
             mlms.append(F.cross_entropy(s, b["labels"][rows], ignore_index=-100).item())
