@@ -16,10 +16,11 @@ from typing import Literal, Protocol
 import numpy as np
 import zarr
 import zarr.codecs as zc
+from zarr.core.sync import sync
 
 from offline_kd.runtime.errors import RunFailed, UsageError
 from offline_kd.store.shard_codec import NOT_STORED, ChunkError, ChunkMisplaced, ShardCodec, get_row, put_row
-from offline_kd.store.storage import check_store_url, is_local, local_path, parse_options
+from offline_kd.store.storage import check_store_url, filesystem, is_local, local_path, parse_options
 
 FORMAT = "offline_kd.signal_store"
 # 2: the teacher's MLM head in `teacher_head/`, --top-k 0 (no top-k arrays), hidden_dtype.
@@ -522,8 +523,9 @@ class SignalStore:
         attributes last, so a store whose attributes exist has all its arrays. Creation never
         deletes: an array that already exists with the same layout is kept (a concurrent or crashed
         creation made it). A store with different settings is refused with
-        :class:`StoreMismatchError` listing the differing keys, unless ``overwrite``, which empties
-        it first. A full disk raises :class:`StoreError`.
+        :class:`StoreMismatchError` listing the differing keys, unless ``overwrite``, which deletes
+        the store's own entries first (never anything else there). A directory (or prefix) holding
+        anything but a store is refused (:func:`check_output`). A full disk raises :class:`StoreError`.
         """
         if not meta.compression:
             meta.compression = default_compression()
@@ -552,9 +554,11 @@ class SignalStore:
         write_head: Callable[[zarr.Group], None] | None,
     ) -> SignalStore:
         want = meta.as_dict()
+        state = check_output(url, storage_options)  # before anything is written or deleted
         remove_partial_files(url, storage_options, metadata=True)
         if overwrite:
-            _open_group(url, "w", storage_options)  # asked for: empty whatever is there
+            if state.kind != "new":
+                _remove_store_entries(url, storage_options, state.ours)
         else:
             existing = cls._reopen_for_resume(url, want, storage_options)
             if existing is not None:
@@ -583,12 +587,13 @@ class SignalStore:
                     f"{url!r} was made with different settings ({details}); "
                     "use a new output path or overwrite=True (--overwrite)"
                 )
+            if "committed" not in g:  # deleted first by an --overwrite that was stopped
+                raise StoreError(
+                    f"{url!r} has no commit record: an --overwrite of it was interrupted; rerun with --overwrite"
+                )
             return cls(g, StoreMeta.from_dict(have), str(url), storage_options)
-        # No attributes: a creation that crashed (attributes come last) may be redone;
-        # anything else is not ours to delete.
-        ours = set(ARRAY_NAMES) | {"committed", DIGESTS, HEAD_GROUP}
-        if g.attrs.asdict() or not set(g.keys()) <= ours:
-            raise StoreError(f"{url!r} exists but is not a signal store; pass overwrite to replace it")
+        # No attributes: a creation that crashed (attributes come last) is redone. `check_output` has
+        # refused anything but the store's own entries.
         return None
 
     # ------------------------------------------------------------------ reading
@@ -867,6 +872,93 @@ class SignalStore:
 
 
 PARTIAL_SUFFIX = ".partial"  # zarr's local store writes `<name>.<uuid>.partial`, then renames it
+# What a store holds at its root: its arrays, commit record, digests and head, and the group's metadata.
+STORE_ENTRIES = frozenset({*ARRAY_NAMES, "committed", DIGESTS, HEAD_GROUP, "zarr.json"})
+
+
+def _is_store_entry(name: str) -> bool:
+    return name in STORE_ENTRIES or (name.startswith("zarr.") and name.endswith(PARTIAL_SUFFIX))
+
+
+@dataclass(frozen=True)
+class OutputState:
+    """What a store URL holds: ``new`` (nothing, or an empty directory), ``store`` (a signal store's
+    attributes), ``unfinished`` (only a store's entries, no attributes: a creation that stopped) or
+    ``foreign`` (anything else). ``ours``: the store's root entries there; ``others``: the rest."""
+
+    kind: Literal["new", "store", "unfinished", "foreign"]
+    ours: tuple[str, ...] = ()
+    others: tuple[str, ...] = ()
+
+
+def _root_listing(url: str, storage_options: dict | None) -> tuple[list[str], bytes | None]:
+    """The names at the root of ``url`` (none when it does not exist) and its ``zarr.json``'s bytes."""
+    root = local_root(url, storage_options)
+    if root is not None:
+        if not root.is_dir():
+            return [], None
+        meta = root / "zarr.json"
+        return sorted(os.listdir(root)), (meta.read_bytes() if meta.is_file() else None)
+    fs = filesystem(url, storage_options)
+    path = fs._strip_protocol(str(url)).rstrip("/")
+    fs.invalidate_cache(path)  # another process may have just written it
+    try:
+        names = sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)})
+    except FileNotFoundError:
+        return [], None
+    try:
+        return names, fs.cat_file(f"{path}/zarr.json")
+    except FileNotFoundError:
+        return names, None
+
+
+def output_state(url: str, storage_options: dict | None = None) -> OutputState:
+    """What ``url`` holds (:class:`OutputState`), read without zarr and without writing anything."""
+    names, root_meta = _root_listing(url, storage_options)
+    if not names:
+        return OutputState("new")
+    ours = tuple(n for n in names if _is_store_entry(n))
+    others = tuple(n for n in names if not _is_store_entry(n))
+    attrs = None
+    if root_meta is not None:
+        try:
+            doc = json.loads(root_meta)
+            attrs = (doc.get("attributes") or {}) if doc.get("node_type") == "group" else None
+        except (ValueError, AttributeError):
+            attrs = None
+        if attrs is None or (attrs and ATTR_KEY not in attrs):  # an array, or another tool's group
+            return OutputState("foreign", tuple(n for n in ours if n != "zarr.json"), ("zarr.json", *others))
+    if attrs:
+        return OutputState("store", ours, others)  # what else is there is the user's: left alone
+    return OutputState("foreign" if others else "unfinished", ours, others)
+
+
+def check_output(url: str, storage_options: dict | None = None, label: str | None = None) -> OutputState:
+    """Refuse, naming ``label`` (default: the URL), an output that holds anything but a signal store:
+    neither writing into it nor ``--overwrite`` may touch files the store did not write."""
+    state = output_state(url, storage_options)
+    if state.kind == "foreign":
+        shown = ", ".join(state.others[:5]) + (", …" if len(state.others) > 5 else "")
+        raise StoreError(
+            f"{label or repr(str(url))} is not a signal store: it holds {shown}, which kd precompute did not "
+            "write; choose a new or empty directory (nothing was written or deleted)"
+        )
+    return state
+
+
+def _remove_store_entries(url: str, storage_options: dict | None, entries: Iterable[str]) -> None:
+    """Delete a store's own root entries (``--overwrite``), leaving anything else where it is.
+
+    The commit record goes first, so that an overwrite stopped midway leaves no committed shard behind
+    (resuming it is refused, and a rerun of the overwrite finishes it), then the root metadata."""
+    g = _open_group(url, "a", storage_options)
+    first = ["committed", DIGESTS, "zarr.json"]
+    for name in [*first, *sorted(set(entries) - set(first))]:
+        path = g.store_path / name
+        if name == "zarr.json" or name.endswith(PARTIAL_SUFFIX):
+            sync(path.delete())
+        else:
+            sync(path.delete_dir())
 
 
 def _partial_shard(meta: StoreMeta, rel: Path) -> int | None:
@@ -908,7 +1000,10 @@ def remove_partial_files(
         return []
     wanted = set(shards)
     removed = []
-    for dirpath, _, names in os.walk(root):
+    for dirpath, dirnames, names in os.walk(root):
+        if Path(dirpath) == root:  # only the store's own entries: anything else there is the user's
+            dirnames[:] = [d for d in dirnames if d in STORE_ENTRIES]
+            names = [n for n in names if _is_store_entry(n)]
         for name in names:
             if not name.endswith(PARTIAL_SUFFIX):
                 continue
