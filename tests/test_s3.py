@@ -227,6 +227,25 @@ def test_bad_store_url_fails_in_one_line_before_any_work(s3_endpoint, tmp_path, 
         _one_error_line(r.output, url, message)
 
 
+def test_precompute_refuses_a_prefix_of_other_objects_and_leaves_them(s3_endpoint, tmp_path):
+    """Neither a store written among them nor --overwrite may touch objects kd precompute did not write
+    (refused before the teacher, which does not exist here, is looked at)."""
+    key = f"{BUCKET}/not-a-store"
+    _fs(s3_endpoint).pipe(f"{key}/notes.txt", b"the user's")
+    url = f"s3://{key}"
+    for extra in ([], ["--overwrite"]):
+        argv = ["precompute", "--teacher", str(tmp_path / "no_teacher"), "--corpus", "no_corpus.txt"]
+        argv += ["--output", url, "--storage-option", f"endpoint_url={s3_endpoint}", *extra]
+        r = CliRunner().invoke(kd, argv)
+        assert r.exit_code == 2, r.output
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("Error: ")]
+        assert errors == [
+            f"Error: --output {url} is not a signal store: it holds notes.txt, which kd precompute did not write; "
+            "choose a new or empty directory (nothing was written or deleted)"
+        ], r.output
+    assert _objects(s3_endpoint, key) == {"notes.txt": b"the user's"}
+
+
 def test_train_refuses_a_missing_bucket_in_one_line(s3_endpoint, tmp_path):
     url = "s3://no-such-bucket/x.zarr"
     args = ["--store", url, "--student", "distil", "--output", tmp_path / "run"]

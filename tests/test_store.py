@@ -13,6 +13,7 @@ from conftest import run_tiny_precompute
 
 from offline_kd.store.signal_store import (
     ARRAY_NAMES,
+    DIGESTS,
     SignalStore,
     StoreCorruptionError,
     StoreError,
@@ -50,7 +51,7 @@ def test_arrays_follow_the_schema_table(tiny_store):
     s = SignalStore.open(str(tiny_store))
     m = s.meta
     g = zarr.open_group(str(tiny_store), mode="r")
-    assert sorted(g.keys()) == sorted(ARRAY_NAMES + ("committed", "teacher_head"))
+    assert sorted(g.keys()) == sorted(ARRAY_NAMES + ("committed", DIGESTS, "teacher_head"))
     for spec in array_specs(m):
         shape, chunks, shards = spec.layout(m)
         arr = g[spec.name]
@@ -63,7 +64,7 @@ def test_arrays_follow_the_schema_table(tiny_store):
     assert bpt == positional / (m.num_sequences * m.max_length)
     # the format description lists every array of the table
     doc = (Path(__file__).parents[1] / "docs" / "store-format.md").read_text(encoding="utf-8")
-    for name in ARRAY_NAMES + ("committed",):
+    for name in ARRAY_NAMES + ("committed", DIGESTS):
         assert f"| `{name}` |" in doc, name
 
 

@@ -268,6 +268,7 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_store, 
     import numpy as np
     import zarr
 
+    from offline_kd.store.signal_store import SignalStore
     from offline_kd.train.checkpoint import latest_complete
     from offline_kd.train.ledger import NonFiniteLossError
     from offline_kd.train.loop import train
@@ -284,6 +285,8 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_store, 
     logits = g["topk_logits"][0, row]
     logits[0, 0] = np.nan
     g["topk_logits"][0, row] = logits
+    s = SignalStore.open(str(store), mode="r+")
+    s.mark_committed(row // s.meta.shard_sequences)  # as if written so: the digests of the poisoned chunk
     out = tmp_path / "n"
     with pytest.raises(NonFiniteLossError, match=r"non-finite .*step 4 .*last good checkpoint: step00000003"):
         # the top-k KL reads the poisoned topk_logits

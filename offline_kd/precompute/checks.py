@@ -14,12 +14,16 @@ from offline_kd.runtime.settings import PrecomputeConfig
 def check_precompute(cfg: PrecomputeConfig, world_size: int) -> None:
     """Settings, device, teacher config and corpus sources of ``kd precompute``."""
     from offline_kd.data.corpus import check_group_rows, check_sources
+    from offline_kd.store.signal_store import check_output
     from offline_kd.store.storage import check_store_url
 
     _check_precompute_settings(cfg, world_size)
     hub_kernels.check(cfg.hub_kernels)
     # The store's filesystem installed and its bucket answering; a local output under a writable directory.
     check_store_url(cfg.output, cfg.storage_options, writing=not cfg.dry_run)
+    # Nothing but a store (or nothing) there: the user's own files are neither mixed with a store's nor
+    # deleted by --overwrite.
+    check_output(cfg.output, cfg.storage_options, label=f"--output {cfg.output}")
     check_device(cfg.device)
     label = f"--teacher {cfg.teacher}"
     config = check_model_source(

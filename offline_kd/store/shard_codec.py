@@ -19,7 +19,10 @@ The file goes through the array's own zarr store (atomic on local disk, one obje
 partial-file cleanup and object stores are unchanged. :meth:`ShardCodec.read` reads whole chunks
 the same way back: the shard index, then the chunks of the range in one byte-range request, each
 checked against its crc32c and decoded straight into the result. It raises on anything unexpected,
-and its caller (`SignalStore`) then reads through zarr, which names the bad chunk. An array with
+and its caller (`SignalStore`) then reads through zarr, which names the bad chunk. Given the crc32c
+each chunk had when its shard was committed (:attr:`ShardCodec.expected`), a read also refuses an
+intact chunk that is not the one committed at its position (:class:`ChunkMisplaced`): a crc32c
+alone says that a chunk is whole, not that it is the right one. An array with
 any other layout (another codec, a non-zero fill value, chunks along other axes) returns ``None``
 from :meth:`ShardCodec.for_array` and is written and read by zarr as before.
 """
@@ -27,6 +30,7 @@ from :meth:`ShardCodec.for_array` and is written and read by zarr as before.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import google_crc32c
 import numpy as np
@@ -45,6 +49,21 @@ class ChunkError(ValueError):
     """A chunk or shard index that :meth:`ShardCodec.read` cannot take as it is (zarr then reads it)."""
 
 
+class ChunkMisplaced(ChunkError):
+    """An intact chunk (or a missing one) where the commit recorded another: never read through zarr,
+    which would take it. ``got`` and ``want`` are crc32c values, :data:`NOT_STORED` for no chunk."""
+
+    def __init__(self, shard: int, view: int | None, chunk: int, got: int, want: int) -> None:
+        super().__init__(f"shard {shard}, chunk {chunk}: crc32c {got:#x}, committed {want:#x}")
+        self.shard, self.view, self.chunk, self.got, self.want = shard, view, chunk, got, want
+
+
+# The crc32c recorded for a chunk that is not stored (all fill): the shard index's own mark.
+NOT_STORED = int(_EMPTY)
+# Given (shard, view), the crc32c of each of that shard's chunks at its commit, or None (unrecorded).
+Expected = Callable[[int, int | None], np.ndarray | None]
+
+
 class ShardCodec:
     """Encodes and writes whole shards, reads whole chunks, of one zarr array (see the module docstring)."""
 
@@ -58,6 +77,7 @@ class ShardCodec:
         self.dtype = array.dtype
         self.row_bytes = math.prod(self.row_shape) * self.dtype.itemsize
         self._indexes: dict[tuple[int, int | None], np.ndarray] = {}
+        self.expected: Expected | None = None  # set by a store that records its chunks' crc32c
 
     @classmethod
     def for_array(cls, array: zarr.Array, seq_axis: int) -> ShardCodec | None:
@@ -90,6 +110,10 @@ class ShardCodec:
     def encode(self, rows: np.ndarray) -> np.ndarray | None:
         """The shard file's bytes for ``rows`` (at most one shard of rows; the rest is fill), or
         None when every chunk is empty."""
+        return self._encode(rows)[0]
+
+    def _encode(self, rows: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """:meth:`encode`, and the crc32c of each chunk (:data:`NOT_STORED` for an empty one)."""
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
         n, c = rows.shape[0], self.chunk_rows
         flat = rows.reshape(n, -1).view(np.uint8)
@@ -97,6 +121,7 @@ class ShardCodec:
         row_bytes = flat.shape[1]
         pieces: list = []
         index = np.full((n_chunks, 2), _EMPTY, dtype="<u8")
+        crcs = np.full(n_chunks, _EMPTY, dtype=np.uint64)
         offset = 0
         for j in range(n_chunks):
             part = flat[j * c : min((j + 1) * c, n)]
@@ -113,26 +138,46 @@ class ShardCodec:
             index[j] = (offset, data.size + 4)
             offset += data.size + 4
         if not pieces:
-            return None
+            return None, crcs
         out = np.empty(offset + index.nbytes + 4, dtype=np.uint8)
         pos = 0
-        for data in pieces:
+        for j, data in zip(np.flatnonzero(index[:, 0] != _EMPTY), pieces, strict=True):
             out[pos : pos + data.size] = data
-            _put_crc(out, pos + data.size, data)
+            crcs[j] = _put_crc(out, pos + data.size, data)
             pos += data.size + 4
         out[pos : pos + index.nbytes] = index.reshape(-1).view(np.uint8)
         _put_crc(out, pos + index.nbytes, out[pos : pos + index.nbytes])
-        return out
+        return out, crcs
 
-    def write(self, shard: int, rows: np.ndarray, view: int | None = None) -> None:
-        """Encode ``rows`` as shard ``shard`` (of ``view`` for a per-view array) and store the file."""
+    def write(self, shard: int, rows: np.ndarray, view: int | None = None) -> np.ndarray:
+        """Encode ``rows`` as shard ``shard`` (of ``view`` for a per-view array) and store the file;
+        the crc32c of each chunk written (:data:`NOT_STORED` for an empty one)."""
         path = self._path(shard, view)
         self._indexes.pop((shard, view), None)
-        out = self.encode(rows)
+        out, crcs = self._encode(rows)
         if out is None:
             sync(path.delete())
         else:
             sync(path.set(default_buffer_prototype().buffer.from_array_like(out)))
+        return crcs
+
+    def stored_crcs(self, shard: int, view: int | None = None) -> np.ndarray:
+        """The crc32c of each chunk of the shard's file as it is (:data:`NOT_STORED` for an empty one),
+        each checked against its chunk: what a commit records of a shard written some other way."""
+        n_chunks = self.shard_rows // self.chunk_rows
+        crcs = np.full(n_chunks, _EMPTY, dtype=np.uint64)
+        raw = sync(self._path(shard, view).get(_PROTOTYPE))
+        if raw is None:
+            return crcs
+        data = raw.as_numpy_array()
+        tail = data[-(n_chunks * 16 + 4) :]
+        _check_crc(tail, "shard index")
+        index = tail[:-4].view("<u8").reshape(n_chunks, 2)
+        for j in np.flatnonzero(index[:, 0] != _EMPTY):
+            chunk = data[int(index[j, 0]) : int(index[j].sum())]
+            _check_crc(chunk, "chunk")
+            crcs[j] = _crc_of(chunk)
+        return crcs
 
     def aligned(self, start: int, stop: int) -> bool:
         """Whether rows ``[start, stop)`` are whole chunks (the last one may end with the array)."""
@@ -190,10 +235,12 @@ class ShardCodec:
     ) -> None:
         """Rows ``[a, b)`` of one shard (chunk-aligned, relative to it) into rows ``pos`` of ``flat``."""
         c, index = self.chunk_rows, self._index(shard, view)
+        js = range(a // c, -(-b // c))
+        want = None if self.expected is None else self.expected(shard, view)
         if index is None:  # no file: every chunk of the shard is empty
+            _check_placed(want, shard, view, js, None)
             flat[pos] = 0
             return
-        js = range(a // c, -(-b // c))
         stored = [j for j in js if index[j, 0] != _EMPTY]
         if stored:  # the chunks of a shard lie in order, one after the other: one request for all
             lo, hi = int(index[stored[0], 0]), int(index[stored[-1]].sum())
@@ -204,10 +251,14 @@ class ShardCodec:
         for j in js:
             rows = pos[j * c - a : min((j + 1) * c, b) - a]
             if index[j, 0] == _EMPTY:
+                _check_placed(want, shard, view, (j,), None)
                 flat[rows] = 0
                 continue
             off, size = int(index[j, 0]) - lo, int(index[j, 1])
-            flat[rows] = self._decode(span[off : off + size])[: len(rows)]
+            chunk = span[off : off + size]
+            decoded = self._decode(chunk)  # its crc32c checked: the chunk is intact; below, in its place
+            _check_placed(want, shard, view, (j,), chunk)
+            flat[rows] = decoded[: len(rows)]
 
     def _decode(self, data: np.ndarray) -> np.ndarray:
         """One stored chunk (payload + crc32c) as its rows of bytes [chunk rows, row bytes]."""
@@ -245,10 +296,58 @@ def _any_nonzero(part: np.ndarray) -> bool:
     return bool(flat.any())
 
 
-def _put_crc(out: np.ndarray, at: int, data: np.ndarray) -> None:
-    out[at : at + 4] = np.array([google_crc32c.value(data)], dtype="<u4").view(np.uint8)
+def _put_crc(out: np.ndarray, at: int, data: np.ndarray) -> int:
+    crc = google_crc32c.value(data)
+    out[at : at + 4] = np.array([crc], dtype="<u4").view(np.uint8)
+    return crc
+
+
+def _crc_of(chunk: np.ndarray) -> int:
+    """The crc32c a stored chunk (payload + checksum) carries."""
+    return int(chunk[-4:].view("<u4")[0])
+
+
+def _check_placed(
+    want: np.ndarray | None, shard: int, view: int | None, js, chunk: np.ndarray | None
+) -> None:
+    """Refuse chunks ``js`` of a shard (``chunk``'s bytes, None where none is stored) unless they are
+    the ones its commit recorded (``want``; None: nothing recorded)."""
+    if want is None:
+        return
+    got = NOT_STORED if chunk is None else _crc_of(chunk)
+    for j in js:
+        if int(want[j]) != got:
+            raise ChunkMisplaced(shard, view, j, got, int(want[j]))
 
 
 def _check_crc(data: np.ndarray, what: str) -> None:
     if data.size < 4 or google_crc32c.value(data[:-4]) != int(data[-4:].view("<u4")[0]):
         raise ChunkError(f"{what}: crc32c mismatch")
+
+
+def put_row(array: zarr.Array, row: int, values: np.ndarray) -> None:
+    """Row ``row`` of a 2-d array chunked by whole rows with the codecs ``[bytes(little), crc32c]``
+    (one file a row), written as zarr writes it, even when every value is the fill value."""
+    data = np.ascontiguousarray(values, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+    out = np.empty(data.size + 4, dtype=np.uint8)
+    out[:-4] = data
+    _put_crc(out, data.size, data)
+    sync(_chunk_path(array, (row, 0)).set(_PROTOTYPE.buffer.from_array_like(out)))
+
+
+def get_row(array: zarr.Array, row: int) -> np.ndarray | None:
+    """Row ``row`` as :func:`put_row` wrote it; None when it has no file (zarr would read fill values).
+    Raises :class:`ChunkError` on a bad checksum or size."""
+    raw = sync(_chunk_path(array, (row, 0)).get(_PROTOTYPE))
+    if raw is None:
+        return None
+    data = raw.as_numpy_array()
+    _check_crc(data, f"row {row}")
+    dtype = array.dtype.newbyteorder("<")
+    if data.size - 4 != array.shape[1] * dtype.itemsize:
+        raise ChunkError(f"row {row}: {data.size - 4} bytes, {array.shape[1] * dtype.itemsize} expected")
+    return data[:-4].view(dtype)
+
+
+def _chunk_path(array: zarr.Array, coords: tuple[int, ...]):
+    return array.store_path / array.metadata.encode_chunk_key(coords)

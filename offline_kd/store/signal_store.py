@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
@@ -15,10 +16,11 @@ from typing import Literal, Protocol
 import numpy as np
 import zarr
 import zarr.codecs as zc
+from zarr.core.sync import sync
 
 from offline_kd.runtime.errors import RunFailed, UsageError
-from offline_kd.store.shard_codec import ShardCodec
-from offline_kd.store.storage import check_store_url, is_local, local_path, parse_options
+from offline_kd.store.shard_codec import NOT_STORED, ChunkError, ChunkMisplaced, ShardCodec, get_row, put_row
+from offline_kd.store.storage import check_store_url, filesystem, is_local, local_path, parse_options
 
 FORMAT = "offline_kd.signal_store"
 # 2: the teacher's MLM head in `teacher_head/`, --top-k 0 (no top-k arrays), hidden_dtype.
@@ -26,13 +28,18 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 ATTR_KEY = "offline_kd"
 HEAD_GROUP = "teacher_head"
+# The array of each committed shard's chunk checksums (see `digest_slots`), named by the root attribute
+# `digests`; stores written before it have neither and are read as before, unchecked for placement.
+DIGESTS = "chunk_crc32c"
 # Keys that may differ between runs writing the same store (not settings; the head check is a
 # measurement of the first batch, which a resumed run or another rank does not redo).
 # `compression` is not a setting of the content either: each array's codecs are in its zarr metadata,
 # and a run that resumes a store (or another rank) writes with the store's own (docs/resume.md).
+# `digests` neither: a store records them or not from its creation on, and a store begun before them is
+# finished without them.
 IGNORED_KEYS = (
     "package_version", "corpus.sources", "corpus.holdout.file", "teacher.name_or_path", "teacher_head.check",
-    "compression",
+    "compression", "digests",
 )  # fmt: skip
 # Stored dtype of `hidden` for each --hidden-dtype: numpy has no bfloat16 or float8, so their bits.
 HIDDEN_STORAGE = {"float16": "float16", "bfloat16": "uint16", "float8_e4m3fn": "uint8"}
@@ -76,11 +83,18 @@ def check_meta(meta: StoreMeta, group: zarr.Group, url: str) -> None:
             f"{url!r}: recorded num_shards {meta.num_shards} does not cover num_sequences {meta.num_sequences} "
             f"in shards of {meta.shard_sequences}"
         )
-    shapes = {"input_ids": (meta.num_sequences, meta.max_length)}
+    if meta.digests not in ("", DIGESTS):
+        raise StoreCorruptionError(
+            f"{url!r}: recorded digests {meta.digests!r} is neither {DIGESTS!r} nor empty"
+        )
+    shapes = {"input_ids": (meta.num_sequences, meta.max_length), "committed": (meta.num_shards,)}
+    if meta.digests:  # recorded: a store without them could not tell a misplaced chunk
+        shapes[DIGESTS] = (meta.num_shards, digest_width(meta))
+    required = set(shapes)
     if meta.top_k:
         shapes["topk_ids"] = (meta.views, meta.num_sequences, meta.max_length, meta.top_k)
     for name, want in shapes.items():
-        if name != "input_ids" and name not in group:
+        if name not in required and name not in group:
             continue  # an array a reader never needs may be gone (a copy without its top-k): reads name it
         got = tuple(group[name].shape) if name in group else None
         if got != want:
@@ -115,6 +129,7 @@ class StoreMeta:
     compression: dict = field(default_factory=dict)
     hidden_dtype: str = "float16"  # what `hidden` holds (see HIDDEN_STORAGE); version 1: float16
     teacher_head: dict = field(default_factory=dict)  # {} when the store has no `teacher_head/`
+    digests: str = ""  # DIGESTS when each commit records its chunks' crc32c; "" in stores made before
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     package_version: str = ""
@@ -272,6 +287,17 @@ def array_specs(m: SignalSettings, *, per_view: bool | None = None) -> list[Arra
     return [s for s in SCHEMA if s.present(m) and (per_view is None or s.per_view == per_view)]
 
 
+def digest_slots(m: StoreMeta) -> list[tuple[str, int | None]]:
+    """The (array, view) pairs of a row of :data:`DIGESTS`, in order: each array of the schema that the
+    store has, per view for a per-view array (view None otherwise)."""
+    return [(s.name, v) for s in array_specs(m) for v in (range(m.views) if s.per_view else (None,))]
+
+
+def digest_width(m: StoreMeta) -> int:
+    """Values in a row of :data:`DIGESTS`: one per chunk of a shard, for each of :func:`digest_slots`."""
+    return len(digest_slots(m)) * (m.shard_sequences // m.chunk_sequences)
+
+
 def dtypes_for(vocab_size: int, hidden_dtype: str = "float16") -> dict[str, str]:
     """The ``dtypes`` attribute: each array's stored dtype, token-id arrays under one ``"ids"`` key."""
     out = {}
@@ -393,6 +419,17 @@ def _array_layouts(meta: StoreMeta) -> dict[str, dict]:
             compressors=[*compressors, zc.Crc32cCodec()],
             fill_value=False if dtype == "bool" else 0,
         )
+    if meta.digests:  # before `committed`: a store whose commit record exists has its digest record
+        slots = [name if view is None else f"{name}/{view}" for name, view in digest_slots(meta)]
+        out[DIGESTS] = dict(
+            shape=(meta.num_shards, digest_width(meta)),
+            dtype="uint64",
+            chunks=(1, digest_width(meta)),  # a file a shard, written by its rank just before its flag
+            serializer=zc.BytesCodec(),
+            compressors=[zc.Crc32cCodec()],
+            fill_value=0,
+            attributes={"slots": slots, "chunks_per_slot": meta.shard_sequences // meta.chunk_sequences},
+        )
     # One unsharded file per shard flag, so ranks never rewrite each other's flags.
     out["committed"] = dict(
         shape=(meta.num_shards,),
@@ -442,6 +479,12 @@ class SignalStore:
         self._arrays: dict = {}
         self._codecs: dict[str, ShardCodec | None] = {}
         self._lock = threading.Lock()  # precompute's writer threads share the caches above
+        self._committed_flags: np.ndarray | None = None
+        # Digests: each (array, view)'s place in a row, the rows read so far (a committed shard's row
+        # never changes), and the crc32c of the chunks this process wrote, by shard, until its commit.
+        self._slots = {slot: i for i, slot in enumerate(digest_slots(meta))}
+        self._digest_rows: dict[int, np.ndarray] = {}
+        self._written: dict[int, dict[tuple[str, int | None], np.ndarray]] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -480,11 +523,14 @@ class SignalStore:
         attributes last, so a store whose attributes exist has all its arrays. Creation never
         deletes: an array that already exists with the same layout is kept (a concurrent or crashed
         creation made it). A store with different settings is refused with
-        :class:`StoreMismatchError` listing the differing keys, unless ``overwrite``, which empties
-        it first. A full disk raises :class:`StoreError`.
+        :class:`StoreMismatchError` listing the differing keys, unless ``overwrite``, which deletes
+        the store's own entries first (never anything else there). A directory (or prefix) holding
+        anything but a store is refused (:func:`check_output`). A full disk raises :class:`StoreError`.
         """
         if not meta.compression:
             meta.compression = default_compression()
+        if not meta.digests:  # a new store records its digests (a resumed one keeps what it has)
+            meta.digests = DIGESTS
         root = local_root(url, storage_options)
         if root is not None and root.exists() and not root.is_dir():
             raise StoreError(f"{str(url)!r} is an existing file, not a store directory; pick another output")
@@ -508,9 +554,11 @@ class SignalStore:
         write_head: Callable[[zarr.Group], None] | None,
     ) -> SignalStore:
         want = meta.as_dict()
+        state = check_output(url, storage_options)  # before anything is written or deleted
         remove_partial_files(url, storage_options, metadata=True)
         if overwrite:
-            _open_group(url, "w", storage_options)  # asked for: empty whatever is there
+            if state.kind != "new":
+                _remove_store_entries(url, storage_options, state.ours)
         else:
             existing = cls._reopen_for_resume(url, want, storage_options)
             if existing is not None:
@@ -539,12 +587,13 @@ class SignalStore:
                     f"{url!r} was made with different settings ({details}); "
                     "use a new output path or overwrite=True (--overwrite)"
                 )
+            if "committed" not in g:  # deleted first by an --overwrite that was stopped
+                raise StoreError(
+                    f"{url!r} has no commit record: an --overwrite of it was interrupted; rerun with --overwrite"
+                )
             return cls(g, StoreMeta.from_dict(have), str(url), storage_options)
-        # No attributes: a creation that crashed (attributes come last) may be redone;
-        # anything else is not ours to delete.
-        ours = set(ARRAY_NAMES) | {"committed", HEAD_GROUP}
-        if g.attrs.asdict() or not set(g.keys()) <= ours:
-            raise StoreError(f"{url!r} exists but is not a signal store; pass overwrite to replace it")
+        # No attributes: a creation that crashed (attributes come last) is redone. `check_output` has
+        # refused anything but the store's own entries.
         return None
 
     # ------------------------------------------------------------------ reading
@@ -603,14 +652,11 @@ class SignalStore:
         for name, dest in out.items():
             spec = SPECS[name]
             codec = self._codec(spec)
+            v = view if spec.per_view else None
             if codec is not None and codec.aligned(start, stop):
-                # the codec reads a shard without a file as zeros never written: a committed one lost it
-                self._check_files(name, codec, start, stop, view if spec.per_view else None)
-                try:
-                    codec.read(start, stop, view if spec.per_view else None, out=dest, positions=positions)
+                self._check_files(name, codec, start, stop, v)
+                if self._codec_read(name, codec, start, stop, v, out=dest, positions=positions) is not None:
                     continue
-                except Exception:  # noqa: BLE001, S110 - read below, through zarr, which names the problem
-                    pass
             dest[positions] = self.read(view, start, stop, fields=[name])[name]
 
     def _check_range(self, view: int, start: int, stop: int) -> None:
@@ -622,13 +668,15 @@ class SignalStore:
     def _get(self, name: str, sel: tuple, start: int, stop: int, view: int | None):
         arr = self.array(name)
         codec = self._codec(SPECS[name]) if name in SPECS else None
-        if codec is not None and name != "committed":  # zarr reads a missing file as zeros never written
-            self._check_files(name, codec, start, stop, view)
-        if codec is not None and codec.aligned(start, stop):  # whole chunks: zarr's result, less CPU
-            try:
-                return codec.read(start, stop, view)
-            except Exception:  # noqa: BLE001, S110 - zarr reads it again and names what is wrong
-                pass
+        if codec is not None and start < stop:
+            self._check_files(name, codec, start, stop, view)  # zarr reads a missing file as zeros
+            # Whole chunks (zarr decodes them whole too): zarr's result for less CPU, and each chunk
+            # checked against the digests of its shard's commit, which zarr knows nothing of.
+            c, n = codec.chunk_rows, codec.array.shape[codec.seq_axis]
+            a, b = start - start % c, min(-(-stop // c) * c, n)
+            rows = self._codec_read(name, codec, a, b, view)
+            if rows is not None:
+                return rows[start - a : stop - a]
         try:
             return arr[sel]
         except Exception as e:  # noqa: BLE001 - decode/checksum errors surface as various types
@@ -651,9 +699,73 @@ class SignalStore:
 
     def _committed_cache(self) -> np.ndarray:
         """The commit record, read once per open store (shards only ever become committed)."""
-        if getattr(self, "_committed_flags", None) is None or not self._committed_flags.all():
+        if self._committed_flags is None or not self._committed_flags.all():
             self._committed_flags = np.asarray(self.committed(), dtype=bool)
         return self._committed_flags
+
+    def _is_committed(self, shard: int) -> bool:
+        if self._committed_flags is not None and self._committed_flags[shard]:
+            return True
+        return bool(self._get("committed", (slice(shard, shard + 1),), shard, shard + 1, None)[0])
+
+    def _codec_read(self, name: str, codec: ShardCodec, start: int, stop: int, view: int | None, **into):
+        """``codec.read``, or None when it cannot take the chunks as they are (zarr then reads them
+        and names what is wrong). A chunk that is not the one committed in its place is refused here:
+        zarr would read it as good."""
+        try:
+            return codec.read(start, stop, view, **into)
+        except ChunkMisplaced as e:
+            raise self._misplaced(name, e) from None
+        except StoreCorruptionError:  # the digest record itself (chunk_digests)
+            raise
+        except Exception:  # noqa: BLE001 - read through zarr instead
+            return None
+
+    def _misplaced(self, name: str, e: ChunkMisplaced) -> StoreCorruptionError:
+        c = self.meta.chunk_sequences
+        a = e.shard * self.meta.shard_sequences + e.chunk * c
+        b = min(a + c, self.meta.num_sequences)
+        v = "" if e.view is None else f" view {e.view},"
+        found = "no chunk" if e.got == NOT_STORED else f"a chunk with crc32c {e.got:08x}"
+        want = "none" if e.want == NOT_STORED else f"{e.want:08x}"
+        return StoreCorruptionError(
+            f"{self.url!r}: array {name!r}{v} shard {e.shard}: the chunk of sequences [{a}, {b}) is not the "
+            f"one committed there (found {found}, the commit recorded {want}): a file moved or copied from "
+            "another place, or rewritten since"
+        )
+
+    def chunk_digests(self, shard: int) -> np.ndarray | None:
+        """The crc32c of every chunk of ``shard`` at its commit (a row of :data:`DIGESTS`, laid out by
+        :func:`digest_slots`; :data:`NOT_STORED` for a chunk of fill values), read once per open store.
+
+        None for a store that records none (made before them) and for an uncommitted shard without
+        a row; a committed shard without one, or with a damaged one, is :class:`StoreCorruptionError`."""
+        if not self.meta.digests:
+            return None
+        row = self._digest_rows.get(shard)
+        if row is not None:
+            return row
+        try:
+            row = get_row(self.array(DIGESTS), shard)
+        except ChunkError as e:
+            raise StoreCorruptionError(f"{self.url!r}: the digests of shard {shard} are corrupt ({e})") from e
+        if row is None:
+            if self._is_committed(shard):
+                raise StoreCorruptionError(
+                    f"{self.url!r}: shard {shard} is committed but its digests ({DIGESTS}) are missing"
+                )
+            return None
+        self._digest_rows[shard] = row
+        return row
+
+    def _expected(self, name: str, shard: int, view: int | None) -> np.ndarray | None:
+        """The crc32c each chunk of ``name`` (``view``) in ``shard`` had at its commit (None: unrecorded)."""
+        row = self.chunk_digests(shard)
+        if row is None:
+            return None
+        n = self.meta.shard_sequences // self.meta.chunk_sequences
+        i = self._slots[(name, view)]
+        return row[i * n : (i + 1) * n]
 
     def _locate_corruption(self, name: str, start: int, stop: int, view: int | None, err: Exception):
         arr = self.array(name)
@@ -692,20 +804,52 @@ class SignalStore:
             arr = self.array(spec.name)
             data = np.asarray(arrays[spec.name]).astype(arr.dtype, copy=False)
             encoder = self._codec(spec)
+            crcs = None
             if encoder is not None:  # the same bytes as zarr's write below, at a fraction of its CPU
-                encoder.write(shard, data, view)
+                crcs = encoder.write(shard, data, view)
             else:
                 arr[(slice(a, b),) if view is None else (view, slice(a, b))] = data
+            with self._lock:  # kept for the commit (one writer thread a shard; the dict is shared)
+                written = self._written.setdefault(shard, {})
+                if crcs is None:
+                    written.pop((spec.name, view), None)  # read from its file at the commit
+                else:
+                    written[(spec.name, view)] = crcs
 
     def _codec(self, spec: ArraySpec) -> ShardCodec | None:
         array = self.array(spec.name)
         with self._lock:
             if spec.name not in self._codecs:
-                self._codecs[spec.name] = ShardCodec.for_array(array, int(spec.per_view))
+                codec = ShardCodec.for_array(array, int(spec.per_view))
+                if codec is not None and self.meta.digests:
+                    codec.expected = functools.partial(self._expected, spec.name)
+                self._codecs[spec.name] = codec
             return self._codecs[spec.name]
 
     def mark_committed(self, shard: int) -> None:
+        """Commit ``shard``: its digests first (where the store records them), then its flag."""
+        if self.meta.digests:
+            self._record_digests(shard)
         self.array("committed")[shard] = 1
+
+    def _record_digests(self, shard: int) -> None:
+        """The row of :data:`DIGESTS` for ``shard``: the crc32c of each chunk this process wrote, read
+        from the files (and checked) for an array written otherwise (zarr's own write, another process)."""
+        with self._lock:
+            written = self._written.pop(shard, {})
+        parts = []
+        for name, view in digest_slots(self.meta):
+            crcs = written.get((name, view))
+            if crcs is None:  # this store's encoder may be off (benchmarks/store_io.py's zarr writer)
+                spec = SPECS[name]
+                codec = self._codec(spec) or ShardCodec.for_array(self.array(name), int(spec.per_view))
+                if codec is None:
+                    raise StoreError(
+                        f"{self.url!r}: array {name!r} has a layout whose chunks cannot be digested"
+                    )
+                crcs = codec.stored_crcs(shard, view)
+            parts.append(crcs)
+        put_row(self.array(DIGESTS), shard, np.concatenate(parts))
 
     def remove_partial_files(self, shards: Iterable[int]) -> list[str]:
         """Delete the partial files a killed writer left for ``shards`` (see :func:`remove_partial_files`)."""
@@ -715,7 +859,7 @@ class SignalStore:
     def nbytes_stored(self) -> int:
         """Bytes on disk of all signal arrays and the commit record (not the teacher head)."""
         total = 0
-        for name in list(self.fields) + ["committed"]:
+        for name in [*self.fields, *([DIGESTS] if self.meta.digests else []), "committed"]:
             arr = self.array(name)
             total += int(arr.nbytes_stored())
         return total
@@ -728,6 +872,93 @@ class SignalStore:
 
 
 PARTIAL_SUFFIX = ".partial"  # zarr's local store writes `<name>.<uuid>.partial`, then renames it
+# What a store holds at its root: its arrays, commit record, digests and head, and the group's metadata.
+STORE_ENTRIES = frozenset({*ARRAY_NAMES, "committed", DIGESTS, HEAD_GROUP, "zarr.json"})
+
+
+def _is_store_entry(name: str) -> bool:
+    return name in STORE_ENTRIES or (name.startswith("zarr.") and name.endswith(PARTIAL_SUFFIX))
+
+
+@dataclass(frozen=True)
+class OutputState:
+    """What a store URL holds: ``new`` (nothing, or an empty directory), ``store`` (a signal store's
+    attributes), ``unfinished`` (only a store's entries, no attributes: a creation that stopped) or
+    ``foreign`` (anything else). ``ours``: the store's root entries there; ``others``: the rest."""
+
+    kind: Literal["new", "store", "unfinished", "foreign"]
+    ours: tuple[str, ...] = ()
+    others: tuple[str, ...] = ()
+
+
+def _root_listing(url: str, storage_options: dict | None) -> tuple[list[str], bytes | None]:
+    """The names at the root of ``url`` (none when it does not exist) and its ``zarr.json``'s bytes."""
+    root = local_root(url, storage_options)
+    if root is not None:
+        if not root.is_dir():
+            return [], None
+        meta = root / "zarr.json"
+        return sorted(os.listdir(root)), (meta.read_bytes() if meta.is_file() else None)
+    fs = filesystem(url, storage_options)
+    path = fs._strip_protocol(str(url)).rstrip("/")
+    fs.invalidate_cache(path)  # another process may have just written it
+    try:
+        names = sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)})
+    except FileNotFoundError:
+        return [], None
+    try:
+        return names, fs.cat_file(f"{path}/zarr.json")
+    except FileNotFoundError:
+        return names, None
+
+
+def output_state(url: str, storage_options: dict | None = None) -> OutputState:
+    """What ``url`` holds (:class:`OutputState`), read without zarr and without writing anything."""
+    names, root_meta = _root_listing(url, storage_options)
+    if not names:
+        return OutputState("new")
+    ours = tuple(n for n in names if _is_store_entry(n))
+    others = tuple(n for n in names if not _is_store_entry(n))
+    attrs = None
+    if root_meta is not None:
+        try:
+            doc = json.loads(root_meta)
+            attrs = (doc.get("attributes") or {}) if doc.get("node_type") == "group" else None
+        except (ValueError, AttributeError):
+            attrs = None
+        if attrs is None or (attrs and ATTR_KEY not in attrs):  # an array, or another tool's group
+            return OutputState("foreign", tuple(n for n in ours if n != "zarr.json"), ("zarr.json", *others))
+    if attrs:
+        return OutputState("store", ours, others)  # what else is there is the user's: left alone
+    return OutputState("foreign" if others else "unfinished", ours, others)
+
+
+def check_output(url: str, storage_options: dict | None = None, label: str | None = None) -> OutputState:
+    """Refuse, naming ``label`` (default: the URL), an output that holds anything but a signal store:
+    neither writing into it nor ``--overwrite`` may touch files the store did not write."""
+    state = output_state(url, storage_options)
+    if state.kind == "foreign":
+        shown = ", ".join(state.others[:5]) + (", …" if len(state.others) > 5 else "")
+        raise StoreError(
+            f"{label or repr(str(url))} is not a signal store: it holds {shown}, which kd precompute did not "
+            "write; choose a new or empty directory (nothing was written or deleted)"
+        )
+    return state
+
+
+def _remove_store_entries(url: str, storage_options: dict | None, entries: Iterable[str]) -> None:
+    """Delete a store's own root entries (``--overwrite``), leaving anything else where it is.
+
+    The commit record goes first, so that an overwrite stopped midway leaves no committed shard behind
+    (resuming it is refused, and a rerun of the overwrite finishes it), then the root metadata."""
+    g = _open_group(url, "a", storage_options)
+    first = ["committed", DIGESTS, "zarr.json"]
+    for name in [*first, *sorted(set(entries) - set(first))]:
+        path = g.store_path / name
+        if name == "zarr.json" or name.endswith(PARTIAL_SUFFIX):
+            sync(path.delete())
+        else:
+            sync(path.delete_dir())
 
 
 def _partial_shard(meta: StoreMeta, rel: Path) -> int | None:
@@ -736,8 +967,8 @@ def _partial_shard(meta: StoreMeta, rel: Path) -> int | None:
     if len(parts) < 3 or parts[1] != "c":
         return None
     indices = list(parts[2:-1]) + [parts[-1].split(".", 1)[0]]
-    if parts[0] == "committed":
-        axis = 0  # one flag a chunk, one chunk a shard
+    if parts[0] in ("committed", DIGESTS):
+        axis = 0  # one flag (one row of digests) a chunk, one chunk a shard
     elif parts[0] in SPECS:
         axis = 1 if SPECS[parts[0]].per_view else 0  # shard shape is 1 along the view axis
     else:
@@ -769,7 +1000,10 @@ def remove_partial_files(
         return []
     wanted = set(shards)
     removed = []
-    for dirpath, _, names in os.walk(root):
+    for dirpath, dirnames, names in os.walk(root):
+        if Path(dirpath) == root:  # only the store's own entries: anything else there is the user's
+            dirnames[:] = [d for d in dirnames if d in STORE_ENTRIES]
+            names = [n for n in names if _is_store_entry(n)]
         for name in names:
             if not name.endswith(PARTIAL_SUFFIX):
                 continue
