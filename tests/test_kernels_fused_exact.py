@@ -169,3 +169,16 @@ def test_reduced_head_rounds_the_inputs_and_accumulates_in_fp32(dtype):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
     assert float((got - exact).abs().max()) > 1e-4  # the rounding is real, so the check above could fail
     assert float((got - want.to(dtype).float()).abs().max()) > 0  # and the output is not rounded to dtype
+
+
+def test_reduced_head_without_an_fp32_output_matmul_falls_back_to_the_same_values():
+    """Half-precision weights on a device whose torch has no fp32-output half matmul (this CPU's, forced): one
+    warning, then the same logits from the same rounded values multiplied in fp32."""
+    head = _teacher_head()
+    x = torch.randn(4, H).half()
+    fast = ReducedPrecisionHead(head, torch.float16)
+    want = fast(x)
+    fast.dense_w, fast.dec_w = fast.dense_w.half(), fast.dec_w.half()  # what a GPU holds
+    with pytest.warns(RuntimeWarning, match="runs in fp32"):
+        got = fast(x)
+    assert torch.equal(got, want) and fast.dec_w.dtype == torch.float32

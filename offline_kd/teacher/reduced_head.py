@@ -18,6 +18,8 @@ the head's decoder ([V, H] per token: 47 MFLOP at bert-base) is part of every st
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -67,7 +69,17 @@ class ReducedPrecisionHead:
         x = x.to(self.dtype)
         if w.dtype == torch.float32:  # CPU (or the fp32 head): the rounded inputs, an fp32 product
             return torch.addmm(b, x.float(), w.t())
-        return torch.addmm(b, x, w.t(), out_dtype=torch.float32)
+        try:  # tensor cores: half-precision inputs, fp32 accumulation and output
+            return torch.mm(x, w.t(), out_dtype=torch.float32).add_(b)
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # a torch without mm's out_dtype
+            warnings.warn(
+                f"the teacher head's {self.dtype} matmul with fp32 output is unavailable ({e}); it runs in fp32",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            decoder = w is self.dec_w
+            self.dense_w, self.dec_w = self.dense_w.float(), self.dec_w.float()  # once: the same values
+            return torch.addmm(b, x.float(), (self.dec_w if decoder else self.dense_w).t())
 
     @torch.no_grad()
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
