@@ -63,6 +63,16 @@ def store_copy(fx, name: str, **attrs) -> Path:
     return out
 
 
+def store_without_hidden(fx) -> Path:
+    """A tiny store precomputed with --no-hidden (a copy with `hidden` edited out of its settings would no
+    longer match its own commit record)."""
+    from conftest import run_tiny_precompute
+
+    out = fx.tmp / "nohidden.zarr"
+    run_tiny_precompute(fx.teacher, fx.corpus, out, hidden=False)
+    return out
+
+
 def teacher_without_weights(fx) -> Path:
     out = fx.tmp / "no_weights"
     shutil.copytree(fx.teacher, out)
@@ -304,7 +314,7 @@ TRAIN_CASES = {
         "Error: --temperature 3.0 is not one of the store's temperatures [1.0, 2.0]",
     ),
     "cosine-without-stored-hidden-states": (
-        lambda fx: _replace(_train(fx), "--store", store_copy(fx, "nohidden.zarr", hidden=False)),
+        lambda fx: _replace(_train(fx), "--store", store_without_hidden(fx)),
         "Error: --alpha-cos 1.0 needs the teacher's hidden states",
     ),
     "recorded-teacher-path-gone": (
