@@ -204,3 +204,62 @@ def test_exact_with_the_trainers_padded_logits():
         assert parts2[name].item() == pytest.approx(parts[name].item(), rel=1e-5, abs=1e-7)
     torch.testing.assert_close(2 * g_wide[..., :V], g_s, rtol=1e-4, atol=1e-7)
     assert (g_wide[..., V:] == 0).all() and (g_wide[1, -2:] == 0).all()
+
+
+def _mlm_head(H=5, V=11, seed=3):
+    from offline_kd.teacher.head import build_head
+    from offline_kd.teacher.reduced_head import ReducedPrecisionHead
+
+    torch.manual_seed(seed)
+    head = build_head(dict(hidden_size=H, vocab_size=V, activation="gelu", layer_norm_eps=1e-12))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn_like(p) * (2.0 if p.dim() > 1 else 0.1))
+    return ReducedPrecisionHead(head, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(kl_source="exact"),
+        dict(kl_source="exact", restrict_kl_to_mask=True),
+        dict(kl_source="exact", alpha_mlm=0.0),
+        dict(kl_source="exact", alpha_kl=0.0),
+        dict(kl_source="topk"),
+        dict(kl_source="topk", kl_tail=False, restrict_kl_to_mask=True),
+        dict(kl_source="topk", alpha_mlm=0.0, temperature=1.0),
+    ],
+    ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()),
+)
+@pytest.mark.parametrize("host_rows", [True, False], ids=["rows-from-the-host", "rows-found-here"])
+def test_fused_output_layer_gives_the_unfused_losses_and_gradients(settings, host_rows):
+    """The student's output layer applied inside the loss (on the rows that count only) against the model's
+    own logits: every component and every gradient, for both sources and the row selections."""
+    from offline_kd.train.loss import FusedHead, loss_rows
+
+    z, _, h, batch, T = _batch(K=4, seed=5)
+    cfg = LossConfig(**{"temperature": T, **settings})
+    g = torch.Generator().manual_seed(6)
+    feats = torch.randn(2, 6, 7, generator=g, requires_grad=True)
+    layer = torch.nn.Linear(7, 64)  # the student's output layer, padded to 64 columns
+    teacher = _mlm_head()
+    if host_rows:
+        batch = dict(batch, loss_rows=loss_rows(cfg, batch))
+    leaves = [feats, layer.weight, layer.bias, h]
+    fused, fparts = distillation_loss(
+        cfg,
+        feats,
+        h,
+        batch,
+        vocab_size=11,
+        teacher_head=teacher,
+        fused=FusedHead(layer.weight, layer.bias, 3),
+    )
+    f_grads = torch.autograd.grad(fused, leaves)
+    plain, pparts = distillation_loss(cfg, layer(feats), h, batch, vocab_size=11, teacher_head=teacher)
+    p_grads = torch.autograd.grad(plain, leaves)
+    for name in fparts:
+        torch.testing.assert_close(fparts[name], pparts[name], rtol=1e-5, atol=1e-6)
+    for a, b in zip(f_grads, p_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert float(fparts["loss"]) > 0
