@@ -152,17 +152,7 @@ class _TimedBatches(StoreBatches):
 
 
 class _TimedReader(StoreReader):
-    def dataset(self, epoch: int, start: int = 0, stop: int | None = None) -> StoreBatches:
-        stop = self.micro_per_epoch if stop is None else min(stop, self.micro_per_epoch)
-        return _TimedBatches(
-            self.cfg,
-            self.meta,
-            epoch=epoch,
-            world_size=self.world_size,
-            rank=self.rank,
-            start=start,
-            stop=stop,
-        )
+    batches_type = _TimedBatches
 
 
 def read_store(url: str, workers: int, micro_batch: int) -> dict:

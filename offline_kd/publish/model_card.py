@@ -245,23 +245,32 @@ def _absolute(url: str) -> str:
 def update_eval(model_dir: str | Path, heldout: dict) -> Path:
     """Record a held-out evaluation in ``MODEL/README.md`` (``kd eval --update-card``): the
     ``model-index`` results and the body's held-out section; a model without a card gets one."""
+    path, card = _card_of(model_dir)
+    kept = [r for r in card.data.eval_results or [] if r.task_type != "fill-mask"]  # downstream results
+    card.data.eval_results = eval_results(heldout) + kept or None
+    text = _with_section(card.text, "Held-out evaluation", eval_section(heldout), EVAL_BEGIN, EVAL_END)
+    ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}").save(path)
+    return path
+
+
+def _card_of(model_dir: str | Path) -> tuple[Path, ModelCard]:
+    """``MODEL/README.md`` and its card (a fresh transformers card when there is none), named."""
     path = Path(model_dir) / "README.md"
     if path.is_file():
         card = ModelCard.load(path)
     else:
         card = ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n\n")
-    kept = [r for r in card.data.eval_results or [] if r.task_type != "fill-mask"]  # downstream results
-    card.data.eval_results = eval_results(heldout) + kept or None
     card.data.model_name = card.data.model_name or Path(model_dir).resolve().name
-    section = eval_section(heldout)
-    text = card.text
-    if EVAL_BEGIN in text and EVAL_END in text:
-        head, rest = text.split(EVAL_BEGIN, 1)
-        text = head + section + rest.split(EVAL_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Held-out evaluation\n\n" + section + "\n"
-    ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}").save(path)
-    return path
+    return path, card
+
+
+def _with_section(text: str, title: str, section: str, begin: str, end: str) -> str:
+    """`text` with the `section` (wrapped in its `begin` / `end` markers) replacing the one between those
+    markers, or appended under ``## title``."""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + section + rest.split(end, 1)[1]
+    return text.rstrip("\n") + f"\n\n## {title}\n\n" + section + "\n"
 
 
 DOWNSTREAM_BEGIN, DOWNSTREAM_END = "<!-- downstream evaluation -->", "<!-- end of downstream evaluation -->"
@@ -304,22 +313,13 @@ def downstream_section(rows: list[dict]) -> str:
 def update_downstream(model_dir: str | Path, rows: list[dict]) -> Path:
     """Record downstream results in ``MODEL/README.md``: ``model-index`` entries replacing the card's
     earlier downstream ones for the same tasks, and the body's downstream section."""
-    path = Path(model_dir) / "README.md"
-    if path.is_file():
-        card = ModelCard.load(path)
-    else:
-        card = ModelCard(f"---\n{ModelCardData(library_name='transformers').to_yaml()}\n---\n\n")
+    path, card = _card_of(model_dir)
     tasks = {r["task"] for r in rows}
     kept = [
         r for r in card.data.eval_results or [] if r.task_type == "fill-mask" or r.dataset_name not in tasks
     ]
     card.data.eval_results = kept + downstream_results(rows) or None
-    card.data.model_name = card.data.model_name or Path(model_dir).resolve().name
-    section, text = downstream_section(rows), card.text
-    if DOWNSTREAM_BEGIN in text and DOWNSTREAM_END in text:
-        head, rest = text.split(DOWNSTREAM_BEGIN, 1)
-        text = head + section + rest.split(DOWNSTREAM_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## Downstream evaluation\n\n" + section + "\n"
+    section = downstream_section(rows)
+    text = _with_section(card.text, "Downstream evaluation", section, DOWNSTREAM_BEGIN, DOWNSTREAM_END)
     ModelCard(f"---\n{card.data.to_yaml()}\n---\n{text}").save(path)
     return path

@@ -83,10 +83,12 @@ class ReducedPrecisionHead:
 
     @torch.no_grad()
     def features(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The decoder's input for ``hidden [n, H]``: ``layer_norm(act(dense(hidden)))``, fp32 [n, H']."""
+        """The decoder's input for ``hidden [n, H]``: ``layer_norm(act(dense(hidden)))`` [n, H'], rounded
+        once to ``dtype`` here rather than in every chunk's matmul."""
         with torch.autocast(hidden.device.type, enabled=False):
             x = self.act(self._linear(hidden.to(self.device), self.dense_w, self.dense_b))
-            return torch.nn.functional.layer_norm(x, x.shape[-1:], self.ln_w, self.ln_b, self.eps)
+            x = torch.nn.functional.layer_norm(x, x.shape[-1:], self.ln_w, self.ln_b, self.eps)
+            return x.to(self.dtype)
 
     @torch.no_grad()
     def logits(self, features: torch.Tensor) -> torch.Tensor:

@@ -332,6 +332,8 @@ class StoreBatches(IterableDataset):
 class StoreReader:
     """Micro-batches for one rank across epochs, resumable at (epoch, micro-batch index)."""
 
+    batches_type: type[StoreBatches] = StoreBatches  # what `dataset` builds (a benchmark times a subclass)
+
     def __init__(
         self, cfg: ReaderConfig, *, world_size: int = 1, rank: int = 0, store: SignalStore | None = None
     ):
@@ -360,7 +362,7 @@ class StoreReader:
 
     def dataset(self, epoch: int, start: int = 0, stop: int | None = None) -> StoreBatches:
         stop = self.micro_per_epoch if stop is None else min(stop, self.micro_per_epoch)
-        batches = StoreBatches(
+        batches = self.batches_type(
             self.cfg,
             self.meta,
             epoch=epoch,
